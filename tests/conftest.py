@@ -1,0 +1,152 @@
+"""Shared fixtures: tiny fake datasets written in the real on-disk formats, and a script runner.
+
+The fake datasets are read by the scripts' real loading code (torchvision's dataset classes and the
+Tiny ImageNet folder reader). Images are class templates plus noise, so that a model can learn them.
+torchvision checks the md5 sums of the CIFAR and STL10 files, which fake files cannot match: tests
+patch that check (in-process with monkeypatch, in subprocesses through `run_script(..., patch_md5=True)`).
+"""
+import os
+import pickle
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+def class_images(n, classes, shape, seed, noise=40):
+    """uint8 images (n, *shape) whose class is visible: a per-class template plus noise."""
+    rng = np.random.default_rng(seed)
+    templates = rng.integers(0, 256, size=(classes, *shape))
+    labels = np.arange(n) % classes
+    rng.shuffle(labels)
+    images = templates[labels] + rng.normal(0, noise, size=(n, *shape))
+    return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+
+def write_cifar(root, name="cifar10", n_train=100, n_test=50, seed=0):
+    """CIFAR-10 (cifar-10-batches-py, five data batches) or CIFAR-100 (cifar-100-python) pickles."""
+    classes = 10 if name == "cifar10" else 100
+    x_tr, y_tr = class_images(n_train, classes, (3, 32, 32), seed)
+    x_te, y_te = class_images(n_test, classes, (3, 32, 32), seed + 1)
+
+    def dump(path, obj):
+        with open(path, "wb") as f:
+            pickle.dump(obj, f, protocol=2)
+
+    if name == "cifar10":
+        folder = os.path.join(root, "cifar-10-batches-py")
+        os.makedirs(folder, exist_ok=True)
+        for b, part in enumerate(np.array_split(np.arange(n_train), 5)):
+            dump(os.path.join(folder, f"data_batch_{b + 1}"),
+                 {"data": x_tr[part].reshape(len(part), -1), "labels": y_tr[part].tolist()})
+        dump(os.path.join(folder, "test_batch"), {"data": x_te.reshape(n_test, -1), "labels": y_te.tolist()})
+        dump(os.path.join(folder, "batches.meta"), {"label_names": [f"class{i}" for i in range(10)]})
+    else:
+        folder = os.path.join(root, "cifar-100-python")
+        os.makedirs(folder, exist_ok=True)
+        for split, x, y in (("train", x_tr, y_tr), ("test", x_te, y_te)):
+            dump(os.path.join(folder, split), {"data": x.reshape(len(x), -1), "fine_labels": y.tolist(),
+                                               "coarse_labels": (y // 5).tolist()})
+        dump(os.path.join(folder, "meta"), {"fine_label_names": [f"c{i}" for i in range(100)],
+                                            "coarse_label_names": [f"s{i}" for i in range(20)]})
+    return (x_tr, y_tr), (x_te, y_te)
+
+
+def write_mnist(root, name="MNIST", n_train=200, n_test=100, seed=0):
+    """MNIST or FashionMNIST idx files in <root>/<name>/raw (uncompressed, as torchvision leaves them)."""
+    folder = os.path.join(root, name, "raw")
+    os.makedirs(folder, exist_ok=True)
+    out = []
+    for prefix, n, s in (("train", n_train, seed), ("t10k", n_test, seed + 1)):
+        x, y = class_images(n, 10, (28, 28), s)
+        with open(os.path.join(folder, f"{prefix}-images-idx3-ubyte"), "wb") as f:
+            f.write(struct.pack(">IIII", 0x803, n, 28, 28) + x.tobytes())
+        with open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte"), "wb") as f:
+            f.write(struct.pack(">II", 0x801, n) + y.astype(np.uint8).tobytes())
+        out.append((x, y))
+    return out
+
+
+def write_tinyimagenet(root, classes=4, per_class=6, val_per_class=3, seed=0):
+    """The tiny-imagenet-200 archive layout: wnids.txt, train/<wnid>/images/*.JPEG, val/val_annotations.txt."""
+    from torchvision.io import encode_jpeg
+    base = os.path.join(root, "tiny-imagenet-200")
+    wnids = [f"n{idx:08d}" for idx in range(classes)]
+    os.makedirs(base, exist_ok=True)
+    with open(os.path.join(base, "wnids.txt"), "w") as f:
+        f.write("\n".join(wnids) + "\n")
+    x_tr, y_tr = class_images(classes * per_class, classes, (3, 64, 64), seed)
+    x_va, y_va = class_images(classes * val_per_class, classes, (3, 64, 64), seed + 1)
+
+    def save(path, image, gray=False):
+        t = torch.from_numpy(image)
+        if gray:  # the real archive holds some single-channel JPEGs
+            t = t[:1]
+        with open(path, "wb") as f:
+            f.write(encode_jpeg(t, quality=95).numpy().tobytes())
+
+    for i, (img, y) in enumerate(zip(x_tr, y_tr)):
+        folder = os.path.join(base, "train", wnids[y], "images")
+        os.makedirs(folder, exist_ok=True)
+        save(os.path.join(folder, f"{wnids[y]}_{i}.JPEG"), img, gray=(i == 0))
+    os.makedirs(os.path.join(base, "val", "images"), exist_ok=True)
+    lines = []
+    for i, (img, y) in enumerate(zip(x_va, y_va)):
+        save(os.path.join(base, "val", "images", f"val_{i}.JPEG"), img)
+        lines.append(f"val_{i}.JPEG\t{wnids[y]}\t0\t0\t63\t63")
+    with open(os.path.join(base, "val", "val_annotations.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return (x_tr, y_tr), (x_va, y_va)
+
+
+def write_stl10(root, n_train=40, n_test=40, seed=0):
+    """stl10_binary: column-major 3x96x96 uint8 images, labels 1..10 (torchvision subtracts one)."""
+    folder = os.path.join(root, "stl10_binary")
+    os.makedirs(folder, exist_ok=True)
+    for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1)):
+        x, y = class_images(n, 10, (3, 96, 96), s)
+        x.transpose(0, 1, 3, 2).tofile(os.path.join(folder, f"{split}_X.bin"))
+        (y + 1).astype(np.uint8).tofile(os.path.join(folder, f"{split}_y.bin"))
+    with open(os.path.join(folder, "class_names.txt"), "w") as f:
+        f.write("\n".join(f"class{i}" for i in range(10)) + "\n")
+
+
+_PATCH = """
+import runpy, sys, torchvision.datasets as d
+for cls in (d.CIFAR10, d.STL10):
+    cls._check_integrity = lambda self: True
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_script(script, *args, patch_md5=False, timeout=600, cwd=None):
+    """Run one of the repository's scripts as a user would; optionally with torchvision's md5 check patched."""
+    path = os.path.join(REPO, script)
+    cmd = [sys.executable, "-c", _PATCH, path, *map(str, args)] if patch_md5 else [sys.executable, path, *map(str, args)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO, env=env)
+
+
+def assert_one_line_error(proc, *fragments):
+    """A non-zero exit with a single error line on stderr (no traceback) that names the problem."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    err = proc.stderr.strip()
+    assert "Traceback" not in err, err
+    assert len(err.splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment.lower() in err.lower(), err
+
+
+@pytest.fixture
+def patch_md5(monkeypatch):
+    import torchvision.datasets as d
+    for cls in (d.CIFAR10, d.STL10):
+        monkeypatch.setattr(cls, "_check_integrity", lambda self: True)

@@ -1,0 +1,157 @@
+"""Tests of toy_capacity.py against hand-worked and brute-force computations."""
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import toy_capacity as toy
+from conftest import assert_one_line_error, run_script
+
+
+def small_args(**overrides):
+    args = toy.build_parser().parse_args([])
+    args.device = "cpu"
+    for k, v in overrides.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_projector_is_convex_combination_of_labels():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 5, 3, generator=g)
+    V = torch.randn(2, 4, 3, generator=g)
+    L = torch.nn.functional.one_hot(torch.tensor([[0, 1, 1, 2], [2, 2, 0, 1]]), 3).float()
+    w = toy.projector_weights(h, V)
+    out = toy.projector(h, V, L)
+    # brute force: inverse distances normalised to one
+    for m in range(2):
+        for i in range(5):
+            inv = np.array([1 / np.linalg.norm(h[m, i].numpy() - V[m, j].numpy()) for j in range(4)])
+            expected_w = inv / inv.sum()
+            np.testing.assert_allclose(w[m, i].numpy(), expected_w, rtol=1e-4)
+            np.testing.assert_allclose(out[m, i].numpy(), expected_w @ L[m].numpy(), rtol=1e-4)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 5))
+    torch.testing.assert_close(out.sum(-1), torch.ones(2, 5))
+    assert (out >= 0).all()
+
+
+def test_fixed_augmentations_touch_only_noise_and_never_change():
+    args = small_args(dim=12, signal_dim=4)
+    world = toy.make_world(0, args)
+    cell = toy.Cell(5, 3, 0, world, args)
+    points, labels = cell.training_points()
+    assert points.shape == (15, 12) and labels.shape == (15,)
+    delta = points - cell.x.repeat_interleave(3, 0)
+    assert torch.all(delta[:, :4] == 0)
+    assert torch.all(delta[:, 4:] != 0)
+    assert torch.equal(labels, cell.labels.repeat_interleave(3))  # augmentations share their image's label
+    table = points.clone()
+    for _ in range(20):  # every training batch is a row of the same fixed table
+        x, y = cell.batch(8, args)
+        match = (x.unsqueeze(1) == table.unsqueeze(0)).all(-1)
+        assert match.any(1).all()
+        assert torch.equal(y, labels[match.float().argmax(1)])
+    assert torch.equal(cell.training_points()[0], table)
+
+
+def test_online_augmentations_are_fresh_and_touch_only_noise():
+    args = small_args(dim=12, signal_dim=4)
+    cell = toy.Cell(3, "online", 0, toy.make_world(0, args), args)
+    x1, _ = cell.batch(64, args)
+    base = (x1[:, :4].unsqueeze(1) == cell.x[:, :4].unsqueeze(0)).all(-1)
+    assert base.any(1).all()  # signal coordinates are exactly those of a training point
+    x2, _ = cell.batch(64, args)
+    assert not torch.equal(x1, x2)
+
+
+def brute_force_invariance(h1, h2, h):
+    m = len(h)
+    ratios = []
+    for i in range(m):
+        num = np.sum((h1[i] - h2[i]) ** 2)
+        den = np.mean([np.sum((h[i] - h[j]) ** 2) for j in range(m) if j != i])
+        ratios.append(num / den)
+    return np.mean(ratios)
+
+
+def test_invariance_matches_direct_computation():
+    rng = np.random.default_rng(1)
+    h, h1, h2 = (rng.normal(size=(7, 5)) for _ in range(3))
+    got = toy.normalized_invariance(torch.tensor(h1), torch.tensor(h2), torch.tensor(h)).item()
+    assert got == pytest.approx(brute_force_invariance(h1, h2, h), rel=1e-9)
+
+
+def test_invariance_is_zero_when_encoder_ignores_noise_block():
+    args = small_args(dim=10, signal_dim=3, test_points=50)
+    world = toy.make_world(0, args)
+    cell = toy.Cell(4, 2, 0, world, args)
+    W = torch.randn(1, 10, 10)
+    W[..., 3:] = 0  # zero the noise columns
+    _, inv, nts = toy.evaluate([cell], {0: world}, W, args)
+    assert inv.item() == 0.0 and nts.item() == 0.0
+    W2 = torch.randn(1, 10, 10)
+    _, inv2, _ = toy.evaluate([cell], {0: world}, W2, args)
+    assert inv2.item() > 0.1
+
+
+def test_noise_to_signal_hand_worked():
+    W = torch.zeros(1, 4, 4)
+    W[0, :, :2] = 1.0  # signal columns: squared norm 4 each
+    W[0, :, 2:] = 2.0  # noise columns: squared norm 16 each
+    assert toy.noise_to_signal(W, 2).item() == pytest.approx(2.0)
+
+
+def test_knn_matches_brute_force():
+    rng = np.random.default_rng(2)
+    ref, q = rng.normal(size=(30, 4)), rng.normal(size=(11, 4))
+    ref_y, q_y = rng.integers(0, 3, 30), rng.integers(0, 3, 11)
+    k = 5
+    refn = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    preds = []
+    for row in qn @ refn.T:
+        votes = np.bincount(ref_y[np.argsort(-row)[:k]], minlength=3)
+        preds.append(np.argmax(votes))  # numpy argmax: first maximum, i.e. ties to the smallest class
+    expected = np.mean(np.array(preds) == q_y)
+    got = toy.knn_accuracy(torch.tensor(ref)[None], torch.tensor(ref_y)[None], torch.tensor(q)[None],
+                           torch.tensor(q_y)[None], k, 3)
+    assert got.item() == pytest.approx(expected)
+
+
+def test_short_sweep_shows_the_claim(tmp_path):
+    """Fitting random labels without augmentation diversity is malign; with B >= 16 it is benign."""
+    results = toy.main(["--n", "16", "--augs", "1,16", "--seeds", "0,1", "--device", "cpu",
+                        "--out-dir", str(tmp_path)])
+    gain = lambda b: np.mean([r["knn"] - r["knn_init"] for r in results if r["augs"] == b])
+    assert gain(1) <= 0.02
+    assert gain(16) >= 0.10
+    fit1 = np.mean([r["fit"] for r in results if r["augs"] == 1])
+    assert fit1 >= 0.8  # 16 points are within capacity: memorized
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["cells"] == results and saved["config"]["n"] == [16]
+    for r in results:
+        assert set(r) == {"n", "augs", "seed", "fit", "knn", "knn_init", "invariance", "noise_to_signal"}
+
+
+def test_cells_do_not_depend_on_the_rest_of_the_grid(tmp_path):
+    common = ["--n", "16", "--seeds", "0", "--steps", "50", "--device", "cpu"]
+    alone = toy.main(common + ["--augs", "4", "--out-dir", str(tmp_path / "a")])
+    grid = toy.main(common + ["--augs", "1,4", "--out-dir", str(tmp_path / "b")])
+    assert alone[0] == [r for r in grid if r["augs"] == 4][0]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--n", "0"], "--n"),
+    (["--augs", "-1"], "--augs"),
+    (["--augs", "4,lots"], "--augs"),
+    (["--bogus"], "unrecognized"),
+    (["--signal-dim", "64"], "--signal-dim"),
+    (["--device", "nosuchdevice"], "--device"),
+])
+def test_bad_input_gives_one_line_error(args, fragment, tmp_path):
+    proc = run_script("toy_capacity.py", *args, "--out-dir", tmp_path / "out")
+    assert_one_line_error(proc, fragment)
+    assert not (tmp_path / "out").exists()
