@@ -1,0 +1,657 @@
+"""
+Benign memorization: train a ResNet18 encoder + MLP projector on entirely random labels under heavy
+augmentation and mixup, and probe every layer with K-NN against the clean and the random labels.
+
+Reproduces the main experiment of "The Curious Case of Benign Memorization" (Anagnostidis et al.,
+ICLR 2023): with augmentation the network memorizes the random labels in its projector while its
+encoder learns features whose K-NN probe beats the same probe at initialisation (benign); without
+augmentation the encoder falls below initialisation (malign).
+
+Everything runs on one device: the dataset lives there as uint8, batches are drawn by shuffled
+index, augmentation is batched with per-image random parameters, bf16 autocast and channels_last
+on CUDA. A checkpoint is written atomically at every evaluation; running the same command again
+resumes from it with every random state restored.
+
+Usage:
+    python benign_memorization.py --dataset cifar10 --epochs 5000            # the paper's setting
+    python benign_memorization.py --dataset cifar10 --augment none --mixup 0 # malign control
+    python benign_memorization.py --dataset cifar10 --epochs 20 --eval-every 5 --probe-size 5000 --projector-width 4096
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------- config
+
+DATASETS = {"cifar10": (10, 32), "cifar100": (100, 32), "tinyimagenet": (200, 64)}  # classes, resolution
+LAYERS = ["input", "stem", "layer1", "layer2", "layer3", "layer4", "embedding", "projector", "output"]
+
+
+class UserError(Exception):
+    """Bad input or missing data: reported as one line, never a traceback."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def at_least(minimum, kind=int):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        return value
+    return parse
+
+
+def probability(text):
+    value = at_least(0.0, float)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def build_parser():
+    p = OneLineParser(description="Random-label training under augmentation with layer-wise K-NN probes.")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10", help="training dataset")
+    g.add_argument("--data-dir", default="data", help="where datasets are (or get downloaded)")
+    g.add_argument("--labels", choices=["random", "clean"], default="random", help="train on random or clean labels")
+    g = p.add_argument_group("model")
+    g.add_argument("--projector-width", type=at_least(1), default=65536, help="hidden width W of the projector")
+    g.add_argument("--loss", choices=["mse", "ce"], default="mse", help="MSE to the one-hot target, or cross-entropy")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=at_least(1), default=5000, help="training epochs")
+    g.add_argument("--batch-size", type=at_least(1), default=256, help="batch size (last partial batch dropped)")
+    g.add_argument("--lr", type=at_least(0.0, float), default=3e-4, help="Adam learning rate (no schedule, no weight decay)")
+    g.add_argument("--augment", choices=["full", "none"], default="full", help="crop, flip, colour jitter, grayscale; or none")
+    g.add_argument("--mixup", type=probability, default=0.8, help="probability of mixing a batch, lambda ~ Beta(1, 1); 0 disables")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-every", type=at_least(1), default=50, help="epochs between probes and checkpoints")
+    g.add_argument("--knn-k", type=at_least(1), default=20, help="neighbours of the K-NN probes")
+    g.add_argument("--probe-size", type=at_least(1), default=None, help="cap on probed train and test images (default: all)")
+    g = p.add_argument_group("system")
+    g.add_argument("--out-dir", default="runs/benign", help="config.json, log.jsonl, results.json, ckpt.pt")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    g.add_argument("--seed", type=int, default=0, help="seed of labels, initialisation and training order")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--overwrite", action="store_true", help="discard a checkpoint made with another config")
+    return p
+
+
+# config keys that may change between a run and its resumption
+RESUMABLE_KEYS = {"epochs", "device", "compile", "data_dir", "out_dir", "overwrite"}
+
+
+def check_args(args):
+    try:
+        torch.empty(1, device=args.device)
+    except Exception as e:
+        raise UserError(f"--device {args.device} is not available ({str(e).strip().splitlines()[0]})")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UserError(f"--out-dir {args.out_dir} exists and is not a directory")
+
+
+def named_generator(device, *keys):
+    """A torch.Generator seeded from named keys, so independent streams never share a sequence."""
+    seed = int(hashlib.sha256(repr(keys).encode()).hexdigest()[:15], 16)
+    return torch.Generator(device=device).manual_seed(seed)
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_torchvision(cls, name, folder, root, url, **kwargs):
+    """A torchvision dataset as (uint8 images NCHW, int64 labels); downloads when missing."""
+    try:
+        ds = cls(root, download=True, **kwargs)
+    except Exception as e:
+        raise UserError(f"{name} not found in {os.path.join(root, folder)} and could not be downloaded "
+                        f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+                        f"download it from {url} and extract it into {root}/")
+    data = torch.as_tensor(ds.data)
+    if data.ndim == 4 and data.shape[-1] == 3:  # CIFAR stores NHWC
+        data = data.permute(0, 3, 1, 2)
+    labels = ds.targets if hasattr(ds, "targets") else ds.labels
+    return data.contiguous(), torch.as_tensor(labels, dtype=torch.long)
+
+
+def load_cifar(name, root):
+    cls, folder = (torchvision.datasets.CIFAR10, "cifar-10-batches-py") if name == "cifar10" else \
+        (torchvision.datasets.CIFAR100, "cifar-100-python")
+    url = "https://www.cs.toronto.edu/~kriz/cifar.html"
+    pretty = "CIFAR-10" if name == "cifar10" else "CIFAR-100"
+    return (load_torchvision(cls, pretty, folder, root, url, train=True),
+            load_torchvision(cls, pretty, folder, root, url, train=False))
+
+
+TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+
+
+def load_tinyimagenet(root):
+    """tiny-imagenet-200 (train/<wnid>/images, val/val_annotations.txt) decoded once, cached as uint8."""
+    base = os.path.join(root, "tiny-imagenet-200")
+    cache = os.path.join(base, "uint8_cache.pt")
+    if os.path.exists(cache):
+        c = torch.load(cache, weights_only=True)
+        return (c["train_x"], c["train_y"]), (c["val_x"], c["val_y"])
+    if not os.path.isdir(base):
+        try:
+            torchvision.datasets.utils.download_and_extract_archive(TINY_URL, root)
+        except Exception as e:
+            raise UserError(f"Tiny ImageNet not found in {base} and could not be downloaded ({type(e).__name__}); "
+                            f"download {TINY_URL} and unzip it into {root}/")
+    try:
+        with open(os.path.join(base, "wnids.txt")) as f:
+            wnids = sorted(line.strip() for line in f if line.strip())
+        index = {w: i for i, w in enumerate(wnids)}
+        train = [(os.path.join(base, "train", w, "images", name), index[w])
+                 for w in wnids for name in sorted(os.listdir(os.path.join(base, "train", w, "images")))]
+        with open(os.path.join(base, "val", "val_annotations.txt")) as f:
+            val = [(os.path.join(base, "val", "images", parts[0]), index[parts[1]])
+                   for parts in (line.split("\t") for line in f if line.strip())]
+    except (OSError, KeyError) as e:
+        raise UserError(f"Tiny ImageNet in {base} is incomplete ({e}); expected the tiny-imagenet-200 archive layout")
+
+    def decode(items):
+        images = torch.empty(len(items), 3, 64, 64, dtype=torch.uint8)
+        for n, (path, _) in enumerate(tqdm(items, desc="decoding Tiny ImageNet", leave=False)):
+            with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of torchcodec
+                warnings.simplefilter("ignore", DeprecationWarning)
+                img = torchvision.io.decode_image(torchvision.io.read_file(path), mode=torchvision.io.ImageReadMode.RGB)
+            if img.shape[-2:] != (64, 64):
+                img = torchvision.transforms.v2.functional.resize(img, [64, 64], antialias=True)
+            images[n] = img
+        return images, torch.tensor([y for _, y in items], dtype=torch.long)
+
+    (tx, ty), (vx, vy) = decode(train), decode(val)
+    torch.save({"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy}, cache + ".tmp")
+    os.replace(cache + ".tmp", cache)
+    return (tx, ty), (vx, vy)
+
+
+def load_dataset(name, root):
+    """((train images uint8 NCHW, labels), (test images, labels)) on the CPU."""
+    if name == "tinyimagenet":
+        return load_tinyimagenet(root)
+    return load_cifar(name, root)
+
+
+def draw_labels(clean, num_classes, random, seed):
+    """The training labels, drawn once: uniform over the classes (random) or the clean ones."""
+    if not random:
+        return clean.clone()
+    return torch.randint(num_classes, clean.shape, generator=named_generator("cpu", "labels", seed))
+
+
+class TrainingSet:
+    """The points the network is trained on: point m is image source[m] with label labels[m]."""
+
+    def __init__(self, images, source, labels, num_classes):
+        self.images, self.source, self.labels, self.num_classes = images, source, labels, num_classes
+
+    def __len__(self):
+        return len(self.source)
+
+    def batch(self, idx, augment, generator):
+        """Float images in [0, 1] (augmented if asked) and one-hot targets for points idx."""
+        x = self.images[self.source[idx]].float().div_(255)
+        if augment:
+            x = augment_batch(x, generator)
+        return x, F.one_hot(self.labels[idx], self.num_classes).float()
+
+# ----------------------------------------------------------------------------- model
+
+
+class Network(nn.Module):
+    """Encoder stages -> global average pool (embedding) -> projector Linear-ReLU-Linear, no biases."""
+
+    def __init__(self, stages, embed_dim, width, num_classes):
+        super().__init__()
+        self.stages = nn.ModuleDict(stages)
+        self.projector = nn.Sequential(nn.Linear(embed_dim, width, bias=False), nn.ReLU(inplace=True),
+                                       nn.Linear(width, num_classes, bias=False))
+
+    def forward(self, x, taps=None):
+        """The C-dim output; if taps is a dict, it receives every probed layer, flattened."""
+        if taps is not None:
+            taps["input"] = x.flatten(1)
+        for name, stage in self.stages.items():
+            x = stage(x)
+            if taps is not None:
+                taps[name] = x.flatten(1)
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        if taps is None:
+            return self.projector(x)
+        taps["embedding"] = x
+        taps["projector"] = self.projector[1](self.projector[0](x))
+        taps["output"] = self.projector[2](taps["projector"])
+        return taps["output"]
+
+
+def resnet18_stages(stem_stride):
+    """torchvision's ResNet18 with the CIFAR stem: 3x3 first conv (stride 1, or 2 for 64x64), no max-pool."""
+    r = torchvision.models.resnet18(weights=None)
+    r.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False)
+    return [("stem", nn.Sequential(r.conv1, r.bn1, r.relu)),
+            ("layer1", r.layer1), ("layer2", r.layer2), ("layer3", r.layer3), ("layer4", r.layer4)], 512
+
+
+def build_model(args, num_classes, resolution):
+    torch.manual_seed(args.seed)  # initialisation on the CPU: identical on every device
+    stages, dim = resnet18_stages(stem_stride=1 if resolution <= 32 else 2)
+    return Network(stages, dim, args.projector_width, num_classes)
+
+# ----------------------------------------------------------------------------- augmentation
+# Per image, as torchvision's RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)),
+# RandomHorizontalFlip(0.5), RandomApply([ColorJitter(0.8, 0.8, 0.8, 0.2)], 0.8), RandomGrayscale(0.2),
+# but batched: every random choice is a function of 33 uniforms per image.
+
+CROP_TRIES = 10
+NUM_UNIFORMS = 2 * CROP_TRIES + 13  # crop (10 areas, 10 ratios, 2 positions), flip, jitter on, 4 factors, 4 order keys, gray
+
+
+def augment_params(u, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """Per-image augmentation parameters from uniforms u of shape (B, NUM_UNIFORMS)."""
+    t = CROP_TRIES
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, :t])
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, t:2 * t]
+    w = torch.round(torch.sqrt(area * torch.exp(log_r)))
+    h = torch.round(torch.sqrt(area / torch.exp(log_r)))
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.int().argmax(1, keepdim=True)  # the first try that fits, as torchvision's loop
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    # no try fits: torchvision's fallback, the largest central crop with a ratio inside the range
+    in_ratio = width / height
+    fw = width if in_ratio <= ratio[1] else round(height * ratio[1])
+    fh = height if in_ratio >= ratio[0] else round(width / ratio[0])
+    any_ok = ok.any(1)
+    w = torch.where(any_ok, w, torch.full_like(w, fw))
+    h = torch.where(any_ok, h, torch.full_like(h, fh))
+    top = torch.where(any_ok, torch.floor(u[:, 2 * t] * (height - h + 1)), torch.div(height - h, 2, rounding_mode="floor"))
+    left = torch.where(any_ok, torch.floor(u[:, 2 * t + 1] * (width - w + 1)), torch.div(width - w, 2, rounding_mode="floor"))
+    v = u[:, 2 * t + 2:]
+    return dict(top=top, left=left, height=h, width=w, flip=v[:, 0] < 0.5, jitter=v[:, 1] < 0.8,
+                brightness=0.2 + 1.6 * v[:, 2], contrast=0.2 + 1.6 * v[:, 3], saturation=0.2 + 1.6 * v[:, 4],
+                hue=-0.2 + 0.4 * v[:, 5], order=v[:, 6:10].argsort(1), gray=v[:, 10] < 0.2)
+
+
+def crop_grid(p, height, width):
+    """Sampling grid that crops box p and resizes it to height x width (bilinear), flipping if asked.
+
+    Source pixel coordinates follow F.interpolate(align_corners=False) applied to the crop, clamped to
+    the crop, so the result equals torchvision's resized_crop.
+    """
+    def axis(start, size, out):
+        pos = (torch.arange(out, device=start.device) + 0.5) * (size[:, None] / out) - 0.5
+        pos = pos.clamp_min(0).minimum(size[:, None] - 1) + start[:, None]
+        return (2 * pos + 1) / out - 1  # to grid_sample's normalised coordinates
+    xs = axis(p["left"], p["width"], width)
+    xs = torch.where(p["flip"][:, None], xs.flip(1), xs)
+    ys = axis(p["top"], p["height"], height)
+    return torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)
+
+
+def grayscale(x):
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def shift_hue(x, shift):
+    """Rotate the hue of RGB images x (B, 3, H, W) in [0, 1] by shift (B,) turns, as HSV round trip."""
+    r, g, b = x.unbind(1)
+    v, _ = x.max(1)
+    c = v - x.min(1).values
+    s = c / torch.where(v > 0, v, torch.ones_like(v))
+    safe_c = torch.where(c > 0, c, torch.ones_like(c))
+    h = torch.where(v == r, (g - b) / safe_c,
+                    torch.where(v == g, 2 + (b - r) / safe_c, 4 + (r - g) / safe_c))
+    h = torch.where(c > 0, h, torch.zeros_like(h)) / 6 + shift[:, None, None]
+    k = (torch.stack([5 + 6 * h, 3 + 6 * h, 1 + 6 * h], 1)) % 6
+    return v.unsqueeze(1) * (1 - s.unsqueeze(1) * (torch.minimum(k, 4 - k).clamp(0, 1)))
+
+
+def color_jitter(x, p):
+    """Brightness, contrast, saturation and hue, each image in its own random order (as torchvision)."""
+    ones = torch.ones_like(p["brightness"])
+    for stage in range(4):
+        op = torch.where(p["jitter"], p["order"][:, stage], torch.full_like(p["order"][:, stage], -1))
+        # brightness, contrast and saturation blend the image with a reference: black, its mean gray, its gray
+        factor = torch.where(op == 0, p["brightness"], torch.where(op == 1, p["contrast"],
+                                                                 torch.where(op == 2, p["saturation"], ones)))
+        gray = grayscale(x)
+        ref = torch.where((op == 1)[:, None, None, None], gray.mean((1, 2, 3), keepdim=True), gray)
+        ref = torch.where((op == 0)[:, None, None, None], torch.zeros_like(ref), ref)
+        f = factor[:, None, None, None]
+        x = (f * x + (1 - f) * ref).clamp(0, 1)
+        x = torch.where((op == 3)[:, None, None, None], shift_hue(x, p["hue"]), x)
+    return x
+
+
+def apply_augment(x, p):
+    """Crop+resize+flip in one grid_sample, then colour jitter, then grayscale."""
+    x = F.grid_sample(x, crop_grid(p, x.shape[-2], x.shape[-1]), mode="bilinear",
+                      padding_mode="border", align_corners=False)
+    x = color_jitter(x, p)
+    return torch.where(p["gray"][:, None, None, None], grayscale(x).expand_as(x), x)
+
+
+def augment_batch(images, generator=None):
+    """The full augmentation of a float batch (B, 3, H, W) in [0, 1], each image with its own draw."""
+    u = torch.rand(images.shape[0], NUM_UNIFORMS, generator=generator, device=images.device)
+    return apply_augment(images, augment_params(u, images.shape[-2], images.shape[-1]))
+
+
+def mixup(x, y, prob, generator=None):
+    """With probability prob mix the batch with a permutation of itself: x and y with the same lambda."""
+    u = torch.rand(2, generator=generator, device=x.device)
+    lam = torch.where(u[0] < prob, u[1], torch.ones_like(u[1]))  # Beta(1, 1) is uniform
+    perm = torch.randperm(x.shape[0], generator=generator, device=x.device)
+    return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
+
+# ----------------------------------------------------------------------------- training
+
+
+def compute_loss(out, target, kind):
+    out = out.float()
+    return F.mse_loss(out, target) if kind == "mse" else F.cross_entropy(out, target)
+
+
+def train_epoch(model, opt, data, gen, args, autocast):
+    """One shuffled pass of len(data) // batch_size steps; returns the mean loss (a device tensor)."""
+    dev = data.labels.device
+    perm = torch.randperm(len(data), generator=gen, device=dev)
+    steps = len(data) // args.batch_size
+    total = torch.zeros((), device=dev)
+    for s in range(steps):
+        x, y = data.batch(perm[s * args.batch_size:(s + 1) * args.batch_size], args.augment == "full", gen)
+        if args.mixup > 0:
+            x, y = mixup(x, y, args.mixup, gen)
+        if dev.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            out = model(x)
+        loss = compute_loss(out, y, args.loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.detach()
+    return total / steps
+
+# ----------------------------------------------------------------------------- probes
+
+
+def knn_predict(train_feats, train_labels, query_feats, k=20, exclude_self=False, chunk=None):
+    """Cosine K-NN with a uniform majority vote; ties go to the smallest class index (as scikit-learn).
+
+    exclude_self: the queries are the reference set itself, and query i may not vote for itself.
+    Queries are compared in chunks, so the similarity matrix never exceeds chunk x len(train).
+    """
+    n, num_classes = train_feats.shape[0], int(train_labels.max()) + 1
+    k = min(k, n - 1 if exclude_self else n)
+    inv_norm = 1 / train_feats.float().norm(dim=1).clamp_min(1e-12)
+    chunk = chunk or max(1, min(4096, (1 << 28) // max(n, 1)))
+    preds = []
+    for start in range(0, query_feats.shape[0], chunk):
+        q = query_feats[start:start + chunk]
+        sim = (q @ train_feats.T).float() * inv_norm  # scaling rows by 1/|q| would not change the ranking
+        if exclude_self:
+            rows = torch.arange(q.shape[0], device=q.device)
+            sim[rows, rows + start] = -float("inf")
+        idx = sim.topk(k, dim=1).indices
+        votes = torch.zeros(q.shape[0], num_classes, device=q.device)
+        votes.scatter_add_(1, train_labels[idx], torch.ones_like(idx, dtype=votes.dtype))
+        preds.append(votes.argmax(1))  # argmax returns the first maximum: the smallest class
+    return torch.cat(preds)
+
+
+@torch.no_grad()
+def extract(model, images, layers, autocast, batch):
+    """Flattened, L2-normalised features of the given layers for uint8 images (fp16 on CUDA)."""
+    dtype = torch.float16 if images.device.type == "cuda" else torch.float32
+    out = {}
+    for start in range(0, images.shape[0], batch):
+        x = images[start:start + batch].float().div_(255)
+        if x.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        taps = {}
+        with autocast:
+            model(x, taps)
+        for name in layers:
+            f = F.normalize(taps[name].float(), dim=1).to(dtype)
+            if name not in out:
+                out[name] = torch.empty(images.shape[0], f.shape[1], dtype=dtype, device=images.device)
+            out[name][start:start + batch] = f
+    return out
+
+
+def layer_groups(dims, count, budget_bytes, bytes_per_value):
+    """Split layers into groups whose features for `count` images fit the memory budget."""
+    groups, current, used = [], [], 0
+    for name, dim in dims.items():
+        size = dim * count * bytes_per_value
+        if current and used + size > budget_bytes:
+            groups.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += size
+    return groups + [current]
+
+
+def probe_budget(device):
+    if device.type == "cuda":
+        return int(0.5 * torch.cuda.mem_get_info(device)[0])
+    return 4 << 30
+
+
+@torch.no_grad()
+def probe(model, probe_set, args, autocast):
+    """K-NN of every layer (clean: train -> test; noisy: train -> train, leave-one-out) and accuracies."""
+    model.eval()
+    tx, ty_clean, ty_train, qx, qy = (probe_set[k] for k in ("train_x", "train_clean", "train_labels", "test_x", "test_clean"))
+    dev = tx.device
+    batch = 1024 if dev.type == "cuda" else 256
+    with autocast:
+        taps = {}
+        model(tx[:2].float() / 255, taps)
+    dims = {name: taps[name].shape[1] for name in LAYERS}
+    bytes_per = 2 if dev.type == "cuda" else 4
+    result = {"knn_clean": {}, "knn_noisy": {}}
+    for group in layer_groups(dims, len(tx) + len(qx), probe_budget(dev), bytes_per):
+        train_f = extract(model, tx, group, autocast, batch)
+        test_f = extract(model, qx, group, autocast, batch)
+        for name in group:
+            pred = knn_predict(train_f[name], ty_clean, test_f[name], args.knn_k)
+            result["knn_clean"][name] = (pred == qy).float().mean().item()
+            pred = knn_predict(train_f[name], ty_train, train_f[name], args.knn_k, exclude_self=True)
+            result["knn_noisy"][name] = (pred == ty_train).float().mean().item()
+            if name == "output":  # normalising does not move the argmax
+                result["train_acc"] = (train_f[name].float().argmax(1) == ty_train).float().mean().item()
+                out_classes = train_f[name].shape[1]
+                clean_classes = int(qy.max()) + 1
+                result["test_acc"] = ((test_f[name].float().argmax(1) == qy).float().mean().item()
+                                      if out_classes >= clean_classes else None)
+        del train_f, test_f
+    model.train()
+    return result
+
+
+def make_probe_set(train, test, labels, size, seed, device):
+    """The (optionally capped) images the probes use: a fixed random subset, on the device."""
+    def subset(n, key):
+        if size is None or size >= n:
+            return torch.arange(n)
+        return torch.randperm(n, generator=named_generator("cpu", "probe", key, seed))[:size].sort().values
+    ti, qi = subset(len(train[0]), "train"), subset(len(test[0]), "test")
+    return dict(train_x=train[0][ti].to(device), train_clean=train[1][ti].to(device), train_labels=labels[ti].to(device),
+                test_x=test[0][qi].to(device), test_clean=test[1][qi].to(device))
+
+# ----------------------------------------------------------------------------- checkpoint and report
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def write_jsonl(path, rows):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, state):
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, config, overwrite):
+    """The checkpoint to resume from, or None; refuses a corrupt one or one made with another config."""
+    if not os.path.exists(path) or overwrite:
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        saved = ckpt["config"]
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); it was left untouched: "
+                        "move it away or pass --overwrite to start over")
+    diff = sorted(k for k in set(saved) | set(config) if k not in RESUMABLE_KEYS and saved.get(k) != config.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in diff[:3])
+        raise UserError(f"{path} was made with another config ({shown}); pass --overwrite to start over "
+                        "or use another --out-dir")
+    return ckpt
+
+
+def rng_state(gen, device):
+    state = {"torch": torch.get_rng_state(), "gen": gen.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, gen, device):
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["gen"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def format_eval(row):
+    show = lambda v, fmt: "-" if v is None else format(v, fmt)
+    head = (f"epoch {row['epoch']} | loss {show(row['loss'], '.4f')} | train_acc {row['train_acc']:.3f} | "
+            f"test_acc {show(row['test_acc'], '.3f')} | {show(row['img_per_s'], '.0f')} img/s")
+    names = list(row["knn_clean"])
+    width = max(9, *(len(n) + 1 for n in names))
+    lines = [head, " " * 10 + "".join(n.rjust(width) for n in names)]
+    for key in ("knn_clean", "knn_noisy"):
+        lines.append(key.ljust(10) + "".join(f"{row[key][n]:.3f}".rjust(width) for n in names))
+    return "\n".join(lines)
+
+# ----------------------------------------------------------------------------- main
+
+
+def run(args):
+    check_args(args)
+    config = {k: v for k, v in vars(args).items()}
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path, config, args.overwrite)
+    device = torch.device(args.device)
+    num_classes, resolution = DATASETS[args.dataset]
+    train, test = load_dataset(args.dataset, args.data_dir)
+    if args.batch_size > len(train[0]):
+        raise UserError(f"--batch-size {args.batch_size} exceeds the {len(train[0])} training images")
+    if args.knn_k >= min(len(train[0]), args.probe_size or len(train[0])):
+        raise UserError(f"--knn-k {args.knn_k} needs more probed training images")
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    if args.overwrite:
+        for name in ("ckpt.pt", "log.jsonl", "results.json"):
+            if os.path.exists(os.path.join(args.out_dir, name)):
+                os.remove(os.path.join(args.out_dir, name))
+    write_json(os.path.join(args.out_dir, "config.json"), config)
+
+    labels = ckpt["labels"] if ckpt else draw_labels(train[1], num_classes, args.labels == "random", args.seed)
+    data = TrainingSet(train[0].to(device), torch.arange(len(labels), device=device), labels.to(device), num_classes)
+    probe_set = make_probe_set(train, test, labels, args.probe_size, args.seed, device)
+    model = build_model(args, num_classes, resolution).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    gen = named_generator(device, "train", args.seed)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    history, start = [], 1
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"], gen, device)
+        history, start = ckpt["history"], ckpt["epoch"] + 1
+        print(f"resuming {args.out_dir} from epoch {ckpt['epoch']}")
+    step_model = torch.compile(model) if args.compile else model
+
+    def evaluate(epoch, loss, img_per_s):
+        row = {"epoch": epoch, "loss": loss, "img_per_s": img_per_s, **probe(model, probe_set, args, autocast)}
+        history.append(row)
+        tqdm.write(format_eval(row))
+        write_jsonl(os.path.join(args.out_dir, "log.jsonl"), history)
+        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "labels": labels,
+                                    "epoch": epoch, "rng": rng_state(gen, device), "config": config,
+                                    "history": history})
+
+    if not history:
+        evaluate(0, None, None)
+    losses, images, seconds = [], 0, 0.0
+    bar = tqdm(range(start, args.epochs + 1), initial=start - 1, total=args.epochs, desc="epochs")
+    for epoch in bar:
+        t0 = time.time()
+        loss = train_epoch(step_model, opt, data, gen, args, autocast).item()  # one sync per epoch
+        seconds += time.time() - t0
+        images += (len(data) // args.batch_size) * args.batch_size
+        if not math.isfinite(loss):
+            last = history[-1]["epoch"]
+            raise UserError(f"the training loss became {loss} at epoch {epoch}; stopped. The last good "
+                            f"checkpoint (epoch {last}) is kept in {ckpt_path}")
+        losses.append(loss)
+        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / seconds:.0f}")
+        if epoch % args.eval_every == 0 or epoch == args.epochs:
+            evaluate(epoch, sum(losses) / len(losses), images / seconds)
+            losses, images, seconds = [], 0, 0.0
+    bar.close()
+
+    results = {"config": config, "init": history[0], "final": history[-1]}
+    write_json(os.path.join(args.out_dir, "results.json"), results)
+    init, final = history[0], history[-1]
+    print(f"embedding K-NN (clean): init {init['knn_clean']['embedding']:.3f} -> final "
+          f"{final['knn_clean']['embedding']:.3f}; memorization (train_acc) {final['train_acc']:.3f}")
+    print(f"wrote {os.path.join(args.out_dir, 'results.json')}")
+    return results
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

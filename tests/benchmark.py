@@ -1,0 +1,162 @@
+"""
+Throughput of benign_memorization.py's training step and probes, on synthetic CIFAR-shaped data.
+
+    python tests/benchmark.py                      # GPU if present, else a small CPU run
+    python tests/benchmark.py --compile            # with torch.compile
+
+(a) forward+backward alone, data already on the device as a float batch;
+(b) the full training step: uint8 gather, batched augmentation, mixup, forward, backward, Adam;
+(c) the usual pipeline: torchvision per-image transforms in a DataLoader with one worker per core,
+    feeding the same model;
+(d) one full layer-wise K-NN probe (all nine layers, clean and noisy).
+Not collected by pytest (no test_ prefix).
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import benign_memorization as bm  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, steps, warmup, device):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+class PerImage(Dataset):
+    """uint8 CHW images with torchvision's per-image transforms, as a typical training script does."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+        self.transform = v2.Compose([
+            v2.RandomResizedCrop(32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)), v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8), v2.RandomGrayscale(0.2),
+            v2.ToDtype(torch.float32, scale=True)])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), self.labels[i]
+
+
+def main():
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--projector-width", type=int, default=65536)
+    p.add_argument("--steps", type=int, default=50 if cuda else 3, help="timed steps per measurement")
+    p.add_argument("--probe-train", type=int, default=50000 if cuda else 1000, help="probe reference images")
+    p.add_argument("--probe-test", type=int, default=10000 if cuda else 200, help="probe query images")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers for (c)")
+    p.add_argument("--compile", action="store_true")
+    a = p.parse_args()
+    device = torch.device(a.device)
+    args = bm.build_parser().parse_args(["--batch-size", str(a.batch_size), "--projector-width", str(a.projector_width),
+                                         "--device", a.device])
+    model = bm.build_model(args, 10, 32).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    step_model = torch.compile(model) if a.compile else model
+    opt = torch.optim.Adam(model.parameters(), lr=3e-4)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    warmup = 10 if cuda else 1
+    bs = a.batch_size
+    images = torch.randint(0, 256, (max(bs * (a.steps + warmup), 2 * bs), 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (len(images),))
+
+    def step(x, y):
+        with autocast:
+            out = step_model(x)
+        loss = bm.compute_loss(out, y, "mse")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    # (a) forward + backward alone
+    x = (images[:bs].to(device).float() / 255).contiguous(memory_format=torch.channels_last)
+    y = torch.nn.functional.one_hot(labels[:bs], 10).float().to(device)
+    t_a = timed(lambda: step(x, y), a.steps, warmup, device)
+
+    # (b) the script's full step: gather, augment, mixup, step
+    data = bm.TrainingSet(images.to(device), torch.arange(len(images), device=device), labels.to(device), 10)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def full_step():
+        idx = torch.randint(len(data), (bs,), generator=gen, device=device)
+        xb, yb = data.batch(idx, True, gen)
+        xb, yb = bm.mixup(xb, yb, 0.8, gen)
+        step(xb.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else xb, yb)
+    t_b = timed(full_step, a.steps, warmup, device)
+
+    # (c) per-image torchvision transforms in a DataLoader
+    loader = DataLoader(PerImage(images, labels), batch_size=bs, shuffle=True, drop_last=True,
+                        num_workers=a.workers, pin_memory=device.type == "cuda", persistent_workers=a.workers > 0)
+    it = iter(loader)
+
+    def loader_step():
+        nonlocal it
+        try:
+            xb, yb = next(it)
+        except StopIteration:
+            it = iter(loader)
+            xb, yb = next(it)
+        xb = xb.to(device, non_blocking=True)
+        if device.type == "cuda":
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        step(xb, torch.nn.functional.one_hot(yb, 10).float().to(device, non_blocking=True))
+    t_c = timed(loader_step, a.steps, warmup, device)
+
+    # augmentation alone: the batched version vs torchvision per image, in this process
+    floats = images[:bs].to(device).float() / 255
+    t_aug = timed(lambda: bm.augment_batch(floats, gen), a.steps, warmup, device)
+    per_image = PerImage(images[:bs], labels[:bs])
+    t_aug_tv = timed(lambda: [per_image[i] for i in range(bs)], a.steps, warmup, torch.device("cpu"))
+
+    # (d) one full layer-wise probe
+    n_tr, n_te = a.probe_train, a.probe_test
+    probe_set = dict(train_x=torch.randint(0, 256, (n_tr, 3, 32, 32), dtype=torch.uint8, device=device),
+                     train_clean=torch.randint(0, 10, (n_tr,), device=device),
+                     train_labels=torch.randint(0, 10, (n_tr,), device=device),
+                     test_x=torch.randint(0, 256, (n_te, 3, 32, 32), dtype=torch.uint8, device=device),
+                     test_clean=torch.randint(0, 10, (n_te,), device=device))
+    sync(device)
+    t0 = time.perf_counter()
+    bm.probe(model, probe_set, args, autocast)
+    sync(device)
+    t_d = time.perf_counter() - t0
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    rate = lambda t: bs / t
+    epoch = (50000 // bs) * t_b
+    print(f"device: {name}; torch {torch.__version__}; batch {bs}; projector width {a.projector_width}; "
+          f"compile {a.compile}; {a.steps} timed steps")
+    print(f"(a) forward+backward alone      {rate(t_a):10.0f} img/s")
+    print(f"(b) full training step          {rate(t_b):10.0f} img/s   (b)/(a) = {t_a / t_b:.2f}")
+    print(f"(c) DataLoader, {a.workers:2d} workers     {rate(t_c):10.0f} img/s   (b)/(c) = {t_c / t_b:.2f}")
+    print(f"augmentation alone: batched {rate(t_aug):.0f} img/s, torchvision per image {rate(t_aug_tv):.0f} img/s (one process)")
+    print(f"(d) layer-wise probe {n_tr}/{n_te}: {t_d:.1f} s")
+    print(f"CIFAR-10 epoch at (b): {epoch:.1f} s; 5000 epochs: {5000 * epoch / 3600:.1f} h")
+
+
+if __name__ == "__main__":
+    main()
