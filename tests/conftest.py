@@ -20,10 +20,13 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 
-def class_images(n, classes, shape, seed, noise=40):
-    """uint8 images (n, *shape) whose class is visible: a per-class template plus noise."""
+def class_images(n, classes, shape, seed, noise=40, template_seed=1234):
+    """uint8 images (n, *shape) whose class is visible: a per-class template plus noise.
+
+    Templates depend on template_seed only, so train and test splits (other `seed`s) share them.
+    """
+    templates = np.random.default_rng([template_seed, classes]).integers(0, 256, size=(classes, *shape))
     rng = np.random.default_rng(seed)
-    templates = rng.integers(0, 256, size=(classes, *shape))
     labels = np.arange(n) % classes
     rng.shuffle(labels)
     images = templates[labels] + rng.normal(0, noise, size=(n, *shape))

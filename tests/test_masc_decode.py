@@ -1,0 +1,263 @@
+"""Tests of masc_decode.py: MASC against a literal float64 numpy implementation of the paper's
+Algorithms 1-3, label corruption statistics, and end-to-end runs on fake MNIST/CIFAR files."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import masc_decode as m
+from conftest import assert_one_line_error, run_script, write_cifar, write_mnist
+
+# ----------------------------------------------------------------------------- reference MASC
+
+
+def reference_fit(train, labels, num_classes, variance):
+    """Algorithms 2-3 as written: add -x for every x, PCA per class (float64 covariance + eigh)."""
+    bases = []
+    for k in range(num_classes):
+        X = train[labels == k]
+        stacked = np.vstack([X, -X])
+        w, V = np.linalg.eigh(np.cov(stacked, rowvar=False))
+        w, V = w[::-1], V[:, ::-1]
+        ratio = np.cumsum(w) / w.sum()
+        r = int(np.searchsorted(ratio, variance)) + 1  # smallest r explaining >= variance
+        bases.append(V[:, :r])
+    return bases
+
+
+def reference_predict(bases, points):
+    """Algorithm 1 as written: project onto each subspace, take the smallest angle."""
+    preds = []
+    for x in points:
+        angles = []
+        for V in bases:
+            proj = V @ (V.T @ x)
+            cos = x @ proj / (np.linalg.norm(x) * np.linalg.norm(proj))
+            angles.append(np.arccos(np.clip(cos, -1, 1)))
+        preds.append(int(np.argmin(angles)))
+    return np.array(preds)
+
+
+def subspace_data(rng, num_classes, dim, per_class, rank, noise=0.01):
+    """Each class lives near its own random `rank`-dim subspace with decaying energies."""
+    xs, ys = [], []
+    for k in range(num_classes):
+        Q = np.linalg.qr(rng.normal(size=(dim, rank)))[0]
+        coef = rng.normal(size=(per_class, rank)) * (2.0 ** -np.arange(rank))
+        xs.append(coef @ Q.T + noise * rng.normal(size=(per_class, dim)))
+        ys.append(np.full(per_class, k))
+    return np.vstack(xs), np.concatenate(ys)
+
+
+@pytest.mark.parametrize("dim,per_class", [(40, 12), (12, 60)])  # Gram route (n < D) and covariance route
+def test_masc_matches_float64_reference(dim, per_class):
+    rng = np.random.default_rng(0)
+    train, y = subspace_data(rng, 4, dim, per_class, rank=3)
+    test, ty = subspace_data(np.random.default_rng(0), 4, dim, per_class, rank=3)  # same subspaces, new draws
+    test = test + 0.05 * rng.normal(size=test.shape)
+    ref = reference_fit(train, y, 4, 0.99)
+    ours = m.fit_subspaces(torch.tensor(train, dtype=torch.float32), torch.tensor(y), 4, 0.99)
+    for a, b in zip(ref, ours):
+        assert b.shape == a.shape  # the same rank
+        np.testing.assert_allclose(b.numpy() @ b.numpy().T, a @ a.T, atol=2e-3)  # the same subspace
+        np.testing.assert_allclose(b.numpy().T @ b.numpy(), np.eye(b.shape[1]), atol=1e-4)  # orthonormal
+    pred = m.masc_predict(ours, torch.tensor(test, dtype=torch.float32)).numpy()
+    np.testing.assert_array_equal(pred, reference_predict(ref, test))
+    assert (pred == ty).mean() > 0.9
+
+
+def test_masc_prediction_chunks_agree():
+    rng = np.random.default_rng(1)
+    train, y = subspace_data(rng, 3, 10, 30, rank=2, noise=0.3)
+    bases = m.fit_subspaces(torch.tensor(train, dtype=torch.float32), torch.tensor(y), 3)
+    x = torch.tensor(rng.normal(size=(50, 10)), dtype=torch.float32)
+    assert torch.equal(m.masc_predict(bases, x), m.masc_predict(bases, x, chunk=7))
+
+
+@pytest.mark.parametrize("n", [4, 30])  # fewer and more samples than the 6 dimensions
+@pytest.mark.parametrize("variance,rank", [(0.89, 2), (0.91, 3), (0.99, 3), (0.996, 4), (1.0, 4)])
+def test_rank_at_the_variance_boundary(n, variance, rank):
+    """Energies 50, 40, 9.5, 0.5: cumulative ratios 0.5, 0.9, 0.995, 1.0."""
+    rng = np.random.default_rng(2)
+    Q = np.linalg.qr(rng.normal(size=(6, 4)))[0]  # 4 orthonormal directions in R^6
+    U = np.linalg.qr(rng.normal(size=(n, 4)))[0] if n >= 4 else np.eye(4)
+    X = U @ np.diag(np.sqrt([50, 40, 9.5, 0.5])) @ Q.T  # X^T X has exactly these eigenvalues
+    basis = m.fit_subspaces(torch.tensor(X, dtype=torch.float32), torch.zeros(len(X), dtype=torch.long), 1, variance)[0]
+    assert basis.shape == (6, rank)
+    if variance < 1:  # at exactly 1.0 the reference's float64 ratios decide by rounding
+        assert reference_fit(X, np.zeros(len(X), int), 1, variance)[0].shape == (6, rank)
+
+
+def test_rank_with_a_dominant_direction_matches_reference():
+    """ReLU-like data: one direction (the mean) holds most of the energy, the 99% cut lies among
+    eigenvalues ~1e5 times smaller, which must still count as directions."""
+    rng = np.random.default_rng(4)
+    X = 0.5 + rng.normal(size=(1500, 1024)) * np.linspace(0.05, 0.3, 1024)
+    ours = m.fit_subspaces(torch.tensor(X, dtype=torch.float32), torch.zeros(1500, dtype=torch.long), 1)[0]
+    ref = reference_fit(X, np.zeros(1500, int), 1, 0.99)[0]
+    assert ours.shape == ref.shape and ref.shape[1] > 100
+    np.testing.assert_allclose(ours.numpy() @ ours.numpy().T, ref @ ref.T, atol=1e-3)
+
+
+def test_plus_minus_symmetrisation_keeps_the_mean_direction():
+    """Stacking X with -X makes PCA uncentred: a class far from the origin keeps its mean direction."""
+    rng = np.random.default_rng(3)
+    mean = np.zeros(8)
+    mean[0] = 10.0
+    X = mean + rng.normal(size=(50, 8)) * np.array([0.1, 1, 1, 1, 1, 1, 1, 1])
+    basis = m.fit_subspaces(torch.tensor(X, dtype=torch.float32), torch.zeros(50, dtype=torch.long), 1, 0.5)[0]
+    ref = reference_fit(X, np.zeros(50, int), 1, 0.5)[0]
+    assert basis.shape == ref.shape == (8, 1)
+    assert abs(basis[0, 0].item()) > 0.99 and abs(ref[0, 0]) > 0.99  # the mean direction e_0
+    centred_first = np.linalg.eigh(np.cov(X, rowvar=False))[1][:, -1]  # plain PCA would miss it
+    assert abs(centred_first[0]) < 0.5
+
+
+def test_zero_rows_and_empty_classes_never_give_nan():
+    x = torch.tensor([[1.0, 0, 0], [2.0, 0.1, 0], [0, 0, 0], [0, 1.0, 0.2], [0, 0, 0]])
+    y = torch.tensor([0, 0, 2, 1, 2])  # class 2 has only all-zero rows, class 3 has no sample at all
+    bases = m.fit_subspaces(x, y, 4)
+    assert [b.shape[1] for b in bases][2:] == [0, 0]
+    assert all(torch.isfinite(b).all() for b in bases)
+    pred = m.masc_predict(bases, x)
+    assert pred.tolist() == [0, 0, -1, 1, -1]  # zero rows: no angle, no prediction
+    assert m.masc_predict([torch.zeros(3, 0)] * 2, x).tolist() == [-1] * 5
+
+# ----------------------------------------------------------------------------- corruption
+
+
+def test_corruption_rate_is_p_minus_p_over_k():
+    targets = torch.arange(200000) % 10
+    for p in (0.2, 0.6, 1.0):
+        changed = (m.corrupt_labels(targets, p, 10, seed=0) != targets).float().mean().item()
+        assert changed == pytest.approx(p - p / 10, abs=0.005)
+    assert torch.equal(m.corrupt_labels(targets, 0.0, 10, 0), targets)
+    assert torch.equal(m.corrupt_labels(targets, 0.5, 10, 1), m.corrupt_labels(targets, 0.5, 10, 1))
+    assert not torch.equal(m.corrupt_labels(targets, 0.5, 10, 1), m.corrupt_labels(targets, 0.5, 10, 2))
+    replaced = m.corrupt_labels(targets, 1.0, 10, 3)
+    assert torch.bincount(replaced).min() > 19000  # uniform over all classes
+
+# ----------------------------------------------------------------------------- models
+
+
+@pytest.mark.parametrize("model,shape,expected", [
+    ("mlp", (1, 28, 28), {"input": 784, "fc1": 128, "fc2": 512, "fc3": 2048, "fc4": 2048}),
+    ("cnn", (1, 28, 28), {"input": 784, "flatten": 576, "fc1": 250, "fc2": 250, "fc3": 250}),
+    ("cnn", (3, 32, 32), {"input": 3072, "flatten": 1024, "fc1": 250, "fc2": 250, "fc3": 250}),
+    ("alexnet", (3, 32, 32), {"flatten": 256, "fc1": 4096, "fc2": 4096}),
+    ("alexnet", (3, 64, 64), {"flatten": 256, "fc1": 4096, "fc2": 4096}),
+])
+def test_probed_layers_and_widths(model, shape, expected):
+    net = m.build_model(model, shape, 7, seed=0)
+    taps = {}
+    out = net(torch.zeros(2, *shape), taps)
+    assert out.shape == (2, 7)
+    assert {k: v.shape[1] for k, v in taps.items()} == expected
+    if model == "cnn":
+        assert net.out.bias is None
+
+# ----------------------------------------------------------------------------- end to end
+
+FIELDS_LAYER = {"name", "dim", "corrupt_subspaces", "true_subspaces"}
+
+
+@pytest.fixture(scope="module")
+def mnist(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mnist")
+    write_mnist(str(root), "MNIST", n_train=200, n_test=60)
+    return root
+
+
+CLI = ["--dataset", "mnist", "--model", "mlp", "--corruption", "0,0.5", "--epochs", "3", "--runs", "1",
+       "--posthoc-corruption", "0.5", "--retrain-epochs", "2"]
+
+
+def test_cli_end_to_end_writes_every_field(mnist, tmp_path):
+    out = tmp_path / "run"
+    proc = run_script("masc_decode.py", *CLI, "--data-dir", mnist, "--out-dir", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "improvement %" in proc.stdout and "best layer" in proc.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert json.loads((out / "config.json").read_text())["optimizer"] == "sgd"
+    assert [(r["corruption"], r["run"]) for r in res["runs"]] == [(0.0, 0), (0.5, 0)]
+    for r in res["runs"]:
+        assert set(r["model_acc"]) == {"train_corrupt", "train_true", "test"}
+        assert [layer["name"] for layer in r["layers"]] == ["input", "fc1", "fc2", "fc3", "fc4"]
+        for layer in r["layers"]:
+            assert set(layer) == FIELDS_LAYER
+            assert set(layer["corrupt_subspaces"]) == {"train_corrupt", "train_true", "test", "dims"}
+            assert set(layer["true_subspaces"]) == {"train_true", "test", "dims"}
+            assert len(layer["corrupt_subspaces"]["dims"]) == 10
+        assert r["best_layer"] in [layer["name"] for layer in r["layers"]]
+        best = max(layer["corrupt_subspaces"]["test"] for layer in r["layers"])
+        assert r["improvement_pct"] == pytest.approx(100 * (best - r["model_acc"]["test"]) / r["model_acc"]["test"])
+        assert r["early_stop_test_acc"] == max(r["history"]["test_acc"])
+        assert [c["name"] for c in r["init_control"]] == ["input", "fc1", "fc2", "fc3", "fc4"]
+        for kind in ("corrupt_subspaces", "true_subspaces"):
+            rt = r["retrain"][kind]
+            assert {"layer", "masc_test", "before_test", "after_test", "fixed", "broken"} <= set(rt) | set(r["retrain"])
+        assert r["retrain"]["val_size"] == 12 and r["retrain"]["test_size"] == 48
+    p0, p5 = res["runs"]
+    assert p0["posthoc"][0]["corruption"] == 0.5 and p5["posthoc"] is None
+    assert p0["fraction_changed"] == 0 and p0["retrain"]["corrupt_subspaces"]["fixed"] is None
+    # independent recomputation: the saved model's test accuracy and the input layer's MASC (float64 reference)
+    (tx, ty), (qx, qy) = m.load_dataset("mnist", str(mnist))
+    ckpt = torch.load(out / "models" / "p0.5_run0.pt", weights_only=True)
+    net = m.build_model("mlp", (1, 28, 28), 10, 0)
+    net.load_state_dict(ckpt["model"])
+    assert p5["model_acc"]["test"] == pytest.approx((m.predict(net, qx) == qy).float().mean().item())
+    X, Q = m.preprocess(tx).flatten(1).double().numpy(), m.preprocess(qx).flatten(1).double().numpy()
+    ref = reference_predict(reference_fit(X, ckpt["labels"].numpy(), 10, 0.99), Q)
+    assert p5["layers"][0]["corrupt_subspaces"]["test"] == pytest.approx((ref == qy.numpy()).mean())
+    assert p5["fraction_changed"] == pytest.approx((ckpt["labels"] != ty).float().mean().item())
+
+    # the same command again reuses both checkpoints instead of retraining
+    stamps = {f: os.path.getmtime(out / "models" / f) for f in os.listdir(out / "models")}
+    again = run_script("masc_decode.py", *CLI, "--data-dir", mnist, "--out-dir", out)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("reusing") == 2
+    assert {f: os.path.getmtime(out / "models" / f) for f in os.listdir(out / "models")} == stamps
+    res2 = json.loads((out / "results.json").read_text())
+    assert [r["model_acc"] for r in res2["runs"]] == [r["model_acc"] for r in res["runs"]]
+    assert [r["layers"] for r in res2["runs"]] == [r["layers"] for r in res["runs"]]
+
+    # other training settings in the same folder are refused, and the checkpoint is left alone
+    refused = run_script("masc_decode.py", *CLI, "--lr", "0.5", "--data-dir", mnist, "--out-dir", out)
+    assert_one_line_error(refused, "--overwrite")
+    assert {f: os.path.getmtime(out / "models" / f) for f in os.listdir(out / "models")} == stamps
+
+
+def test_cnn_on_cifar_files(tmp_path, patch_md5):
+    write_cifar(str(tmp_path), "cifar10", n_train=60, n_test=30)
+    res = m.main(["--dataset", "cifar10", "--model", "cnn", "--corruption", "0.4", "--epochs", "1", "--no-retrain",
+                  "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")])
+    r = res["runs"][0]
+    assert [(layer["name"], layer["dim"]) for layer in r["layers"]] == [
+        ("input", 3072), ("flatten", 1024), ("fc1", 250), ("fc2", 250), ("fc3", 250)]
+    assert r["retrain"] is None and res["config"]["batch_size"] == 32 and res["config"]["stop_acc"] == 1.0
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--corruption", "1.5"], "--corruption"),
+    (["--corruption", "0.2,-0.1"], "--corruption"),
+    (["--variance", "0"], "--variance"),
+    (["--variance", "1.5"], "--variance"),
+    (["--model", "resnet"], "--model"),
+    (["--dataset", "imagenet"], "--dataset"),
+    (["--model", "alexnet"], "alexnet"),
+    (["--posthoc-corruption", "0.2"], "--posthoc-corruption"),
+])
+def test_bad_input_gives_one_line_error(args, fragment, mnist, tmp_path):
+    proc = run_script("masc_decode.py", "--data-dir", mnist, "--out-dir", tmp_path / "out", *args)
+    assert_one_line_error(proc, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_data_offline_names_dataset_and_folder(tmp_path):
+    proc = run_script("masc_decode.py", "--data-dir", tmp_path / "none", "--out-dir", tmp_path / "out")
+    assert_one_line_error(proc, "mnist", os.path.join(str(tmp_path / "none"), "MNIST"))
+    assert not (tmp_path / "out").exists()
