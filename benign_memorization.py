@@ -1,11 +1,14 @@
 """
-Benign memorization: train a ResNet18 encoder + MLP projector on entirely random labels under heavy
-augmentation and mixup, and probe every layer with K-NN against the clean and the random labels.
+Benign memorization: train a ResNet18 (or VGG16) encoder + MLP projector on entirely random labels
+under heavy augmentation and mixup, and probe every layer with K-NN against the clean and the
+random labels.
 
-Reproduces the main experiment of "The Curious Case of Benign Memorization" (Anagnostidis et al.,
-ICLR 2023): with augmentation the network memorizes the random labels in its projector while its
-encoder learns features whose K-NN probe beats the same probe at initialisation (benign); without
-augmentation the encoder falls below initialisation (malign).
+Reproduces "The Curious Case of Benign Memorization" (Anagnostidis et al., ICLR 2023): with
+augmentation the network memorizes the random labels in its projector while its encoder learns
+features whose K-NN probe beats the same probe at initialisation (benign); without augmentation
+the encoder falls below initialisation (malign). Flags cover the paper's other experiments: finite
+and i.i.d. augmentations, label noise, the number of random classes, invariance, linear and
+transfer probes, VGG, augmentation strength and projector width (see the README's table).
 
 Everything runs on one device: the dataset lives there as uint8, batches are drawn by shuffled
 index, augmentation is batched with per-image random parameters, bf16 autocast and channels_last
@@ -15,7 +18,8 @@ resumes from it with every random state restored.
 Usage:
     python benign_memorization.py --dataset cifar10 --epochs 5000            # the paper's setting
     python benign_memorization.py --dataset cifar10 --augment none --mixup 0 # malign control
-    python benign_memorization.py --dataset cifar10 --epochs 20 --eval-every 5 --probe-size 5000 --projector-width 4096
+    python benign_memorization.py --num-augs 16 --aug-labels random          # Figure 5
+    python benign_memorization.py --epochs 20 --eval-every 5 --probe-size 5000 --projector-width 4096
 """
 import argparse
 import hashlib
@@ -30,12 +34,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torchvision.transforms import v2
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------- config
 
 DATASETS = {"cifar10": (10, 32), "cifar100": (100, 32), "tinyimagenet": (200, 64)}  # classes, resolution
-LAYERS = ["input", "stem", "layer1", "layer2", "layer3", "layer4", "embedding", "projector", "output"]
+TRANSFER = ("cifar10", "cifar100", "stl10", "tinyimagenet")
 
 
 class UserError(Exception):
@@ -67,25 +72,49 @@ def probability(text):
     return value
 
 
+def class_count(text):
+    return text if text == "per-sample" else at_least(2)(text)
+
+
+def dataset_list(text):
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in TRANSFER]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(TRANSFER)}, got {text!r}")
+    return names
+
+
 def build_parser():
     p = OneLineParser(description="Random-label training under augmentation with layer-wise K-NN probes.")
-    g = p.add_argument_group("data")
+    g = p.add_argument_group("data and labels")
     g.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10", help="training dataset")
     g.add_argument("--data-dir", default="data", help="where datasets are (or get downloaded)")
     g.add_argument("--labels", choices=["random", "clean"], default="random", help="train on random or clean labels")
+    g.add_argument("--label-noise", type=probability, default=None, help="randomize only this fraction of the labels (Figure 12)")
+    g.add_argument("--num-classes", type=class_count, default=None, help="random labels over C >= 2 classes, or 'per-sample' (Figure 8)")
     g = p.add_argument_group("model")
-    g.add_argument("--projector-width", type=at_least(1), default=65536, help="hidden width W of the projector")
+    g.add_argument("--arch", choices=["resnet18", "vgg16"], default="resnet18", help="encoder")
+    g.add_argument("--projector-width", type=at_least(1), default=65536, help="hidden width W of the projector (Figure 7)")
     g.add_argument("--loss", choices=["mse", "ce"], default="mse", help="MSE to the one-hot target, or cross-entropy")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=at_least(1), default=5000, help="training epochs")
     g.add_argument("--batch-size", type=at_least(1), default=256, help="batch size (last partial batch dropped)")
     g.add_argument("--lr", type=at_least(0.0, float), default=3e-4, help="Adam learning rate (no schedule, no weight decay)")
-    g.add_argument("--augment", choices=["full", "none"], default="full", help="crop, flip, colour jitter, grayscale; or none")
+    g.add_argument("--augment", choices=["full", "none"], default=None, help="crop, flip, colour jitter, grayscale; or none (default full)")
     g.add_argument("--mixup", type=probability, default=0.8, help="probability of mixing a batch, lambda ~ Beta(1, 1); 0 disables")
+    g.add_argument("--aug-strength", type=probability, default=None, help="RandAugment at this strength instead of the full augmentation (Figure 11)")
+    g = p.add_argument_group("finite and i.i.d. augmentations")
+    g.add_argument("--num-augs", type=at_least(1), default=None, help="B fixed augmentations per image, the same every epoch (Figure 5)")
+    g.add_argument("--aug-labels", choices=["same", "random"], default="same", help="with --num-augs: augmentations share their image's label, or each gets its own")
+    g.add_argument("--iid-augs", type=at_least(1), nargs="?", const=50, default=None, help="B same-class images as each anchor's augmentations (Table 4; default 50)")
+    g.add_argument("--subset", type=at_least(1), default=1000, help="with --iid-augs: number of anchor images S")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=at_least(1), default=50, help="epochs between probes and checkpoints")
     g.add_argument("--knn-k", type=at_least(1), default=20, help="neighbours of the K-NN probes")
     g.add_argument("--probe-size", type=at_least(1), default=None, help="cap on probed train and test images (default: all)")
+    g.add_argument("--invariance-size", type=at_least(0), default=1000, help="images for the invariance measure (0 disables)")
+    g.add_argument("--linear-probe", choices=["every", "final", "off"], default="every", help="linear probe of the embedding at every eval, at init and end, or never")
+    g.add_argument("--transfer", type=dataset_list, default=[], help="probe the embedding at init and end on these datasets (Figure 9)")
     g = p.add_argument_group("system")
     g.add_argument("--out-dir", default="runs/benign", help="config.json, log.jsonl, results.json, ckpt.pt")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -100,18 +129,40 @@ RESUMABLE_KEYS = {"epochs", "device", "compile", "data_dir", "out_dir", "overwri
 
 
 def check_args(args):
+    """Cross-flag checks; fills the defaults that depend on other flags."""
     try:
         torch.empty(1, device=args.device)
     except Exception as e:
         raise UserError(f"--device {args.device} is not available ({str(e).strip().splitlines()[0]})")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UserError(f"--out-dir {args.out_dir} exists and is not a directory")
+    if args.iid_augs and args.augment == "full":
+        raise UserError("--iid-augs trains on unaugmented images: drop --augment full")
+    if args.num_augs and args.iid_augs:
+        raise UserError("--num-augs and --iid-augs are different experiments: choose one")
+    args.augment = args.augment or ("none" if args.iid_augs else "full")
+    if (args.num_augs or args.aug_strength is not None) and args.augment == "none":
+        raise UserError("--num-augs and --aug-strength need augmentation: drop --augment none")
+    if args.num_augs and args.aug_strength is not None:
+        raise UserError("--num-augs fixes augmentations of the full pipeline, not RandAugment: drop --aug-strength")
+    if args.aug_labels == "random" and not args.num_augs:
+        raise UserError("--aug-labels random needs --num-augs")
+    if args.labels == "clean" and (args.label_noise is not None or args.num_classes is not None):
+        raise UserError("--labels clean keeps every true label: drop --label-noise and --num-classes")
+    classes = DATASETS[args.dataset][0]
+    if args.label_noise is not None and args.num_classes not in (None, classes):
+        raise UserError(f"--label-noise keeps some true labels, so random labels must use the {classes} true classes")
+    if args.num_classes == "per-sample" and args.aug_labels == "random":
+        raise UserError("--num-classes per-sample gives each image its own class; --aug-labels random is undefined then")
 
 
 def named_generator(device, *keys):
     """A torch.Generator seeded from named keys, so independent streams never share a sequence."""
-    seed = int(hashlib.sha256(repr(keys).encode()).hexdigest()[:15], 16)
-    return torch.Generator(device=device).manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(named_seed(*keys))
+
+
+def named_seed(*keys, bits=60):
+    return int(hashlib.sha256(repr(keys).encode()).hexdigest(), 16) % (1 << bits)
 
 # ----------------------------------------------------------------------------- data
 
@@ -138,6 +189,13 @@ def load_cifar(name, root):
     pretty = "CIFAR-10" if name == "cifar10" else "CIFAR-100"
     return (load_torchvision(cls, pretty, folder, root, url, train=True),
             load_torchvision(cls, pretty, folder, root, url, train=False))
+
+
+def load_stl10(root):
+    """STL10's labelled splits (5000 train, 8000 test), 96x96."""
+    url = "https://cs.stanford.edu/~acoates/stl10/"
+    return tuple(load_torchvision(torchvision.datasets.STL10, "STL10", "stl10_binary", root, url, split=s)
+                 for s in ("train", "test"))
 
 
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -175,7 +233,7 @@ def load_tinyimagenet(root):
                 warnings.simplefilter("ignore", DeprecationWarning)
                 img = torchvision.io.decode_image(torchvision.io.read_file(path), mode=torchvision.io.ImageReadMode.RGB)
             if img.shape[-2:] != (64, 64):
-                img = torchvision.transforms.v2.functional.resize(img, [64, 64], antialias=True)
+                img = v2.functional.resize(img, [64, 64], antialias=True)
             images[n] = img
         return images, torch.tensor([y for _, y in items], dtype=torch.long)
 
@@ -185,35 +243,101 @@ def load_tinyimagenet(root):
     return (tx, ty), (vx, vy)
 
 
-def load_dataset(name, root):
-    """((train images uint8 NCHW, labels), (test images, labels)) on the CPU."""
-    if name == "tinyimagenet":
-        return load_tinyimagenet(root)
-    return load_cifar(name, root)
+def load_dataset(name, root, resolution=None):
+    """((train images uint8 NCHW, labels), (test images, labels)) on the CPU, resized if asked."""
+    splits = load_tinyimagenet(root) if name == "tinyimagenet" else load_stl10(root) if name == "stl10" \
+        else load_cifar(name, root)
+    if resolution is None or splits[0][0].shape[-1] == resolution:
+        return splits
+    resize = lambda x: torch.cat([v2.functional.resize(c, [resolution, resolution], antialias=True) for c in x.split(1024)])
+    return tuple((resize(x), y) for x, y in splits)
 
 
-def draw_labels(clean, num_classes, random, seed):
-    """The training labels, drawn once: uniform over the classes (random) or the clean ones."""
-    if not random:
-        return clean.clone()
-    return torch.randint(num_classes, clean.shape, generator=named_generator("cpu", "labels", seed))
+def draw_labels(clean, num_classes, noise, seed):
+    """Training labels, drawn once: a random fraction `noise` of the images gets a label drawn
+    uniformly over num_classes, the rest keeps its clean one ('per-sample': one class per image)."""
+    g = named_generator("cpu", "labels", seed)
+    if num_classes == "per-sample":
+        return torch.randperm(len(clean), generator=g)
+    labels = clean.clone()
+    chosen = torch.randperm(len(clean), generator=g)[:round(noise * len(clean))]
+    labels[chosen] = torch.randint(num_classes, (len(chosen),), generator=g)
+    return labels
 
 
 class TrainingSet:
-    """The points the network is trained on: point m is image source[m] with label labels[m]."""
+    """The points the network is trained on: point m is image source[m] with label labels[m],
+    seen through fixed augmentation aug_id[m] (finite augmentations), a fresh augmentation at every
+    access (online), RandAugment, or unaugmented."""
 
-    def __init__(self, images, source, labels, num_classes):
+    def __init__(self, images, source, labels, num_classes, augment, aug_id=None, stream=0, strength=None):
         self.images, self.source, self.labels, self.num_classes = images, source, labels, num_classes
+        self.augment, self.aug_id, self.stream, self.strength = augment, aug_id, stream, strength
+        self.epoch_size = min(len(source), len(images))  # an epoch never outgrows the dataset (fixed steps)
 
     def __len__(self):
         return len(self.source)
 
-    def batch(self, idx, augment, generator):
-        """Float images in [0, 1] (augmented if asked) and one-hot targets for points idx."""
+    def view(self, idx):
+        """Points idx as the network must fit them: their fixed augmentation if any, else unaugmented."""
         x = self.images[self.source[idx]].float().div_(255)
-        if augment:
-            x = augment_batch(x, generator)
+        if self.aug_id is not None:
+            u = hash_uniforms(self.stream, self.source[idx], self.aug_id[idx], NUM_UNIFORMS)
+            x = apply_augment(x, augment_params(u, x.shape[-2], x.shape[-1]))
+        return x
+
+    def batch(self, idx, generator):
+        """A training batch: float images in [0, 1] and one-hot targets."""
+        if self.augment == "randaugment":
+            x = rand_augment(self.images[self.source[idx]], self.strength).float().div_(255)
+        else:
+            x = self.view(idx)
+            if self.augment == "online":
+                x = augment_batch(x, generator)
         return x, F.one_hot(self.labels[idx], self.num_classes).float()
+
+
+def iid_partners(clean, subset, per_anchor, seed):
+    """Table 4: `subset` anchor images and, for each, `per_anchor` other training images of the same
+    true class drawn from the images that are not anchors. Returns (anchors, partners (S, B))."""
+    if subset >= len(clean):
+        raise UserError(f"--subset {subset} leaves no images to serve as augmentations (the dataset has {len(clean)})")
+    g = named_generator("cpu", "iid", seed)
+    order = torch.randperm(len(clean), generator=g)
+    anchors, rest = order[:subset], order[subset:]
+    partners = torch.empty(subset, per_anchor, dtype=torch.long)
+    for c in clean[anchors].unique().tolist():
+        pool, mine = rest[clean[rest] == c], (clean[anchors] == c).nonzero().squeeze(1)
+        if len(pool) < per_anchor:
+            raise UserError(f"--iid-augs {per_anchor}: class {c} has only {len(pool)} images outside the "
+                            f"--subset {subset} anchors")
+        pick = torch.rand(len(mine), len(pool), generator=g).argsort(1)[:, :per_anchor]  # without replacement
+        partners[mine] = pool[pick]
+    return anchors, partners
+
+
+def make_training_set(args, train, num_classes, device):
+    """The virtual training set of the chosen experiment, on the device."""
+    images, clean = train
+    noise = 0.0 if args.labels == "clean" else (1.0 if args.label_noise is None else args.label_noise)
+    labels = draw_labels(clean, num_classes, noise, args.seed)
+    n = len(clean)
+    stream = named_seed("fixed augmentations", args.seed, bits=32)
+    if args.iid_augs:
+        anchors, partners = iid_partners(clean, args.subset, args.iid_augs, args.seed)
+        source, point_labels, aug_id = partners.flatten(), labels[anchors].repeat_interleave(args.iid_augs), None
+    elif args.num_augs:
+        source = torch.arange(n).repeat_interleave(args.num_augs)
+        aug_id = torch.arange(args.num_augs).repeat(n)
+        point_labels = labels[source] if args.aug_labels == "same" else \
+            draw_labels(torch.zeros(len(source), dtype=torch.long), num_classes, 1.0, (args.seed, "per augmentation"))
+    else:
+        source, point_labels, aug_id = torch.arange(n), labels, None
+    mode = "randaugment" if args.aug_strength is not None else \
+        "fixed" if args.num_augs else ("online" if args.augment == "full" else "none")
+    to = lambda t: None if t is None else t.to(device)
+    return TrainingSet(images.to(device), to(source), to(point_labels), num_classes, mode, to(aug_id), stream,
+                       args.aug_strength)
 
 # ----------------------------------------------------------------------------- model
 
@@ -226,6 +350,9 @@ class Network(nn.Module):
         self.stages = nn.ModuleDict(stages)
         self.projector = nn.Sequential(nn.Linear(embed_dim, width, bias=False), nn.ReLU(inplace=True),
                                        nn.Linear(width, num_classes, bias=False))
+
+    def layer_names(self):
+        return ["input", *self.stages, "embedding", "projector", "output"]
 
     def forward(self, x, taps=None):
         """The C-dim output; if taps is a dict, it receives every probed layer, flattened."""
@@ -252,9 +379,22 @@ def resnet18_stages(stem_stride):
             ("layer1", r.layer1), ("layer2", r.layer2), ("layer3", r.layer3), ("layer4", r.layer4)], 512
 
 
+def vgg16_stages(stem_stride):
+    """torchvision's VGG16 with batch norm, its convolutional stack cut after each of its five max-pools."""
+    features = torchvision.models.vgg16_bn(weights=None).features
+    features[0].stride = (stem_stride, stem_stride)
+    stages, start = [], 0
+    for i, layer in enumerate(features):
+        if isinstance(layer, nn.MaxPool2d):
+            stages.append((f"block{len(stages) + 1}", features[start:i + 1]))
+            start = i + 1
+    return stages, 512
+
+
 def build_model(args, num_classes, resolution):
     torch.manual_seed(args.seed)  # initialisation on the CPU: identical on every device
-    stages, dim = resnet18_stages(stem_stride=1 if resolution <= 32 else 2)
+    stride = 1 if resolution <= 32 else 2  # the paper restores stride 2 for 64x64 Tiny ImageNet
+    stages, dim = (vgg16_stages if args.arch == "vgg16" else resnet18_stages)(stride)
     return Network(stages, dim, args.projector_width, num_classes)
 
 # ----------------------------------------------------------------------------- augmentation
@@ -356,6 +496,34 @@ def augment_batch(images, generator=None):
     return apply_augment(images, augment_params(u, images.shape[-2], images.shape[-1]))
 
 
+def mix32(x):
+    """An integer hash of 32-bit values held in int64 (products stay below 2^63)."""
+    m = 0xFFFFFFFF
+    x = ((x >> 16) ^ x) * 0x45D9F3B & m
+    x = ((x >> 16) ^ x) * 0x45D9F3B & m
+    return (x >> 16) ^ x
+
+
+def hash_uniforms(stream, image, aug, count):
+    """Uniforms in [0, 1) that are a pure function of (stream, image index, augmentation index):
+    the parameters of fixed augmentation `aug` of image `image`, whatever B or the batch is."""
+    m = 0xFFFFFFFF
+    h = mix32((image.long() & m) ^ (stream & m))
+    h = mix32((h * 0x27D4EB2D + (aug.long() & m)) & m)
+    j = torch.arange(1, count + 1, device=image.device)
+    u = mix32((h.unsqueeze(1) * 0x27D4EB2D + j * 0x165667B1) & m)
+    return (u >> 8).float() / (1 << 24)  # 24 random bits: exact in float32
+
+
+def rand_augment(images, strength, group=8):
+    """RandAugment at strength s (as the authors: num_ops = int(10s // 3 + 1), magnitude min(int(100s), 99)
+    of 100 bins) on uint8 images; every group of 8 consecutive images in the shuffled batch gets its
+    own draw of operations and magnitudes, since torchvision draws once per call."""
+    t = v2.RandAugment(num_ops=int(10 * strength // 3 + 1), magnitude=min(int(100 * strength), 99),
+                       num_magnitude_bins=100)
+    return torch.cat([t(chunk) for chunk in images.split(group)])
+
+
 def mixup(x, y, prob, generator=None):
     """With probability prob mix the batch with a permutation of itself: x and y with the same lambda."""
     u = torch.rand(2, generator=generator, device=x.device)
@@ -372,13 +540,14 @@ def compute_loss(out, target, kind):
 
 
 def train_epoch(model, opt, data, gen, args, autocast):
-    """One shuffled pass of len(data) // batch_size steps; returns the mean loss (a device tensor)."""
+    """One epoch of data.epoch_size // batch_size steps over a fresh permutation of the training
+    points; returns the mean loss (a device tensor, so no host sync per step)."""
     dev = data.labels.device
     perm = torch.randperm(len(data), generator=gen, device=dev)
-    steps = len(data) // args.batch_size
+    steps = data.epoch_size // args.batch_size
     total = torch.zeros((), device=dev)
     for s in range(steps):
-        x, y = data.batch(perm[s * args.batch_size:(s + 1) * args.batch_size], args.augment == "full", gen)
+        x, y = data.batch(perm[s * args.batch_size:(s + 1) * args.batch_size], gen)
         if args.mixup > 0:
             x, y = mixup(x, y, args.mixup, gen)
         if dev.type == "cuda":
@@ -419,23 +588,61 @@ def knn_predict(train_feats, train_labels, query_feats, k=20, exclude_self=False
     return torch.cat(preds)
 
 
+def normalized_invariance(h_aug1, h_aug2, h_clean):
+    """Eq. 2 averaged over points: ||q(T1 x) - q(T2 x)||^2 / mean_{x' != x} ||q(x) - q(x')||^2.
+
+    The denominator of point i uses sum_j ||q_i - q_j||^2 = m ||q_i||^2 - 2 q_i . sum_j q_j + sum_j ||q_j||^2,
+    exact and O(m D). A map that is constant on the points gives 0 (its numerator is 0).
+    """
+    m = h_clean.shape[0]
+    sq = h_clean.pow(2).sum(1)
+    pair_sum = m * sq - 2 * h_clean @ h_clean.sum(0) + sq.sum()
+    numerator = (h_aug1 - h_aug2).pow(2).sum(1)
+    return (numerator / (pair_sum / (m - 1)).clamp_min(1e-12)).mean().item()
+
+
+def linear_probe(train_f, train_y, test_f, test_y, steps=100, weight_decay=1e-4):
+    """Test accuracy of a multinomial logistic regression on standardised features, fitted full-batch
+    with L-BFGS on the device (Appendix A)."""
+    train_f, test_f = train_f.float(), test_f.float()
+    mean, std = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
+    x, xt = (train_f - mean) / std, (test_f - mean) / std
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    W = torch.zeros(x.shape[1], classes, device=x.device, requires_grad=True)
+    b = torch.zeros(classes, device=x.device, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ W + b, train_y) + weight_decay * W.pow(2).sum()
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        opt.step(closure)
+    return ((xt @ W + b).argmax(1) == test_y).float().mean().item()
+
+
 @torch.no_grad()
-def extract(model, images, layers, autocast, batch):
-    """Flattened, L2-normalised features of the given layers for uint8 images (fp16 on CUDA)."""
-    dtype = torch.float16 if images.device.type == "cuda" else torch.float32
+def extract(model, count, load, layers, autocast, normalize=True, batch=None):
+    """Flattened features of `layers` for `count` images; load(a, b) returns float images a..b-1.
+    L2-normalised and fp16 on CUDA for the K-NN probes, or raw float32 (normalize=False)."""
+    dev = next(model.parameters()).device
+    batch = batch or (1024 if dev.type == "cuda" else 256)
+    dtype = torch.float16 if normalize and dev.type == "cuda" else torch.float32
     out = {}
-    for start in range(0, images.shape[0], batch):
-        x = images[start:start + batch].float().div_(255)
-        if x.device.type == "cuda":
+    for start in range(0, count, batch):
+        x = load(start, min(start + batch, count))
+        if dev.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         taps = {}
         with autocast:
             model(x, taps)
         for name in layers:
-            f = F.normalize(taps[name].float(), dim=1).to(dtype)
+            f = taps[name].float()
+            f = (F.normalize(f, dim=1) if normalize else f).to(dtype)
             if name not in out:
-                out[name] = torch.empty(images.shape[0], f.shape[1], dtype=dtype, device=images.device)
-            out[name][start:start + batch] = f
+                out[name] = torch.empty(count, f.shape[1], dtype=dtype, device=dev)
+            out[name][start:start + len(f)] = f
     return out
 
 
@@ -458,47 +665,120 @@ def probe_budget(device):
     return 4 << 30
 
 
+def layer_dims(model, resolution, autocast):
+    taps = {}
+    with torch.no_grad(), autocast:
+        model(torch.zeros(2, 3, resolution, resolution, device=next(model.parameters()).device), taps)
+    return {name: taps[name].shape[1] for name in model.layer_names()}
+
+
+def from_uint8(images):
+    return lambda a, b: images[a:b].float().div_(255)
+
+
 @torch.no_grad()
-def probe(model, probe_set, args, autocast):
-    """K-NN of every layer (clean: train -> test; noisy: train -> train, leave-one-out) and accuracies."""
+def probe(model, ps, args, autocast, linear):
+    """Every layer: K-NN clean (clean training images -> test), K-NN noisy (training points with their
+    training labels, leave-one-out), the network's memorization and test accuracy, optionally the
+    linear probe of the embedding and the invariance of every layer."""
     model.eval()
-    tx, ty_clean, ty_train, qx, qy = (probe_set[k] for k in ("train_x", "train_clean", "train_labels", "test_x", "test_clean"))
-    dev = tx.device
-    batch = 1024 if dev.type == "cuda" else 256
-    with autocast:
-        taps = {}
-        model(tx[:2].float() / 255, taps)
-    dims = {name: taps[name].shape[1] for name in LAYERS}
-    bytes_per = 2 if dev.type == "cuda" else 4
+    dev = ps["train_x"].device
+    names = model.layer_names()
+    dims = layer_dims(model, ps["train_x"].shape[-1], autocast)
+    shared = ps["mem_idx"] is None  # the memorization points are the clean reference images
+    loads = {"train": (len(ps["train_x"]), from_uint8(ps["train_x"])), "test": (len(ps["test_x"]), from_uint8(ps["test_x"]))}
+    if not shared:
+        loads["mem"] = (len(ps["mem_idx"]), lambda a, b: ps["data"].view(ps["mem_idx"][a:b]))
+    count = sum(c for c, _ in loads.values())
     result = {"knn_clean": {}, "knn_noisy": {}}
-    for group in layer_groups(dims, len(tx) + len(qx), probe_budget(dev), bytes_per):
-        train_f = extract(model, tx, group, autocast, batch)
-        test_f = extract(model, qx, group, autocast, batch)
+    for group in layer_groups(dims, count, probe_budget(dev), 2 if dev.type == "cuda" else 4):
+        f = {key: extract(model, c, load, group, autocast) for key, (c, load) in loads.items()}
+        mem = f["train"] if shared else f["mem"]
         for name in group:
-            pred = knn_predict(train_f[name], ty_clean, test_f[name], args.knn_k)
-            result["knn_clean"][name] = (pred == qy).float().mean().item()
-            pred = knn_predict(train_f[name], ty_train, train_f[name], args.knn_k, exclude_self=True)
-            result["knn_noisy"][name] = (pred == ty_train).float().mean().item()
+            pred = knn_predict(f["train"][name], ps["train_clean"], f["test"][name], args.knn_k)
+            result["knn_clean"][name] = (pred == ps["test_clean"]).float().mean().item()
+            pred = knn_predict(mem[name], ps["mem_labels"], mem[name], args.knn_k, exclude_self=True)
+            result["knn_noisy"][name] = (pred == ps["mem_labels"]).float().mean().item()
             if name == "output":  # normalising does not move the argmax
-                result["train_acc"] = (train_f[name].float().argmax(1) == ty_train).float().mean().item()
-                out_classes = train_f[name].shape[1]
-                clean_classes = int(qy.max()) + 1
-                result["test_acc"] = ((test_f[name].float().argmax(1) == qy).float().mean().item()
-                                      if out_classes >= clean_classes else None)
-        del train_f, test_f
+                result["train_acc"] = (mem[name].float().argmax(1) == ps["mem_labels"]).float().mean().item()
+                same_classes = mem[name].shape[1] == ps["clean_classes"]
+                result["test_acc"] = (f["test"][name].float().argmax(1) == ps["test_clean"]).float().mean().item() \
+                    if same_classes else None
+            if name == "embedding" and linear:
+                result["linear_probe"] = linear_probe(f["train"][name], ps["train_clean"], f["test"][name], ps["test_clean"])
+        del f
+    result = {k: result[k] for k in ("train_acc", "test_acc", "knn_clean", "knn_noisy", "linear_probe") if k in result}
+    if ps["inv_x"] is not None:
+        result["invariance"] = invariance(model, ps, dims, autocast)
     model.train()
     return result
 
 
-def make_probe_set(train, test, labels, size, seed, device):
-    """The (optionally capped) images the probes use: a fixed random subset, on the device."""
-    def subset(n, key):
-        if size is None or size >= n:
-            return torch.arange(n)
-        return torch.randperm(n, generator=named_generator("cpu", "probe", key, seed))[:size].sort().values
-    ti, qi = subset(len(train[0]), "train"), subset(len(test[0]), "test")
-    return dict(train_x=train[0][ti].to(device), train_clean=train[1][ti].to(device), train_labels=labels[ti].to(device),
-                test_x=test[0][qi].to(device), test_clean=test[1][qi].to(device))
+def invariance(model, ps, dims, autocast):
+    """Normalized invariance (eq. 2) of every layer on a fixed image subset, under two fixed draws of
+    the full augmentation per image (the same draws at every evaluation)."""
+    x = ps["inv_x"]
+    view = lambda u: lambda a, b: apply_augment(x[a:b].float().div_(255), augment_params(u[a:b], x.shape[-2], x.shape[-1]))
+    loads = [from_uint8(x), view(ps["inv_u1"]), view(ps["inv_u2"])]
+    out = {}
+    for group in layer_groups(dims, 3 * len(x), probe_budget(x.device), 4):
+        clean, a1, a2 = (extract(model, len(x), load, group, autocast, normalize=False) for load in loads)
+        out.update({name: normalized_invariance(a1[name], a2[name], clean[name]) for name in group})
+    return {name: out[name] for name in model.layer_names()}
+
+
+@torch.no_grad()
+def transfer_probe(model, sets, args, autocast):
+    """K-NN and linear probe of the embedding on other datasets (clean train -> clean test)."""
+    model.eval()
+    out = {}
+    for name, ((tx, ty), (qx, qy)) in sets.items():
+        ft = extract(model, len(tx), from_uint8(tx), ["embedding"], autocast)["embedding"]
+        fq = extract(model, len(qx), from_uint8(qx), ["embedding"], autocast)["embedding"]
+        out[name] = {"knn": (knn_predict(ft, ty, fq, args.knn_k) == qy).float().mean().item(),
+                     "linear": linear_probe(ft, ty, fq, qy)}
+    model.train()
+    return out
+
+
+def subset(n, size, key, seed):
+    """A fixed random subset of range(n) (all of it when size is None or large enough), sorted."""
+    if size is None or size >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=named_generator("cpu", "probe", key, seed))[:size].sort().values
+
+
+def make_probe_set(args, train, test, data, clean_classes, device):
+    """What the probes look at: fixed subsets of clean training and test images, the memorization
+    points (the training points themselves, at most as many as the images), the invariance images."""
+    ti, qi = subset(len(train[0]), args.probe_size, "train", args.seed), subset(len(test[0]), args.probe_size, "test", args.seed)
+    ps = dict(train_x=train[0][ti].to(device), train_clean=train[1][ti].to(device), test_x=test[0][qi].to(device),
+              test_clean=test[1][qi].to(device), data=data, clean_classes=clean_classes, mem_idx=None)
+    if data.aug_id is None and torch.equal(data.source.cpu(), torch.arange(len(train[0]))):
+        ps["mem_labels"] = data.labels[ti.to(device)]  # point i is image i: share the clean reference features
+    else:
+        cap = min(len(train[0]), args.probe_size or len(train[0]))
+        ps["mem_idx"] = subset(len(data), cap, "memorization", args.seed).to(device)
+        ps["mem_labels"] = data.labels[ps["mem_idx"]]
+    ps["inv_x"] = None
+    if args.invariance_size > 1:
+        ii = subset(len(train[0]), args.invariance_size, "invariance", args.seed)
+        stream = named_seed("invariance", args.seed, bits=32)
+        ps["inv_x"] = train[0][ii].to(device)
+        ps["inv_u1"], ps["inv_u2"] = (hash_uniforms(stream, ii.to(device), torch.full_like(ii, t).to(device), NUM_UNIFORMS)
+                                      for t in (0, 1))
+    return ps
+
+
+def load_transfer(args, resolution, device):
+    """The transfer datasets, resized to the training resolution and capped like the probes."""
+    sets = {}
+    for name in args.transfer:
+        (tx, ty), (qx, qy) = load_dataset(name, args.data_dir, resolution)
+        ti, qi = subset(len(tx), args.probe_size, ("transfer train", name), args.seed), \
+            subset(len(qx), args.probe_size, ("transfer test", name), args.seed)
+        sets[name] = ((tx[ti].to(device), ty[ti].to(device)), (qx[qi].to(device), qy[qi].to(device)))
+    return sets
 
 # ----------------------------------------------------------------------------- checkpoint and report
 
@@ -557,12 +837,16 @@ def set_rng_state(state, gen, device):
 def format_eval(row):
     show = lambda v, fmt: "-" if v is None else format(v, fmt)
     head = (f"epoch {row['epoch']} | loss {show(row['loss'], '.4f')} | train_acc {row['train_acc']:.3f} | "
-            f"test_acc {show(row['test_acc'], '.3f')} | {show(row['img_per_s'], '.0f')} img/s")
+            f"test_acc {show(row['test_acc'], '.3f')} | linear {show(row.get('linear_probe'), '.3f')} | "
+            f"{show(row['img_per_s'], '.0f')} img/s")
     names = list(row["knn_clean"])
     width = max(9, *(len(n) + 1 for n in names))
     lines = [head, " " * 10 + "".join(n.rjust(width) for n in names)]
-    for key in ("knn_clean", "knn_noisy"):
-        lines.append(key.ljust(10) + "".join(f"{row[key][n]:.3f}".rjust(width) for n in names))
+    for key in ("knn_clean", "knn_noisy", "invariance"):
+        if key in row:
+            lines.append(key.ljust(10) + "".join(f"{row[key][n]:.3f}".rjust(width) for n in names))
+    for name, t in row.get("transfer", {}).items():
+        lines.append(f"transfer {name}: knn {t['knn']:.3f}, linear {t['linear']:.3f}")
     return "\n".join(lines)
 
 # ----------------------------------------------------------------------------- main
@@ -574,10 +858,13 @@ def run(args):
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path, config, args.overwrite)
     device = torch.device(args.device)
-    num_classes, resolution = DATASETS[args.dataset]
+    clean_classes, resolution = DATASETS[args.dataset]
     train, test = load_dataset(args.dataset, args.data_dir)
-    if args.batch_size > len(train[0]):
-        raise UserError(f"--batch-size {args.batch_size} exceeds the {len(train[0])} training images")
+    transfer_sets = load_transfer(args, resolution, device)  # fail now, not after days of training
+    num_classes = len(train[1]) if args.num_classes == "per-sample" else args.num_classes or clean_classes
+    data = make_training_set(args, train, num_classes, device)
+    if args.batch_size > data.epoch_size:
+        raise UserError(f"--batch-size {args.batch_size} exceeds the {data.epoch_size} training points")
     if args.knn_k >= min(len(train[0]), args.probe_size or len(train[0])):
         raise UserError(f"--knn-k {args.knn_k} needs more probed training images")
 
@@ -588,9 +875,7 @@ def run(args):
                 os.remove(os.path.join(args.out_dir, name))
     write_json(os.path.join(args.out_dir, "config.json"), config)
 
-    labels = ckpt["labels"] if ckpt else draw_labels(train[1], num_classes, args.labels == "random", args.seed)
-    data = TrainingSet(train[0].to(device), torch.arange(len(labels), device=device), labels.to(device), num_classes)
-    probe_set = make_probe_set(train, test, labels, args.probe_size, args.seed, device)
+    probe_set = make_probe_set(args, train, test, data, clean_classes, device)
     model = build_model(args, num_classes, resolution).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -607,11 +892,15 @@ def run(args):
     step_model = torch.compile(model) if args.compile else model
 
     def evaluate(epoch, loss, img_per_s):
-        row = {"epoch": epoch, "loss": loss, "img_per_s": img_per_s, **probe(model, probe_set, args, autocast)}
+        ends = epoch in (0, args.epochs)
+        linear = args.linear_probe == "every" or (args.linear_probe == "final" and ends)
+        row = {"epoch": epoch, "loss": loss, "img_per_s": img_per_s, **probe(model, probe_set, args, autocast, linear)}
+        if transfer_sets and ends:
+            row["transfer"] = transfer_probe(model, transfer_sets, args, autocast)
         history.append(row)
         tqdm.write(format_eval(row))
         write_jsonl(os.path.join(args.out_dir, "log.jsonl"), history)
-        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "labels": labels,
+        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "labels": data.labels.cpu(),
                                     "epoch": epoch, "rng": rng_state(gen, device), "config": config,
                                     "history": history})
 
@@ -623,7 +912,7 @@ def run(args):
         t0 = time.time()
         loss = train_epoch(step_model, opt, data, gen, args, autocast).item()  # one sync per epoch
         seconds += time.time() - t0
-        images += (len(data) // args.batch_size) * args.batch_size
+        images += (data.epoch_size // args.batch_size) * args.batch_size
         if not math.isfinite(loss):
             last = history[-1]["epoch"]
             raise UserError(f"the training loss became {loss} at epoch {epoch}; stopped. The last good "
@@ -635,9 +924,9 @@ def run(args):
             losses, images, seconds = [], 0, 0.0
     bar.close()
 
-    results = {"config": config, "init": history[0], "final": history[-1]}
-    write_json(os.path.join(args.out_dir, "results.json"), results)
     init, final = history[0], history[-1]
+    results = {"config": config, "init": init, "final": final}
+    write_json(os.path.join(args.out_dir, "results.json"), results)
     print(f"embedding K-NN (clean): init {init['knn_clean']['embedding']:.3f} -> final "
           f"{final['knn_clean']['embedding']:.3f}; memorization (train_acc) {final['train_acc']:.3f}")
     print(f"wrote {os.path.join(args.out_dir, 'results.json')}")

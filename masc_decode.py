@@ -250,6 +250,19 @@ def corrupt_labels(targets, p, num_classes, seed):
 # Every model returns its logits and, given a dict `taps`, fills it with the probed layers.
 
 
+def tap(taps, name, x):
+    if taps is not None:
+        taps[name] = x
+    return x
+
+
+def fc_relu(x, layers, taps):
+    """Linear + ReLU layers, probed after each ReLU as fc1, fc2, ..."""
+    for i, layer in enumerate(layers):
+        x = tap(taps, f"fc{i + 1}", F.relu(layer(x)))
+    return x
+
+
 class MLP(nn.Module):
     """input -> FC128 -> FC512 -> FC2048 -> FC2048 -> K, ReLU after each hidden layer."""
 
@@ -260,14 +273,8 @@ class MLP(nn.Module):
         self.out = nn.Linear(2048, num_classes)
 
     def forward(self, x, taps=None):
-        x = x.flatten(1)
-        if taps is not None:
-            taps["input"] = x
-        for i, layer in enumerate(self.hidden):
-            x = F.relu(layer(x))
-            if taps is not None:
-                taps[f"fc{i + 1}"] = x
-        return self.out(x)
+        x = tap(taps, "input", x.flatten(1))
+        return self.out(fc_relu(x, self.hidden, taps))
 
 
 class CNN(nn.Module):
@@ -286,16 +293,9 @@ class CNN(nn.Module):
         self.out = nn.Linear(250, num_classes, bias=False)
 
     def forward(self, x, taps=None):
-        if taps is not None:
-            taps["input"] = x.flatten(1)
-        x = self.features(x).flatten(1)
-        if taps is not None:
-            taps["flatten"] = x
-        for i, layer in enumerate(self.fc):
-            x = F.relu(layer(x))
-            if taps is not None:
-                taps[f"fc{i + 1}"] = x
-        return self.out(x)
+        tap(taps, "input", x.flatten(1))
+        x = tap(taps, "flatten", self.features(x).flatten(1))
+        return self.out(fc_relu(x, self.fc, taps))
 
 
 class AlexNet(nn.Module):
@@ -316,14 +316,8 @@ class AlexNet(nn.Module):
         self.out = nn.Linear(4096, num_classes)
 
     def forward(self, x, taps=None):
-        x = self.features(x).flatten(1)
-        if taps is not None:
-            taps["flatten"] = x
-        for i, layer in enumerate(self.fc):
-            x = F.relu(layer(x))
-            if taps is not None:
-                taps[f"fc{i + 1}"] = x
-        return self.out(x)
+        x = tap(taps, "flatten", self.features(x).flatten(1))
+        return self.out(fc_relu(x, self.fc, taps))
 
 
 def build_model(name, shape, num_classes, seed):

@@ -119,6 +119,7 @@ def write_stl10(root, n_train=40, n_test=40, seed=0):
         x, y = class_images(n, 10, (3, 96, 96), s)
         x.transpose(0, 1, 3, 2).tofile(os.path.join(folder, f"{split}_X.bin"))
         (y + 1).astype(np.uint8).tofile(os.path.join(folder, f"{split}_y.bin"))
+    class_images(1, 10, (3, 96, 96), seed + 2)[0].tofile(os.path.join(folder, "unlabeled_X.bin"))  # real: 100,000
     with open(os.path.join(folder, "class_names.txt"), "w") as f:
         f.write("\n".join(f"class{i}" for i in range(10)) + "\n")
 
@@ -154,6 +155,17 @@ def assert_one_line_error(proc, *fragments):
     assert len(err.splitlines()) == 1, err
     for fragment in fragments:
         assert fragment.lower() in err.lower(), err
+
+
+def main_error(module, args, capsys):
+    """Run a script's main() in-process on bad input; assert it exits non-zero with one stderr line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        module.main([str(a) for a in args])
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
 
 
 @pytest.fixture

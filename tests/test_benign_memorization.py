@@ -15,7 +15,7 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import RandomResizedCrop
 
 import benign_memorization as bm
-from conftest import REPO, _PATCH, assert_one_line_error, run_script, write_cifar
+from conftest import REPO, _PATCH, assert_one_line_error, main_error, run_script, write_cifar
 
 # ----------------------------------------------------------------------------- K-NN
 
@@ -136,11 +136,11 @@ def test_augmentation_frequencies_and_crop_ranges():
 
 def test_labels_fixed_and_reproducible_from_seed():
     clean = torch.arange(5000) % 10
-    a, b, c = (bm.draw_labels(clean, 10, True, s) for s in (0, 0, 1))
+    a, b, c = (bm.draw_labels(clean, 10, 1.0, s) for s in (0, 0, 1))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert (a == clean).float().mean().item() == pytest.approx(0.1, abs=0.02)  # unrelated to the truth
     assert torch.bincount(a, minlength=10).min() > 400  # uniform over the classes
-    assert torch.equal(bm.draw_labels(clean, 10, False, 0), clean)
+    assert torch.equal(bm.draw_labels(clean, 10, 0.0, 0), clean)
 
 
 def test_mixup_mixes_images_and_targets_with_one_lambda():
@@ -158,7 +158,9 @@ def test_mixup_mixes_images_and_targets_with_one_lambda():
 
 # ----------------------------------------------------------------------------- end to end
 
-ARGS = ["--epochs", "3", "--eval-every", "1", "--batch-size", "32", "--projector-width", "64", "--knn-k", "5"]
+RESNET_LAYERS = ["input", "stem", "layer1", "layer2", "layer3", "layer4", "embedding", "projector", "output"]
+ARGS = ["--epochs", "3", "--eval-every", "1", "--batch-size", "32", "--projector-width", "64", "--knn-k", "5",
+        "--invariance-size", "16"]
 
 
 @pytest.fixture(scope="module")
@@ -177,22 +179,28 @@ def test_end_to_end_results_hold_every_layer(cifar, tmp_path, patch_md5):
     assert saved["init"]["epoch"] == 0 and saved["final"]["epoch"] == 3
     for row in (saved["init"], saved["final"]):
         for key in ("knn_clean", "knn_noisy"):
-            assert list(row[key]) == bm.LAYERS
+            assert list(row[key]) == RESNET_LAYERS
             assert all(0 <= v <= 1 for v in row[key].values())
-        assert 0 <= row["train_acc"] <= 1 and 0 <= row["test_acc"] <= 1
+        assert 0 <= row["train_acc"] <= 1 and 0 <= row["test_acc"] <= 1 and 0 <= row["linear_probe"] <= 1
+        assert list(row["invariance"]) == RESNET_LAYERS and all(v >= 0 for v in row["invariance"].values())
     assert saved["init"]["loss"] is None and saved["final"]["loss"] > 0 and saved["final"]["img_per_s"] > 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1, 2, 3]
     assert json.loads((out / "config.json").read_text())["seed"] == 0
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["epoch"] == 3 and torch.equal(ckpt["labels"], bm.draw_labels(ckpt["labels"] * 0, 10, True, 0))
+    assert ckpt["epoch"] == 3
     # the printed probes are those of the model in the checkpoint (an independent recomputation)
     train, test = bm.load_dataset("cifar10", str(cifar))
-    model = bm.build_model(bm.build_parser().parse_args(ARGS), 10, 32)
+    args = bm.build_parser().parse_args(ARGS)
+    bm.check_args(args)
+    model = bm.build_model(args, 10, 32)
     model.load_state_dict(ckpt["model"])
-    probe_set = bm.make_probe_set(train, test, ckpt["labels"], None, 0, torch.device("cpu"))
-    again = bm.probe(model, probe_set, bm.build_parser().parse_args(ARGS), torch.autocast("cpu", enabled=False))
+    data = bm.make_training_set(args, train, 10, torch.device("cpu"))
+    assert torch.equal(data.labels, ckpt["labels"])
+    probe_set = bm.make_probe_set(args, train, test, data, 10, torch.device("cpu"))
+    again = bm.probe(model, probe_set, args, torch.autocast("cpu", enabled=False), linear=True)
     assert again["knn_clean"] == saved["final"]["knn_clean"] and again["train_acc"] == saved["final"]["train_acc"]
+    assert again["invariance"] == saved["final"]["invariance"]
 
 
 def test_cross_entropy_and_clean_labels_run(cifar, tmp_path, patch_md5):
@@ -209,7 +217,7 @@ def strip_timing(rows):
 def test_killed_run_resumes_to_the_same_result(cifar, tmp_path):
     """SIGKILL mid-run, run the same command again: same metrics as an uninterrupted run, exactly."""
     args = ["--epochs", "4", "--eval-every", "1", "--batch-size", "32", "--projector-width", "64", "--knn-k", "5",
-            "--data-dir", str(cifar)]
+            "--invariance-size", "16", "--data-dir", str(cifar)]
     whole = run_script("benign_memorization.py", *args, "--out-dir", tmp_path / "whole", patch_md5=True)
     assert whole.returncode == 0, whole.stderr
     out = tmp_path / "killed"
@@ -267,10 +275,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cifar, tmp_path, patch_md
     (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "--device"),
     (["--batch-size", "1000"], "--batch-size"),
 ])
-def test_bad_input_gives_one_line_error(args, fragment, cifar, tmp_path):
-    proc = run_script("benign_memorization.py", "--data-dir", cifar, "--out-dir", tmp_path / "out", *args, patch_md5=True)
-    assert_one_line_error(proc, fragment)
+def test_bad_input_gives_one_line_error(args, fragment, cifar, tmp_path, patch_md5, capsys):
+    err = main_error(bm, ["--data-dir", cifar, "--out-dir", tmp_path / "out", *args], capsys)
+    assert fragment in err
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_from_the_command_line(cifar, tmp_path):
+    proc = run_script("benign_memorization.py", "--epochs", "0", "--out-dir", tmp_path / "out")
+    assert_one_line_error(proc, "--epochs")
 
 
 def test_out_dir_that_is_a_file(cifar, tmp_path):
@@ -324,3 +337,197 @@ def test_tinyimagenet_folder_layout_is_decoded_and_cached(tmp_path):
     assert (tmp_path / "tiny-imagenet-200" / "uint8_cache.pt").exists()
     (tx2, ty2), _ = bm.load_dataset("tinyimagenet", str(tmp_path))
     assert torch.equal(tx, tx2) and torch.equal(ty, ty2)
+
+# ----------------------------------------------------------------------------- the paper's other experiments
+
+
+def parsed(*flags):
+    args = bm.build_parser().parse_args(list(flags))
+    bm.check_args(args)
+    return args
+
+
+def test_hash_uniforms_are_a_pure_function_of_the_keys():
+    img, aug = torch.arange(1000).repeat_interleave(4), torch.arange(4).repeat(1000)
+    u = bm.hash_uniforms(7, img, aug, bm.NUM_UNIFORMS)
+    assert u.shape == (4000, bm.NUM_UNIFORMS) and u.min() >= 0 and u.max() < 1
+    assert u.mean().item() == pytest.approx(0.5, abs=0.005)
+    hist = torch.histc(u, bins=10, min=0, max=1) / u.numel()
+    assert (hist - 0.1).abs().max() < 0.005  # uniform
+    # the same (image, aug) in another batch, order or B gives the same numbers
+    perm = torch.randperm(4000)
+    assert torch.equal(bm.hash_uniforms(7, img[perm], aug[perm], bm.NUM_UNIFORMS), u[perm])
+    assert not torch.equal(bm.hash_uniforms(8, img, aug, bm.NUM_UNIFORMS), u)
+    assert len(torch.unique(u[:, 0])) > 3900  # distinct per (image, augmentation)
+
+
+def test_fixed_augmentations_are_fixed_distinct_and_keyed_by_index():
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    images[1] = images[0]  # equal pixels (the authors' pixel-sum key would collide here)
+    clean = torch.arange(6) % 3
+    d3 = bm.make_training_set(parsed("--num-augs", "3"), (images, clean), 10, torch.device("cpu"))
+    d5 = bm.make_training_set(parsed("--num-augs", "5"), (images, clean), 10, torch.device("cpu"))
+    assert len(d3) == 18 and d3.source.tolist()[:6] == [0, 0, 0, 1, 1, 1] and d3.aug_id.tolist()[:6] == [0, 1, 2, 0, 1, 2]
+    all3 = d3.view(torch.arange(18))
+    assert torch.equal(all3, d3.view(torch.arange(18)))  # the same every epoch
+    flat = all3.flatten(1)
+    assert torch.cdist(flat, flat).add(torch.eye(18)).min() > 0  # all 18 distinct, images 0 and 1 included
+    # point (image i, augmentation b) does not depend on B nor on the batch it is drawn in
+    pos5 = lambda i, b: 5 * i + b
+    for i, b in [(0, 0), (2, 1), (5, 2)]:
+        assert torch.equal(d5.view(torch.tensor([pos5(i, b)]))[0], all3[3 * i + b])
+    # training batches of a fixed set are exactly these views (no fresh augmentation)
+    x, _ = d3.batch(torch.tensor([4, 17]), torch.Generator().manual_seed(0))
+    assert torch.equal(x, all3[[4, 17]])
+
+
+def test_label_bookkeeping_same_random_per_sample_and_noise():
+    images = torch.zeros(2000, 3, 32, 32, dtype=torch.uint8)
+    clean = torch.arange(2000) % 10
+    cpu = torch.device("cpu")
+    same = bm.make_training_set(parsed("--num-augs", "4"), (images, clean), 10, cpu)
+    per_image = same.labels.view(2000, 4)
+    assert (per_image == per_image[:, :1]).all()  # the B augmentations share their image's label
+    assert torch.equal(per_image[:, 0], bm.draw_labels(clean, 10, 1.0, 0))
+    rnd = bm.make_training_set(parsed("--num-augs", "4", "--aug-labels", "random"), (images, clean), 10, cpu)
+    assert len(rnd.labels) == 8000 and (rnd.labels.view(2000, 4) != rnd.labels.view(2000, 4)[:, :1]).any(1).float().mean() > 0.9
+    assert torch.bincount(rnd.labels).min() > 700  # uniform over the 10 classes
+    per_sample = bm.draw_labels(clean, "per-sample", 1.0, 0)
+    assert torch.equal(per_sample.sort().values, torch.arange(2000))  # one class per image
+    for p in (0.0, 0.3, 1.0):
+        noisy = bm.draw_labels(clean, 10, p, 1)
+        assert (noisy != clean).float().mean().item() == pytest.approx(p * 0.9, abs=0.03)
+    assert torch.equal(bm.draw_labels(clean, 10, 0.3, 1), bm.draw_labels(clean, 10, 0.3, 1))
+
+
+def test_iid_augmentations_pair_anchors_with_same_class_images():
+    clean = torch.arange(600) % 5
+    anchors, partners = bm.iid_partners(clean, 50, 8, seed=0)
+    assert anchors.shape == (50,) and partners.shape == (50, 8)
+    assert (clean[partners] == clean[anchors][:, None]).all()  # same true class
+    assert not torch.isin(partners, anchors).any()  # drawn from the images that are not anchors
+    assert all(len(set(row)) == 8 for row in partners.tolist())  # B different images per anchor
+    data = bm.make_training_set(parsed("--iid-augs", "8", "--subset", "50"),
+                                (torch.zeros(600, 3, 32, 32, dtype=torch.uint8), clean), 5, torch.device("cpu"))
+    assert data.augment == "none" and len(data) == 400 and data.epoch_size == 400
+    assert torch.equal(data.source.view(50, 8), partners)
+    assert (data.labels.view(50, 8) == data.labels.view(50, 8)[:, :1]).all()  # the anchor's random label
+    with pytest.raises(bm.UserError, match="class"):
+        bm.iid_partners(clean, 50, 200, seed=0)
+    with pytest.raises(bm.UserError, match="--subset"):
+        bm.iid_partners(clean, 600, 2, seed=0)
+
+
+def test_invariance_is_zero_for_a_constant_map_and_matches_brute_force():
+    rng = np.random.default_rng(0)
+    h, h1, h2 = (torch.tensor(rng.normal(size=(6, 4))) for _ in range(3))
+    brute = np.mean([np.sum((h1[i] - h2[i]).numpy() ** 2) /
+                     np.mean([np.sum((h[i] - h[j]).numpy() ** 2) for j in range(6) if j != i]) for i in range(6)])
+    assert bm.normalized_invariance(h1, h2, h) == pytest.approx(brute, rel=1e-9)
+    const = torch.ones(6, 4)
+    assert bm.normalized_invariance(const, const, const) == 0.0
+    assert bm.normalized_invariance(h, h, h) == 0.0  # augmentation-invariant map
+
+
+def test_invariance_of_the_input_layer_is_the_direct_computation(cifar, patch_md5):
+    train, test = bm.load_dataset("cifar10", str(cifar))
+    args = parsed("--invariance-size", "20", "--projector-width", "16", "--data-dir", str(cifar))
+    data = bm.make_training_set(args, train, 10, torch.device("cpu"))
+    ps = bm.make_probe_set(args, train, test, data, 10, torch.device("cpu"))
+    model = bm.build_model(args, 10, 32)
+    inv = bm.invariance(model.eval(), ps, bm.layer_dims(model, 32, torch.autocast("cpu", enabled=False)),
+                        torch.autocast("cpu", enabled=False))
+    x = ps["inv_x"].float() / 255
+    a1 = bm.apply_augment(x, bm.augment_params(ps["inv_u1"], 32, 32)).flatten(1).double().numpy()
+    a2 = bm.apply_augment(x, bm.augment_params(ps["inv_u2"], 32, 32)).flatten(1).double().numpy()
+    h = x.flatten(1).double().numpy()
+    brute = np.mean([np.sum((a1[i] - a2[i]) ** 2) / np.mean([np.sum((h[i] - h[j]) ** 2) for j in range(20) if j != i])
+                     for i in range(20)])
+    assert inv["input"] == pytest.approx(brute, rel=1e-4)
+    assert list(inv) == RESNET_LAYERS
+
+
+def test_linear_probe_beats_chance_on_separable_data():
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(10, 32, generator=g) * 3
+    y, yt = torch.arange(500) % 10, torch.arange(200) % 10
+    x, xt = means[y] + torch.randn(500, 32, generator=g), means[yt] + torch.randn(200, 32, generator=g)
+    assert bm.linear_probe(x, y, xt, yt) > 0.9
+    assert bm.linear_probe(torch.randn(500, 32, generator=g), y, torch.randn(200, 32, generator=g), yt) < 0.3
+
+
+def test_rand_augment_draws_once_per_group_of_eight():
+    images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8).expand(64, -1, -1, -1).contiguous()
+    torch.manual_seed(0)
+    out = bm.rand_augment(images, 1.0)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    groups = out.view(8, 8, -1)
+    assert (groups == groups[:, :1]).all()  # one draw per group
+    assert len({g[0].numpy().tobytes() for g in groups}) > 1  # groups draw independently
+
+
+@pytest.mark.parametrize("width", [64, 65536])
+def test_projector_widths_of_figure_7_build_and_run(width):
+    model = bm.build_model(parsed("--projector-width", str(width)), 10, 32)
+    assert model.projector[0].out_features == width
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+SMALL = ["--epochs", "1", "--batch-size", "32", "--projector-width", "32", "--knn-k", "5", "--invariance-size", "8"]
+
+
+def test_vgg_with_transfer_probes_every_block(cifar, tmp_path, patch_md5):
+    from conftest import write_stl10
+    write_cifar(str(tmp_path), "cifar100", n_train=40, n_test=20)
+    write_stl10(str(tmp_path), n_train=30, n_test=20)
+    for f in os.listdir(cifar / "cifar-10-batches-py"):
+        os.makedirs(tmp_path / "cifar-10-batches-py", exist_ok=True)
+        (tmp_path / "cifar-10-batches-py" / f).write_bytes((cifar / "cifar-10-batches-py" / f).read_bytes())
+    res = bm.main(SMALL + ["--arch", "vgg16", "--transfer", "cifar100,stl10", "--linear-probe", "final",
+                           "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")])
+    layers = ["input", "block1", "block2", "block3", "block4", "block5", "embedding", "projector", "output"]
+    for row in (res["init"], res["final"]):
+        assert list(row["knn_clean"]) == layers and list(row["invariance"]) == layers
+        assert set(row["transfer"]) == {"cifar100", "stl10"}
+        assert all(0 <= v <= 1 for t in row["transfer"].values() for v in t.values())
+    train, _ = bm.load_dataset("stl10", str(tmp_path), 32)
+    assert train[0].shape == (30, 3, 32, 32)  # STL10 resized to the training resolution
+
+
+def test_finite_augmentations_run_and_memorization_uses_the_augmented_points(cifar, tmp_path, patch_md5):
+    res = bm.main(SMALL + ["--num-augs", "4", "--aug-labels", "random", "--linear-probe", "off",
+                           "--data-dir", str(cifar), "--out-dir", str(tmp_path)])
+    assert "linear_probe" not in res["final"] and 0 <= res["final"]["train_acc"] <= 1
+    args = parsed(*SMALL, "--num-augs", "4", "--aug-labels", "random", "--data-dir", str(cifar))
+    train, test = bm.load_dataset("cifar10", str(cifar))
+    data = bm.make_training_set(args, train, 10, torch.device("cpu"))
+    ps = bm.make_probe_set(args, train, test, data, 10, torch.device("cpu"))
+    assert len(ps["mem_idx"]) == 64 and ps["mem_idx"].max() < 256  # 64 of the n*B = 256 points
+    assert torch.equal(ps["mem_labels"], data.labels[ps["mem_idx"]])
+
+
+def test_iid_per_sample_and_aug_strength_runs(cifar, tmp_path, patch_md5):
+    res = bm.main(SMALL + ["--iid-augs", "2", "--subset", "16", "--data-dir", str(cifar), "--out-dir", str(tmp_path / "iid")])
+    assert res["final"]["test_acc"] is not None
+    res = bm.main(SMALL + ["--num-classes", "per-sample", "--aug-strength", "0.5", "--data-dir", str(cifar),
+                           "--out-dir", str(tmp_path / "ps")])
+    ckpt = torch.load(tmp_path / "ps" / "ckpt.pt", weights_only=True)
+    assert ckpt["model"]["projector.2.weight"].shape[0] == 64  # one output unit per image
+    assert res["final"]["test_acc"] is None  # no clean test labels in 64 classes
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--aug-labels", "random"], "--num-augs"),
+    (["--iid-augs", "--augment", "full"], "--iid-augs"),
+    (["--num-augs", "2", "--iid-augs"], "--num-augs"),
+    (["--labels", "clean", "--label-noise", "0.5"], "--labels clean"),
+    (["--label-noise", "0.5", "--num-classes", "20"], "--label-noise"),
+    (["--num-augs", "2", "--augment", "none"], "--augment none"),
+    (["--num-classes", "1"], "--num-classes"),
+    (["--transfer", "imagenet"], "--transfer"),
+    (["--aug-strength", "2"], "--aug-strength"),
+])
+def test_bad_combinations_give_one_line_error(args, fragment, cifar, tmp_path, patch_md5, capsys):
+    err = main_error(bm, ["--data-dir", cifar, "--out-dir", tmp_path / "out", *args], capsys)
+    assert fragment in err
+    assert not (tmp_path / "out").exists()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import toy_capacity as toy
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, main_error, run_script
 
 
 def small_args(**overrides):
@@ -151,7 +151,11 @@ def test_cells_do_not_depend_on_the_rest_of_the_grid(tmp_path):
     (["--signal-dim", "64"], "--signal-dim"),
     (["--device", "nosuchdevice"], "--device"),
 ])
-def test_bad_input_gives_one_line_error(args, fragment, tmp_path):
-    proc = run_script("toy_capacity.py", *args, "--out-dir", tmp_path / "out")
-    assert_one_line_error(proc, fragment)
+def test_bad_input_gives_one_line_error(args, fragment, tmp_path, capsys):
+    err = main_error(toy, [*args, "--out-dir", tmp_path / "out"], capsys)
+    assert fragment in err
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_from_the_command_line(tmp_path):
+    assert_one_line_error(run_script("toy_capacity.py", "--n", "0", "--out-dir", tmp_path / "out"), "--n")
