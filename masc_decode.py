@@ -162,8 +162,8 @@ def named_generator(device, *keys):
 def load_torchvision(name, root):
     """(train images uint8 NCHW, labels), (test images, labels) through torchvision, downloaded when missing."""
     cls, folder, url = {
-        "mnist": (torchvision.datasets.MNIST, "MNIST/raw", "http://yann.lecun.com/exdb/mnist/"),
-        "fashionmnist": (torchvision.datasets.FashionMNIST, "FashionMNIST/raw", "https://github.com/zalandoresearch/fashion-mnist"),
+        "mnist": (torchvision.datasets.MNIST, "MNIST/raw", "https://ossci-datasets.s3.amazonaws.com/mnist/ (the four *-ubyte.gz files)"),
+        "fashionmnist": (torchvision.datasets.FashionMNIST, "FashionMNIST/raw", "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/ (the four *-ubyte.gz files)"),
         "cifar10": (torchvision.datasets.CIFAR10, "cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar.html"),
         "cifar100": (torchvision.datasets.CIFAR100, "cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar.html"),
     }[name]

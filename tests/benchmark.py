@@ -71,7 +71,8 @@ def main():
     a = p.parse_args()
     device = torch.device(a.device)
     args = bm.build_parser().parse_args(["--batch-size", str(a.batch_size), "--projector-width", str(a.projector_width),
-                                         "--device", a.device])
+                                         "--device", a.device, "--invariance-size", "0"])
+    bm.check_args(args)
     model = bm.build_model(args, 10, 32).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -98,12 +99,12 @@ def main():
     t_a = timed(lambda: step(x, y), a.steps, warmup, device)
 
     # (b) the script's full step: gather, augment, mixup, step
-    data = bm.TrainingSet(images.to(device), torch.arange(len(images), device=device), labels.to(device), 10)
+    data = bm.TrainingSet(images.to(device), torch.arange(len(images), device=device), labels.to(device), 10, "online")
     gen = torch.Generator(device=device).manual_seed(0)
 
     def full_step():
         idx = torch.randint(len(data), (bs,), generator=gen, device=device)
-        xb, yb = data.batch(idx, True, gen)
+        xb, yb = data.batch(idx, gen)
         xb, yb = bm.mixup(xb, yb, 0.8, gen)
         step(xb.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else xb, yb)
     t_b = timed(full_step, a.steps, warmup, device)
@@ -132,16 +133,15 @@ def main():
     per_image = PerImage(images[:bs], labels[:bs])
     t_aug_tv = timed(lambda: [per_image[i] for i in range(bs)], a.steps, warmup, torch.device("cpu"))
 
-    # (d) one full layer-wise probe
+    # (d) one full layer-wise probe (K-NN clean and noisy of all nine layers, accuracies, linear probe)
     n_tr, n_te = a.probe_train, a.probe_test
-    probe_set = dict(train_x=torch.randint(0, 256, (n_tr, 3, 32, 32), dtype=torch.uint8, device=device),
-                     train_clean=torch.randint(0, 10, (n_tr,), device=device),
-                     train_labels=torch.randint(0, 10, (n_tr,), device=device),
-                     test_x=torch.randint(0, 256, (n_te, 3, 32, 32), dtype=torch.uint8, device=device),
-                     test_clean=torch.randint(0, 10, (n_te,), device=device))
+    fake = lambda n: (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (n,)))
+    train, test = fake(n_tr), fake(n_te)
+    probe_data = bm.TrainingSet(train[0].to(device), torch.arange(n_tr, device=device), train[1].to(device), 10, "online")
+    probe_set = bm.make_probe_set(args, train, test, probe_data, 10, device)
     sync(device)
     t0 = time.perf_counter()
-    bm.probe(model, probe_set, args, autocast)
+    bm.probe(model, probe_set, args, autocast, linear=True)
     sync(device)
     t_d = time.perf_counter() - t0
 

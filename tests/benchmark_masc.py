@@ -4,6 +4,7 @@ Speed of masc_decode.py's MASC against the authors' approach (float64 covariance
 ReLU features with class structure, and whether both give the same predictions.
 
     python tests/benchmark_masc.py      # CPU sizes; on a GPU it also times a 4096-wide layer of 50,000 images
+    python tests/benchmark_masc.py --quick   # one tiny setting, to check that it runs
 
 Not collected by pytest (no test_ prefix).
 """
@@ -58,6 +59,7 @@ def ours(train, y, queries, classes, device):
 
 
 def main():
+    quick = "--quick" in sys.argv  # one tiny setting: checks that the benchmark runs
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {name}; torch {torch.__version__}")
@@ -66,13 +68,14 @@ def main():
             ("D=4096, 20 classes x 500 (AlexNet fc)", 20, 500, 4096, 2000),
             ("D=2048, 10 classes x 1200 (MLP fc3, n_k < D)", 10, 1200, 2048, 2000),
             ("D=2048, 10 classes x 3000 (MLP fc3, n_k > D)", 10, 3000, 2048, 2000),
-            ("D=512, 10 classes x 3000 (MLP fc2, n_k > D)", 10, 3000, 512, 2000)]:
+            ("D=512, 10 classes x 3000 (MLP fc2, n_k > D)", 10, 3000, 512, 2000)] if not quick else [
+            ("quick: D=64, 3 classes x 50", 3, 50, 64, 30)]:
         (train, y), sample = relu_features(np.random.default_rng(0), classes, per_class, dim)
         test, _ = sample(queries // classes)  # new points of the same classes
         ref, t_ref = authors_masc(train.astype(np.float64), y, test.astype(np.float64), classes)
         pred, t_ours, rank = ours(train, y, test, classes, device)
         print(f"{label:46s} {rank:8.0f} {t_ref:11.1f}s {t_ours:7.2f}s {t_ref / t_ours:8.0f}x {np.mean(pred == ref):16.4f}")
-    if device == "cuda":  # the issue's size: a 4096-wide layer on 50,000 CIFAR images (100 classes)
+    if device == "cuda" and not quick:  # the issue's size: a 4096-wide layer on 50,000 CIFAR images (100 classes)
         (train, y), sample = relu_features(np.random.default_rng(0), 100, 500, 4096)
         test, _ = sample(100)
         ours(train[:1000], y[:1000], test[:100], 100, device)  # warm-up

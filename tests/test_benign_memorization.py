@@ -516,6 +516,19 @@ def test_iid_per_sample_and_aug_strength_runs(cifar, tmp_path, patch_md5):
     assert res["final"]["test_acc"] is None  # no clean test labels in 64 classes
 
 
+@pytest.mark.parametrize("mode", [["--aug-strength", "0.7"], ["--num-augs", "3", "--aug-labels", "random"]])
+def test_resumed_run_equals_uninterrupted_in_every_augmentation_mode(mode, cifar, tmp_path, patch_md5):
+    """Stop after epoch 1, resume to epoch 2: the same result as two epochs in one go (RandAugment
+    draws from torch's global generator, fixed augmentations from the hash; both must survive)."""
+    common = SMALL + mode + ["--eval-every", "1", "--linear-probe", "off", "--data-dir", str(cifar)]
+    whole = bm.main(common + ["--epochs", "2", "--out-dir", str(tmp_path / "whole")])
+    bm.main(common + ["--epochs", "1", "--out-dir", str(tmp_path / "parts")])
+    torch.manual_seed(12345)  # whatever happens between the two processes
+    resumed = bm.main(common + ["--epochs", "2", "--out-dir", str(tmp_path / "parts")])
+    assert strip_timing([whole["final"]]) == strip_timing([resumed["final"]])
+    assert whole["final"]["loss"] == resumed["final"]["loss"]
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["--aug-labels", "random"], "--num-augs"),
     (["--iid-augs", "--augment", "full"], "--iid-augs"),
@@ -531,3 +544,12 @@ def test_bad_combinations_give_one_line_error(args, fragment, cifar, tmp_path, p
     err = main_error(bm, ["--data-dir", cifar, "--out-dir", tmp_path / "out", *args], capsys)
     assert fragment in err
     assert not (tmp_path / "out").exists()
+
+
+def test_benchmark_runs_at_tiny_size():
+    """tests/benchmark.py is not collected; this keeps it in step with the script's API."""
+    proc = run_script("tests/benchmark.py", "--batch-size", "4", "--steps", "1", "--projector-width", "16",
+                      "--probe-train", "40", "--probe-test", "10", "--workers", "0", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    for part in ("(a)", "(b)", "(c)", "(d)", "augmentation alone"):
+        assert part in proc.stdout

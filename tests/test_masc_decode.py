@@ -261,3 +261,10 @@ def test_missing_data_offline_names_dataset_and_folder(tmp_path):
     proc = run_script("masc_decode.py", "--data-dir", tmp_path / "none", "--out-dir", tmp_path / "out")
     assert_one_line_error(proc, "mnist", os.path.join(str(tmp_path / "none"), "MNIST"))
     assert not (tmp_path / "out").exists()
+
+
+def test_benchmark_runs_quick():
+    """tests/benchmark_masc.py is not collected; this keeps it in step with the script's API."""
+    proc = run_script("tests/benchmark_masc.py", "--quick")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].endswith("1.0000")  # the same predictions as the authors' approach
