@@ -114,6 +114,7 @@ def build_parser():
     g.add_argument("--stop-acc", type=variance_fraction, default=None, help="stop once training accuracy reaches this (default: the authors' per dataset, 1.0 for the MLP)")
     g.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: per model)")
     g.add_argument("--batch-size", type=positive_int, default=None, help="batch size (default: per model and dataset)")
+    g.add_argument("--save-every", type=positive_int, default=10, help="epochs between checkpoints of a model in training")
     g = p.add_argument_group("decoding")
     g.add_argument("--variance", type=variance_fraction, default=0.99, help="fraction of variance each class subspace explains")
     g.add_argument("--no-retrain", action="store_true", help="skip relabelling and retraining")
@@ -362,23 +363,36 @@ def train_epoch(model, opt, images, labels, batch_size, gen):
     return correct.item() / len(images)  # one host sync per epoch
 
 
-def train_to_memorize(model, data, labels, config, seed, desc):
+def train_to_memorize(model, data, labels, config, seed, desc, partial):
     """Train until the running training accuracy reaches stop_acc or for `epochs` epochs.
 
     Records the test accuracy after every epoch: its maximum is what early stopping would have given.
+    Every --save-every epochs the state (model, optimizer, batch-order generator, history) is saved
+    atomically to `partial["path"]`; a saved state with the same key is resumed exactly.
     """
     opt = make_optimizer(model, config)
     gen = named_generator(data["train_x"].device, "order", seed)
     history = {"train_acc": [], "test_acc": []}
-    bar = tqdm(range(config["epochs"]), desc=desc, leave=False)
-    for _ in bar:
+    state = load_model_checkpoint(partial["path"], partial["key"], config["overwrite"])
+    if state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["gen"])
+        history = state["history"]
+        tqdm.write(f"{desc}: resuming from epoch {len(history['train_acc'])}")
+    bar = tqdm(range(len(history["train_acc"]), config["epochs"]), desc=desc, leave=False,
+               initial=len(history["train_acc"]), total=config["epochs"])
+    for epoch in bar:
+        if history["train_acc"] and history["train_acc"][-1] >= config["stop_acc"]:
+            break
         train_acc = train_epoch(model, opt, data["train_x"], labels, config["batch_size"], gen)
         test_acc = accuracy(predict(model, data["test_x"]), data["test_y"])
         history["train_acc"].append(train_acc)
         history["test_acc"].append(test_acc)
         bar.set_postfix(train=f"{train_acc:.4f}", test=f"{test_acc:.4f}")
-        if train_acc >= config["stop_acc"]:
-            break
+        if (epoch + 1) % config["save_every"] == 0:
+            save_atomic(partial["path"], {"key": partial["key"], "model": model.state_dict(),
+                                          "optimizer": opt.state_dict(), "gen": gen.get_state(), "history": history})
     bar.close()
     return history
 
@@ -565,29 +579,45 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+def save_atomic(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_model_checkpoint(path, key, overwrite):
+    """The checkpoint at path if it was made with the same key; None if absent (or other and overwrite)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        saved_key = ckpt["key"]
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); move it away or pass --overwrite")
+    if saved_key == key:
+        return ckpt
+    if overwrite:
+        return None
+    diff = ", ".join(f"{k}: {saved_key.get(k)!r} -> {v!r}" for k, v in key.items() if saved_key.get(k) != v)
+    raise UserError(f"{path} was trained with other settings ({diff}); pass --overwrite or use another --out-dir")
+
+
 def trained_model(config, data, p, run, seed):
-    """Train the memorized model for (p, run), or reuse the checkpoint saved with the same settings."""
+    """Train the memorized model for (p, run), resume its training, or reuse the finished checkpoint."""
     path = os.path.join(config["out_dir"], "models", f"p{p:g}_run{run}.pt")
     key = {k: config[k] for k in CHECKPOINT_KEYS} | {"corruption": p, "run": run}
     model = build_model(config["model"], DATASETS[config["dataset"]][1], config["num_classes"], seed).to(data["train_x"].device)
-    if os.path.exists(path):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            saved_key = ckpt["key"]
-        except Exception as e:
-            raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); move it away or pass --overwrite")
-        if saved_key == key:
-            model.load_state_dict(ckpt["model"])
-            tqdm.write(f"p={p:g} run {run}: reusing {path}")
-            return model, ckpt["labels"].to(data["train_y"].device), ckpt["history"]
-        if not config["overwrite"]:
-            diff = ", ".join(f"{k}: {saved_key.get(k)!r} -> {v!r}" for k, v in key.items() if saved_key.get(k) != v)
-            raise UserError(f"{path} was trained with other settings ({diff}); pass --overwrite or use another --out-dir")
+    done = load_model_checkpoint(path, key, config["overwrite"])
+    if done:
+        model.load_state_dict(done["model"])
+        tqdm.write(f"p={p:g} run {run}: reusing {path}")
+        return model, done["labels"].to(data["train_y"].device), done["history"]
     y_corrupt = corrupt_labels(data["train_y"].cpu(), p, config["num_classes"], seed).to(data["train_y"].device)
-    history = train_to_memorize(model, data, y_corrupt, config, seed, f"train p={p:g} run {run}")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"key": key, "model": model.state_dict(), "labels": y_corrupt.cpu(), "history": history}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    partial = {"path": path.replace(".pt", ".partial.pt"), "key": key}
+    history = train_to_memorize(model, data, y_corrupt, config, seed, f"train p={p:g} run {run}", partial)
+    save_atomic(path, {"key": key, "model": model.state_dict(), "labels": y_corrupt.cpu(), "history": history})
+    if os.path.exists(partial["path"]):
+        os.remove(partial["path"])
     return model, y_corrupt, history
 
 

@@ -229,6 +229,29 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path):
     assert {f: os.path.getmtime(out / "models" / f) for f in os.listdir(out / "models")} == stamps
 
 
+def test_interrupted_training_resumes_exactly(mnist, tmp_path, monkeypatch):
+    """Stopped in epoch 4 with a checkpoint at epoch 2, the same command ends as an uninterrupted run."""
+    args = ["--corruption", "0.5", "--epochs", "5", "--save-every", "2", "--no-retrain", "--data-dir", str(mnist)]
+    whole = m.main(args + ["--out-dir", str(tmp_path / "whole")])
+    real, calls = m.train_epoch, {"n": 0}
+
+    def crash_in_epoch_four(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(m, "train_epoch", crash_in_epoch_four)
+    with pytest.raises(KeyboardInterrupt):
+        m.main(args + ["--out-dir", str(tmp_path / "cut")])
+    partial = tmp_path / "cut" / "models" / "p0.5_run0.partial.pt"
+    assert len(torch.load(partial, weights_only=True)["history"]["train_acc"]) == 2
+    monkeypatch.setattr(m, "train_epoch", real)
+    resumed = m.main(args + ["--out-dir", str(tmp_path / "cut")])
+    a, b = whole["runs"][0], resumed["runs"][0]
+    assert a["history"] == b["history"] and a["model_acc"] == b["model_acc"] and a["layers"] == b["layers"]
+    assert not partial.exists()  # the finished model replaces its partial checkpoint
+
+
 def test_cnn_on_cifar_files(tmp_path, patch_md5):
     write_cifar(str(tmp_path), "cifar10", n_train=60, n_test=30)
     res = m.main(["--dataset", "cifar10", "--model", "cnn", "--corruption", "0.4", "--epochs", "1", "--no-retrain",
