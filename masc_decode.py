@@ -349,9 +349,11 @@ def accuracy(pred, labels):
 
 
 def train_epoch(model, opt, images, labels, batch_size, gen):
-    """One shuffled pass (the last partial batch included); returns the running training accuracy."""
+    """One shuffled pass (the last partial batch included); returns the running training accuracy.
+
+    A NaN or infinite loss stops the run with an error, before any checkpoint is written."""
     perm = torch.randperm(len(images), generator=gen, device=images.device)
-    correct = torch.zeros((), device=images.device)
+    correct, total = torch.zeros((), device=images.device), torch.zeros((), device=images.device)
     for start in range(0, len(images), batch_size):
         idx = perm[start:start + batch_size]
         out = model(preprocess(images[idx]))
@@ -360,7 +362,11 @@ def train_epoch(model, opt, images, labels, batch_size, gen):
         loss.backward()
         opt.step()
         correct += (out.argmax(1) == labels[idx]).sum()
-    return correct.item() / len(images)  # one host sync per epoch
+        total += loss.detach()
+    correct, total = torch.stack([correct, total]).tolist()  # one host sync per epoch
+    if not math.isfinite(total):
+        raise UserError(f"the training loss became {total}; stopped, keeping the last checkpoint in its models/ folder")
+    return correct / len(images)
 
 
 def train_to_memorize(model, data, labels, config, seed, desc, partial):

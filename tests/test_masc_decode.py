@@ -252,6 +252,25 @@ def test_interrupted_training_resumes_exactly(mnist, tmp_path, monkeypatch):
     assert not partial.exists()  # the finished model replaces its partial checkpoint
 
 
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(mnist, tmp_path, monkeypatch, capsys):
+    real, calls = m.preprocess, {"n": 0}
+
+    def poisoned(images):  # 200 images, batch 32: 7 batches per epoch; NaN from epoch 3 on
+        calls["n"] += 1
+        x = real(images)
+        return x * float("nan") if calls["n"] > 7 * 2 + 2 else x
+    monkeypatch.setattr(m, "preprocess", poisoned)
+    monkeypatch.setattr(m, "predict", lambda model, images, batch=2048: torch.zeros(len(images), dtype=torch.long))
+    with pytest.raises(SystemExit) as exit_info:
+        m.main(["--corruption", "0.5", "--epochs", "5", "--save-every", "1", "--no-retrain",
+                "--data-dir", str(mnist), "--out-dir", str(tmp_path)])
+    assert exit_info.value.code != 0 and "nan" in capsys.readouterr().err
+    saved = torch.load(tmp_path / "models" / "p0.5_run0.partial.pt", weights_only=True)
+    assert len(saved["history"]["train_acc"]) == 2  # the last good epoch
+    assert all(torch.isfinite(v).all() for v in saved["model"].values())
+    assert not (tmp_path / "models" / "p0.5_run0.pt").exists()
+
+
 def test_cnn_on_cifar_files(tmp_path, patch_md5):
     write_cifar(str(tmp_path), "cifar10", n_train=60, n_test=30)
     res = m.main(["--dataset", "cifar10", "--model", "cnn", "--corruption", "0.4", "--epochs", "1", "--no-retrain",
