@@ -101,13 +101,17 @@ def build_parser():
     g.add_argument("--batch-size", type=at_least(1), default=256, help="batch size (last partial batch dropped)")
     g.add_argument("--lr", type=at_least(0.0, float), default=3e-4, help="Adam learning rate (no schedule, no weight decay)")
     g.add_argument("--augment", choices=["full", "none"], default=None, help="crop, flip, colour jitter, grayscale; or none (default full)")
-    g.add_argument("--mixup", type=probability, default=0.8, help="probability of mixing a batch, lambda ~ Beta(1, 1); 0 disables")
+    g.add_argument("--mixup", type=probability, default=None,
+                   help="probability of mixing a batch, lambda ~ Beta(1, 1) "
+                        "(default 0.8; 0 with --num-augs or --iid-augs)")
     g.add_argument("--aug-strength", type=probability, default=None, help="RandAugment at this strength instead of the full augmentation (Figure 11)")
     g = p.add_argument_group("finite and i.i.d. augmentations")
     g.add_argument("--num-augs", type=at_least(1), default=None, help="B fixed augmentations per image, the same every epoch (Figure 5)")
     g.add_argument("--aug-labels", choices=["same", "random"], default="same", help="with --num-augs: augmentations share their image's label, or each gets its own")
     g.add_argument("--iid-augs", type=at_least(1), nargs="?", const=50, default=None, help="B same-class images as each anchor's augmentations (Table 4; default 50)")
-    g.add_argument("--subset", type=at_least(1), default=1000, help="with --iid-augs: number of anchor images S")
+    g.add_argument("--subset", type=at_least(1), default=None,
+                   help="S class-balanced anchor images: alone, train on them only "
+                        "(Table 4's baseline); with --iid-augs, its anchors (default 1000)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=at_least(1), default=50, help="epochs between probes and checkpoints")
     g.add_argument("--knn-k", type=at_least(1), default=20, help="neighbours of the K-NN probes")
@@ -154,6 +158,13 @@ def check_args(args):
         raise UserError(f"--label-noise keeps some true labels, so random labels must use the {classes} true classes")
     if args.num_classes == "per-sample" and args.aug_labels == "random":
         raise UserError("--num-classes per-sample gives each image its own class; --aug-labels random is undefined then")
+    if args.subset is not None and args.num_augs:
+        raise UserError("--subset chooses anchors for --iid-augs or Table 4's baseline, "
+                        "not for --num-augs")
+    if args.iid_augs and args.subset is None:
+        args.subset = 1000
+    if args.mixup is None:  # mixing would make the n*B fixed points infinitely many (Section 5.1)
+        args.mixup = 0.0 if (args.num_augs or args.iid_augs) else 0.8
 
 
 def named_generator(device, *keys):
@@ -297,23 +308,41 @@ class TrainingSet:
         return x, F.one_hot(self.labels[idx], self.num_classes).float()
 
 
-def iid_partners(clean, subset, per_anchor, seed):
-    """Table 4: `subset` anchor images and, for each, `per_anchor` other training images of the same
-    true class drawn from the images that are not anchors. Returns (anchors, partners (S, B))."""
+def balanced_anchors(clean, subset, seed):
+    """Table 4's S anchor images, drawn at random but class-balanced (S // C per class, one more
+    for S mod C random classes), so that every class has as many partner images per anchor."""
     if subset >= len(clean):
-        raise UserError(f"--subset {subset} leaves no images to serve as augmentations (the dataset has {len(clean)})")
-    g = named_generator("cpu", "iid", seed)
+        raise UserError(f"--subset {subset} leaves no other training images "
+                        f"(the dataset has {len(clean)})")
+    g = named_generator("cpu", "anchors", seed)
     order = torch.randperm(len(clean), generator=g)
-    anchors, rest = order[:subset], order[subset:]
-    partners = torch.empty(subset, per_anchor, dtype=torch.long)
+    by_class = order[torch.argsort(clean[order], stable=True)]  # by class, random within each
+    counts = torch.bincount(clean[by_class])
+    rank = torch.arange(len(clean)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    class_order = torch.randperm(len(counts), generator=g)  # which classes get the remainder
+    key = rank * len(counts) + class_order[clean[by_class]]
+    return by_class[torch.argsort(key)[:subset]]
+
+
+def iid_partners(clean, anchors, per_anchor, seed):
+    """Table 4: for each anchor, `per_anchor` other training images of its true class that are not
+    anchors. Partners are dealt so that an image serves one anchor wherever the class's pool allows:
+    a shuffled pool is dealt out cyclically, so each image serves floor or ceil(m B / pool)
+    anchors and an anchor's B partners are distinct. Returns partners (S, B)."""
+    g = named_generator("cpu", "iid", seed)
+    is_anchor = torch.zeros(len(clean), dtype=torch.bool)
+    is_anchor[anchors] = True
+    partners = torch.empty(len(anchors), per_anchor, dtype=torch.long)
     for c in clean[anchors].unique().tolist():
-        pool, mine = rest[clean[rest] == c], (clean[anchors] == c).nonzero().squeeze(1)
+        pool = ((clean == c) & ~is_anchor).nonzero().squeeze(1)
+        pool = pool[torch.randperm(len(pool), generator=g)]
+        mine = (clean[anchors] == c).nonzero().squeeze(1)
         if len(pool) < per_anchor:
             raise UserError(f"--iid-augs {per_anchor}: class {c} has only {len(pool)} images outside the "
-                            f"--subset {subset} anchors")
-        pick = torch.rand(len(mine), len(pool), generator=g).argsort(1)[:, :per_anchor]  # without replacement
-        partners[mine] = pool[pick]
-    return anchors, partners
+                            f"--subset {len(anchors)} anchors")
+        dealt = torch.arange(len(mine) * per_anchor) % len(pool)
+        partners[mine] = pool[dealt].view(len(mine), per_anchor)
+    return partners
 
 
 def make_training_set(args, train, num_classes, device):
@@ -324,8 +353,12 @@ def make_training_set(args, train, num_classes, device):
     n = len(clean)
     stream = named_seed("fixed augmentations", args.seed, bits=32)
     if args.iid_augs:
-        anchors, partners = iid_partners(clean, args.subset, args.iid_augs, args.seed)
+        anchors = balanced_anchors(clean, args.subset, args.seed)
+        partners = iid_partners(clean, anchors, args.iid_augs, args.seed)
         source, point_labels, aug_id = partners.flatten(), labels[anchors].repeat_interleave(args.iid_augs), None
+    elif args.subset:  # Table 4 without i.i.d. augmentations: the same anchors alone
+        anchors = balanced_anchors(clean, args.subset, args.seed)
+        source, point_labels, aug_id = anchors, labels[anchors], None
     elif args.num_augs:
         source = torch.arange(n).repeat_interleave(args.num_augs)
         aug_id = torch.arange(args.num_augs).repeat(n)
@@ -375,6 +408,8 @@ def resnet18_stages(stem_stride):
     """torchvision's ResNet18 with the CIFAR stem: 3x3 first conv (stride 1, or 2 for 64x64), no max-pool."""
     r = torchvision.models.resnet18(weights=None)
     r.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False)
+    # as torchvision initialises its own convs (the default init would move the INIT baseline)
+    nn.init.kaiming_normal_(r.conv1.weight, mode="fan_out", nonlinearity="relu")
     return [("stem", nn.Sequential(r.conv1, r.bn1, r.relu)),
             ("layer1", r.layer1), ("layer2", r.layer2), ("layer3", r.layer3), ("layer4", r.layer4)], 512
 
@@ -564,23 +599,30 @@ def train_epoch(model, opt, data, gen, args, autocast):
 # ----------------------------------------------------------------------------- probes
 
 
-def knn_predict(train_feats, train_labels, query_feats, k=20, exclude_self=False, chunk=None):
+def knn_predict(train_feats, train_labels, query_feats, k=20, exclude_self=False, groups=None,
+                chunk=None):
     """Cosine K-NN with a uniform majority vote; ties go to the smallest class index (as scikit-learn).
 
-    exclude_self: the queries are the reference set itself, and query i may not vote for itself.
+    exclude_self: the queries are the reference set itself, and query i may not vote for itself,
+    nor, given groups (one id per point, e.g. its source image), for any point of its own group:
+    other views of the same image would otherwise vote its label.
     Queries are compared in chunks, so the similarity matrix never exceeds chunk x len(train).
     """
     n, num_classes = train_feats.shape[0], int(train_labels.max()) + 1
-    k = min(k, n - 1 if exclude_self else n)
+    largest_group = 1 if groups is None else int(torch.unique(groups, return_counts=True)[1].max())
+    k = min(k, n - largest_group if exclude_self else n)
     inv_norm = 1 / train_feats.float().norm(dim=1).clamp_min(1e-12)
     chunk = chunk or max(1, min(4096, (1 << 28) // max(n, 1)))
     preds = []
     for start in range(0, query_feats.shape[0], chunk):
         q = query_feats[start:start + chunk]
         sim = (q @ train_feats.T).float() * inv_norm  # scaling rows by 1/|q| would not change the ranking
-        if exclude_self:
+        if exclude_self and groups is None:
             rows = torch.arange(q.shape[0], device=q.device)
             sim[rows, rows + start] = -float("inf")
+        elif exclude_self:
+            same = groups[start:start + q.shape[0], None] == groups[None, :]
+            sim.masked_fill_(same, -float("inf"))
         idx = sim.topk(k, dim=1).indices
         votes = torch.zeros(q.shape[0], num_classes, device=q.device)
         votes.scatter_add_(1, train_labels[idx], torch.ones_like(idx, dtype=votes.dtype))
@@ -679,8 +721,11 @@ def from_uint8(images):
 @torch.no_grad()
 def probe(model, ps, args, autocast, linear):
     """Every layer: K-NN clean (clean training images -> test), K-NN noisy (training points with their
-    training labels, leave-one-out), the network's memorization and test accuracy, optionally the
-    linear probe of the embedding and the invariance of every layer."""
+    training labels, leave-one-out: no point votes for itself or another view of its image; and
+    self-inclusive, as scikit-learn's predict on its own training set), the network's memorization
+    and test accuracy, optionally the linear probe of the embedding and every layer's invariance.
+    With one class per image the noisy probes are null: a unique label never wins once its point
+    is left out, and wins by construction when it is not."""
     model.eval()
     dev = ps["train_x"].device
     names = model.layer_names()
@@ -690,15 +735,21 @@ def probe(model, ps, args, autocast, linear):
     if not shared:
         loads["mem"] = (len(ps["mem_idx"]), lambda a, b: ps["data"].view(ps["mem_idx"][a:b]))
     count = sum(c for c, _ in loads.values())
-    result = {"knn_clean": {}, "knn_noisy": {}}
+    result = {"knn_clean": {}, "knn_noisy": {}, "knn_noisy_self": {}}
+    noisy = ps["noisy_probe"]
+    mem_groups = None if shared else ps["data"].source[ps["mem_idx"]]  # the image each point shows
     for group in layer_groups(dims, count, probe_budget(dev), 2 if dev.type == "cuda" else 4):
         f = {key: extract(model, c, load, group, autocast) for key, (c, load) in loads.items()}
         mem = f["train"] if shared else f["mem"]
         for name in group:
             pred = knn_predict(f["train"][name], ps["train_clean"], f["test"][name], args.knn_k)
             result["knn_clean"][name] = (pred == ps["test_clean"]).float().mean().item()
-            pred = knn_predict(mem[name], ps["mem_labels"], mem[name], args.knn_k, exclude_self=True)
-            result["knn_noisy"][name] = (pred == ps["mem_labels"]).float().mean().item()
+            if noisy:
+                pred = knn_predict(mem[name], ps["mem_labels"], mem[name], args.knn_k,
+                                   exclude_self=True, groups=mem_groups)
+                result["knn_noisy"][name] = (pred == ps["mem_labels"]).float().mean().item()
+                pred = knn_predict(mem[name], ps["mem_labels"], mem[name], args.knn_k)
+                result["knn_noisy_self"][name] = (pred == ps["mem_labels"]).float().mean().item()
             if name == "output":  # normalising does not move the argmax
                 result["train_acc"] = (mem[name].float().argmax(1) == ps["mem_labels"]).float().mean().item()
                 same_classes = mem[name].shape[1] == ps["clean_classes"]
@@ -707,7 +758,10 @@ def probe(model, ps, args, autocast, linear):
             if name == "embedding" and linear:
                 result["linear_probe"] = linear_probe(f["train"][name], ps["train_clean"], f["test"][name], ps["test_clean"])
         del f
-    result = {k: result[k] for k in ("train_acc", "test_acc", "knn_clean", "knn_noisy", "linear_probe") if k in result}
+    if not noisy:
+        result["knn_noisy"] = result["knn_noisy_self"] = None
+    keys = ("train_acc", "test_acc", "knn_clean", "knn_noisy", "knn_noisy_self", "linear_probe")
+    result = {k: result[k] for k in keys if k in result}
     if ps["inv_x"] is not None:
         result["invariance"] = invariance(model, ps, dims, autocast)
     model.train()
@@ -753,7 +807,8 @@ def make_probe_set(args, train, test, data, clean_classes, device):
     points (the training points themselves, at most as many as the images), the invariance images."""
     ti, qi = subset(len(train[0]), args.probe_size, "train", args.seed), subset(len(test[0]), args.probe_size, "test", args.seed)
     ps = dict(train_x=train[0][ti].to(device), train_clean=train[1][ti].to(device), test_x=test[0][qi].to(device),
-              test_clean=test[1][qi].to(device), data=data, clean_classes=clean_classes, mem_idx=None)
+              test_clean=test[1][qi].to(device), data=data, clean_classes=clean_classes,
+              mem_idx=None, noisy_probe=args.num_classes != "per-sample")
     if data.aug_id is None and torch.equal(data.source.cpu(), torch.arange(len(train[0]))):
         ps["mem_labels"] = data.labels[ti.to(device)]  # point i is image i: share the clean reference features
     else:
@@ -812,6 +867,10 @@ def load_checkpoint(path, config, overwrite):
     except Exception as e:
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); it was left untouched: "
                         "move it away or pass --overwrite to start over")
+    was, now = torch.device(saved["device"]).type, torch.device(config["device"]).type
+    if was != now:  # a CPU generator's state cannot continue a CUDA one's sequence, nor back
+        raise UserError(f"{path} was written on {was}: its random state cannot continue on {now}; "
+                        f"resume with --device {saved['device']}, or pass --overwrite to start over")
     diff = sorted(k for k in set(saved) | set(config) if k not in RESUMABLE_KEYS and saved.get(k) != config.get(k))
     if diff:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in diff[:3])
@@ -841,10 +900,10 @@ def format_eval(row):
             f"{show(row['img_per_s'], '.0f')} img/s")
     names = list(row["knn_clean"])
     width = max(9, *(len(n) + 1 for n in names))
-    lines = [head, " " * 10 + "".join(n.rjust(width) for n in names)]
-    for key in ("knn_clean", "knn_noisy", "invariance"):
-        if key in row:
-            lines.append(key.ljust(10) + "".join(f"{row[key][n]:.3f}".rjust(width) for n in names))
+    lines = [head, " " * 15 + "".join(n.rjust(width) for n in names)]
+    for key in ("knn_clean", "knn_noisy", "knn_noisy_self", "invariance"):
+        if row.get(key) is not None:
+            lines.append(key.ljust(15) + "".join(f"{row[key][n]:.3f}".rjust(width) for n in names))
     for name, t in row.get("transfer", {}).items():
         lines.append(f"transfer {name}: knn {t['knn']:.3f}, linear {t['linear']:.3f}")
     return "\n".join(lines)

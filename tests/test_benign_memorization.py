@@ -324,6 +324,20 @@ def test_checkpoint_from_another_config_is_refused_unless_overwrite(cifar, tmp_p
     assert results["config"]["lr"] == 0.1
 
 
+def test_checkpoint_from_another_device_type_is_refused_with_one_line(cifar, tmp_path, patch_md5, capsys):
+    """A CUDA generator's state (16 bytes: seed and offset) cannot be set on a CPU generator."""
+    out = tmp_path / "run"
+    bm.main(ARGS + ["--epochs", "1", "--data-dir", str(cifar), "--out-dir", str(out)])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["config"]["device"] = "cuda"
+    ckpt["rng"]["gen"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(ckpt, out / "ckpt.pt")
+    before = (out / "ckpt.pt").read_bytes()
+    err = main_error(bm, ARGS + ["--epochs", "2", "--data-dir", cifar, "--out-dir", out], capsys)
+    assert "cuda" in err and "--device" in err
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
 def test_tinyimagenet_folder_layout_is_decoded_and_cached(tmp_path):
     from conftest import write_tinyimagenet
     (x_tr, y_tr), (x_va, y_va) = write_tinyimagenet(str(tmp_path), classes=3, per_class=4, val_per_class=2)
@@ -402,20 +416,117 @@ def test_label_bookkeeping_same_random_per_sample_and_noise():
 
 def test_iid_augmentations_pair_anchors_with_same_class_images():
     clean = torch.arange(600) % 5
-    anchors, partners = bm.iid_partners(clean, 50, 8, seed=0)
-    assert anchors.shape == (50,) and partners.shape == (50, 8)
+    anchors = bm.balanced_anchors(clean, 50, seed=0)
+    partners = bm.iid_partners(clean, anchors, 8, seed=0)
+    assert anchors.shape == (50,) and partners.shape == (50, 8) and len(anchors.unique()) == 50
+    assert torch.equal(torch.bincount(clean[anchors]), torch.full((5,), 10))  # class-balanced
     assert (clean[partners] == clean[anchors][:, None]).all()  # same true class
     assert not torch.isin(partners, anchors).any()  # drawn from the images that are not anchors
     assert all(len(set(row)) == 8 for row in partners.tolist())  # B different images per anchor
+    assert len(partners.unique()) == 400  # 400 partners from 550 images: none is reused
     data = bm.make_training_set(parsed("--iid-augs", "8", "--subset", "50"),
                                 (torch.zeros(600, 3, 32, 32, dtype=torch.uint8), clean), 5, torch.device("cpu"))
     assert data.augment == "none" and len(data) == 400 and data.epoch_size == 400
     assert torch.equal(data.source.view(50, 8), partners)
     assert (data.labels.view(50, 8) == data.labels.view(50, 8)[:, :1]).all()  # the anchor's random label
     with pytest.raises(bm.UserError, match="class"):
-        bm.iid_partners(clean, 50, 200, seed=0)
+        bm.iid_partners(clean, anchors, 200, seed=0)
     with pytest.raises(bm.UserError, match="--subset"):
-        bm.iid_partners(clean, 600, 2, seed=0)
+        bm.balanced_anchors(clean, 600, seed=0)
+
+
+def test_iid_partners_serve_one_anchor_each_at_cifar10_size():
+    """Table 4 at full size: 1000 anchors x 50 partners from CIFAR-10's 49,000 other images."""
+    clean = (torch.arange(50000) % 10)[torch.randperm(50000, generator=torch.Generator().manual_seed(1))]
+    images = torch.zeros(50000, 3, 1, 1, dtype=torch.uint8)  # only indices matter here
+    data = bm.make_training_set(parsed("--iid-augs", "50", "--subset", "1000"), (images, clean), 10,
+                                torch.device("cpu"))
+    src, labels = data.source.numpy(), data.labels.numpy()
+    uses = np.bincount(src, minlength=50000)
+    assert (uses[src] == 1).mean() >= 0.95  # points that show an image no other anchor gets
+    assert (uses > 0).sum() >= 48000 and uses.max() <= 2  # reuse only where the pool runs out
+    # the best train_acc any network can reach: one label per image, the most frequent among its points
+    pair_counts = {}
+    for image, label in zip(src.tolist(), labels.tolist()):
+        pair_counts[image, label] = pair_counts.get((image, label), 0) + 1
+    best = {}
+    for (image, _), c in pair_counts.items():
+        best[image] = max(best.get(image, 0), c)
+    assert sum(best.values()) / len(src) >= 0.97
+
+
+def test_subset_alone_trains_the_same_anchors_without_partners():
+    """Table 4's baseline: the S anchors with their random labels, and nothing else."""
+    clean = torch.arange(600) % 5
+    images = torch.zeros(600, 3, 32, 32, dtype=torch.uint8)
+    cpu = torch.device("cpu")
+    alone = bm.make_training_set(parsed("--subset", "50", "--augment", "none", "--mixup", "0"),
+                                 (images, clean), 5, cpu)
+    iid = bm.make_training_set(parsed("--iid-augs", "8", "--subset", "50"), (images, clean), 5, cpu)
+    assert len(alone) == 50 and alone.epoch_size == 50 and alone.augment == "none"
+    assert torch.equal(alone.source, bm.balanced_anchors(clean, 50, 0))
+    assert torch.equal(alone.labels, bm.draw_labels(clean, 5, 1.0, 0)[alone.source])
+    assert torch.equal(alone.labels.repeat_interleave(8), iid.labels)  # the anchors of the i.i.d. run
+
+
+def test_mixup_defaults_off_for_finite_and_iid_augmentations():
+    assert parsed().mixup == 0.8
+    assert parsed("--num-augs", "4").mixup == 0.0
+    assert parsed("--iid-augs").mixup == 0.0
+    assert parsed("--num-augs", "4", "--mixup", "0.5").mixup == 0.5  # an explicit --mixup wins
+    assert parsed("--iid-augs", "--mixup", "0.8").mixup == 0.8
+
+
+def test_resnet_stem_is_kaiming_normal_fan_out():
+    """As torchvision initialises every ResNet conv: N(0, 2 / fan_out), fan_out = 64 * 3 * 3."""
+    model = bm.build_model(parsed("--projector-width", "8"), 10, 32)
+    w = model.stages["stem"][0].weight
+    assert w.shape == (64, 3, 3, 3)
+    assert w.mean().abs().item() < 0.005
+    assert w.std().item() == pytest.approx(math.sqrt(2 / 576), rel=0.06)
+
+
+def brute_knn_groups(ref, ref_y, k, groups):
+    """Leave-one-out cosine K-NN on the reference set itself, skipping every point of the query's group."""
+    refn = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    preds = []
+    for i, row in enumerate(refn @ refn.T):
+        order = [j for j in np.argsort(-row, kind="stable") if groups[j] != groups[i]]
+        preds.append(np.argmax(np.bincount(ref_y[order[:k]], minlength=ref_y.max() + 1)))
+    return np.array(preds)
+
+
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_knn_excludes_every_view_of_the_query_image(chunk):
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(20, 16))
+    groups = np.repeat(np.arange(20), 3)  # three views per image, very close to each other
+    ref = np.repeat(base, 3, axis=0) + 0.01 * rng.normal(size=(60, 16))
+    ref_y = np.repeat(rng.integers(0, 4, 20), 3)  # views share their image's label ('same')
+    t = lambda a: torch.tensor(a, dtype=torch.float32)
+    got = bm.knn_predict(t(ref), torch.tensor(ref_y), t(ref), k=2, exclude_self=True,
+                         groups=torch.tensor(groups), chunk=chunk)
+    np.testing.assert_array_equal(got.numpy(), brute_knn_groups(ref, ref_y, 2, groups))
+    leaky = bm.knn_predict(t(ref), torch.tensor(ref_y), t(ref), k=2, exclude_self=True, chunk=chunk)
+    assert (leaky.numpy() == ref_y).all()  # with only the point itself left out, its views vote its label
+    assert (got.numpy() == ref_y).mean() < 0.6
+
+
+def test_noisy_probe_chance_levels_leave_one_out_and_self_inclusive():
+    """On features unrelated to the labels: leave-one-out sits at 1/C; counting the point itself
+    (as scikit-learn's predict on its training set) sits at the chance that a point's own vote plus
+    19 random votes make its label the winner, here simulated from the vote alone."""
+    g = torch.Generator().manual_seed(0)
+    feats, labels = torch.randn(4000, 64, generator=g), torch.randint(10, (4000,), generator=g)
+    loo = (bm.knn_predict(feats, labels, feats, k=20, exclude_self=True) == labels).float().mean().item()
+    own = (bm.knn_predict(feats, labels, feats, k=20) == labels).float().mean().item()
+    rng = np.random.default_rng(0)
+    others = rng.integers(0, 10, size=(200000, 19))
+    own_label = rng.integers(0, 10, size=200000)
+    votes = np.stack([(others == c).sum(1) + (own_label == c) for c in range(10)], 1)
+    simulated = (votes.argmax(1) == own_label).mean()  # argmax: ties to the smallest class, as the probe
+    assert loo == pytest.approx(0.1, abs=0.015)
+    assert own == pytest.approx(simulated, abs=0.03) and own > 0.19
 
 
 def test_invariance_is_zero_for_a_constant_map_and_matches_brute_force():
@@ -506,6 +617,35 @@ def test_finite_augmentations_run_and_memorization_uses_the_augmented_points(cif
     assert torch.equal(ps["mem_labels"], data.labels[ps["mem_idx"]])
 
 
+def test_noisy_probe_leaves_out_every_view_of_the_query_image(cifar, patch_md5, monkeypatch):
+    """--num-augs with labels 'same': the noisy probe of probe() equals a brute-force leave-one-out
+    over features extracted here, with every point of the query's image left out."""
+    args = parsed("--num-augs", "4", "--projector-width", "16", "--knn-k", "5", "--invariance-size", "0",
+                  "--linear-probe", "off", "--data-dir", str(cifar))
+    train, test = bm.load_dataset("cifar10", str(cifar))
+    data = bm.make_training_set(args, train, 10, torch.device("cpu"))
+    ps = bm.make_probe_set(args, train, test, data, 10, torch.device("cpu"))
+    source = data.source[ps["mem_idx"]]
+    assert len(source.unique()) < len(source)  # some images are seen through several views
+    model = bm.build_model(args, 10, 32).eval()
+    calls = []
+    real = bm.knn_predict
+    monkeypatch.setattr(bm, "knn_predict", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    got = bm.probe(model, ps, args, torch.autocast("cpu", enabled=False), linear=False)
+    noisy_calls = [kw for kw in calls if kw.get("exclude_self")]
+    assert noisy_calls and all(torch.equal(kw["groups"], source) for kw in noisy_calls)
+    with torch.no_grad():
+        taps = {}
+        model.eval()(data.view(ps["mem_idx"]), taps)  # probe() leaves the model in training mode
+    y = ps["mem_labels"].numpy()
+    for name in RESNET_LAYERS:
+        f = taps[name].double().numpy()
+        loo = brute_knn_groups(f, y, 5, source.numpy())
+        assert got["knn_noisy"][name] == pytest.approx((loo == y).mean(), abs=1e-6)
+        own = brute_knn(f, y, f, 5)
+        assert got["knn_noisy_self"][name] == pytest.approx((own == y).mean(), abs=1e-6)
+
+
 def test_iid_per_sample_and_aug_strength_runs(cifar, tmp_path, patch_md5):
     res = bm.main(SMALL + ["--iid-augs", "2", "--subset", "16", "--data-dir", str(cifar), "--out-dir", str(tmp_path / "iid")])
     assert res["final"]["test_acc"] is not None
@@ -514,6 +654,12 @@ def test_iid_per_sample_and_aug_strength_runs(cifar, tmp_path, patch_md5):
     ckpt = torch.load(tmp_path / "ps" / "ckpt.pt", weights_only=True)
     assert ckpt["model"]["projector.2.weight"].shape[0] == 64  # one output unit per image
     assert res["final"]["test_acc"] is None  # no clean test labels in 64 classes
+    for row in (res["init"], res["final"]):  # a unique label cannot be voted for by other points
+        assert row["knn_noisy"] is None and row["knn_noisy_self"] is None
+    res = bm.main(SMALL + ["--subset", "16", "--augment", "none", "--batch-size", "8", "--data-dir", str(cifar),
+                           "--out-dir", str(tmp_path / "anchors")])
+    assert res["config"]["subset"] == 16 and res["config"]["mixup"] == 0.8  # only --num/--iid-augs turn it off
+    assert 0 <= res["final"]["train_acc"] <= 1
 
 
 @pytest.mark.parametrize("mode", [["--aug-strength", "0.7"], ["--num-augs", "3", "--aug-labels", "random"]])
@@ -539,6 +685,8 @@ def test_resumed_run_equals_uninterrupted_in_every_augmentation_mode(mode, cifar
     (["--num-classes", "1"], "--num-classes"),
     (["--transfer", "imagenet"], "--transfer"),
     (["--aug-strength", "2"], "--aug-strength"),
+    (["--num-augs", "2", "--subset", "10"], "--subset"),
+    (["--subset", "64"], "--subset"),
 ])
 def test_bad_combinations_give_one_line_error(args, fragment, cifar, tmp_path, patch_md5, capsys):
     err = main_error(bm, ["--data-dir", cifar, "--out-dir", tmp_path / "out", *args], capsys)
