@@ -156,6 +156,59 @@ def test_mixup_mixes_images_and_targets_with_one_lambda():
     xm, ym = bm.mixup(y.clone(), y, 0.0, g)
     assert torch.equal(ym, y)
 
+def test_mixup_lambda_is_uniform_and_mixes_with_probability_p():
+    """Beta(1, 1) is the uniform law: read lambda back from targets whose classes are all distinct."""
+    y = torch.eye(16)
+    g = torch.Generator().manual_seed(0)
+    lams = np.array([bm.mixup(y, y, 0.8, g)[1].diagonal().min().item() for _ in range(3000)])
+    mixed = lams[lams < 1]
+    assert len(mixed) / len(lams) == pytest.approx(0.8, abs=0.025)
+    ks = np.max(np.abs(np.sort(mixed) - np.arange(1, len(mixed) + 1) / len(mixed)))  # vs U(0, 1)
+    assert ks < 0.05 and mixed.min() < 0.02 and mixed.max() > 0.98
+
+
+def independent_probe(model, ps, k):
+    """What probe() should report, from features extracted here layer by layer (float64 brute force)."""
+    model.eval()
+    with torch.no_grad():
+        feats = {}
+        for key, x in (("train", ps["train_x"]), ("test", ps["test_x"])):
+            feats[key] = {}
+            model(x.float() / 255, feats[key])
+        views = []
+        if ps["inv_x"] is not None:
+            x = ps["inv_x"].float() / 255
+            for u in (ps["inv_u1"], ps["inv_u2"]):
+                views.append({})
+                model(bm.apply_augment(x, bm.augment_params(u, *x.shape[-2:])), views[-1])
+            clean_inv = {}
+            model(x, clean_inv)
+    ytr, yte, ymem = (ps[key].numpy() for key in ("train_clean", "test_clean", "mem_labels"))
+    out = {"knn_clean": {}, "knn_noisy": {}, "knn_noisy_self": {}, "invariance": {}}
+    for name in model.layer_names():
+        f, q = feats["train"][name].double().numpy(), feats["test"][name].double().numpy()
+        out["knn_clean"][name] = (brute_knn(f, ytr, q, k) == yte).mean()
+        out["knn_noisy"][name] = (brute_knn(f, ymem, f, k, exclude_self=True) == ymem).mean()
+        out["knn_noisy_self"][name] = (brute_knn(f, ymem, f, k) == ymem).mean()
+        if views:
+            a1, a2, h = (v[name].double().numpy() for v in (views[0], views[1], clean_inv))
+            m = len(h)
+            out["invariance"][name] = np.mean([np.sum((a1[i] - a2[i]) ** 2) / np.mean(
+                [np.sum((h[i] - h[j]) ** 2) for j in range(m) if j != i]) for i in range(m)])
+    out["train_acc"] = (feats["train"]["output"].argmax(1).numpy() == ymem).mean()
+    out["test_acc"] = (feats["test"]["output"].argmax(1).numpy() == yte).mean()
+    return out
+
+
+def assert_probe_matches(got, expected):
+    for key in ("knn_clean", "knn_noisy", "knn_noisy_self"):
+        for name, value in expected[key].items():
+            assert got[key][name] == pytest.approx(value, abs=1e-6), (key, name)
+    for name, value in expected["invariance"].items():
+        assert got["invariance"][name] == pytest.approx(value, rel=1e-3), name
+    assert got["train_acc"] == pytest.approx(expected["train_acc"])
+    assert got["test_acc"] == pytest.approx(expected["test_acc"])
+
 # ----------------------------------------------------------------------------- end to end
 
 RESNET_LAYERS = ["input", "stem", "layer1", "layer2", "layer3", "layer4", "embedding", "projector", "output"]
@@ -198,9 +251,78 @@ def test_end_to_end_results_hold_every_layer(cifar, tmp_path, patch_md5):
     data = bm.make_training_set(args, train, 10, torch.device("cpu"))
     assert torch.equal(data.labels, ckpt["labels"])
     probe_set = bm.make_probe_set(args, train, test, data, 10, torch.device("cpu"))
-    again = bm.probe(model, probe_set, args, torch.autocast("cpu", enabled=False), linear=True)
-    assert again["knn_clean"] == saved["final"]["knn_clean"] and again["train_acc"] == saved["final"]["train_acc"]
-    assert again["invariance"] == saved["final"]["invariance"]
+    assert not torch.equal(probe_set["inv_u1"], probe_set["inv_u2"])  # two different draws per image
+    expected = independent_probe(model, probe_set, 5)
+    assert_probe_matches(saved["final"], expected)
+    assert all(v > 0 for v in expected["invariance"].values())
+
+
+def test_probe_at_init_matches_features_extracted_independently(cifar, patch_md5):
+    args = parsed("--projector-width", "16", "--knn-k", "3", "--invariance-size", "12",
+                  "--linear-probe", "off", "--data-dir", str(cifar))
+    train, test = bm.load_dataset("cifar10", str(cifar))
+    data = bm.make_training_set(args, train, 10, torch.device("cpu"))
+    ps = bm.make_probe_set(args, train, test, data, 10, torch.device("cpu"))
+    model = bm.build_model(args, 10, 32)
+    got = bm.probe(model, ps, args, torch.autocast("cpu", enabled=False), linear=False)
+    assert_probe_matches(got, independent_probe(model, ps, 3))
+    assert all(v > 0 for v in got["invariance"].values())  # two different views of each image
+
+
+def test_training_step_gets_augmented_images_and_targets_mixed_with_one_lambda(
+        cifar, tmp_path, patch_md5, monkeypatch):
+    seen = {"mix": [], "forward": [], "loss": []}
+    real_mix, real_loss, real_forward = bm.mixup, bm.compute_loss, bm.Network.forward
+
+    def mix(x, y, prob, generator=None):
+        xm, ym = real_mix(x, y, prob, generator)
+        seen["mix"].append((x, y, xm, ym))
+        return xm, ym
+
+    def forward(self, x, taps=None):
+        if taps is None:  # the training step (probes pass a dict)
+            seen["forward"].append(x)
+        return real_forward(self, x, taps)
+
+    def loss(out, target, kind):
+        seen["loss"].append(target)
+        return real_loss(out, target, kind)
+    monkeypatch.setattr(bm, "mixup", mix)
+    monkeypatch.setattr(bm.Network, "forward", forward)
+    monkeypatch.setattr(bm, "compute_loss", loss)
+    bm.main(SMALL + ["--epochs", "3", "--eval-every", "3", "--linear-probe", "off", "--invariance-size", "0",
+                     "--data-dir", str(cifar), "--out-dir", str(tmp_path)])
+    assert len(seen["mix"]) == len(seen["forward"]) == len(seen["loss"]) == 6  # 3 epochs x 2 steps
+    labels = torch.load(tmp_path / "ckpt.pt", weights_only=True)["labels"]
+    clean_images = bm.load_dataset("cifar10", str(cifar))[0][0].float().flatten(1) / 255
+    exact = dict(compute_mode="donot_use_mm_for_euclid_dist")  # no |a|^2 + |b|^2 - 2ab cancellation
+    mixed = 0
+    for (x, y, xm, ym), fed, target in zip(seen["mix"], seen["forward"], seen["loss"]):
+        assert torch.equal(fed, xm) and torch.equal(target, ym)  # the step trains on mixup's output
+        # the images were augmented: none is a training image as stored
+        assert torch.cdist(x.flatten(1), clean_images, **exact).min() > 1e-3
+        assert torch.equal(y.sum(1), torch.ones(32)) and torch.isin(y.argmax(1), labels).all()
+        own = ym.gather(1, y.argmax(1, keepdim=True)).squeeze(1)  # lam, or 1 where partners agree
+        lam = own.min().item()
+        if lam == 1:
+            assert torch.equal(xm, x) and torch.equal(ym, y)
+            continue
+        mixed += 1
+        partner = (xm - lam * x) / (1 - lam)  # must be another image of the same batch
+        dist, j = torch.cdist(partner.flatten(1), x.flatten(1), **exact).min(1)
+        assert dist.max() < 1e-3 and len(j.unique()) == 32  # a permutation of the batch
+        torch.testing.assert_close(ym, lam * y + (1 - lam) * y[j])  # the same lambda and partners
+    assert mixed >= 1
+
+
+@pytest.mark.parametrize("flags,noise", [(["--label-noise", "0.5"], 0.5), (["--labels", "clean"], 0.0)])
+def test_label_noise_and_clean_labels_reach_the_run(flags, noise, cifar, tmp_path, patch_md5):
+    bm.main(SMALL + flags + ["--linear-probe", "off", "--data-dir", str(cifar), "--out-dir", str(tmp_path)])
+    labels = torch.load(tmp_path / "ckpt.pt", weights_only=True)["labels"]
+    clean = bm.load_dataset("cifar10", str(cifar))[0][1]
+    assert torch.equal(labels, bm.draw_labels(clean, 10, noise, 0))
+    changed = (labels != clean).float().mean().item()
+    assert changed == 0 if noise == 0 else 0.2 < changed < 0.7
 
 
 def test_cross_entropy_and_clean_labels_run(cifar, tmp_path, patch_md5):

@@ -58,13 +58,18 @@ def test_fixed_augmentations_touch_only_noise_and_never_change():
 
 
 def test_online_augmentations_are_fresh_and_touch_only_noise():
-    args = small_args(dim=12, signal_dim=4)
+    args = small_args(dim=12, signal_dim=4, sigma=2.0)
     cell = toy.Cell(3, "online", 0, toy.make_world(0, args), args)
-    x1, _ = cell.batch(64, args)
-    base = (x1[:, :4].unsqueeze(1) == cell.x[:, :4].unsqueeze(0)).all(-1)
-    assert base.any(1).all()  # signal coordinates are exactly those of a training point
-    x2, _ = cell.batch(64, args)
-    assert not torch.equal(x1, x2)
+    x1, _ = cell.batch(256, args)
+    same_signal = (x1[:, :4].unsqueeze(1) == cell.x[:, :4].unsqueeze(0)).all(-1)
+    assert same_signal.any(1).all()  # signal coordinates are exactly those of a training point
+    base = cell.x[same_signal.float().argmax(1)]
+    added = x1[:, 4:] - base[:, 4:]
+    assert (added != 0).all()  # every noise coordinate got fresh noise
+    assert added.std().item() == pytest.approx(2.0, rel=0.1)  # N(0, sigma^2)
+    x2, _ = cell.batch(256, args)
+    same_point = (x1[:, None, :4] == x2[None, :, :4]).all(-1)  # pairs showing the same point
+    assert same_point.any() and not (x1[:, None, 4:] == x2[None, :, 4:]).all(-1)[same_point].any()
 
 
 def brute_force_invariance(h1, h2, h):
@@ -134,6 +139,19 @@ def test_short_sweep_shows_the_claim(tmp_path):
     assert saved["cells"] == results and saved["config"]["n"] == [16]
     for r in results:
         assert set(r) == {"n", "augs", "seed", "fit", "knn", "knn_init", "invariance", "noise_to_signal"}
+
+
+def test_phase_boundary_moves_with_capacity_and_online_is_benign(tmp_path):
+    """n = 16 unaugmented points fit into K = 64 prototypes (memorized, malign) but not into K = 4;
+    the online column gains over INIT whatever the capacity, as large B does."""
+    runs = {K: toy.main(["--n", "16", "--augs", "1,online", "--seeds", "0,1", "--capacity", str(K),
+                         "--device", "cpu", "--out-dir", str(tmp_path / str(K))]) for K in (4, 64)}
+    mean = lambda rows, key, b: np.mean([r[key] - (r["knn_init"] if key == "knn" else 0)
+                                         for r in rows if r["augs"] == b])
+    assert mean(runs[64], "fit", 1) >= 0.85 and mean(runs[4], "fit", 1) <= 0.6
+    for K in (4, 64):
+        assert mean(runs[K], "knn", 1) <= 0.0  # no augmentation: nothing learnt
+        assert mean(runs[K], "knn", "online") >= 0.2  # fresh noise every step: benign
 
 
 def test_cells_do_not_depend_on_the_rest_of_the_grid(tmp_path):
