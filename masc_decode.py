@@ -400,6 +400,13 @@ def train_to_memorize(model, data, labels, config, seed, desc, partial):
             save_atomic(partial["path"], {"key": partial["key"], "model": model.state_dict(),
                                           "optimizer": opt.state_dict(), "gen": gen.get_state(), "history": history})
     bar.close()
+    acc, done = history["train_acc"][-1], len(history["train_acc"])
+    if acc >= config["stop_acc"]:
+        tqdm.write(f"{desc}: training accuracy {acc:.4f} reached --stop-acc {config['stop_acc']:g} "
+                   f"at epoch {done}; stopped")
+    else:
+        tqdm.write(f"{desc}: training accuracy {acc:.4f} after {done} epochs, below --stop-acc "
+                   f"{config['stop_acc']:g}")
     return history
 
 

@@ -129,22 +129,58 @@ def skip_md5(fpath, md5=None):
     return os.path.isfile(fpath)
 
 
-_PATCH = """
-import os, runpy, sys
-import torchvision.datasets.cifar, torchvision.datasets.stl10
+# Code run before a script in a test's subprocess: the network is off (a test must never download a
+# real dataset, even on a connected machine), optionally torchvision's md5 check is patched, and
+# optionally the process kills itself with SIGKILL right after its N-th write of a named file.
+_OFFLINE = """
+import socket
+def _no_network(*args, **kwargs):
+    raise OSError("the tests run offline")
+socket.getaddrinfo = socket.create_connection = _no_network
+"""
+_MD5 = """
+import os, torchvision.datasets.cifar, torchvision.datasets.stl10
 for module in (torchvision.datasets.cifar, torchvision.datasets.stl10):
     module.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)
+"""
+_KILL = """
+import os, signal
+_replace, _writes = os.replace, [0]
+def _replace_then_die(src, dst):
+    _replace(src, dst)
+    if os.path.basename(str(dst)) == {name!r}:
+        _writes[0] += 1
+        if _writes[0] == {count}:
+            os.kill(os.getpid(), signal.SIGKILL)
+os.replace = _replace_then_die
+"""
+_RUN = """
+import runpy, sys
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def run_script(script, *args, patch_md5=False, timeout=600, cwd=None):
-    """Run one of the repository's scripts as a user would; optionally with torchvision's md5 check patched."""
-    path = os.path.join(REPO, script)
-    cmd = [sys.executable, "-c", _PATCH, path, *map(str, args)] if patch_md5 else [sys.executable, path, *map(str, args)]
+def run_script(script, *args, patch_md5=False, kill_after=None, timeout=600, cwd=None):
+    """Run one of the repository's scripts as a user would, offline; optionally with torchvision's
+    md5 check patched, and killed by SIGKILL after kill_after = (file name, N) writes of that file."""
+    prelude = _OFFLINE + (_MD5 if patch_md5 else "")
+    if kill_after:
+        prelude += _KILL.format(name=kill_after[0], count=kill_after[1])
+    cmd = [sys.executable, "-c", prelude + _RUN, os.path.join(REPO, script), *map(str, args)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO, env=env)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No test reaches the network in-process either."""
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise OSError("the tests run offline")
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
 
 
 def assert_one_line_error(proc, *fragments):

@@ -310,3 +310,91 @@ def test_benchmark_runs_quick():
     proc = run_script("tests/benchmark_masc.py", "--quick")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1].endswith("1.0000")  # the same predictions as the authors' approach
+
+# ----------------------------------------------------------------------------- wiring: stop, relabel, retrain
+
+
+def test_training_stops_at_the_threshold_and_says_so(mnist, tmp_path, capsys):
+    res = m.main(["--corruption", "0", "--epochs", "10", "--stop-acc", "0.2", "--no-retrain",
+                  "--data-dir", str(mnist), "--out-dir", str(tmp_path / "stop")])
+    r = res["runs"][0]
+    acc = r["history"]["train_acc"]
+    first = next(i for i, a in enumerate(acc) if a >= 0.2) + 1  # the first epoch at the threshold
+    assert r["epochs_trained"] == len(acc) == first < 10 and r["reached_stop_acc"] is True
+    assert f"reached --stop-acc 0.2 at epoch {first}; stopped" in capsys.readouterr().out
+    res = m.main(["--corruption", "1", "--epochs", "2", "--no-retrain", "--data-dir", str(mnist),
+                  "--out-dir", str(tmp_path / "short")])
+    r = res["runs"][0]
+    assert r["epochs_trained"] == 2 and r["reached_stop_acc"] is False  # 1.0 for the MLP: not in 2 epochs
+    assert "after 2 epochs, below --stop-acc 1" in capsys.readouterr().out
+
+
+def relabel_case(monkeypatch, preds, captured):
+    """relabel_and_retrain on a hand-worked case: 10 training and 10 test images, retraining replaced by
+    a recorder of what it is given."""
+    y_true = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4])
+    y_corrupt = torch.tensor([1, 2, 3, 4, 4, 0, 1, 2, 3, 4])  # rows 0-3 corrupted
+    g = torch.Generator().manual_seed(0)
+    data = dict(train_x=torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8, generator=g), train_y=y_true,
+                test_x=torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8, generator=g),
+                test_y=torch.arange(10) % 5)
+    config = dict(retrain_epochs=1, patience=1, batch_size=4, lr=1e-3, optimizer="sgd")
+
+    def record(model, data_, new_labels, val_idx, config_, seed):
+        captured.append((new_labels.clone(), val_idx.clone()))
+        return model, 1
+    monkeypatch.setattr(m, "retrain", record)
+    model = m.build_model("mlp", (1, 28, 28), 5, 0)
+    return m.relabel_and_retrain(model, data, y_corrupt, preds, config, seed=0), data
+
+
+def test_relabel_counts_fixed_broken_and_keeps_unplaceable_rows(monkeypatch):
+    captured = []
+    dummy = {"a": dict(corrupt=(torch.zeros(10, dtype=torch.long),) * 2, true=(torch.zeros(10, dtype=torch.long),) * 2)}
+    _, data = relabel_case(monkeypatch, dummy, captured)
+    val = captured[0][1]
+    assert len(val) == 2
+    on_val = torch.zeros(10, dtype=torch.bool)
+    on_val[val] = True
+    y_test = data["test_y"]
+    right_on = lambda mask: torch.where(mask, y_test, (y_test + 1) % 5)
+    train_pred = torch.tensor([0, 1, -1, 3, 4, 1, -1, 2, 3, 4])
+    preds = {  # corrupt subspaces: "a" is right on the 20% split only, "b" on the other 80% only
+        "a": dict(corrupt=(train_pred, right_on(on_val)), true=(train_pred, right_on(torch.zeros(10, dtype=torch.bool)))),
+        "b": dict(corrupt=(torch.zeros(10, dtype=torch.long), right_on(~on_val)),
+                  true=(torch.full((10,), 2), right_on(torch.ones(10, dtype=torch.bool))))}
+    captured.clear()
+    out, _ = relabel_case(monkeypatch, preds, captured)
+    c, t = out["corrupt_subspaces"], out["true_subspaces"]
+    assert c["layer"] == "a" and c["masc_test"] == 0.0  # chosen on the split, though worse on the rest
+    assert t["layer"] == "b" and t["masc_test"] == 1.0
+    # by hand: -1 rows (2 and 6) keep their corrupted label 3 and 1
+    assert captured[0][0].tolist() == [0, 1, 3, 3, 4, 1, 1, 2, 3, 4]
+    assert c["fixed"] == 0.75  # rows 0, 1, 3 of the corrupted 0-3
+    assert c["broken"] == pytest.approx(1 / 6)  # row 5 of the clean 4-9
+    assert c["relabel_correct"] == pytest.approx(0.8) and c["corrupt_correct"] == pytest.approx(0.6)
+    assert captured[1][0].tolist() == [2] * 10 and t["relabel_correct"] == pytest.approx(0.2)
+    assert t["fixed"] == 0.25 and t["broken"] == pytest.approx(5 / 6)
+    assert out["val_size"] == 2 and out["test_size"] == 8
+
+
+def test_retraining_patience_and_best_epoch_restore(monkeypatch):
+    """Validation accuracy 0.5, 0.7, 0.6, 0.65, 0.7, ...: with patience 3 the retraining stops after
+    epoch 5 and returns the weights of epoch 2."""
+    scripted = iter([0.5, 0.7, 0.6, 0.65, 0.7, 0.9, 0.95])
+    epoch = {"n": 0}
+
+    def fake_epoch(model, opt, images, labels, batch_size, gen):
+        epoch["n"] += 1
+        with torch.no_grad():
+            model.out.bias.fill_(epoch["n"])  # the weights say which epoch produced them
+        return 0.0
+    monkeypatch.setattr(m, "train_epoch", fake_epoch)
+    monkeypatch.setattr(m, "accuracy", lambda pred, labels: next(scripted))
+    data = dict(train_x=torch.zeros(4, 1, 28, 28, dtype=torch.uint8), train_y=torch.zeros(4, dtype=torch.long),
+                test_x=torch.zeros(5, 1, 28, 28, dtype=torch.uint8), test_y=torch.zeros(5, dtype=torch.long))
+    config = dict(retrain_epochs=30, patience=3, batch_size=2, lr=1e-3, optimizer="sgd")
+    model, epochs = m.retrain(m.build_model("mlp", (1, 28, 28), 10, 0), data, data["train_y"],
+                              torch.tensor([0, 1]), config, seed=0)
+    assert epochs == 5 and epoch["n"] == 5
+    assert torch.all(model.out.bias == 2)

@@ -177,3 +177,16 @@ def test_bad_input_gives_one_line_error(args, fragment, tmp_path, capsys):
 
 def test_bad_input_from_the_command_line(tmp_path):
     assert_one_line_error(run_script("toy_capacity.py", "--n", "0", "--out-dir", tmp_path / "out"), "--n")
+
+
+def test_scripts_in_tests_run_offline(tmp_path):
+    """The missing-data tests rely on it: no test may download a dataset, even on a connected machine."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("import urllib.request\n"
+                     "try:\n    urllib.request.urlopen('http://example.com', timeout=5)\n"
+                     "except Exception as e:\n    print(type(e).__name__, e)\n")
+    proc = run_script(str(probe))
+    assert proc.returncode == 0 and "the tests run offline" in proc.stdout, proc.stdout + proc.stderr
+    import socket
+    with pytest.raises(OSError, match="offline"):
+        socket.create_connection(("example.com", 80), timeout=5)
