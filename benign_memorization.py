@@ -29,6 +29,8 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -123,7 +125,10 @@ def build_parser():
     g.add_argument("--out-dir", default="runs/benign", help="config.json, log.jsonl, results.json, ckpt.pt")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     g.add_argument("--seed", type=int, default=0, help="seed of labels, initialisation and training order")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step (augmentation to loss) and the probes' forward")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="bf16 autocast with fp16 probe features, or float32 (auto: bf16 on CUDA)")
     g.add_argument("--overwrite", action="store_true", help="discard a checkpoint made with another config")
     return p
 
@@ -163,6 +168,8 @@ def check_args(args):
                         "not for --num-augs")
     if args.iid_augs and args.subset is None:
         args.subset = 1000
+    if args.precision == "auto":
+        args.precision = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
     if args.mixup is None:  # mixing would make the n*B fixed points infinitely many (Section 5.1)
         args.mixup = 0.0 if (args.num_augs or args.iid_augs) else 0.8
 
@@ -289,23 +296,28 @@ class TrainingSet:
     def __len__(self):
         return len(self.source)
 
+    def fixed_uniforms(self, idx):
+        """The uniforms of points idx's fixed augmentations: a pure function of (image, aug id)."""
+        return hash_uniforms(self.stream, self.source[idx], self.aug_id[idx], NUM_UNIFORMS)
+
     def view(self, idx):
         """Points idx as the network must fit them: their fixed augmentation if any, else unaugmented."""
         x = self.images[self.source[idx]].float().div_(255)
         if self.aug_id is not None:
-            u = hash_uniforms(self.stream, self.source[idx], self.aug_id[idx], NUM_UNIFORMS)
-            x = apply_augment(x, augment_params(u, x.shape[-2], x.shape[-1]))
+            x = apply_augment(x, augment_params(self.fixed_uniforms(idx), x.shape[-2], x.shape[-1]))
         return x
 
-    def batch(self, idx, generator):
-        """A training batch: float images in [0, 1] and one-hot targets."""
+    def batch(self, idx, online_uniforms=None):
+        """A training batch before augmentation and mixup: uint8 images, one-hot targets, and the
+        uniforms of the augmentation the step must apply (the fresh online_uniforms, the fixed
+        augmentations' own, or None). RandAugment runs here, eagerly, on uint8 images."""
+        images = self.images[self.source[idx]]
+        targets = F.one_hot(self.labels[idx], self.num_classes).float()
         if self.augment == "randaugment":
-            x = rand_augment(self.images[self.source[idx]], self.strength).float().div_(255)
-        else:
-            x = self.view(idx)
-            if self.augment == "online":
-                x = augment_batch(x, generator)
-        return x, F.one_hot(self.labels[idx], self.num_classes).float()
+            return rand_augment(images, self.strength), targets, None
+        if self.augment == "fixed":
+            return images, targets, self.fixed_uniforms(idx)
+        return images, targets, online_uniforms if self.augment == "online" else None
 
 
 def balanced_anchors(clean, subset, seed):
@@ -559,14 +571,28 @@ def rand_augment(images, strength, group=8):
     return torch.cat([t(chunk) for chunk in images.split(group)])
 
 
-def mixup(x, y, prob, generator=None):
-    """With probability prob mix the batch with a permutation of itself: x and y with the same lambda."""
-    u = torch.rand(2, generator=generator, device=x.device)
-    lam = torch.where(u[0] < prob, u[1], torch.ones_like(u[1]))  # Beta(1, 1) is uniform
-    perm = torch.randperm(x.shape[0], generator=generator, device=x.device)
+def mixup(x, y, prob, u):
+    """With probability prob mix the batch with a permutation of itself, x and y with the same
+    lambda. u holds the step's uniforms: the coin, lambda (Beta(1, 1) is uniform) and one sort key
+    per image, whose argsort is the partner permutation. Drawing lambda = 1 for an unmixed batch
+    keeps the step free of host syncs and of data-dependent branches."""
+    lam = torch.where(u[0] < prob, u[1], torch.ones_like(u[1]))
+    perm = u[2:].argsort()
     return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
 
 # ----------------------------------------------------------------------------- training
+
+
+def step_uniforms(batch, online, mix, generator, device):
+    """Every random number of one training step in one draw: per image, the online augmentation's
+    uniforms and a partner key for mixup; per batch, mixup's coin and lambda. Drawn outside the
+    (compiled) step, so the step is a pure function and a resumed run draws the same numbers."""
+    per_image = NUM_UNIFORMS * online + mix
+    u = torch.rand(batch * per_image + 2 * mix, generator=generator, device=device)
+    rows = u[:batch * per_image].view(batch, per_image)
+    aug_u = rows[:, :NUM_UNIFORMS] if online else None
+    mix_u = torch.cat([u[batch * per_image:], rows[:, -1]]) if mix else None
+    return aug_u, mix_u
 
 
 def compute_loss(out, target, kind):
@@ -574,22 +600,34 @@ def compute_loss(out, target, kind):
     return F.mse_loss(out, target) if kind == "mse" else F.cross_entropy(out, target)
 
 
-def train_epoch(model, opt, data, gen, args, autocast):
+def step_loss(model, images, targets, aug_u, mix_u, mixup_prob, loss_kind, bf16, channels_last):
+    """Augmentation, mixup, forward and loss of one step, from uint8 images and the step's uniforms.
+    A pure function of its tensors, so that torch.compile(fullgraph=True) makes it one graph: an
+    eager step issues about a thousand small operators (about 490 for the augmentation alone)."""
+    x = images.float() / 255
+    if aug_u is not None:
+        x = apply_augment(x, augment_params(aug_u, x.shape[-2], x.shape[-1]))
+    if mix_u is not None:
+        x, targets = mixup(x, targets, mixup_prob, mix_u)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(x)
+    return compute_loss(out, targets, loss_kind)
+
+
+def train_epoch(model, opt, data, gen, args, rt):
     """One epoch of data.epoch_size // batch_size steps over a fresh permutation of the training
     points; returns the mean loss (a device tensor, so no host sync per step)."""
     dev = data.labels.device
     perm = torch.randperm(len(data), generator=gen, device=dev)
-    steps = data.epoch_size // args.batch_size
+    steps, size = data.epoch_size // args.batch_size, args.batch_size
     total = torch.zeros((), device=dev)
     for s in range(steps):
-        x, y = data.batch(perm[s * args.batch_size:(s + 1) * args.batch_size], gen)
-        if args.mixup > 0:
-            x, y = mixup(x, y, args.mixup, gen)
-        if dev.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            out = model(x)
-        loss = compute_loss(out, y, args.loss)
+        aug_u, mix_u = step_uniforms(size, data.augment == "online", args.mixup > 0, gen, dev)
+        images, targets, aug_u = data.batch(perm[s * size:(s + 1) * size], aug_u)
+        loss = rt.step(model, images, targets, aug_u, mix_u, args.mixup, args.loss, rt.bf16,
+                       rt.channels_last)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -599,35 +637,70 @@ def train_epoch(model, opt, data, gen, args, autocast):
 # ----------------------------------------------------------------------------- probes
 
 
-def knn_predict(train_feats, train_labels, query_feats, k=20, exclude_self=False, groups=None,
-                chunk=None):
-    """Cosine K-NN with a uniform majority vote; ties go to the smallest class index (as scikit-learn).
+def similarity_blocks(ref, queries, chunk=None, ref_chunk=None):
+    """(start, block) for chunks of queries: float32 cosine similarities of the chunk against every
+    reference row. The products are float32 whatever the features' dtype: fp16's spacing near 0.9
+    (4.9e-4) is wider than the usual gap between the 20th and 21st neighbour (about 1e-4), so fp16
+    similarities would reorder neighbours. Only one chunk of the reference is cast to float32 at a
+    time: no float32 copy of the whole matrix (13 GB for a 65,536-wide layer of 50,000 images)."""
+    n, dim = ref.shape
+    ref_chunk = ref_chunk or max(1, (1 << 26) // dim)  # a float32 reference chunk of at most 256 MB
+    chunk = chunk or max(1, min(4096, (1 << 28) // max(n, 1), (1 << 26) // dim))  # blocks <= 1 GB
+    parts = range(0, n, ref_chunk)
+    inv_norm = torch.cat([ref[a:a + ref_chunk].float().norm(dim=1) for a in parts]).clamp_min(1e-12)
+    inv_norm = inv_norm.reciprocal()  # 1/|q| scales a whole row: it would not change the ranking
+    for start in range(0, queries.shape[0], chunk):
+        q = queries[start:start + chunk].float()
+        block = torch.empty(q.shape[0], n, device=q.device)
+        for a in parts:
+            block[:, a:a + ref_chunk] = q @ ref[a:a + ref_chunk].float().T
+        yield start, block.mul_(inv_norm)
 
-    exclude_self: the queries are the reference set itself, and query i may not vote for itself,
-    nor, given groups (one id per point, e.g. its source image), for any point of its own group:
-    other views of the same image would otherwise vote its label.
-    Queries are compared in chunks, so the similarity matrix never exceeds chunk x len(train).
-    """
+
+def leave_out(sim, start, groups=None):
+    """Mask a block of self-similarities so that query start + i ignores itself and, given groups
+    (one id per point, e.g. its source image), every point of its own group."""
+    if groups is None:
+        rows = torch.arange(sim.shape[0], device=sim.device)
+        return sim.index_put_((rows, rows + start), torch.tensor(-float("inf"), device=sim.device))
+    return sim.masked_fill_(groups[start:start + sim.shape[0], None] == groups[None, :], -float("inf"))
+
+
+def vote(sim, labels, k, num_classes):
+    """Uniform majority vote of the k most similar references; ties go to the smallest class index
+    (as scikit-learn), since argmax returns the first maximum."""
+    idx = sim.topk(k, dim=1).indices
+    votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
+    votes.scatter_add_(1, labels[idx], torch.ones_like(idx, dtype=votes.dtype))
+    return votes.argmax(1)
+
+
+def knn_predict(train_feats, train_labels, query_feats, k=20, exclude_self=False, groups=None,
+                chunk=None, ref_chunk=None):
+    """Cosine K-NN with a uniform majority vote. exclude_self: the queries are the reference set
+    itself, and a query may not vote for itself nor for a point of its own group (other views of
+    the same image would vote its label). Memory is bounded by the chunks, not by the matrices."""
     n, num_classes = train_feats.shape[0], int(train_labels.max()) + 1
     largest_group = 1 if groups is None else int(torch.unique(groups, return_counts=True)[1].max())
     k = min(k, n - largest_group if exclude_self else n)
-    inv_norm = 1 / train_feats.float().norm(dim=1).clamp_min(1e-12)
-    chunk = chunk or max(1, min(4096, (1 << 28) // max(n, 1)))
     preds = []
-    for start in range(0, query_feats.shape[0], chunk):
-        q = query_feats[start:start + chunk]
-        sim = (q @ train_feats.T).float() * inv_norm  # scaling rows by 1/|q| would not change the ranking
-        if exclude_self and groups is None:
-            rows = torch.arange(q.shape[0], device=q.device)
-            sim[rows, rows + start] = -float("inf")
-        elif exclude_self:
-            same = groups[start:start + q.shape[0], None] == groups[None, :]
-            sim.masked_fill_(same, -float("inf"))
-        idx = sim.topk(k, dim=1).indices
-        votes = torch.zeros(q.shape[0], num_classes, device=q.device)
-        votes.scatter_add_(1, train_labels[idx], torch.ones_like(idx, dtype=votes.dtype))
-        preds.append(votes.argmax(1))  # argmax returns the first maximum: the smallest class
+    for start, sim in similarity_blocks(train_feats, query_feats, chunk, ref_chunk):
+        preds.append(vote(leave_out(sim, start, groups) if exclude_self else sim, train_labels, k,
+                          num_classes))
     return torch.cat(preds)
+
+
+def knn_noisy(feats, labels, k=20, groups=None, chunk=None, ref_chunk=None):
+    """The noisy probe of training points against each other, from one pass over the similarities:
+    (leave-one-out predictions, self-inclusive predictions as scikit-learn's predict on its own
+    training set)."""
+    n, num_classes = feats.shape[0], int(labels.max()) + 1
+    largest_group = 1 if groups is None else int(torch.unique(groups, return_counts=True)[1].max())
+    loo, own = [], []
+    for start, sim in similarity_blocks(feats, feats, chunk, ref_chunk):
+        own.append(vote(sim, labels, min(k, n), num_classes))
+        loo.append(vote(leave_out(sim, start, groups), labels, min(k, n - largest_group), num_classes))
+    return torch.cat(loo), torch.cat(own)
 
 
 def normalized_invariance(h_aug1, h_aug2, h_clean):
@@ -664,21 +737,47 @@ def linear_probe(train_f, train_y, test_f, test_y, steps=100, weight_decay=1e-4)
     return ((xt @ W + b).argmax(1) == test_y).float().mean().item()
 
 
+def layer_outputs(model, x, bf16, channels_last):
+    """Every probed layer's flattened output for float images x (the probes' forward pass)."""
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    taps = {}
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        model(x, taps)
+    return taps
+
+
+@dataclass
+class Runtime:
+    """How every forward pass runs. One precision setting for the step, the probes and the K-NN:
+    bf16 autocast with probe features stored in fp16 (L2-normalised, so in [-1, 1], where fp16 has
+    three more mantissa bits than bf16), or float32 throughout. With compiled, torch.compile builds
+    the whole training step and the probes' forward."""
+    device: torch.device
+    bf16: bool
+    compiled: bool = False
+    channels_last: bool = field(init=False)  # NHWC convolutions are faster on CUDA only
+    feature_dtype: torch.dtype = field(init=False)
+    step: Callable = field(init=False)
+    forward: Callable = field(init=False)
+
+    def __post_init__(self):
+        self.channels_last = self.device.type == "cuda"
+        self.feature_dtype = torch.float16 if self.bf16 else torch.float32
+        self.step = torch.compile(step_loss, fullgraph=True) if self.compiled else step_loss
+        self.forward = torch.compile(layer_outputs) if self.compiled else layer_outputs
+
+
 @torch.no_grad()
-def extract(model, count, load, layers, autocast, normalize=True, batch=None):
+def extract(model, count, load, layers, rt, normalize=True, batch=None):
     """Flattened features of `layers` for `count` images; load(a, b) returns float images a..b-1.
-    L2-normalised and fp16 on CUDA for the K-NN probes, or raw float32 (normalize=False)."""
+    L2-normalised in rt.feature_dtype for the K-NN probes, or raw float32 (normalize=False)."""
     dev = next(model.parameters()).device
     batch = batch or (1024 if dev.type == "cuda" else 256)
-    dtype = torch.float16 if normalize and dev.type == "cuda" else torch.float32
+    dtype = rt.feature_dtype if normalize else torch.float32
     out = {}
     for start in range(0, count, batch):
-        x = load(start, min(start + batch, count))
-        if dev.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        taps = {}
-        with autocast:
-            model(x, taps)
+        taps = rt.forward(model, load(start, min(start + batch, count)), rt.bf16, rt.channels_last)
         for name in layers:
             f = taps[name].float()
             f = (F.normalize(f, dim=1) if normalize else f).to(dtype)
@@ -707,10 +806,10 @@ def probe_budget(device):
     return 4 << 30
 
 
-def layer_dims(model, resolution, autocast):
-    taps = {}
-    with torch.no_grad(), autocast:
-        model(torch.zeros(2, 3, resolution, resolution, device=next(model.parameters()).device), taps)
+@torch.no_grad()
+def layer_dims(model, resolution):
+    x = torch.zeros(2, 3, resolution, resolution, device=next(model.parameters()).device)
+    taps = layer_outputs(model, x, False, False)  # shapes only: eager, float32
     return {name: taps[name].shape[1] for name in model.layer_names()}
 
 
@@ -719,7 +818,7 @@ def from_uint8(images):
 
 
 @torch.no_grad()
-def probe(model, ps, args, autocast, linear):
+def probe(model, ps, args, rt, linear):
     """Every layer: K-NN clean (clean training images -> test), K-NN noisy (training points with their
     training labels, leave-one-out: no point votes for itself or another view of its image; and
     self-inclusive, as scikit-learn's predict on its own training set), the network's memorization
@@ -729,7 +828,7 @@ def probe(model, ps, args, autocast, linear):
     model.eval()
     dev = ps["train_x"].device
     names = model.layer_names()
-    dims = layer_dims(model, ps["train_x"].shape[-1], autocast)
+    dims = layer_dims(model, ps["train_x"].shape[-1])
     shared = ps["mem_idx"] is None  # the memorization points are the clean reference images
     loads = {"train": (len(ps["train_x"]), from_uint8(ps["train_x"])), "test": (len(ps["test_x"]), from_uint8(ps["test_x"]))}
     if not shared:
@@ -738,18 +837,16 @@ def probe(model, ps, args, autocast, linear):
     result = {"knn_clean": {}, "knn_noisy": {}, "knn_noisy_self": {}}
     noisy = ps["noisy_probe"]
     mem_groups = None if shared else ps["data"].source[ps["mem_idx"]]  # the image each point shows
-    for group in layer_groups(dims, count, probe_budget(dev), 2 if dev.type == "cuda" else 4):
-        f = {key: extract(model, c, load, group, autocast) for key, (c, load) in loads.items()}
+    for group in layer_groups(dims, count, probe_budget(dev), rt.feature_dtype.itemsize):
+        f = {key: extract(model, c, load, group, rt) for key, (c, load) in loads.items()}
         mem = f["train"] if shared else f["mem"]
         for name in group:
             pred = knn_predict(f["train"][name], ps["train_clean"], f["test"][name], args.knn_k)
             result["knn_clean"][name] = (pred == ps["test_clean"]).float().mean().item()
             if noisy:
-                pred = knn_predict(mem[name], ps["mem_labels"], mem[name], args.knn_k,
-                                   exclude_self=True, groups=mem_groups)
-                result["knn_noisy"][name] = (pred == ps["mem_labels"]).float().mean().item()
-                pred = knn_predict(mem[name], ps["mem_labels"], mem[name], args.knn_k)
-                result["knn_noisy_self"][name] = (pred == ps["mem_labels"]).float().mean().item()
+                loo, own = knn_noisy(mem[name], ps["mem_labels"], args.knn_k, mem_groups)
+                result["knn_noisy"][name] = (loo == ps["mem_labels"]).float().mean().item()
+                result["knn_noisy_self"][name] = (own == ps["mem_labels"]).float().mean().item()
             if name == "output":  # normalising does not move the argmax
                 result["train_acc"] = (mem[name].float().argmax(1) == ps["mem_labels"]).float().mean().item()
                 same_classes = mem[name].shape[1] == ps["clean_classes"]
@@ -763,12 +860,12 @@ def probe(model, ps, args, autocast, linear):
     keys = ("train_acc", "test_acc", "knn_clean", "knn_noisy", "knn_noisy_self", "linear_probe")
     result = {k: result[k] for k in keys if k in result}
     if ps["inv_x"] is not None:
-        result["invariance"] = invariance(model, ps, dims, autocast)
+        result["invariance"] = invariance(model, ps, dims, rt)
     model.train()
     return result
 
 
-def invariance(model, ps, dims, autocast):
+def invariance(model, ps, dims, rt):
     """Normalized invariance (eq. 2) of every layer on a fixed image subset, under two fixed draws of
     the full augmentation per image (the same draws at every evaluation)."""
     x = ps["inv_x"]
@@ -776,19 +873,19 @@ def invariance(model, ps, dims, autocast):
     loads = [from_uint8(x), view(ps["inv_u1"]), view(ps["inv_u2"])]
     out = {}
     for group in layer_groups(dims, 3 * len(x), probe_budget(x.device), 4):
-        clean, a1, a2 = (extract(model, len(x), load, group, autocast, normalize=False) for load in loads)
+        clean, a1, a2 = (extract(model, len(x), load, group, rt, normalize=False) for load in loads)
         out.update({name: normalized_invariance(a1[name], a2[name], clean[name]) for name in group})
     return {name: out[name] for name in model.layer_names()}
 
 
 @torch.no_grad()
-def transfer_probe(model, sets, args, autocast):
+def transfer_probe(model, sets, args, rt):
     """K-NN and linear probe of the embedding on other datasets (clean train -> clean test)."""
     model.eval()
     out = {}
     for name, ((tx, ty), (qx, qy)) in sets.items():
-        ft = extract(model, len(tx), from_uint8(tx), ["embedding"], autocast)["embedding"]
-        fq = extract(model, len(qx), from_uint8(qx), ["embedding"], autocast)["embedding"]
+        ft = extract(model, len(tx), from_uint8(tx), ["embedding"], rt)["embedding"]
+        fq = extract(model, len(qx), from_uint8(qx), ["embedding"], rt)["embedding"]
         out[name] = {"knn": (knn_predict(ft, ty, fq, args.knn_k) == qy).float().mean().item(),
                      "linear": linear_probe(ft, ty, fq, qy)}
     model.train()
@@ -940,7 +1037,7 @@ def run(args):
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     gen = named_generator(device, "train", args.seed)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    rt = Runtime(device, bf16=args.precision == "bf16", compiled=args.compile)
     history, start = [], 1
     if ckpt:
         model.load_state_dict(ckpt["model"])
@@ -948,14 +1045,13 @@ def run(args):
         set_rng_state(ckpt["rng"], gen, device)
         history, start = ckpt["history"], ckpt["epoch"] + 1
         print(f"resuming {args.out_dir} from epoch {ckpt['epoch']}")
-    step_model = torch.compile(model) if args.compile else model
 
     def evaluate(epoch, loss, img_per_s):
         ends = epoch in (0, args.epochs)
         linear = args.linear_probe == "every" or (args.linear_probe == "final" and ends)
-        row = {"epoch": epoch, "loss": loss, "img_per_s": img_per_s, **probe(model, probe_set, args, autocast, linear)}
+        row = {"epoch": epoch, "loss": loss, "img_per_s": img_per_s, **probe(model, probe_set, args, rt, linear)}
         if transfer_sets and ends:
-            row["transfer"] = transfer_probe(model, transfer_sets, args, autocast)
+            row["transfer"] = transfer_probe(model, transfer_sets, args, rt)
         history.append(row)
         tqdm.write(format_eval(row))
         write_jsonl(os.path.join(args.out_dir, "log.jsonl"), history)
@@ -969,7 +1065,7 @@ def run(args):
     bar = tqdm(range(start, args.epochs + 1), initial=start - 1, total=args.epochs, desc="epochs")
     for epoch in bar:
         t0 = time.time()
-        loss = train_epoch(step_model, opt, data, gen, args, autocast).item()  # one sync per epoch
+        loss = train_epoch(model, opt, data, gen, args, rt).item()  # one sync per epoch
         seconds += time.time() - t0
         images += (data.epoch_size // args.batch_size) * args.batch_size
         if not math.isfinite(loss):

@@ -102,11 +102,16 @@ def main():
     data = bm.TrainingSet(images.to(device), torch.arange(len(images), device=device), labels.to(device), 10, "online")
     gen = torch.Generator(device=device).manual_seed(0)
 
+    rt = bm.Runtime(device, bf16=device.type == "cuda", compiled=a.compile)
+
     def full_step():
         idx = torch.randint(len(data), (bs,), generator=gen, device=device)
-        xb, yb = data.batch(idx, gen)
-        xb, yb = bm.mixup(xb, yb, 0.8, gen)
-        step(xb.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else xb, yb)
+        aug_u, mix_u = bm.step_uniforms(bs, True, True, gen, device)
+        images_b, yb, aug_u = data.batch(idx, aug_u)
+        loss = rt.step(model, images_b, yb, aug_u, mix_u, 0.8, "mse", rt.bf16, rt.channels_last)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     t_b = timed(full_step, a.steps, warmup, device)
 
     # (c) per-image torchvision transforms in a DataLoader
@@ -141,7 +146,7 @@ def main():
     probe_set = bm.make_probe_set(args, train, test, probe_data, 10, device)
     sync(device)
     t0 = time.perf_counter()
-    bm.probe(model, probe_set, args, autocast, linear=True)
+    bm.probe(model, probe_set, args, rt, linear=True)
     sync(device)
     t_d = time.perf_counter() - t0
 

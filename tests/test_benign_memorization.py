@@ -14,6 +14,8 @@ from torchvision.transforms import RandomResizedCrop
 import benign_memorization as bm
 from conftest import assert_one_line_error, main_error, run_script, write_cifar
 
+CPU_FP32 = bm.Runtime(torch.device("cpu"), bf16=False)
+
 # ----------------------------------------------------------------------------- K-NN
 
 
@@ -145,19 +147,22 @@ def test_mixup_mixes_images_and_targets_with_one_lambda():
     g = torch.Generator().manual_seed(0)
     mixed = 0
     for _ in range(50):
-        xm, ym = bm.mixup(y.clone(), y, 0.8, g)  # images equal to targets: one lambda, one permutation
+        _, u = bm.step_uniforms(16, False, True, g, torch.device("cpu"))
+        xm, ym = bm.mixup(y.clone(), y, 0.8, u)  # images equal to targets: one lambda, one permutation
         torch.testing.assert_close(ym.sum(1), torch.ones(16))
         assert torch.equal(xm, ym)
         mixed += not torch.equal(ym, y)
     assert 30 <= mixed <= 48  # about 80% of batches mixed
-    xm, ym = bm.mixup(y.clone(), y, 0.0, g)
+    xm, ym = bm.mixup(y.clone(), y, 0.0, u)
     assert torch.equal(ym, y)
 
 def test_mixup_lambda_is_uniform_and_mixes_with_probability_p():
-    """Beta(1, 1) is the uniform law: read lambda back from targets whose classes are all distinct."""
+    """Beta(1, 1) is the uniform law: read lambda back from targets whose classes are all distinct,
+    mixed with the uniforms a training step draws."""
     y = torch.eye(16)
     g = torch.Generator().manual_seed(0)
-    lams = np.array([bm.mixup(y, y, 0.8, g)[1].diagonal().min().item() for _ in range(3000)])
+    draw = lambda: bm.step_uniforms(16, True, True, g, torch.device("cpu"))[1]
+    lams = np.array([bm.mixup(y, y, 0.8, draw())[1].diagonal().min().item() for _ in range(3000)])
     mixed = lams[lams < 1]
     assert len(mixed) / len(lams) == pytest.approx(0.8, abs=0.025)
     ks = np.max(np.abs(np.sort(mixed) - np.arange(1, len(mixed) + 1) / len(mixed)))  # vs U(0, 1)
@@ -261,7 +266,7 @@ def test_probe_at_init_matches_features_extracted_independently(cifar, patch_md5
     data = bm.make_training_set(args, train, 10, torch.device("cpu"))
     ps = bm.make_probe_set(args, train, test, data, 10, torch.device("cpu"))
     model = bm.build_model(args, 10, 32)
-    got = bm.probe(model, ps, args, torch.autocast("cpu", enabled=False), linear=False)
+    got = bm.probe(model, ps, args, CPU_FP32, linear=False)
     assert_probe_matches(got, independent_probe(model, ps, 3))
     assert all(v > 0 for v in got["invariance"].values())  # two different views of each image
 
@@ -271,8 +276,8 @@ def test_training_step_gets_augmented_images_and_targets_mixed_with_one_lambda(
     seen = {"mix": [], "forward": [], "loss": []}
     real_mix, real_loss, real_forward = bm.mixup, bm.compute_loss, bm.Network.forward
 
-    def mix(x, y, prob, generator=None):
-        xm, ym = real_mix(x, y, prob, generator)
+    def mix(x, y, prob, u):
+        xm, ym = real_mix(x, y, prob, u)
         seen["mix"].append((x, y, xm, ym))
         return xm, ym
 
@@ -504,8 +509,8 @@ def test_fixed_augmentations_are_fixed_distinct_and_keyed_by_index():
     for i, b in [(0, 0), (2, 1), (5, 2)]:
         assert torch.equal(d5.view(torch.tensor([pos5(i, b)]))[0], all3[3 * i + b])
     # training batches of a fixed set are exactly these views (no fresh augmentation)
-    x, _ = d3.batch(torch.tensor([4, 17]), torch.Generator().manual_seed(0))
-    assert torch.equal(x, all3[[4, 17]])
+    images, _, u = d3.batch(torch.tensor([4, 17]), torch.rand(2, bm.NUM_UNIFORMS))
+    assert torch.equal(bm.apply_augment(images.float() / 255, bm.augment_params(u, 32, 32)), all3[[4, 17]])
 
 
 def test_label_bookkeeping_same_random_per_sample_and_noise():
@@ -659,8 +664,7 @@ def test_invariance_of_the_input_layer_is_the_direct_computation(cifar, patch_md
     data = bm.make_training_set(args, train, 10, torch.device("cpu"))
     ps = bm.make_probe_set(args, train, test, data, 10, torch.device("cpu"))
     model = bm.build_model(args, 10, 32)
-    inv = bm.invariance(model.eval(), ps, bm.layer_dims(model, 32, torch.autocast("cpu", enabled=False)),
-                        torch.autocast("cpu", enabled=False))
+    inv = bm.invariance(model.eval(), ps, bm.layer_dims(model, 32), CPU_FP32)
     x = ps["inv_x"].float() / 255
     a1 = bm.apply_augment(x, bm.augment_params(ps["inv_u1"], 32, 32)).flatten(1).double().numpy()
     a2 = bm.apply_augment(x, bm.augment_params(ps["inv_u2"], 32, 32)).flatten(1).double().numpy()
@@ -741,12 +745,11 @@ def test_noisy_probe_leaves_out_every_view_of_the_query_image(cifar, patch_md5, 
     source = data.source[ps["mem_idx"]]
     assert len(source.unique()) < len(source)  # some images are seen through several views
     model = bm.build_model(args, 10, 32).eval()
-    calls = []
-    real = bm.knn_predict
-    monkeypatch.setattr(bm, "knn_predict", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
-    got = bm.probe(model, ps, args, torch.autocast("cpu", enabled=False), linear=False)
-    noisy_calls = [kw for kw in calls if kw.get("exclude_self")]
-    assert noisy_calls and all(torch.equal(kw["groups"], source) for kw in noisy_calls)
+    groups = []
+    real = bm.knn_noisy
+    monkeypatch.setattr(bm, "knn_noisy", lambda feats, labels, k, g=None: groups.append(g) or real(feats, labels, k, g))
+    got = bm.probe(model, ps, args, CPU_FP32, linear=False)
+    assert len(groups) == 9 and all(torch.equal(g, source) for g in groups)  # one call per layer
     with torch.no_grad():
         taps = {}
         model.eval()(data.view(ps["mem_idx"]), taps)  # probe() leaves the model in training mode
@@ -814,3 +817,139 @@ def test_benchmark_runs_at_tiny_size():
     assert proc.returncode == 0, proc.stderr
     for part in ("(a)", "(b)", "(c)", "(d)", "augmentation alone"):
         assert part in proc.stdout
+
+# ----------------------------------------------------------------------------- GPU paths, run on the CPU
+
+
+def near_tied_features(seed, n, queries, dim=256):
+    """Unit vectors around one direction: cosine similarities near 0.89 with a median gap of about
+    1e-4 between the 20th and 21st neighbour, stored in fp16 (spacing 4.9e-4 near 0.9)."""
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(dim, generator=g)
+    points = lambda m: torch.nn.functional.normalize(
+        mu + 0.35 * torch.randn(m, dim, generator=g) * mu.norm() / dim ** 0.5, dim=1).half()
+    return points(n), points(queries), torch.randint(10, (n,), generator=g)
+
+
+def test_knn_ranks_near_tied_fp16_features_in_float32():
+    ref, q, y = near_tied_features(0, 5000, 500)
+    r64 = ref.double().numpy() / np.linalg.norm(ref.double().numpy(), axis=1, keepdims=True)
+    sims = q.double().numpy() @ r64.T  # float64 reference on the same stored features
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :20]
+    expected = np.array([np.argmax(np.bincount(y.numpy()[row], minlength=10)) for row in top])
+    got = bm.knn_predict(ref, y, q, k=20, chunk=128, ref_chunk=1000).numpy()
+    assert (got == expected).mean() >= 0.995
+    # the case is hard: ranking fp16 similarities, as before, disagrees far more often
+    top16 = (q @ ref.T).float().topk(20, dim=1).indices
+    fp16 = torch.zeros(500, 10).scatter_add_(1, y[top16], torch.ones(500, 20)).argmax(1).numpy()
+    assert (fp16 == expected).mean() < 0.95
+
+
+class LargestNewTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest storage any operator allocates (views and in-place results excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = lambda tree: [t for t in torch.utils._pytree.tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in flat((args, kwargs))}
+        for t in flat(out):
+            if t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+def test_knn_temporaries_are_bounded_by_the_chunks_not_the_matrix():
+    ref, q, y = near_tied_features(1, 3000, 400, dim=1024)
+    groups = torch.arange(3000) // 3
+    with LargestNewTensor() as mode:
+        bm.knn_predict(ref, y, q, k=20, chunk=256, ref_chunk=256)
+        bm.knn_noisy(ref, y, k=20, groups=groups, chunk=256, ref_chunk=256)
+    block = 256 * 3000 * 4  # one float32 block of similarities: the bound
+    assert mode.largest <= block
+    assert mode.largest < 3000 * 1024 * 4 / 3  # a float32 copy of the reference would be 12.3 MB
+    # and the chunked pass gives the unchunked answer
+    loo, own = bm.knn_noisy(ref, y, k=20, groups=groups, chunk=256, ref_chunk=256)
+    assert torch.equal(loo, bm.knn_predict(ref, y, ref, k=20, exclude_self=True, groups=groups))
+    assert torch.equal(own, bm.knn_predict(ref, y, ref, k=20))
+
+
+def test_bf16_precision_runs_a_step_and_a_full_probe_on_the_cpu(cifar, tmp_path, patch_md5):
+    """The CUDA precision path (bf16 autocast, fp16 stored features) through the same code on the CPU."""
+    res = bm.main(SMALL + ["--precision", "bf16", "--eval-every", "1", "--data-dir", str(cifar),
+                           "--out-dir", str(tmp_path)])
+    assert res["config"]["precision"] == "bf16" and math.isfinite(res["final"]["loss"])
+    for row in (res["init"], res["final"]):
+        for key in ("knn_clean", "knn_noisy", "knn_noisy_self"):
+            assert list(row[key]) == RESNET_LAYERS and all(0 <= v <= 1 for v in row[key].values())
+        assert all(math.isfinite(v) and v > 0 for v in row["invariance"].values())
+        assert 0 <= row["linear_probe"] <= 1
+    rt = bm.Runtime(torch.device("cpu"), bf16=True)
+    model = bm.build_model(parsed("--projector-width", "32"), 10, 32).eval()
+    x = bm.load_dataset("cifar10", str(cifar))[0][0][:8]
+    feats = bm.extract(model, 8, bm.from_uint8(x), ["stem", "embedding"], rt)
+    assert all(f.dtype == torch.float16 for f in feats.values())
+    torch.testing.assert_close(feats["stem"].float().norm(dim=1), torch.ones(8), atol=2e-3, rtol=0)
+    assert parsed().precision == "fp32"  # auto: float32 off CUDA
+
+
+def tiny_stages(stem_stride):
+    """Two small conv stages standing in for ResNet18 where compiling it would cost minutes."""
+    block = lambda a, b, stride: torch.nn.Sequential(torch.nn.Conv2d(a, b, 3, stride, 1, bias=False),
+                                                     torch.nn.BatchNorm2d(b), torch.nn.ReLU())
+    return [("stem", block(3, 8, stem_stride)), ("layer1", block(8, 16, 2))], 16
+
+
+def test_compiled_step_is_one_graph_and_matches_eager():
+    """Tolerance: inductor fuses and reorders float32 sums, so the compiled step equals the eager
+    one to rounding (relative 1e-4 on the loss and gradients), not bit for bit."""
+    torch.manual_seed(0)
+    model = bm.Network(tiny_stages(1)[0], 16, 32, 10)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g)
+    targets = torch.nn.functional.one_hot(torch.randint(10, (16,), generator=g), 10).float()
+    aug_u, mix_u = bm.step_uniforms(16, True, True, g, torch.device("cpu"))
+    mix_u[0] = 0.0  # make sure this batch is mixed
+    inputs = (model, images, targets, aug_u, mix_u, 0.8, "mse", False, False)
+    for args in (inputs, (model, images, targets, None, None, 0.0, "ce", False, False)):
+        explained = torch._dynamo.explain(bm.step_loss)(*args)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1
+    grads = []
+    for fn in (bm.step_loss, torch.compile(bm.step_loss, fullgraph=True)):
+        model.zero_grad()
+        loss = fn(*inputs)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_e, grad_e), (loss_c, grad_c) = grads
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-6)
+    for a, b in zip(grad_c, grad_e):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_run_killed_after_a_checkpoint_ends_as_an_uninterrupted_one(
+        cifar, tmp_path, patch_md5, monkeypatch):
+    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
+    common = ["--epochs", "3", "--eval-every", "1", "--batch-size", "32", "--projector-width", "16",
+              "--knn-k", "5", "--invariance-size", "8", "--linear-probe", "off", "--compile",
+              "--data-dir", str(cifar)]
+    whole = bm.main(common + ["--out-dir", str(tmp_path / "whole")])
+    real_save, saves = bm.save_checkpoint, []
+
+    def save_then_die(path, state):  # the process dies right after the epoch-1 checkpoint
+        real_save(path, state)
+        saves.append(state["epoch"])
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(bm, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        bm.main(common + ["--out-dir", str(tmp_path / "cut")])
+    monkeypatch.setattr(bm, "save_checkpoint", real_save)
+    assert saves == [0, 1]
+    torch.manual_seed(12345)  # whatever happened in between
+    resumed = bm.main(common + ["--out-dir", str(tmp_path / "cut")])
+    read = lambda d: [json.loads(r) for r in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+    assert strip_timing(read("whole")) == strip_timing(read("cut"))
+    assert whole["final"]["loss"] == resumed["final"]["loss"]
