@@ -22,6 +22,7 @@ Usage:
     python benign_memorization.py --epochs 20 --eval-every 5 --probe-size 5000 --projector-width 4096
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -637,6 +638,22 @@ def train_epoch(model, opt, data, gen, args, rt):
 # ----------------------------------------------------------------------------- probes
 
 
+@contextlib.contextmanager
+def tf32_matmul(enabled):
+    """Let CUDA multiply float32 matrices on TF32 tensor cores. Exact for fp16 or bf16 values cast
+    to float32: their 10 (or 7) mantissa bits fit TF32's 10, and the products accumulate in float32,
+    so the result is the float32 product at tensor-core speed. No effect on the CPU."""
+    matmul = torch.backends.cuda.matmul
+    key = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    before = getattr(matmul, key)
+    if enabled:
+        setattr(matmul, key, "tf32" if key == "fp32_precision" else True)
+    try:
+        yield
+    finally:
+        setattr(matmul, key, before)
+
+
 def similarity_blocks(ref, queries, chunk=None, ref_chunk=None):
     """(start, block) for chunks of queries: float32 cosine similarities of the chunk against every
     reference row. The products are float32 whatever the features' dtype: fp16's spacing near 0.9
@@ -649,11 +666,13 @@ def similarity_blocks(ref, queries, chunk=None, ref_chunk=None):
     parts = range(0, n, ref_chunk)
     inv_norm = torch.cat([ref[a:a + ref_chunk].float().norm(dim=1) for a in parts]).clamp_min(1e-12)
     inv_norm = inv_norm.reciprocal()  # 1/|q| scales a whole row: it would not change the ranking
+    half = {ref.dtype, queries.dtype} <= {torch.float16, torch.bfloat16}
     for start in range(0, queries.shape[0], chunk):
         q = queries[start:start + chunk].float()
         block = torch.empty(q.shape[0], n, device=q.device)
-        for a in parts:
-            block[:, a:a + ref_chunk] = q @ ref[a:a + ref_chunk].float().T
+        with tf32_matmul(half):
+            for a in parts:
+                block[:, a:a + ref_chunk] = q @ ref[a:a + ref_chunk].float().T
         yield start, block.mul_(inv_norm)
 
 
@@ -1035,7 +1054,7 @@ def run(args):
     model = build_model(args, num_classes, resolution).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)  # one kernel per update
     gen = named_generator(device, "train", args.seed)
     rt = Runtime(device, bf16=args.precision == "bf16", compiled=args.compile)
     history, start = [], 1

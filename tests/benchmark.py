@@ -9,6 +9,11 @@ Throughput of benign_memorization.py's training step and probes, on synthetic CI
 (c) the usual pipeline: torchvision per-image transforms in a DataLoader with one worker per core,
     feeding the same model;
 (d) one full layer-wise K-NN probe (all nine layers, clean and noisy).
+Then a cost model on paper for the full-size run (CIFAR-10, ResNet18, projector 65,536, batch 256):
+FLOPs from torch.utils.flop_counter on the meta device, operators per step counted with a dispatch
+mode (eager) and from inductor (--compile), the evaluation's peak memory from the script's own
+grouping and chunking, and the time these imply on one H100 at a stated utilisation: estimated,
+not measured.
 Not collected by pytest (no test_ prefix).
 """
 import argparse
@@ -18,6 +23,8 @@ import time
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms import v2
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,6 +45,102 @@ def timed(fn, steps, warmup, device):
         fn()
     sync(device)
     return (time.perf_counter() - t0) / steps
+
+
+# One H100 SXM5 80 GB, from NVIDIA's datasheet (dense, no sparsity), and the utilisations assumed
+H100_BF16_FLOPS = 989e12  # bf16 tensor cores: the training step and the probes' forward
+H100_TF32_FLOPS = 495e12  # tf32 tensor cores: the K-NN products of fp16 features, exact in TF32
+H100_MEMORY = 80e9
+STEP_UTILISATION = 0.35  # small 32x32 convolutions at batch 256 keep tensor cores far from peak
+GEMM_UTILISATION = 0.6  # the K-NN's large matrix products
+TRAIN, TEST, INVARIANCE, EPOCHS, EVAL_EVERY = 50000, 10000, 1000, 5000, 50
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operators dispatched (each one a kernel launch, or more, on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def cost_model(args, compile_step):
+    """FLOPs, operators and memory of the full-size run, and the time they imply on one H100."""
+    bs, width = 256, args.projector_width
+    model = bm.build_model(args, 10, 32).to("meta")
+    x, y = torch.rand(bs, 3, 32, 32, device="meta"), torch.rand(bs, 10, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        bm.compute_loss(model(x), y, "mse").backward()
+    train_image = counter.get_total_flops() / bs
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(x, {})
+    forward_image = counter.get_total_flops() / bs
+    small = bm.build_model(args, 10, 32)
+    dims = bm.layer_dims(small, 32)
+    knn = sum(2 * TEST * TRAIN * d + 2 * TRAIN * TRAIN * d for d in dims.values())  # clean + noisy
+    linear = 100 * 1.25 * 3 * 2 * TRAIN * dims["embedding"] * 10  # L-BFGS: 100 iterations, 1.25 evals
+    forward = (TRAIN + TEST + 3 * INVARIANCE) * forward_image
+    steps = TRAIN // bs
+    epoch = steps * bs * train_image
+
+    # operators of one eager step (any batch size issues the same ones), on the CPU at batch 8
+    opt = torch.optim.Adam(small.parameters(), lr=3e-4, fused=True)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    targets = torch.nn.functional.one_hot(torch.arange(8), 10).float()
+    aug_u, mix_u = bm.step_uniforms(8, True, True, g, torch.device("cpu"))
+    with OpCounter() as ops:
+        loss = bm.step_loss(small, images, targets, aug_u, mix_u, 0.8, "mse", False, False)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    extern = sum(op.split(".")[0] in ("convolution", "convolution_backward", "mm", "addmm", "bmm")
+                 for op in ops.ops)
+    with OpCounter() as aug_ops:
+        bm.apply_augment(images.float() / 255, bm.augment_params(aug_u, 32, 32))
+    compiled = None
+    if compile_step:  # inductor's fused kernels for the whole step, plus the convolutions and matmuls
+        import torch._inductor.metrics as metrics
+        metrics.reset()
+        step = torch.compile(bm.step_loss, fullgraph=True)
+        step(small, images, targets, aug_u, mix_u, 0.8, "mse", False, False).backward()
+        compiled = metrics.generated_kernel_count + extern + 1  # + the fused Adam kernel
+
+    # the evaluation's peak memory at full size, from the script's own grouping and chunking (bf16)
+    params = sum(p.numel() for p in model.parameters())
+    state = 4 * params * 4  # float32 weights, gradients and Adam's two moments
+    budget = 0.5 * (H100_MEMORY - state)
+    groups = bm.layer_groups(dims, TRAIN + TEST, budget, 2)
+    def knn_temp(d):  # similarity block, float32 query chunk, float32 reference chunk
+        chunk = max(1, min(4096, (1 << 28) // TRAIN, (1 << 26) // d))
+        return 4 * (chunk * TRAIN + chunk * d + max(1, (1 << 26) // d) * d)
+    taps = 1024 * sum(dims.values()) * 2 * 2  # one forward batch of 1024: bf16 taps and their float copy
+    peak = state + max(sum(2 * (TRAIN + TEST) * dims[n] for n in gr) + max(knn_temp(dims[n]) for n in gr)
+                       for gr in groups) + taps
+
+    epoch_s = epoch / (H100_BF16_FLOPS * STEP_UTILISATION)
+    eval_s = forward / (H100_BF16_FLOPS * STEP_UTILISATION) + knn / (H100_TF32_FLOPS * GEMM_UTILISATION)
+    evals = EPOCHS // EVAL_EVERY + 1
+    print("\ncost model on paper (full size: CIFAR-10 50,000/10,000 images, ResNet18, projector "
+          f"{width}, batch {bs})")
+    print(f"FLOPs per training image (forward + backward)   {train_image / 1e9:8.2f} GFLOP")
+    print(f"FLOPs per epoch ({steps} steps of {bs})          {epoch / 1e12:8.1f} TFLOP")
+    print(f"FLOPs per evaluation: forward {forward / 1e12:.1f} TFLOP, K-NN {knn / 1e12:.0f} TFLOP "
+          f"(every layer, clean and noisy), linear probe {linear / 1e12:.2f} TFLOP")
+    print(f"operators per step, eager: {len(ops.ops)} ({len(aug_ops.ops)} in the augmentation, "
+          f"{extern} convolutions and matmuls)")
+    print("operators per step, compiled: " + (f"{compiled} (inductor kernels + convolutions and "
+          "matmuls + one fused Adam)" if compiled else "run with --compile"))
+    print(f"evaluation peak memory: {peak / 1e9:.1f} GB ({len(groups)} layer groups within half of "
+          f"the free memory of an 80 GB GPU; model and optimizer {state / 1e9:.2f} GB)")
+    print(f"estimated, not measured, on one H100 SXM (bf16 {H100_BF16_FLOPS / 1e12:.0f} TFLOPS at "
+          f"{STEP_UTILISATION:.0%}, tf32 {H100_TF32_FLOPS / 1e12:.0f} TFLOPS at {GEMM_UTILISATION:.0%}): "
+          f"epoch {epoch_s:.2f} s, evaluation {eval_s:.1f} s, {EPOCHS} epochs with {evals} "
+          f"evaluations {(EPOCHS * epoch_s + evals * eval_s) / 3600:.1f} h")
 
 
 class PerImage(Dataset):
@@ -78,7 +181,7 @@ def main():
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     step_model = torch.compile(model) if a.compile else model
-    opt = torch.optim.Adam(model.parameters(), lr=3e-4)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-4, fused=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     warmup = 10 if cuda else 1
     bs = a.batch_size
@@ -161,6 +264,7 @@ def main():
     print(f"augmentation alone: batched {rate(t_aug):.0f} img/s, torchvision per image {rate(t_aug_tv):.0f} img/s (one process)")
     print(f"(d) layer-wise probe {n_tr}/{n_te}: {t_d:.1f} s")
     print(f"CIFAR-10 epoch at (b): {epoch:.1f} s; 5000 epochs: {5000 * epoch / 3600:.1f} h")
+    cost_model(args, a.compile)
 
 
 if __name__ == "__main__":

@@ -815,7 +815,8 @@ def test_benchmark_runs_at_tiny_size():
     proc = run_script("tests/benchmark.py", "--batch-size", "4", "--steps", "1", "--projector-width", "16",
                       "--probe-train", "40", "--probe-test", "10", "--workers", "0", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
-    for part in ("(a)", "(b)", "(c)", "(d)", "augmentation alone"):
+    for part in ("(a)", "(b)", "(c)", "(d)", "augmentation alone", "FLOPs per training image",
+                 "operators per step, eager", "evaluation peak memory", "estimated, not measured"):
         assert part in proc.stdout
 
 # ----------------------------------------------------------------------------- GPU paths, run on the CPU
@@ -953,3 +954,21 @@ def test_compiled_run_killed_after_a_checkpoint_ends_as_an_uninterrupted_one(
     read = lambda d: [json.loads(r) for r in (tmp_path / d / "log.jsonl").read_text().splitlines()]
     assert strip_timing(read("whole")) == strip_timing(read("cut"))
     assert whole["final"]["loss"] == resumed["final"]["loss"]
+
+
+def test_half_precision_features_are_exact_in_tf32_and_the_switch_is_restored():
+    """TF32 keeps the top 10 of float32's 23 mantissa bits: a value cast up from fp16 (10 bits, also
+    when subnormal) or bf16 (7 bits) has its low 13 bits zero, so TF32 products of such values are
+    float32 products."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.randn(100000, generator=g), torch.rand(1000, generator=g) * 6e-5])
+    for half in (torch.float16, torch.bfloat16):
+        bits = values.to(half).float().view(torch.int32)
+        assert ((bits & 0x1FFF) == 0).all()
+    assert ((values.view(torch.int32) & 0x1FFF) != 0).float().mean() > 0.99  # float32 itself is not
+    matmul = torch.backends.cuda.matmul
+    key = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    before = getattr(matmul, key)
+    with bm.tf32_matmul(True):
+        assert getattr(matmul, key) in ("tf32", True)
+    assert getattr(matmul, key) == before
