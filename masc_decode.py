@@ -13,12 +13,18 @@ predict the class whose subspace makes the smallest angle with a point. The PCA 
 the eigendecomposition of X_k^T X_k: float32 products on the device, a float64 eigensolver, and
 the n_k x n_k Gram matrix instead when a class has fewer samples than dimensions.
 
+All models of a command (degrees x runs) train together as one stacked model (torch.func.vmap),
+each with its own labels, batch order, optimizer state and stop, so a Table 1 row of 18 models
+issues the operators of one; each model's numbers are those it gives trained alone.
+
 Usage:
     python masc_decode.py --dataset mnist --model mlp --corruption 0.8
     python masc_decode.py --dataset fashionmnist --model cnn --corruption 0,0.2,0.4,0.6,0.8,1 --runs 3
     python masc_decode.py --dataset cifar100 --model alexnet --corruption 0,0.4 --posthoc-corruption 0.2,0.4,0.6,0.8
+    python masc_decode.py --dataset mnist --model mlp --corruption 0,0.4,0.8 --train-size 5000 --decode-every 10
 """
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -27,6 +33,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -108,6 +115,8 @@ def build_parser():
     g.add_argument("--model", choices=MODELS, default="mlp", help="architecture (REFERENCE: MLP, CNN, AlexNet)")
     g.add_argument("--corruption", type=number_list, default=[0.8], help="corruption degree p, or a comma list of them")
     g.add_argument("--runs", type=positive_int, default=1, help="independent runs (seeds seed, seed+1, ...) per degree")
+    g.add_argument("--train-size", type=positive_int, default=None,
+                   help="train on a class-balanced subset of N training images (drawn from --seed)")
     g.add_argument("--posthoc-corruption", type=number_list, default=[], help="latent memorization: degrees applied after training the p=0 model")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=positive_int, default=500, help="maximum training epochs")
@@ -115,6 +124,10 @@ def build_parser():
     g.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: per model)")
     g.add_argument("--batch-size", type=positive_int, default=None, help="batch size (default: per model and dataset)")
     g.add_argument("--save-every", type=positive_int, default=10, help="epochs between checkpoints of a model in training")
+    g.add_argument("--models-at-once", type=positive_int, default=None,
+                   help="models trained together in one stacked model (default: all of the command)")
+    g.add_argument("--decode-every", type=positive_int, default=None,
+                   help="every E epochs, record each model's best MASC test accuracy in its history")
     g = p.add_argument_group("decoding")
     g.add_argument("--variance", type=variance_fraction, default=0.99, help="fraction of variance each class subspace explains")
     g.add_argument("--no-retrain", action="store_true", help="skip relabelling and retraining")
@@ -149,6 +162,7 @@ def resolve_config(args):
     config["batch_size"] = args.batch_size or d["batch_size"]
     config["stop_acc"] = args.stop_acc or (1.0 if args.model == "mlp" else stop)
     config["num_classes"] = classes
+    config["models_at_once"] = args.models_at_once or len(args.corruption) * args.runs
     return config
 
 
@@ -233,6 +247,23 @@ def load_dataset(name, root):
 def preprocess(images):
     """ToTensor + Normalize(0.5, 0.5) per channel: uint8 [0, 255] -> float [-1, 1]."""
     return images.float().div_(127.5).sub_(1)
+
+
+def balanced_subset(labels, size, seed):
+    """Indices of `size` training images, size // K per class and one more for size mod K classes
+    (chosen at random), each class's images drawn at random; sorted, so the order stays the
+    dataset's. The same subset for every degree and run of a command."""
+    g = named_generator("cpu", "train-size", seed)
+    counts = torch.bincount(labels)
+    if size > len(counts) * counts.min().item():
+        raise UserError(f"--train-size {size} exceeds {len(counts)} classes x {counts.min().item()} images "
+                        "of the smallest class")
+    order = torch.randperm(len(labels), generator=g)
+    by_class = order[torch.argsort(labels[order], stable=True)]  # by class, random within each
+    rank = torch.arange(len(labels)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    class_order = torch.randperm(len(counts), generator=g)  # which classes get the remainder
+    key = rank * len(counts) + class_order[labels[by_class]]
+    return by_class[torch.argsort(key)[:size]].sort().values
 
 
 def corrupt_labels(targets, p, num_classes, seed):
@@ -327,111 +358,6 @@ def build_model(name, shape, num_classes, seed):
         return MLP(shape[0] * shape[1] * shape[2], num_classes)
     return CNN(shape, num_classes) if name == "cnn" else AlexNet(shape, num_classes)
 
-# ----------------------------------------------------------------------------- training
-
-
-def make_optimizer(model, config):
-    if config["optimizer"] == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9)
-    return torch.optim.Adam(model.parameters(), lr=config["lr"])
-
-
-@torch.no_grad()
-def predict(model, images, batch=2048):
-    model.eval()
-    out = torch.cat([model(preprocess(images[i:i + batch])).argmax(1) for i in range(0, len(images), batch)])
-    model.train()
-    return out
-
-
-def accuracy(pred, labels):
-    return (pred == labels).float().mean().item()
-
-
-def train_epoch(model, opt, images, labels, batch_size, gen):
-    """One shuffled pass (the last partial batch included); returns the running training accuracy.
-
-    A NaN or infinite loss stops the run with an error, before any checkpoint is written."""
-    perm = torch.randperm(len(images), generator=gen, device=images.device)
-    correct, total = torch.zeros((), device=images.device), torch.zeros((), device=images.device)
-    for start in range(0, len(images), batch_size):
-        idx = perm[start:start + batch_size]
-        out = model(preprocess(images[idx]))
-        loss = F.cross_entropy(out, labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        correct += (out.argmax(1) == labels[idx]).sum()
-        total += loss.detach()
-    correct, total = torch.stack([correct, total]).tolist()  # one host sync per epoch
-    if not math.isfinite(total):
-        raise UserError(f"the training loss became {total}; stopped, keeping the last checkpoint in its models/ folder")
-    return correct / len(images)
-
-
-def train_to_memorize(model, data, labels, config, seed, desc, partial):
-    """Train until the running training accuracy reaches stop_acc or for `epochs` epochs.
-
-    Records the test accuracy after every epoch: its maximum is what early stopping would have given.
-    Every --save-every epochs the state (model, optimizer, batch-order generator, history) is saved
-    atomically to `partial["path"]`; a saved state with the same key is resumed exactly.
-    """
-    opt = make_optimizer(model, config)
-    gen = named_generator(data["train_x"].device, "order", seed)
-    history = {"train_acc": [], "test_acc": []}
-    state = load_model_checkpoint(partial["path"], partial["key"], config["overwrite"])
-    if state:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["gen"])
-        history = state["history"]
-        tqdm.write(f"{desc}: resuming from epoch {len(history['train_acc'])}")
-    bar = tqdm(range(len(history["train_acc"]), config["epochs"]), desc=desc, leave=False,
-               initial=len(history["train_acc"]), total=config["epochs"])
-    for epoch in bar:
-        if history["train_acc"] and history["train_acc"][-1] >= config["stop_acc"]:
-            break
-        train_acc = train_epoch(model, opt, data["train_x"], labels, config["batch_size"], gen)
-        test_acc = accuracy(predict(model, data["test_x"]), data["test_y"])
-        history["train_acc"].append(train_acc)
-        history["test_acc"].append(test_acc)
-        bar.set_postfix(train=f"{train_acc:.4f}", test=f"{test_acc:.4f}")
-        if (epoch + 1) % config["save_every"] == 0:
-            save_atomic(partial["path"], {"key": partial["key"], "model": model.state_dict(),
-                                          "optimizer": opt.state_dict(), "gen": gen.get_state(), "history": history})
-    bar.close()
-    acc, done = history["train_acc"][-1], len(history["train_acc"])
-    if acc >= config["stop_acc"]:
-        tqdm.write(f"{desc}: training accuracy {acc:.4f} reached --stop-acc {config['stop_acc']:g} "
-                   f"at epoch {done}; stopped")
-    else:
-        tqdm.write(f"{desc}: training accuracy {acc:.4f} after {done} epochs, below --stop-acc "
-                   f"{config['stop_acc']:g}")
-    return history
-
-
-def retrain(model, data, new_labels, val_idx, config, seed):
-    """Continue training on relabelled data with a fresh optimizer; early stopping on the validation part.
-
-    Monitors validation accuracy; returns the model with the weights of its best retraining epoch
-    and the number of epochs run.
-    """
-    opt = make_optimizer(model, config)
-    gen = named_generator(data["train_x"].device, "retrain", seed)
-    val_x, val_y = data["test_x"][val_idx], data["test_y"][val_idx]
-    best, best_state, waited, epochs = -1.0, None, 0, 0
-    for epochs in range(1, config["retrain_epochs"] + 1):
-        train_epoch(model, opt, data["train_x"], new_labels, config["batch_size"], gen)
-        val = accuracy(predict(model, val_x), val_y)
-        if val > best:
-            best, best_state, waited = val, copy.deepcopy(model.state_dict()), 0
-        else:
-            waited += 1
-            if waited >= config["patience"]:
-                break
-    model.load_state_dict(best_state)
-    return model, epochs
-
 # ----------------------------------------------------------------------------- MASC
 
 
@@ -515,6 +441,17 @@ def layer_features(model, images, batch=1024):
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
 
+@torch.no_grad()
+def predict(model, images, batch=2048):
+    model.eval()
+    out = torch.cat([model(preprocess(images[i:i + batch])).argmax(1) for i in range(0, len(images), batch)])
+    model.train()
+    return out
+
+
+def accuracy(pred, labels):
+    return (pred == labels).float().mean().item()
+
 def decode_layers(model, data, y_corrupt, config, desc):
     """MASC of every layer with corrupted- and true-label subspaces; keeps predictions for relabelling."""
     train_f, test_f = layer_features(model, data["train_x"]), layer_features(model, data["test_x"])
@@ -534,55 +471,18 @@ def decode_layers(model, data, y_corrupt, config, desc):
     return rows, preds, train_f, test_f
 
 
-def latent_memorization(train_f, test_f, data, config, seed):
-    """MASC of the p=0 model from labels corrupted after training, scored on those labels (paper, supp. 6)."""
-    out = []
-    for q in config["posthoc_corruption"]:
-        y_q = corrupt_labels(data["train_y"].cpu(), q, config["num_classes"], ("posthoc", seed, q)).to(data["train_y"].device)
-        layers = []
-        for name in train_f:
-            bases = fit_subspaces(train_f[name], y_q, config["num_classes"], config["variance"])
-            pred = masc_predict(bases, train_f[name])
-            layers.append(dict(name=name, train_corrupt=accuracy(pred, y_q), train_true=accuracy(pred, data["train_y"]),
-                               test=accuracy(masc_predict(bases, test_f[name]), data["test_y"])))
-        out.append(dict(corruption=q, fraction_changed=1 - accuracy(y_q, data["train_y"]), layers=layers))
-    return out
+def best_decoded(model, data, y_corrupt, config):
+    """The best layer's MASC test accuracy, with corrupted and with true subspaces."""
+    rows, _, _, _ = decode_layers(model, data, y_corrupt, config, "MASC during training")
+    best = max(rows, key=lambda r: r["corrupt_subspaces"]["test"])
+    best_true = max(rows, key=lambda r: r["true_subspaces"]["test"])
+    return dict(layer=best["name"], masc_test=best["corrupt_subspaces"]["test"],
+                layer_true=best_true["name"], masc_test_true=best_true["true_subspaces"]["test"])
 
+# ----------------------------------------------------------------------------- checkpoints
 
-def relabel_and_retrain(model, data, y_corrupt, preds, config, seed):
-    """Paper section 3.3: best layer on 20% of the test set, relabel, retrain, report on the other 80%."""
-    n_test = len(data["test_y"])
-    perm = torch.randperm(n_test, generator=named_generator("cpu", "split", seed)).to(data["test_y"].device)
-    val_idx, eval_idx = perm[:n_test // 5], perm[n_test // 5:]
-    y_true, y_test = data["train_y"], data["test_y"]
-    before = accuracy(predict(model, data["test_x"][eval_idx]), y_test[eval_idx])
-    wrong = y_corrupt != y_true
-    out = dict(val_size=len(val_idx), test_size=len(eval_idx), before_test=before)
-    for kind in ("corrupt", "true"):
-        best = max(preds, key=lambda name: accuracy(preds[name][kind][1][val_idx], y_test[val_idx]))
-        train_pred, test_pred = preds[best][kind]
-        new_labels = torch.where(train_pred >= 0, train_pred, y_corrupt)  # rows MASC cannot place keep their label
-        fixed = (new_labels[wrong] == y_true[wrong]).float().mean().item() if wrong.any() else None
-        broken = (new_labels[~wrong] != y_true[~wrong]).float().mean().item() if (~wrong).any() else None
-        tuned, epochs = retrain(copy.deepcopy(model), data, new_labels, val_idx, config, (seed, kind))
-        out[f"{kind}_subspaces"] = dict(
-            layer=best, masc_test=accuracy(test_pred[eval_idx], y_test[eval_idx]),
-            relabel_correct=accuracy(new_labels, y_true), corrupt_correct=accuracy(y_corrupt, y_true),
-            fixed=fixed, broken=broken, after_test=accuracy(predict(tuned, data["test_x"][eval_idx]), y_test[eval_idx]),
-            epochs=epochs)
-    return out
-
-
-def init_control(data, y_corrupt, config, seed):
-    """MASC on the same architecture at its random initialisation (the paper's control)."""
-    model = build_model(config["model"], DATASETS[config["dataset"]][1], config["num_classes"], seed).to(data["train_x"].device)
-    rows, _, _, _ = decode_layers(model, data, y_corrupt, config, "MASC at init")
-    return [dict(name=r["name"], corrupt_subspaces=dict(test=r["corrupt_subspaces"]["test"]),
-                 true_subspaces=dict(test=r["true_subspaces"]["test"])) for r in rows]
-
-# ----------------------------------------------------------------------------- runs, checkpoints, report
-
-CHECKPOINT_KEYS = ("dataset", "model", "optimizer", "lr", "batch_size", "epochs", "stop_acc", "seed")
+CHECKPOINT_KEYS = ("dataset", "model", "optimizer", "lr", "batch_size", "epochs", "stop_acc", "seed",
+                   "train_size")
 
 
 def write_json(path, obj):
@@ -615,29 +515,329 @@ def load_model_checkpoint(path, key, overwrite):
     raise UserError(f"{path} was trained with other settings ({diff}); pass --overwrite or use another --out-dir")
 
 
-def trained_model(config, data, p, run, seed):
-    """Train the memorized model for (p, run), resume its training, or reuse the finished checkpoint."""
-    path = os.path.join(config["out_dir"], "models", f"p{p:g}_run{run}.pt")
-    key = {k: config[k] for k in CHECKPOINT_KEYS} | {"corruption": p, "run": run}
+# ----------------------------------------------------------------------------- batched training
+# Every model of a command trains in one stacked model: each parameter gets a leading model
+# dimension and the architecture runs under torch.func.vmap, so a step of 18 models costs the
+# operator launches of one. Each model keeps its own labels, batch order, optimizer state and stop;
+# a model trained alone is the same code with one model in the stack.
+
+
+@dataclass(eq=False)
+class Job:
+    """One model in training: its weights, labels, batch order, optimizer state and history."""
+    name: str  # for messages: "p=0.4 run 1", or "p=0.4 run 1, retrain corrupt"
+    state: dict  # parameter name -> tensor
+    labels: torch.Tensor  # the labels it is trained on
+    gen: torch.Generator  # its batch order
+    opt: dict = field(default_factory=dict)  # {"step": int, "buffers": {name: {slot: tensor}}}
+    history: dict = field(default_factory=lambda: {"train_acc": [], "test_acc": []})
+    path: str = None  # memorization: its finished checkpoint (see partial_path)
+    key: dict = None  # memorization: the settings its checkpoint must match
+    val_idx: torch.Tensor = None  # retraining: the 20% of the test set it early-stops on
+    best: tuple = (-1.0, None, 0)  # retraining: best validation accuracy, its weights, its epoch
+
+
+def optimizer_slots(kind):
+    return ("momentum",) if kind == "sgd" else ("exp_avg", "exp_avg_sq")
+
+
+class Stack:
+    """Jobs of one architecture as one model: parameters and optimizer buffers stacked along a
+    leading model dimension. SGD (momentum 0.9) and Adam (0.9, 0.999, eps 1e-8) follow
+    torch.optim's single-tensor formulas, with a step count per model."""
+
+    def __init__(self, template, jobs, config):
+        self.template, self.kind, self.lr = template, config["optimizer"], config["lr"]
+        names = [n for n, _ in template.named_parameters()]
+        self.params = {n: torch.stack([j.state[n] for j in jobs]).requires_grad_() for n in names}
+        fresh = lambda j, n: torch.zeros_like(j.state[n])
+        self.buffers = {n: {s: torch.stack([j.opt["buffers"][n][s] if j.opt else fresh(j, n) for j in jobs])
+                            for s in optimizer_slots(self.kind)} for n in names}
+        self.steps = [j.opt.get("step", 0) for j in jobs]
+
+    def logits(self, x, shared=False):
+        """Every model's logits: x is (M, b, ...) or, shared, one (b, ...) batch for all models."""
+        run = lambda params, xi: torch.func.functional_call(self.template, params, (xi,))
+        return torch.vmap(run, in_dims=(0, None if shared else 0))(self.params, x)
+
+    def per_model(self, values, like):
+        return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *[1] * (like.dim() - 1))
+
+    def adopt_layout(self, grads):
+        """Store each parameter and its buffers in its gradient's memory layout (vmap's weight
+        gradients come transposed), so that the in-place updates stream through memory: on the
+        CPU this halved the time of a stacked step. Values are copied exactly."""
+        for name, g in grads.items():
+            if self.params[name].stride() != g.stride():
+                like = lambda t: torch.empty_strided(g.shape, g.stride(), dtype=t.dtype, device=t.device).copy_(t)
+                self.params[name] = like(self.params[name].detach()).requires_grad_()
+                self.buffers[name] = {slot: like(b) for slot, b in self.buffers[name].items()}
+
+    @torch.no_grad()
+    def step(self, grads):
+        """One update of every model from grads (name -> stacked gradient), in place. Models that
+        share a step count (the usual case) take torch.optim's own scalar formulas; a stack mixing
+        step counts (models resumed at different epochs) takes them per model."""
+        self.adopt_layout(grads)
+        shared = len(set(self.steps)) == 1
+        for name, p in self.params.items():
+            g, buf = grads[name], self.buffers[name]
+            if self.kind == "sgd":  # the first step's momentum buffer is the gradient itself
+                momentum = buf["momentum"]
+                if shared:
+                    momentum.mul_(0.9).add_(g) if self.steps[0] else momentum.copy_(g)
+                else:
+                    for i, s in enumerate(self.steps):
+                        momentum[i].mul_(0.9).add_(g[i]) if s else momentum[i].copy_(g[i])
+                p.add_(momentum, alpha=-self.lr)
+                continue
+            buf["exp_avg"].lerp_(g, 0.1)
+            buf["exp_avg_sq"].mul_(0.999).addcmul_(g, g, value=0.001)
+            t = [s + 1 for s in self.steps]
+            if shared:
+                denom = (buf["exp_avg_sq"].sqrt() / (1 - 0.999 ** t[0]) ** 0.5).add_(1e-8)
+                p.addcdiv_(buf["exp_avg"], denom, value=-self.lr / (1 - 0.9 ** t[0]))
+            else:
+                step_size = self.per_model([self.lr / (1 - 0.9 ** k) for k in t], p)
+                root = self.per_model([(1 - 0.999 ** k) ** 0.5 for k in t], p)
+                p.sub_(step_size * (buf["exp_avg"] / (buf["exp_avg_sq"].sqrt() / root).add_(1e-8)))
+        self.steps = [s + 1 for s in self.steps]
+
+    def write_back(self, jobs):
+        for i, job in enumerate(jobs):
+            job.state = {n: p[i].detach().clone() for n, p in self.params.items()}
+            job.opt = {"step": self.steps[i], "buffers": {n: {s: b[i].clone() for s, b in slots.items()}
+                                                          for n, slots in self.buffers.items()}}
+
+
+def train_epoch(stack, images, labels, batch_size, gens):
+    """One shuffled pass of every model over the images (the last partial batch included), each in
+    its own order on its own labels (M, N). Returns the running training accuracy per model.
+    A NaN or infinite loss stops the run with an error, before any checkpoint is written."""
+    M, N = labels.shape
+    order = torch.stack([torch.randperm(N, generator=g, device=images.device) for g in gens])
+    correct = torch.zeros(M, device=images.device)
+    total = torch.zeros(M, device=images.device)
+    for start in range(0, N, batch_size):
+        idx = order[:, start:start + batch_size]
+        y = labels.gather(1, idx)
+        out = stack.logits(preprocess(images[idx]))
+        loss = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(M, -1).mean(1)
+        # the models share nothing, so the gradient of the sum is each model's own; taken directly,
+        # not through .grad, which would copy vmap's transposed weight gradients (half the time)
+        grads = torch.autograd.grad(loss.sum(), list(stack.params.values()))
+        stack.step(dict(zip(stack.params, grads)))
+        correct += (out.argmax(-1) == y).sum(1)
+        total += loss.detach()
+    if not torch.isfinite(total).all():  # one host sync per epoch
+        raise UserError(f"the training loss became {total.tolist()}; stopped, keeping the last "
+                        "checkpoint in its models/ folder")
+    return (correct / N).tolist()
+
+
+@torch.no_grad()
+def stacked_predictions(stack, images, batch=2048):
+    """Every model's predicted class for every image: (M, N)."""
+    return torch.cat([stack.logits(preprocess(images[i:i + batch]), shared=True).argmax(-1)
+                      for i in range(0, len(images), batch)], 1)
+
+
+@contextlib.contextmanager
+def same_numbers_in_any_stack(device):
+    """On the CPU, oneDNN's grouped convolution (a stack of M models) sums weight gradients in
+    another order than its plain one (a model alone); ATen's own convolution runs a grouped one as
+    plain ones, so a model's numbers do not depend on what it is stacked with (tested)."""
+    if device.type != "cpu":
+        yield
+        return
+    flags = torch.backends.mkldnn.flags(enabled=False)
+    with warnings.catch_warnings():  # restoring the flags warns about Intel GPUs
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+        flags.__enter__()
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+            flags.__exit__(None, None, None)
+
+
+def train_together(jobs, template, data, config, after_epoch, desc):
+    """Epochs of all unfinished jobs, --models-at-once at a time. after_epoch(job, train_acc,
+    test_predictions) records the epoch and says whether the job is finished."""
+    active = list(jobs)
+    bar = tqdm(desc=desc, unit="epoch", leave=False)
+    while active:
+        bar.set_postfix(models=len(active))
+        bar.update()
+        finished = []
+        for start in range(0, len(active), config["models_at_once"]):
+            group = active[start:start + config["models_at_once"]]
+            stack = Stack(template, group, config)
+            labels = torch.stack([j.labels for j in group])
+            with same_numbers_in_any_stack(data["train_x"].device):
+                accs = train_epoch(stack, data["train_x"], labels, config["batch_size"], [j.gen for j in group])
+            preds = stacked_predictions(stack, data["test_x"])
+            stack.write_back(group)
+            finished += [j for j, acc, pred in zip(group, accs, preds) if after_epoch(j, acc, pred)]
+        active = [j for j in active if j not in finished]
+    bar.close()
+
+
+
+def partial_path(path):
+    """Where a model in training is checkpointed: models/p0.4_run1.partial.pt."""
+    return path[:-len(".pt")] + ".partial.pt"
+
+
+def model_from(template, state):
+    model = copy.deepcopy(template)
+    model.load_state_dict(state)
+    return model
+
+
+def memorize(specs, data, config):
+    """Train the model of every (p, run) in specs to the --stop-acc threshold or --epochs, all
+    together; reuse finished checkpoints, resume partial ones. Every --save-every epochs each
+    model's state (weights, optimizer, batch-order generator, history) is saved atomically; with
+    --decode-every E the best layer's MASC test accuracy is recorded every E epochs.
+    Returns {(p, run): (model, corrupted labels, history)}."""
+    dev, shape, K = data["train_x"].device, DATASETS[config["dataset"]][1], config["num_classes"]
+    template = build_model(config["model"], shape, K, config["seed"]).to(dev)
+    out, jobs = {}, {}
+    for p, run in specs:
+        seed = config["seed"] + run
+        path = os.path.join(config["out_dir"], "models", f"p{p:g}_run{run}.pt")
+        key = {k: config[k] for k in CHECKPOINT_KEYS} | {"corruption": p, "run": run}
+        done = load_model_checkpoint(path, key, config["overwrite"])
+        if done:
+            tqdm.write(f"p={p:g} run {run}: reusing {path}")
+            out[p, run] = (model_from(template, done["model"]), done["labels"].to(dev), done["history"])
+            continue
+        labels = corrupt_labels(data["train_y"].cpu(), p, K, seed).to(dev)
+        job = Job(f"p={p:g} run {run}", build_model(config["model"], shape, K, seed).to(dev).state_dict(),
+                  labels, named_generator(dev, "order", seed), path=path, key=key)
+        partial = load_model_checkpoint(partial_path(path), key, config["overwrite"])
+        if partial:
+            job.state, job.opt, job.history = partial["model"], partial["optimizer"], partial["history"]
+            job.state = {n: t.to(dev) for n, t in job.state.items()}
+            job.opt = {"step": job.opt["step"], "buffers": {n: {s: t.to(dev) for s, t in b.items()}
+                                                            for n, b in job.opt["buffers"].items()}}
+            job.gen.set_state(partial["gen"])
+            tqdm.write(f"{job.name}: resuming from epoch {len(job.history['train_acc'])}")
+        jobs[p, run] = job
+
+    def after_epoch(job, acc, pred):
+        history = job.history
+        history["train_acc"].append(acc)
+        history["test_acc"].append(accuracy(pred, data["test_y"]))
+        epoch = len(history["train_acc"])
+        if config["decode_every"] and epoch % config["decode_every"] == 0:
+            peak = best_decoded(model_from(template, job.state), data, job.labels, config)
+            history.setdefault("decode", []).append(dict(epoch=epoch, model_test=history["test_acc"][-1], **peak))
+        finished = acc >= config["stop_acc"] or epoch >= config["epochs"]
+        if finished:
+            reached = "reached" if acc >= config["stop_acc"] else "below"
+            tqdm.write(f"{job.name}: training accuracy {acc:.4f} " + (
+                f"reached --stop-acc {config['stop_acc']:g} at epoch {epoch}; stopped" if reached == "reached"
+                else f"after {epoch} epochs, below --stop-acc {config['stop_acc']:g}"))
+            save_atomic(job.path, {"key": job.key, "model": job.state, "labels": job.labels.cpu(),
+                                   "history": history})
+            if os.path.exists(partial_path(job.path)):
+                os.remove(partial_path(job.path))
+        elif epoch % config["save_every"] == 0:
+            save_atomic(partial_path(job.path), {"key": job.key, "model": job.state, "optimizer": job.opt,
+                                                "gen": job.gen.get_state(), "history": history})
+        return finished
+
+    train_together(list(jobs.values()), template, data, config, after_epoch, "memorize")
+    for spec, job in jobs.items():
+        out[spec] = (model_from(template, job.state), job.labels, job.history)
+    return out
+
+
+def retrain_all(plans, data, config):
+    """Paper section 3.3's retraining of every relabelled model together: each continues from its
+    memorized weights with a fresh optimizer on its new labels, early-stops on its own 20% of the
+    test set (--patience), and ends with the weights of its best validation epoch.
+    plans: list of (model, new labels, validation indices, seed key). Returns (model, epochs) each."""
+    if not plans:
+        return []
+    template, dev = plans[0][0], data["train_x"].device
+    jobs = [Job(f"retrain {key}", {n: t.detach().clone() for n, t in model.state_dict().items()},
+                labels, named_generator(dev, "retrain", key), val_idx=val_idx)
+            for model, labels, val_idx, key in plans]
+
+    def after_epoch(job, acc, pred):
+        val = accuracy(pred[job.val_idx], data["test_y"][job.val_idx])
+        epochs = len(job.history["train_acc"]) + 1
+        job.history["train_acc"].append(acc)
+        job.history["test_acc"].append(val)
+        if val > job.best[0]:
+            job.best = (val, job.state, epochs)
+        waited = epochs - job.best[2]
+        return waited >= config["patience"] or epochs >= config["retrain_epochs"]
+
+    train_together(jobs, template, data, config, after_epoch, "retrain")
+    return [(model_from(template, job.best[1]), len(job.history["train_acc"])) for job in jobs]
+
+# ----------------------------------------------------------------------------- relabelling and controls
+
+
+def latent_memorization(train_f, test_f, data, config, seed):
+    """MASC of the p=0 model from labels corrupted after training, scored on those labels (paper, supp. 6)."""
+    out = []
+    for q in config["posthoc_corruption"]:
+        y_q = corrupt_labels(data["train_y"].cpu(), q, config["num_classes"], ("posthoc", seed, q)).to(data["train_y"].device)
+        layers = []
+        for name in train_f:
+            bases = fit_subspaces(train_f[name], y_q, config["num_classes"], config["variance"])
+            pred = masc_predict(bases, train_f[name])
+            layers.append(dict(name=name, train_corrupt=accuracy(pred, y_q), train_true=accuracy(pred, data["train_y"]),
+                               test=accuracy(masc_predict(bases, test_f[name]), data["test_y"])))
+        out.append(dict(corruption=q, fraction_changed=1 - accuracy(y_q, data["train_y"]), layers=layers))
+    return out
+
+
+def relabel(model, data, y_corrupt, preds, seed):
+    """Paper section 3.3 up to retraining: split the test set 80/20 (seeded); per subspace kind, the
+    layer whose MASC is best on the 20% part relabels every training image (rows MASC cannot place
+    keep their label). Returns the report, the new labels per kind, and the split."""
+    n_test = len(data["test_y"])
+    perm = torch.randperm(n_test, generator=named_generator("cpu", "split", seed)).to(data["test_y"].device)
+    val_idx, eval_idx = perm[:n_test // 5], perm[n_test // 5:]
+    y_true, y_test = data["train_y"], data["test_y"]
+    wrong = y_corrupt != y_true
+    out = dict(val_size=len(val_idx), test_size=len(eval_idx),
+               before_test=accuracy(predict(model, data["test_x"][eval_idx]), y_test[eval_idx]))
+    new_labels = {}
+    for kind in ("corrupt", "true"):
+        best = max(preds, key=lambda name: accuracy(preds[name][kind][1][val_idx], y_test[val_idx]))
+        train_pred, test_pred = preds[best][kind]
+        labels = torch.where(train_pred >= 0, train_pred, y_corrupt)  # unplaceable rows keep theirs
+        out[f"{kind}_subspaces"] = dict(
+            layer=best, masc_test=accuracy(test_pred[eval_idx], y_test[eval_idx]),
+            relabel_correct=accuracy(labels, y_true), corrupt_correct=accuracy(y_corrupt, y_true),
+            fixed=(labels[wrong] == y_true[wrong]).float().mean().item() if wrong.any() else None,
+            broken=(labels[~wrong] != y_true[~wrong]).float().mean().item() if (~wrong).any() else None)
+        new_labels[kind] = labels
+    return out, new_labels, val_idx, eval_idx
+
+
+def init_control(data, y_corrupt, config, seed):
+    """MASC on the same architecture at its random initialisation (the paper's control)."""
     model = build_model(config["model"], DATASETS[config["dataset"]][1], config["num_classes"], seed).to(data["train_x"].device)
-    done = load_model_checkpoint(path, key, config["overwrite"])
-    if done:
-        model.load_state_dict(done["model"])
-        tqdm.write(f"p={p:g} run {run}: reusing {path}")
-        return model, done["labels"].to(data["train_y"].device), done["history"]
-    y_corrupt = corrupt_labels(data["train_y"].cpu(), p, config["num_classes"], seed).to(data["train_y"].device)
-    partial = {"path": path.replace(".pt", ".partial.pt"), "key": key}
-    history = train_to_memorize(model, data, y_corrupt, config, seed, f"train p={p:g} run {run}", partial)
-    save_atomic(path, {"key": key, "model": model.state_dict(), "labels": y_corrupt.cpu(), "history": history})
-    if os.path.exists(partial["path"]):
-        os.remove(partial["path"])
-    return model, y_corrupt, history
+    rows, _, _, _ = decode_layers(model, data, y_corrupt, config, "MASC at init")
+    return [dict(name=r["name"], corrupt_subspaces=dict(test=r["corrupt_subspaces"]["test"]),
+                 true_subspaces=dict(test=r["true_subspaces"]["test"])) for r in rows]
+
+# ----------------------------------------------------------------------------- runs and report
 
 
-def run_one(config, data, p, run):
-    """Train (or reuse), decode every layer, relabel and retrain, controls: one entry of results.json."""
+def decode_run(config, data, p, run, model, y_corrupt, history):
+    """Decode every layer of a memorized model, the controls, and the relabelling (retraining comes
+    later, batched): one entry of results.json, and what its retraining needs."""
     seed = config["seed"] + run
-    model, y_corrupt, history = trained_model(config, data, p, run, seed)
     model_acc = dict(train_corrupt=accuracy(predict(model, data["train_x"]), y_corrupt),
                      train_true=accuracy(predict(model, data["train_x"]), data["train_y"]),
                      test=accuracy(predict(model, data["test_x"]), data["test_y"]))
@@ -657,9 +857,27 @@ def run_one(config, data, p, run):
                  history=history)
     entry["posthoc"] = latent_memorization(train_f, test_f, data, config, seed) if p == 0 and config["posthoc_corruption"] else None
     del train_f, test_f
-    entry["retrain"] = None if config["no_retrain"] else relabel_and_retrain(model, data, y_corrupt, preds, config, seed)
+    relabelled = None if config["no_retrain"] else relabel(model, data, y_corrupt, preds, seed)
+    entry["retrain"] = relabelled and relabelled[0]
     entry["init_control"] = init_control(data, y_corrupt, config, seed)
-    return entry
+    return entry, relabelled
+
+
+def dynamics_table(runs):
+    """With --decode-every: per model, the epoch and value of the MASC peak (corrupted and true
+    subspaces) and of the model's own test accuracy (what early stopping would keep)."""
+    lines = [["p", "run", "MASC peak (corrupt subsp.)", "MASC peak (true subsp.)", "model peak"]]
+    for r in runs:
+        decoded = r["history"].get("decode") or []
+        if not decoded:
+            continue
+        peak = lambda key: max(decoded, key=lambda d: d[key])
+        c, t = peak("masc_test"), peak("masc_test_true")
+        lines.append([f"{r['corruption']:g}", str(r["run"]), f"{c['masc_test']:.3f} at epoch {c['epoch']}",
+                      f"{t['masc_test_true']:.3f} at epoch {t['epoch']}",
+                      f"{r['early_stop_test_acc']:.3f} at epoch {r['early_stop_epoch']}"])
+    widths = [max(len(line[j]) for line in lines) for j in range(len(lines[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in lines)
 
 
 def summary_table(runs, corruptions):
@@ -692,18 +910,34 @@ def run(args):
     data_cpu = load_dataset(args.dataset, args.data_dir)
     device = torch.device(args.device)
     (tx, ty), (qx, qy) = data_cpu
+    if args.train_size:
+        keep = balanced_subset(ty, args.train_size, args.seed)
+        tx, ty = tx[keep], ty[keep]
     data = dict(train_x=tx.to(device), train_y=ty.to(device), test_x=qx.to(device), test_y=qy.to(device))
     os.makedirs(args.out_dir, exist_ok=True)
     write_json(os.path.join(args.out_dir, "config.json"), config)
     results, t0 = {"config": config, "runs": []}, time.time()
-    for p in args.corruption:
-        for r in range(args.runs):
-            results["runs"].append(run_one(config, data, p, r))
-            write_json(os.path.join(args.out_dir, "results.json"), results)
+    specs = [(p, r) for p in args.corruption for r in range(args.runs)]
+    trained = memorize(specs, data, config)
+    plans, splits = [], []
+    for p, r in specs:
+        entry, relabelled = decode_run(config, data, p, r, *trained[p, r])
+        results["runs"].append(entry)
+        write_json(os.path.join(args.out_dir, "results.json"), results)
+        if relabelled:
+            _, new_labels, val_idx, eval_idx = relabelled
+            for kind in ("corrupt", "true"):
+                plans.append((trained[p, r][0], new_labels[kind], val_idx, (entry["seed"], kind)))
+                splits.append((entry, kind, eval_idx))
+    for (tuned, epochs), (entry, kind, eval_idx) in zip(retrain_all(plans, data, config), splits):
+        entry["retrain"][f"{kind}_subspaces"].update(
+            after_test=accuracy(predict(tuned, data["test_x"][eval_idx]), data["test_y"][eval_idx]), epochs=epochs)
     results["seconds"] = round(time.time() - t0, 1)
     write_json(os.path.join(args.out_dir, "results.json"), results)
     print(f"{args.model}-{args.dataset}, {args.runs} run(s) per degree, {results['seconds']} s on {args.device}")
     print(summary_table(results["runs"], args.corruption))
+    if args.decode_every:
+        print(dynamics_table(results["runs"]))
     print(f"wrote {os.path.join(args.out_dir, 'results.json')}")
     return results
 

@@ -6,6 +6,10 @@ ReLU features with class structure, and whether both give the same predictions.
     python tests/benchmark_masc.py      # CPU sizes; on a GPU it also times a 4096-wide layer of 50,000 images
     python tests/benchmark_masc.py --quick   # one tiny setting, to check that it runs
 
+Then the training of a Table 1 row: 18 MLP-MNIST-shaped models (6 degrees x 3 runs, batch 32),
+stacked in one model vs one after another, per epoch (timed over a few steps, scaled to 1,875),
+and the operators each issues per step, counted with a dispatch mode.
+
 Not collected by pytest (no test_ prefix).
 """
 import os
@@ -14,6 +18,7 @@ import time
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import masc_decode as m  # noqa: E402
@@ -58,6 +63,59 @@ def ours(train, y, queries, classes, device):
     return pred, time.perf_counter() - t0, sum(b.shape[1] for b in bases) / classes
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operators dispatched (each one a kernel launch, or more, on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def training_row(models, steps, device):
+    """Seconds per MNIST epoch (1,875 steps of 32) of `models` MLPs stacked and one after another,
+    through masc_decode's own train_epoch, and the operators of one step in each case."""
+    template = m.build_model("mlp", (1, 28, 28), 10, 0).to(device)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (steps * 32, 1, 28, 28), dtype=torch.uint8, generator=g).to(device)
+    labels = torch.randint(10, (models, steps * 32), generator=g).to(device)
+    config = dict(optimizer="sgd", lr=1e-3)
+    jobs = [m.Job(f"{i}", {n: p.detach().clone() for n, p in m.build_model("mlp", (1, 28, 28), 10, i)
+                           .to(device).named_parameters()}, labels[i], torch.Generator(device=device).manual_seed(i))
+            for i in range(models)]
+
+    def epoch(group, n=steps * 32):
+        stack = m.Stack(template, group, config)
+        with m.same_numbers_in_any_stack(torch.device(device)):
+            m.train_epoch(stack, images[:n], torch.stack([j.labels[:n] for j in group]), 32, [j.gen for j in group])
+        if device == "cuda":
+            torch.cuda.synchronize()
+    epoch(jobs[:2], 64)  # warm-up
+    t0 = time.perf_counter()
+    epoch(jobs)
+    stacked = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for job in jobs:
+        epoch([job])
+    apart = time.perf_counter() - t0
+    ops = []
+    for group in (jobs, jobs[:1]):  # the operators a step adds: an epoch of two steps minus one
+        counts = []
+        for n in (64, 32):
+            with OpCounter() as counter:
+                epoch(group, n)
+            counts.append(counter.count)
+        ops.append(counts[0] - counts[1])
+    scale = 1875 / steps
+    print(f"training, {models} MLP-MNIST models, batch 32, per epoch of 1,875 steps (timed over {steps}): "
+          f"stacked {stacked * scale:.1f} s, one after another {apart * scale:.1f} s, ratio {apart / stacked:.2f}; "
+          f"operators per step: stacked {ops[0]} for all {models}, one model {ops[1]} "
+          f"({models * ops[1]} for {models} one after another)")
+
+
 def main():
     quick = "--quick" in sys.argv  # one tiny setting: checks that the benchmark runs
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -81,6 +139,7 @@ def main():
         ours(train[:1000], y[:1000], test[:100], 100, device)  # warm-up
         _, t, _ = ours(train, y, test, 100, device)
         print(f"GPU: fit + score, 4096-wide layer, 50,000 train / 10,000 test, 100 classes: {t:.2f} s")
+    training_row(2 if quick else 18, 2 if quick else 20, device)
 
 
 if __name__ == "__main__":

@@ -174,6 +174,26 @@ CLI = ["--dataset", "mnist", "--model", "mlp", "--corruption", "0,0.5", "--epoch
        "--posthoc-corruption", "0.5", "--retrain-epochs", "2"]
 
 
+def assert_same_numbers(a, b, path="", tol=1e-5):
+    """Every number of two results.json trees equal to tol; everything else equal."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            assert_same_numbers(a[k], b[k], f"{path}.{k}", tol)
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_numbers(x, y, f"{path}[{i}]", tol)
+    elif isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, abs=tol), path
+    else:
+        assert a == b, path
+
+
+def without_run(entry):
+    return {k: v for k, v in entry.items() if k != "run"}
+
+
 def test_cli_end_to_end_writes_every_field(mnist, tmp_path):
     out = tmp_path / "run"
     proc = run_script("masc_decode.py", *CLI, "--data-dir", mnist, "--out-dir", out)
@@ -227,29 +247,6 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path):
     refused = run_script("masc_decode.py", *CLI, "--lr", "0.5", "--data-dir", mnist, "--out-dir", out)
     assert_one_line_error(refused, "--overwrite")
     assert {f: os.path.getmtime(out / "models" / f) for f in os.listdir(out / "models")} == stamps
-
-
-def test_interrupted_training_resumes_exactly(mnist, tmp_path, monkeypatch):
-    """Stopped in epoch 4 with a checkpoint at epoch 2, the same command ends as an uninterrupted run."""
-    args = ["--corruption", "0.5", "--epochs", "5", "--save-every", "2", "--no-retrain", "--data-dir", str(mnist)]
-    whole = m.main(args + ["--out-dir", str(tmp_path / "whole")])
-    real, calls = m.train_epoch, {"n": 0}
-
-    def crash_in_epoch_four(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(m, "train_epoch", crash_in_epoch_four)
-    with pytest.raises(KeyboardInterrupt):
-        m.main(args + ["--out-dir", str(tmp_path / "cut")])
-    partial = tmp_path / "cut" / "models" / "p0.5_run0.partial.pt"
-    assert len(torch.load(partial, weights_only=True)["history"]["train_acc"]) == 2
-    monkeypatch.setattr(m, "train_epoch", real)
-    resumed = m.main(args + ["--out-dir", str(tmp_path / "cut")])
-    a, b = whole["runs"][0], resumed["runs"][0]
-    assert a["history"] == b["history"] and a["model_acc"] == b["model_acc"] and a["layers"] == b["layers"]
-    assert not partial.exists()  # the finished model replaces its partial checkpoint
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(mnist, tmp_path, monkeypatch, capsys):
@@ -309,7 +306,9 @@ def test_benchmark_runs_quick():
     """tests/benchmark_masc.py is not collected; this keeps it in step with the script's API."""
     proc = run_script("tests/benchmark_masc.py", "--quick")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1].endswith("1.0000")  # the same predictions as the authors' approach
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-2].endswith("1.0000")  # the same predictions as the authors' approach
+    assert lines[-1].startswith("training, 2 MLP-MNIST models") and "operators per step" in lines[-1]
 
 # ----------------------------------------------------------------------------- wiring: stop, relabel, retrain
 
@@ -322,37 +321,29 @@ def test_training_stops_at_the_threshold_and_says_so(mnist, tmp_path, capsys):
     first = next(i for i, a in enumerate(acc) if a >= 0.2) + 1  # the first epoch at the threshold
     assert r["epochs_trained"] == len(acc) == first < 10 and r["reached_stop_acc"] is True
     assert f"reached --stop-acc 0.2 at epoch {first}; stopped" in capsys.readouterr().out
-    res = m.main(["--corruption", "1", "--epochs", "2", "--no-retrain", "--data-dir", str(mnist),
-                  "--out-dir", str(tmp_path / "short")])
-    r = res["runs"][0]
-    assert r["epochs_trained"] == 2 and r["reached_stop_acc"] is False  # 1.0 for the MLP: not in 2 epochs
-    assert "after 2 epochs, below --stop-acc 1" in capsys.readouterr().out
+    # beside a model that never reaches it, the same model stops at the same epoch and stays put
+    both = m.main(["--corruption", "0,1", "--epochs", str(first + 1), "--stop-acc", "0.2", "--no-retrain",
+                   "--data-dir", str(mnist), "--out-dir", str(tmp_path / "both")])["runs"]
+    assert_same_numbers(both[0], r)
+    assert both[1]["epochs_trained"] == first + 1 and both[1]["reached_stop_acc"] is False
+    assert f"after {first + 1} epochs, below --stop-acc 0.2" in capsys.readouterr().out
 
 
-def relabel_case(monkeypatch, preds, captured):
-    """relabel_and_retrain on a hand-worked case: 10 training and 10 test images, retraining replaced by
-    a recorder of what it is given."""
+def relabel_case(preds):
+    """relabel on a hand-worked case: 10 training and 10 test images."""
     y_true = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4])
     y_corrupt = torch.tensor([1, 2, 3, 4, 4, 0, 1, 2, 3, 4])  # rows 0-3 corrupted
     g = torch.Generator().manual_seed(0)
     data = dict(train_x=torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8, generator=g), train_y=y_true,
                 test_x=torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8, generator=g),
                 test_y=torch.arange(10) % 5)
-    config = dict(retrain_epochs=1, patience=1, batch_size=4, lr=1e-3, optimizer="sgd")
-
-    def record(model, data_, new_labels, val_idx, config_, seed):
-        captured.append((new_labels.clone(), val_idx.clone()))
-        return model, 1
-    monkeypatch.setattr(m, "retrain", record)
     model = m.build_model("mlp", (1, 28, 28), 5, 0)
-    return m.relabel_and_retrain(model, data, y_corrupt, preds, config, seed=0), data
+    return m.relabel(model, data, y_corrupt, preds, seed=0), data
 
 
-def test_relabel_counts_fixed_broken_and_keeps_unplaceable_rows(monkeypatch):
-    captured = []
-    dummy = {"a": dict(corrupt=(torch.zeros(10, dtype=torch.long),) * 2, true=(torch.zeros(10, dtype=torch.long),) * 2)}
-    _, data = relabel_case(monkeypatch, dummy, captured)
-    val = captured[0][1]
+def test_relabel_counts_fixed_broken_and_keeps_unplaceable_rows():
+    zeros = torch.zeros(10, dtype=torch.long)
+    (_, _, val, _), data = relabel_case({"a": dict(corrupt=(zeros, zeros), true=(zeros, zeros))})
     assert len(val) == 2
     on_val = torch.zeros(10, dtype=torch.bool)
     on_val[val] = True
@@ -361,40 +352,153 @@ def test_relabel_counts_fixed_broken_and_keeps_unplaceable_rows(monkeypatch):
     train_pred = torch.tensor([0, 1, -1, 3, 4, 1, -1, 2, 3, 4])
     preds = {  # corrupt subspaces: "a" is right on the 20% split only, "b" on the other 80% only
         "a": dict(corrupt=(train_pred, right_on(on_val)), true=(train_pred, right_on(torch.zeros(10, dtype=torch.bool)))),
-        "b": dict(corrupt=(torch.zeros(10, dtype=torch.long), right_on(~on_val)),
-                  true=(torch.full((10,), 2), right_on(torch.ones(10, dtype=torch.bool))))}
-    captured.clear()
-    out, _ = relabel_case(monkeypatch, preds, captured)
+        "b": dict(corrupt=(zeros, right_on(~on_val)), true=(torch.full((10,), 2), right_on(torch.ones(10, dtype=torch.bool))))}
+    (out, labels, val2, evaluated), _ = relabel_case(preds)
+    assert torch.equal(val, val2) and len(evaluated) == 8 and not torch.isin(evaluated, val).any()
     c, t = out["corrupt_subspaces"], out["true_subspaces"]
     assert c["layer"] == "a" and c["masc_test"] == 0.0  # chosen on the split, though worse on the rest
     assert t["layer"] == "b" and t["masc_test"] == 1.0
     # by hand: -1 rows (2 and 6) keep their corrupted label 3 and 1
-    assert captured[0][0].tolist() == [0, 1, 3, 3, 4, 1, 1, 2, 3, 4]
+    assert labels["corrupt"].tolist() == [0, 1, 3, 3, 4, 1, 1, 2, 3, 4]
     assert c["fixed"] == 0.75  # rows 0, 1, 3 of the corrupted 0-3
     assert c["broken"] == pytest.approx(1 / 6)  # row 5 of the clean 4-9
     assert c["relabel_correct"] == pytest.approx(0.8) and c["corrupt_correct"] == pytest.approx(0.6)
-    assert captured[1][0].tolist() == [2] * 10 and t["relabel_correct"] == pytest.approx(0.2)
+    assert labels["true"].tolist() == [2] * 10 and t["relabel_correct"] == pytest.approx(0.2)
     assert t["fixed"] == 0.25 and t["broken"] == pytest.approx(5 / 6)
     assert out["val_size"] == 2 and out["test_size"] == 8
 
 
 def test_retraining_patience_and_best_epoch_restore(monkeypatch):
-    """Validation accuracy 0.5, 0.7, 0.6, 0.65, 0.7, ...: with patience 3 the retraining stops after
-    epoch 5 and returns the weights of epoch 2."""
-    scripted = iter([0.5, 0.7, 0.6, 0.65, 0.7, 0.9, 0.95])
+    """Two models retrained together, validation accuracies 0.5, 0.7, 0.6, 0.65, 0.7, 0.9 for the
+    first and rising for the second: with patience 3 the first stops after epoch 5 with the
+    weights of epoch 2, the second runs all 6 epochs and keeps its last."""
+    scripted = [[0.5, 0.7, 0.6, 0.65, 0.7, 0.9], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]]
     epoch = {"n": 0}
 
-    def fake_epoch(model, opt, images, labels, batch_size, gen):
+    def fake_epoch(stack, images, labels, batch_size, gens):
         epoch["n"] += 1
         with torch.no_grad():
-            model.out.bias.fill_(epoch["n"])  # the weights say which epoch produced them
-        return 0.0
+            stack.params["out.bias"].fill_(epoch["n"])  # the weights say which epoch made them
+        return [0.0] * labels.shape[0]
+
+    def fake_predictions(stack, images):  # a prediction row whose validation accuracy is scripted
+        rows = []
+        for i in range(stack.params["out.bias"].shape[0]):
+            acc = scripted[i][epoch["n"] - 1] if stack.params["out.bias"].shape[0] == 2 else scripted[1][epoch["n"] - 1]
+            rows.append(torch.tensor([0] * round(acc * 10) + [1] * (10 - round(acc * 10))))
+        return torch.stack(rows)
     monkeypatch.setattr(m, "train_epoch", fake_epoch)
-    monkeypatch.setattr(m, "accuracy", lambda pred, labels: next(scripted))
+    monkeypatch.setattr(m, "stacked_predictions", fake_predictions)
     data = dict(train_x=torch.zeros(4, 1, 28, 28, dtype=torch.uint8), train_y=torch.zeros(4, dtype=torch.long),
-                test_x=torch.zeros(5, 1, 28, 28, dtype=torch.uint8), test_y=torch.zeros(5, dtype=torch.long))
-    config = dict(retrain_epochs=30, patience=3, batch_size=2, lr=1e-3, optimizer="sgd")
-    model, epochs = m.retrain(m.build_model("mlp", (1, 28, 28), 10, 0), data, data["train_y"],
-                              torch.tensor([0, 1]), config, seed=0)
-    assert epochs == 5 and epoch["n"] == 5
-    assert torch.all(model.out.bias == 2)
+                test_x=torch.zeros(10, 1, 28, 28, dtype=torch.uint8), test_y=torch.zeros(10, dtype=torch.long))
+    config = dict(retrain_epochs=6, patience=3, batch_size=2, lr=1e-3, optimizer="sgd", models_at_once=2)
+    model = m.build_model("mlp", (1, 28, 28), 10, 0)
+    val = torch.arange(10)
+    (first, epochs1), (second, epochs2) = m.retrain_all(
+        [(model, data["train_y"], val, (0, "corrupt")), (model, data["train_y"], val, (0, "true"))], data, config)
+    assert epochs1 == 5 and torch.all(first.out.bias == 2)
+    assert epochs2 == 6 and torch.all(second.out.bias == 6)
+
+# ----------------------------------------------------------------------------- batched training
+
+
+def test_batched_models_equal_models_trained_alone(mnist, tmp_path):
+    """Two runs trained, relabelled and retrained together: the second gives the numbers it gives
+    trained alone with its seed."""
+    common = ["--dataset", "mnist", "--model", "mlp", "--epochs", "3", "--retrain-epochs", "2",
+              "--data-dir", str(mnist)]
+    together = m.main(common + ["--corruption", "0.5", "--runs", "2", "--out-dir", str(tmp_path / "all")])
+    alone = m.main(common + ["--corruption", "0.5", "--seed", "1", "--out-dir", str(tmp_path / "alone")])
+    assert_same_numbers(without_run(alone["runs"][0]), without_run(together["runs"][1]))  # both seed 1
+    assert together["runs"][1]["retrain"]["corrupt_subspaces"]["epochs"] >= 1
+
+
+@pytest.mark.parametrize("arch,dataset", [("cnn", "mnist"), ("alexnet", "cifar100")])
+def test_cnn_and_alexnet_batch_like_one_at_a_time(arch, dataset, mnist, tmp_path, patch_md5):
+    root = mnist
+    if dataset == "cifar100":
+        root = tmp_path / "data"
+        write_cifar(str(root), "cifar100", n_train=100, n_test=40)
+    common = ["--dataset", dataset, "--model", arch, "--corruption", "0,0.5", "--epochs", "2",
+              "--no-retrain", "--data-dir", str(root)]
+    together = m.main(common + ["--out-dir", str(tmp_path / "all")])
+    apart = m.main(common + ["--models-at-once", "1", "--out-dir", str(tmp_path / "apart")])
+    assert together["config"]["models_at_once"] == 2 and apart["config"]["models_at_once"] == 1
+    for a, b in zip(together["runs"], apart["runs"]):
+        assert_same_numbers(a, b)
+
+
+def test_stacked_optimizers_follow_torch_optim():
+    """SGD with momentum and Adam on stacked parameters, against torch.optim on one model."""
+    for kind, lr in (("sgd", 1e-2), ("adam", 1e-3)):
+        model = m.build_model("mlp", (1, 4, 4), 3, 0)
+        reference = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9) if kind == "sgd" else \
+            torch.optim.Adam(model.parameters(), lr=lr)
+        job = m.Job("x", {n: p.detach().clone() for n, p in model.named_parameters()}, None, None)
+        stack = m.Stack(model, [job], dict(optimizer=kind, lr=lr))
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            grads = {}
+            for name, p in model.named_parameters():
+                p.grad = torch.randn(p.shape, generator=g)
+                grads[name] = p.grad[None].clone()
+            reference.step()
+            stack.step(grads)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(stack.params[name][0].detach(), p.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_interrupted_batch_resumes_every_model_exactly(mnist, tmp_path, monkeypatch):
+    """Two models in one stack, stopped in epoch 4 with checkpoints at epoch 2: the same command
+    ends as an uninterrupted run, for both."""
+    args = ["--corruption", "0.5,0.8", "--epochs", "5", "--save-every", "2", "--no-retrain",
+            "--data-dir", str(mnist)]
+    whole = m.main(args + ["--out-dir", str(tmp_path / "whole")])
+    real, calls = m.train_epoch, {"n": 0}
+
+    def crash_in_epoch_four(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(m, "train_epoch", crash_in_epoch_four)
+    with pytest.raises(KeyboardInterrupt):
+        m.main(args + ["--out-dir", str(tmp_path / "cut")])
+    monkeypatch.setattr(m, "train_epoch", real)
+    resumed = m.main(args + ["--out-dir", str(tmp_path / "cut")])
+    for a, b in zip(whole["runs"], resumed["runs"]):
+        assert a["history"] == b["history"] and a["model_acc"] == b["model_acc"] and a["layers"] == b["layers"]
+    assert not list((tmp_path / "cut" / "models").glob("*.partial.pt"))  # finished models replace them
+
+
+def test_decode_every_records_masc_during_training(mnist, tmp_path, capsys):
+    res = m.main(["--corruption", "0.5", "--epochs", "2", "--decode-every", "1", "--no-retrain",
+                  "--data-dir", str(mnist), "--out-dir", str(tmp_path)])
+    r = res["runs"][0]
+    decoded = r["history"]["decode"]
+    assert [d["epoch"] for d in decoded] == [1, 2]
+    # the last record decodes the final model: the same numbers as the full decoding after training
+    assert decoded[-1]["masc_test"] == r["best_masc_test"] and decoded[-1]["layer"] == r["best_layer"]
+    assert decoded[-1]["masc_test_true"] == r["best_masc_test_true"]
+    assert [d["model_test"] for d in decoded] == r["history"]["test_acc"]
+    out = capsys.readouterr().out
+    best = max(decoded, key=lambda d: d["masc_test"])
+    assert f"{best['masc_test']:.3f} at epoch {best['epoch']}" in out and "MASC peak" in out
+
+
+def test_train_size_draws_a_class_balanced_subset(mnist, tmp_path, capsys):
+    labels = torch.arange(1000) % 10
+    pick = m.balanced_subset(labels, 53, seed=0)
+    counts = torch.bincount(labels[pick], minlength=10)
+    assert len(pick.unique()) == 53 and counts.min() == 5 and counts.max() == 6 and (counts == 6).sum() == 3
+    assert torch.equal(pick, pick.sort().values) and torch.equal(pick, m.balanced_subset(labels, 53, 0))
+    assert not torch.equal(pick, m.balanced_subset(labels, 53, 1))
+    with pytest.raises(m.UserError, match="--train-size"):
+        m.balanced_subset(labels, 1001, 0)
+    res = m.main(["--corruption", "0.5", "--epochs", "1", "--train-size", "50", "--retrain-epochs", "1",
+                  "--data-dir", str(mnist), "--out-dir", str(tmp_path)])
+    ckpt = torch.load(tmp_path / "models" / "p0.5_run0.pt", weights_only=True)
+    assert len(ckpt["labels"]) == 50  # trained on 50 images
+    assert res["runs"][0]["retrain"]["val_size"] + res["runs"][0]["retrain"]["test_size"] == 60  # test set whole
+    err = main_error(m, ["--train-size", "10000", "--data-dir", mnist, "--out-dir", tmp_path / "big"], capsys)
+    assert "--train-size" in err and not (tmp_path / "big").exists()
