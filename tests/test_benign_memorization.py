@@ -972,3 +972,25 @@ def test_half_precision_features_are_exact_in_tf32_and_the_switch_is_restored():
     with bm.tf32_matmul(True):
         assert getattr(matmul, key) in ("tf32", True)
     assert getattr(matmul, key) == before
+
+
+def test_channels_last_path_of_cuda_gives_the_same_step_and_features_on_the_cpu():
+    """Runtime turns channels_last on only on CUDA; the same code runs here, on a channels_last
+    model, and must give the step's loss and the probes' features of the default layout."""
+    torch.manual_seed(0)
+    model = bm.Network(tiny_stages(1)[0], 16, 32, 10)
+    copy_model = bm.Network(tiny_stages(1)[0], 16, 32, 10)
+    copy_model.load_state_dict(model.state_dict())
+    nhwc = copy_model.to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
+    targets = torch.nn.functional.one_hot(torch.randint(10, (8,), generator=g), 10).float()
+    aug_u, mix_u = bm.step_uniforms(8, True, True, g, torch.device("cpu"))
+    plain = bm.step_loss(model, images, targets, aug_u, mix_u, 0.8, "mse", False, False)
+    last = bm.step_loss(nhwc, images, targets, aug_u, mix_u, 0.8, "mse", False, True)
+    torch.testing.assert_close(last, plain, rtol=1e-5, atol=1e-6)
+    x = images.float() / 255
+    a = bm.layer_outputs(model.eval(), x, False, False)
+    b = bm.layer_outputs(nhwc.eval(), x, False, True)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
