@@ -719,10 +719,15 @@ def memorize(specs, data, config):
                   labels, named_generator(dev, "order", seed), path=path, key=key)
         partial = load_model_checkpoint(partial_path(path), key, config["overwrite"])
         if partial:
-            job.state, job.opt, job.history = partial["model"], partial["optimizer"], partial["history"]
-            job.state = {n: t.to(dev) for n, t in job.state.items()}
-            job.opt = {"step": job.opt["step"], "buffers": {n: {s: t.to(dev) for s, t in b.items()}
-                                                            for n, b in job.opt["buffers"].items()}}
+            try:  # a partial checkpoint of the unbatched version holds a torch.optim state_dict
+                opt = partial["optimizer"]
+                job.opt = {"step": opt["step"], "buffers": {n: {s: t.to(dev) for s, t in b.items()}
+                                                            for n, b in opt["buffers"].items()}}
+            except (KeyError, TypeError, AttributeError):
+                raise UserError(f"{partial_path(path)} is from an older version of this script; move it "
+                                "away or pass --overwrite to train that model again")
+            job.state = {n: t.to(dev) for n, t in partial["model"].items()}
+            job.history = partial["history"]
             job.gen.set_state(partial["gen"])
             tqdm.write(f"{job.name}: resuming from epoch {len(job.history['train_acc'])}")
         jobs[p, run] = job

@@ -502,3 +502,18 @@ def test_train_size_draws_a_class_balanced_subset(mnist, tmp_path, capsys):
     assert res["runs"][0]["retrain"]["val_size"] + res["runs"][0]["retrain"]["test_size"] == 60  # test set whole
     err = main_error(m, ["--train-size", "10000", "--data-dir", mnist, "--out-dir", tmp_path / "big"], capsys)
     assert "--train-size" in err and not (tmp_path / "big").exists()
+
+
+def test_partial_checkpoint_of_the_unbatched_version_is_refused_in_one_line(mnist, tmp_path, capsys):
+    args = [str(a) for a in ["--corruption", "0.5", "--epochs", "3", "--no-retrain", "--data-dir", mnist,
+                             "--out-dir", tmp_path]]
+    config = m.resolve_config(m.build_parser().parse_args(args))
+    model = m.build_model("mlp", (1, 28, 28), 10, 0)
+    old = {"key": {k: config[k] for k in m.CHECKPOINT_KEYS} | {"corruption": 0.5, "run": 0},
+           "model": model.state_dict(), "history": {"train_acc": [0.1], "test_acc": [0.1]},
+           "optimizer": torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9).state_dict(),
+           "gen": torch.Generator().get_state()}
+    (tmp_path / "models").mkdir()
+    torch.save(old, tmp_path / "models" / "p0.5_run0.partial.pt")
+    err = main_error(m, args, capsys)
+    assert "older version" in err and "--overwrite" in err
