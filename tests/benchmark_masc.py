@@ -5,6 +5,7 @@ ReLU features with class structure, and whether both give the same predictions.
 
     python tests/benchmark_masc.py      # CPU sizes; on a GPU it also times a 4096-wide layer of 50,000 images
     python tests/benchmark_masc.py --quick   # one tiny setting, to check that it runs
+    python tests/benchmark_masc.py --training   # only the training row
 
 Then the training of a Table 1 row: 18 MLP-MNIST-shaped models (6 degrees x 3 runs, batch 32),
 stacked in one model vs one after another, per epoch (timed over a few steps, scaled to 1,875),
@@ -119,6 +120,9 @@ def training_row(models, steps, device):
 def main():
     quick = "--quick" in sys.argv  # one tiny setting: checks that the benchmark runs
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "--training" in sys.argv:
+        training_row(18, 20, device)
+        return
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {name}; torch {torch.__version__}")
     print(f"{'setting':46s} {'mean r_k':>8s} {'authors f64':>12s} {'ours':>8s} {'speed-up':>9s} {'same predictions':>17s}")
