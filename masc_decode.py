@@ -651,15 +651,16 @@ def same_numbers_in_any_stack(device):
         yield
         return
     flags = torch.backends.mkldnn.flags(enabled=False)
-    with warnings.catch_warnings():  # restoring the flags warns about Intel GPUs
-        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
-        flags.__enter__()
+
+    def quietly(switch):  # setting the flags warns about TF32 on Intel GPUs, irrelevant here
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+            switch()
+    quietly(flags.__enter__)
     try:
         yield
     finally:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
-            flags.__exit__(None, None, None)
+        quietly(lambda: flags.__exit__(None, None, None))
 
 
 def train_together(jobs, template, data, config, after_epoch, desc):
@@ -742,10 +743,10 @@ def memorize(specs, data, config):
             history.setdefault("decode", []).append(dict(epoch=epoch, model_test=history["test_acc"][-1], **peak))
         finished = acc >= config["stop_acc"] or epoch >= config["epochs"]
         if finished:
-            reached = "reached" if acc >= config["stop_acc"] else "below"
+            stop = config["stop_acc"]
             tqdm.write(f"{job.name}: training accuracy {acc:.4f} " + (
-                f"reached --stop-acc {config['stop_acc']:g} at epoch {epoch}; stopped" if reached == "reached"
-                else f"after {epoch} epochs, below --stop-acc {config['stop_acc']:g}"))
+                f"reached --stop-acc {stop:g} at epoch {epoch}; stopped" if acc >= stop
+                else f"after {epoch} epochs, below --stop-acc {stop:g}"))
             save_atomic(job.path, {"key": job.key, "model": job.state, "labels": job.labels.cpu(),
                                    "history": history})
             if os.path.exists(partial_path(job.path)):
