@@ -12,11 +12,7 @@ from conftest import assert_one_line_error, main_error, run_script
 
 
 def small_args(**overrides):
-    args = toy.build_parser().parse_args([])
-    args.device = "cpu"
-    for k, v in overrides.items():
-        setattr(args, k, v)
-    return args
+    return toy.Config(device="cpu", **overrides)
 
 
 def test_projector_is_convex_combination_of_labels():
@@ -166,7 +162,8 @@ def test_cells_do_not_depend_on_the_rest_of_the_grid(tmp_path):
     (["--augs", "-1"], "--augs"),
     (["--augs", "4,lots"], "--augs"),
     (["--bogus"], "unrecognized"),
-    (["--signal-dim", "64"], "--signal-dim"),
+    (["--capacity", "0"], "--capacity"),
+    (["--signal-dim", "4"], "unrecognized"),  # the world's constants are not flags
     (["--device", "nosuchdevice"], "--device"),
 ])
 def test_bad_input_gives_one_line_error(args, fragment, tmp_path, capsys):
