@@ -19,9 +19,11 @@ issues the operators of one; each model's numbers are those it gives trained alo
 
 Usage:
     python masc_decode.py --dataset mnist --model mlp --corruption 0.8
-    python masc_decode.py --dataset fashionmnist --model cnn --corruption 0,0.2,0.4,0.6,0.8,1 --runs 3
-    python masc_decode.py --dataset cifar100 --model alexnet --corruption 0,0.4 --posthoc-corruption 0.2,0.4,0.6,0.8
-    python masc_decode.py --dataset mnist --model mlp --corruption 0,0.4,0.8 --train-size 5000 --decode-every 10
+    python masc_decode.py --dataset fashionmnist --model cnn --corruption 0,0.2,0.4,0.6,0.8,1 \
+        --runs 3
+    python masc_decode.py --dataset cifar100 --model alexnet --corruption 0,0.4 \\
+        --posthoc-corruption 0.2,0.4,0.6,0.8
+    python masc_decode.py --corruption 0,0.4,0.8 --train-size 5000 --decode-every 10
 """
 import argparse
 import contextlib
@@ -34,6 +36,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -43,7 +46,7 @@ from tqdm import tqdm
 
 # ----------------------------------------------------------------------------- config
 
-DATASETS = {  # classes, image shape, training accuracy at which training stops (the authors' thresholds)
+DATASETS = {  # classes, image shape, training accuracy at which the authors stop training
     "mnist": (10, (1, 28, 28), 0.999),
     "fashionmnist": (10, (1, 28, 28), 0.991),
     "cifar10": (10, (3, 32, 32), 1.0),
@@ -58,7 +61,8 @@ def model_defaults(model, dataset):
     if model == "mlp":
         return dict(optimizer="sgd", lr=1e-3, batch_size=32)
     if model == "cnn":
-        return dict(optimizer="adam", lr=2e-4, batch_size=128 if dataset in ("mnist", "fashionmnist") else 32)
+        small = dataset in ("mnist", "fashionmnist")
+        return dict(optimizer="adam", lr=2e-4, batch_size=128 if small else 32)
     return dict(optimizer="adam", lr=1e-4, batch_size=500 if dataset == "tinyimagenet" else 128)
 
 
@@ -67,103 +71,111 @@ class UserError(Exception):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
+    def error(self, message):  # argparse's exit status 2, without the usage block
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
 
 
-def number_list(text, low=0.0, high=1.0):
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
+def bounded(kind, low, high=math.inf, open_low=False):
+    """An argparse type: a number of `kind` in [low, high], or (low, high] with open_low."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}")
+        if value < low or value > high or (open_low and value == low):
+            raise argparse.ArgumentTypeError(
+                f"must be in {'(' if open_low else '['}{low}, {high}], got {text!r}")
+        return value
+    return parse
+
+
+def number_list(text):
+    """Comma list of numbers in [0, 1]."""
+    values = [bounded(float, 0, 1)(v) for v in text.split(",") if v.strip()]
+    if not values:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
-    if not values or any(not low <= v <= high for v in values):
-        raise argparse.ArgumentTypeError(f"every value must be in [{low}, {high}], got {text!r}")
     return values
 
 
-def variance_fraction(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def positive_int(text):
-    if not text.lstrip("-").isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return int(text)
-
-
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
+positive_int, positive_float = bounded(int, 1), bounded(float, 0, open_low=True)
+fraction = bounded(float, 0, 1, open_low=True)  # of the variance, or a training accuracy
 
 
 def build_parser():
-    p = OneLineParser(description="Label corruption, layer-wise MASC decoding, relabel and retrain.")
+    p = OneLineParser(description="Label corruption, layer-wise MASC decoding, relabel and "
+                                  "retrain.")
     g = p.add_argument_group("experiment")
     g.add_argument("--dataset", choices=sorted(DATASETS), default="mnist", help="training dataset")
-    g.add_argument("--model", choices=MODELS, default="mlp", help="architecture (REFERENCE: MLP, CNN, AlexNet)")
-    g.add_argument("--corruption", type=number_list, default=[0.8], help="corruption degree p, or a comma list of them")
-    g.add_argument("--runs", type=positive_int, default=1, help="independent runs (seeds seed, seed+1, ...) per degree")
+    g.add_argument("--model", choices=MODELS, default="mlp",
+                   help="architecture (REFERENCE: MLP, CNN, AlexNet)")
+    g.add_argument("--corruption", type=number_list, default=[0.8],
+                   help="corruption degree p, or a comma list of them")
+    g.add_argument("--runs", type=positive_int, default=1,
+                   help="independent runs (seeds seed, seed+1, ...) per degree")
     g.add_argument("--train-size", type=positive_int, default=None,
-                   help="train on a class-balanced subset of N training images (drawn from --seed)")
-    g.add_argument("--posthoc-corruption", type=number_list, default=[], help="latent memorization: degrees applied after training the p=0 model")
+                   help="train on a class-balanced subset of N training images (drawn from "
+                        "--seed)")
+    g.add_argument("--posthoc-corruption", type=number_list, default=[],
+                   help="latent memorization: degrees applied after training the p=0 model")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=positive_int, default=500, help="maximum training epochs")
-    g.add_argument("--stop-acc", type=variance_fraction, default=None, help="stop once training accuracy reaches this (default: the authors' per dataset, 1.0 for the MLP)")
-    g.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: per model)")
-    g.add_argument("--batch-size", type=positive_int, default=None, help="batch size (default: per model and dataset)")
-    g.add_argument("--save-every", type=positive_int, default=10, help="epochs between checkpoints of a model in training")
+    g.add_argument("--stop-acc", type=fraction, default=None,
+                   help="stop once training accuracy reaches this (default: the authors' per "
+                        "dataset, 1.0 for the MLP)")
+    g.add_argument("--lr", type=positive_float, default=None,
+                   help="learning rate (default: per model)")
+    g.add_argument("--batch-size", type=positive_int, default=None,
+                   help="batch size (default: per model and dataset)")
+    g.add_argument("--save-every", type=positive_int, default=10,
+                   help="epochs between checkpoints of a model in training")
     g.add_argument("--models-at-once", type=positive_int, default=None,
-                   help="models trained together in one stacked model (default: all of the command)")
+                   help="models trained together in one stacked model (default: all of the "
+                        "command)")
     g.add_argument("--decode-every", type=positive_int, default=None,
-                   help="every E epochs, record each model's best MASC test accuracy in its history")
+                   help="every E epochs, record each model's best MASC test accuracy in its "
+                        "history")
     g = p.add_argument_group("decoding")
-    g.add_argument("--variance", type=variance_fraction, default=0.99, help="fraction of variance each class subspace explains")
+    g.add_argument("--variance", type=fraction, default=0.99,
+                   help="fraction of variance each class subspace explains")
     g.add_argument("--no-retrain", action="store_true", help="skip relabelling and retraining")
-    g.add_argument("--retrain-epochs", type=positive_int, default=30, help="maximum retraining epochs")
-    g.add_argument("--patience", type=positive_int, default=3, help="early-stopping patience of the retraining")
+    g.add_argument("--retrain-epochs", type=positive_int, default=30,
+                   help="maximum retraining epochs")
+    g.add_argument("--patience", type=positive_int, default=3,
+                   help="early-stopping patience of the retraining")
     g = p.add_argument_group("system")
     g.add_argument("--data-dir", default="data", help="where datasets are (or get downloaded)")
     g.add_argument("--out-dir", default="runs/masc", help="config.json, results.json, models/")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
     g.add_argument("--seed", type=int, default=0, help="base seed; run r uses seed + r")
-    g.add_argument("--overwrite", action="store_true", help="retrain models saved with other settings")
+    g.add_argument("--overwrite", action="store_true",
+                   help="retrain models saved with other settings")
     return p
 
 
-def resolve_config(args):
-    """Fill per-model defaults and check combinations; returns the run's config dict."""
+def check_args(args):
+    """Checks argparse cannot make; fills the defaults that depend on other flags."""
     try:
         torch.empty(1, device=args.device)
-    except Exception as e:
-        raise UserError(f"--device {args.device} is not available ({str(e).strip().splitlines()[0]})")
+    except Exception as e:  # unknown or unavailable device
+        raise UserError(f"--device {args.device} is not available "
+                        f"({str(e).strip().splitlines()[0]})")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UserError(f"--out-dir {args.out_dir} exists and is not a directory")
     classes, shape, stop = DATASETS[args.dataset]
     if args.model == "alexnet" and shape[1:] not in ((32, 32), (64, 64)):
-        raise UserError(f"--model alexnet needs 32x32 or 64x64 images (cifar10, cifar100, tinyimagenet), not {args.dataset}")
+        raise UserError("--model alexnet needs 32x32 or 64x64 images (cifar10, cifar100, "
+                        f"tinyimagenet), not {args.dataset}")
     if args.posthoc_corruption and 0.0 not in args.corruption:
         raise UserError("--posthoc-corruption decodes the p=0 model: add 0 to --corruption")
-    d = model_defaults(args.model, args.dataset)
-    config = dict(vars(args))
-    config["optimizer"] = d["optimizer"]
-    config["lr"] = args.lr or d["lr"]
-    config["batch_size"] = args.batch_size or d["batch_size"]
-    config["stop_acc"] = args.stop_acc or (1.0 if args.model == "mlp" else stop)
-    config["num_classes"] = classes
-    config["models_at_once"] = args.models_at_once or len(args.corruption) * args.runs
-    return config
+    defaults = model_defaults(args.model, args.dataset)
+    args.optimizer = defaults["optimizer"]
+    args.lr = args.lr or defaults["lr"]
+    args.batch_size = args.batch_size or defaults["batch_size"]
+    args.stop_acc = args.stop_acc or (1.0 if args.model == "mlp" else stop)
+    args.num_classes = classes
+    args.models_at_once = args.models_at_once or len(args.corruption) * args.runs
 
 
 def named_generator(device, *keys):
@@ -174,23 +186,45 @@ def named_generator(device, *keys):
 # ----------------------------------------------------------------------------- data
 
 
+def write_atomically(path, write):
+    """write(temporary path), then rename it to path: an interrupted run never leaves half a file
+    (checkpoints, results, the dataset cache)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    write(path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def write_json(path, obj):
+    def dump(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    write_atomically(path, dump)
+
+
 def load_torchvision(name, root):
-    """(train images uint8 NCHW, labels), (test images, labels) through torchvision, downloaded when missing."""
+    """(train images uint8 NCHW, labels), (test images, labels) through torchvision, downloaded
+    when missing."""
+    files = "(the four *-ubyte.gz files)"
     cls, folder, url = {
-        "mnist": (torchvision.datasets.MNIST, "MNIST/raw", "https://ossci-datasets.s3.amazonaws.com/mnist/ (the four *-ubyte.gz files)"),
-        "fashionmnist": (torchvision.datasets.FashionMNIST, "FashionMNIST/raw", "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/ (the four *-ubyte.gz files)"),
-        "cifar10": (torchvision.datasets.CIFAR10, "cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar.html"),
-        "cifar100": (torchvision.datasets.CIFAR100, "cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar.html"),
+        "mnist": (torchvision.datasets.MNIST, "MNIST/raw",
+                  f"https://ossci-datasets.s3.amazonaws.com/mnist/ {files}"),
+        "fashionmnist": (torchvision.datasets.FashionMNIST, "FashionMNIST/raw",
+                         f"http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/ {files}"),
+        "cifar10": (torchvision.datasets.CIFAR10, "cifar-10-batches-py",
+                    "https://www.cs.toronto.edu/~kriz/cifar.html"),
+        "cifar100": (torchvision.datasets.CIFAR100, "cifar-100-python",
+                     "https://www.cs.toronto.edu/~kriz/cifar.html"),
     }[name]
     out = []
     for train in (True, False):
         try:
             ds = cls(root, train=train, download=True)
         except Exception as e:
-            raise UserError(f"{name} not found in {os.path.join(root, folder)} and could not be downloaded "
-                            f"({type(e).__name__}); download it from {url} and put it in {os.path.join(root, folder)}")
+            where = os.path.join(root, folder)
+            raise UserError(f"{name} not found in {where} and could not be downloaded "
+                            f"({type(e).__name__}); download it from {url} and put it in {where}")
         x = torch.as_tensor(ds.data)
-        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # MNIST NHW, CIFAR NHWC -> NCHW
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # NHW, NHWC -> NCHW
         out.append((x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long)))
     return out
 
@@ -199,7 +233,8 @@ TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 
 def load_tinyimagenet(root):
-    """tiny-imagenet-200 (train/<wnid>/images, val/val_annotations.txt) decoded once, cached as uint8."""
+    """tiny-imagenet-200 (train/<wnid>/images, val/val_annotations.txt) decoded once, cached as
+    uint8."""
     base = os.path.join(root, "tiny-imagenet-200")
     cache = os.path.join(base, "uint8_cache.pt")
     if os.path.exists(cache):
@@ -209,39 +244,50 @@ def load_tinyimagenet(root):
         try:
             torchvision.datasets.utils.download_and_extract_archive(TINY_URL, root)
         except Exception as e:
-            raise UserError(f"tinyimagenet not found in {base} and could not be downloaded ({type(e).__name__}); "
-                            f"download {TINY_URL} and unzip it into {root}/")
+            raise UserError(f"tinyimagenet not found in {base} and could not be downloaded "
+                            f"({type(e).__name__}); download {TINY_URL} and unzip it into {root}/")
     try:
         with open(os.path.join(base, "wnids.txt")) as f:
             wnids = sorted(line.strip() for line in f if line.strip())
         index = {w: i for i, w in enumerate(wnids)}
-        train = [(os.path.join(base, "train", w, "images", name), index[w])
-                 for w in wnids for name in sorted(os.listdir(os.path.join(base, "train", w, "images")))]
+        train = [(os.path.join(base, "train", w, "images", name), index[w]) for w in wnids
+                 for name in sorted(os.listdir(os.path.join(base, "train", w, "images")))]
         with open(os.path.join(base, "val", "val_annotations.txt")) as f:
             val = [(os.path.join(base, "val", "images", parts[0]), index[parts[1]])
                    for parts in (line.split("\t") for line in f if line.strip())]
     except (OSError, KeyError) as e:
-        raise UserError(f"Tiny ImageNet in {base} is incomplete ({e}); expected the tiny-imagenet-200 archive layout")
+        raise UserError(f"Tiny ImageNet in {base} is incomplete ({e}); expected the "
+                        "tiny-imagenet-200 archive layout")
 
     def decode(items):
         images = torch.empty(len(items), 3, 64, 64, dtype=torch.uint8)
         for n, (path, _) in enumerate(tqdm(items, desc="decoding Tiny ImageNet", leave=False)):
-            with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of torchcodec
+            with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders
                 warnings.simplefilter("ignore", DeprecationWarning)
-                img = torchvision.io.decode_image(torchvision.io.read_file(path), mode=torchvision.io.ImageReadMode.RGB)
+                img = torchvision.io.decode_image(torchvision.io.read_file(path),
+                                                  mode=torchvision.io.ImageReadMode.RGB)
             if img.shape[-2:] != (64, 64):
                 img = torchvision.transforms.v2.functional.resize(img, [64, 64], antialias=True)
             images[n] = img
         return images, torch.tensor([y for _, y in items], dtype=torch.long)
 
     (tx, ty), (vx, vy) = decode(train), decode(val)
-    torch.save({"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy}, cache + ".tmp")
-    os.replace(cache + ".tmp", cache)
+    saved = {"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy}
+    write_atomically(cache, lambda tmp: torch.save(saved, tmp))
     return (tx, ty), (vx, vy)
 
 
 def load_dataset(name, root):
     return load_tinyimagenet(root) if name == "tinyimagenet" else load_torchvision(name, root)
+
+
+@dataclass
+class Data:
+    """A dataset on the device: uint8 images (N, C, H, W) and int64 labels."""
+    train_x: torch.Tensor
+    train_y: torch.Tensor  # the true labels
+    test_x: torch.Tensor
+    test_y: torch.Tensor
 
 
 def preprocess(images):
@@ -256,8 +302,8 @@ def balanced_subset(labels, size, seed):
     g = named_generator("cpu", "train-size", seed)
     counts = torch.bincount(labels)
     if size > len(counts) * counts.min().item():
-        raise UserError(f"--train-size {size} exceeds {len(counts)} classes x {counts.min().item()} images "
-                        "of the smallest class")
+        raise UserError(f"--train-size {size} exceeds {len(counts)} classes x "
+                        f"{counts.min().item()} images of the smallest class")
     order = torch.randperm(len(labels), generator=g)
     by_class = order[torch.argsort(labels[order], stable=True)]  # by class, random within each
     rank = torch.arange(len(labels)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
@@ -267,16 +313,84 @@ def balanced_subset(labels, size, seed):
 
 
 def corrupt_labels(targets, p, num_classes, seed):
-    """With probability p, replace a label by a uniform draw over all classes (it may stay the same).
-
-    The expected fraction of changed labels is p - p/K. Deterministic for a seed (an int, or any
-    tuple of keys).
-    """
+    """With probability p, replace a label by a uniform draw over all classes (it may stay the
+    same), so the expected fraction of changed labels is p - p/K. Deterministic for a seed (an
+    int, or any tuple of keys)."""
     g = named_generator("cpu", "corrupt", seed)
     targets = torch.as_tensor(targets).cpu()
     replace = torch.rand(targets.shape, generator=g) < p
     draw = torch.randint(num_classes, targets.shape, generator=g)
     return torch.where(replace, draw, targets)
+
+# ----------------------------------------------------------------------------- MASC
+
+
+def subspace_rank(eigenvalues, variance, inner=1):
+    """Smallest r whose leading eigenvalues (sorted descending) explain at least `variance` of
+    their sum. Capped at the eigenvalues above the rounding floor of a float32 product summed over
+    `inner` terms (about trace * sqrt(inner) * eps): below it an eigenvalue is rounding, not a
+    direction."""
+    ev = eigenvalues.double().clamp_min(0)
+    cum = ev.cumsum(0)
+    if len(ev) == 0 or cum[-1] == 0:
+        return 0
+    r = int((cum < variance * cum[-1]).sum().item()) + 1
+    floor = cum[-1] * math.sqrt(inner) * torch.finfo(torch.float32).eps
+    return min(r, int((ev > floor).sum().item()))
+
+
+def class_basis(X, variance):
+    """Orthonormal basis (D, r) of the principal subspace of [X; -X]: the top eigenvectors of
+    X^T X.
+
+    The matrix products run in float32 on the device; the small symmetric eigenproblem is solved in
+    float64, because float32 eigenvectors mix near-equal eigenvalues at the variance cut and change
+    predictions. With fewer samples than dimensions the n x n Gram matrix X X^T is decomposed
+    instead (its eigenvectors u map to principal directions X^T u / s): no D x D matrix is formed.
+    """
+    n, D = X.shape
+    if n == 0:
+        return X.new_zeros(D, 0)
+    gram = n < D
+    ev, vec = torch.linalg.eigh((X @ X.T if gram else X.T @ X).double())
+    ev, vec = ev.flip(0), vec.flip(1)
+    r = subspace_rank(ev, variance, inner=D if gram else n)
+    if not gram:
+        return vec[:, :r].to(X.dtype)
+    return (X.T @ vec[:, :r].to(X.dtype)) / ev[:r].sqrt().to(X.dtype)
+
+
+def fit_subspaces(feats, labels, num_classes, variance=0.99):
+    """One orthonormal basis (D, r_k) per class of the +-symmetrised layer outputs (Algorithms
+    2-3). A class with no samples, or only all-zero ones, gets an empty basis (D, 0): it is never
+    predicted."""
+    feats = feats.float()
+    return [class_basis(feats[labels == k], variance) for k in range(num_classes)]
+
+
+def masc_predict(bases, feats, chunk=8192):
+    """Per row, the class whose subspace makes the smallest angle with it (Algorithm 1).
+
+    cos^2(angle) = ||V_k^T x||^2 / ||x||^2 for an orthonormal basis V_k, so all classes are scored
+    by one matmul against the concatenated bases, `chunk` rows at a time (8192 rows of a 4096-wide
+    layer against 4096 basis columns: 128 MB per product). An all-zero row makes no angle with any
+    subspace: it gets -1.
+    """
+    feats = feats.float()
+    dims = torch.tensor([b.shape[1] for b in bases], device=feats.device)
+    owner = torch.repeat_interleave(torch.arange(len(bases), device=feats.device), dims)
+    stacked = torch.cat(bases, 1) if len(owner) else feats.new_zeros(feats.shape[1], 0)
+    preds = []
+    for start in range(0, len(feats), chunk):
+        x = feats[start:start + chunk]
+        energy = torch.zeros(len(x), len(bases), device=x.device)
+        energy.index_add_(1, owner, (x @ stacked).pow(2))
+        norm2 = x.pow(2).sum(1)
+        cos2 = energy / norm2.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
+        cos2[:, dims == 0] = -1  # empty classes never win
+        pred = cos2.argmax(1)
+        preds.append(torch.where((norm2 > 0) & (dims > 0).any(), pred, torch.full_like(pred, -1)))
+    return torch.cat(preds)
 
 # ----------------------------------------------------------------------------- models
 # Every model returns its logits and, given a dict `taps`, fills it with the probed layers.
@@ -309,14 +423,19 @@ class MLP(nn.Module):
         return self.out(fc_relu(x, self.hidden, taps))
 
 
+def conv_relu(c_in, c_out, kernel, **kwargs):
+    return [nn.Conv2d(c_in, c_out, kernel, **kwargs), nn.ReLU()]
+
+
 class CNN(nn.Module):
-    """conv16, conv16, pool, conv32, conv32, pool, conv64, conv64, pool, flatten, FC250 x3, Linear(250, K) without bias."""
+    """conv16, conv16, pool, conv32, conv32, pool, conv64, conv64, pool, flatten, FC250 x3,
+    Linear(250, K) without bias."""
 
     def __init__(self, shape, num_classes):
         super().__init__()
         layers, c = [], shape[0]
         for width in (16, 32, 64):
-            layers += [nn.Conv2d(c, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+            layers += [*conv_relu(c, width, 3, padding=1), *conv_relu(width, width, 3, padding=1),
                        nn.MaxPool2d(2)]
             c = width
         self.features = nn.Sequential(*layers)
@@ -331,19 +450,20 @@ class CNN(nn.Module):
 
 
 class AlexNet(nn.Module):
-    """The authors' small-image AlexNet: five convolutions to a 256-d flatten, then 4096 -> 4096 -> K."""
+    """The authors' small-image AlexNet: five convolutions to a 256-d flatten, then
+    4096 -> 4096 -> K."""
 
     def __init__(self, shape, num_classes):
         super().__init__()
         if shape[1] == 32:  # CIFAR-100
-            first = [nn.Conv2d(shape[0], 64, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2),
-                     nn.Conv2d(64, 192, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2)]
+            first = [*conv_relu(shape[0], 64, 3, stride=2, padding=1), nn.MaxPool2d(3, 2),
+                     *conv_relu(64, 192, 3, padding=1), nn.MaxPool2d(3, 2)]
         else:  # Tiny ImageNet, 64x64
-            first = [nn.Conv2d(shape[0], 64, 11, stride=4, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-                     nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2)]
-        self.features = nn.Sequential(*first, nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
-                                      nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
-                                      nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2))
+            first = [*conv_relu(shape[0], 64, 11, stride=4, padding=2), nn.MaxPool2d(3, 2),
+                     *conv_relu(64, 192, 5, padding=2), nn.MaxPool2d(3, 2)]
+        self.features = nn.Sequential(*first, *conv_relu(192, 384, 3, padding=1),
+                                      *conv_relu(384, 256, 3, padding=1),
+                                      *conv_relu(256, 256, 3, padding=1), nn.MaxPool2d(3, 2))
         self.fc = nn.ModuleList([nn.Linear(256, 4096), nn.Linear(4096, 4096)])
         self.out = nn.Linear(4096, num_classes)
 
@@ -358,78 +478,13 @@ def build_model(name, shape, num_classes, seed):
         return MLP(shape[0] * shape[1] * shape[2], num_classes)
     return CNN(shape, num_classes) if name == "cnn" else AlexNet(shape, num_classes)
 
-# ----------------------------------------------------------------------------- MASC
-
-
-def subspace_rank(eigenvalues, variance, inner=1):
-    """Smallest r whose leading eigenvalues (sorted descending) explain at least `variance` of their sum.
-
-    Capped at the eigenvalues above the rounding floor of a float32 product summed over `inner`
-    terms (about trace * sqrt(inner) * eps): below it an eigenvalue is rounding, not a direction.
-    """
-    ev = eigenvalues.double().clamp_min(0)
-    cum = ev.cumsum(0)
-    if len(ev) == 0 or cum[-1] == 0:
-        return 0
-    r = int((cum < variance * cum[-1]).sum().item()) + 1
-    floor = cum[-1] * math.sqrt(inner) * torch.finfo(torch.float32).eps
-    return min(r, int((ev > floor).sum().item()))
-
-
-def class_basis(X, variance):
-    """Orthonormal basis (D, r) of the principal subspace of [X; -X]: the top eigenvectors of X^T X.
-
-    The matrix products run in float32 on the device; the small symmetric eigenproblem is solved in
-    float64, because float32 eigenvectors mix near-equal eigenvalues at the variance cut and change
-    predictions. With fewer samples than dimensions the n x n Gram matrix X X^T is decomposed
-    instead (its eigenvectors u map to principal directions X^T u / s), so no D x D matrix is formed.
-    """
-    n, D = X.shape
-    if n == 0:
-        return X.new_zeros(D, 0)
-    gram = n < D
-    ev, vec = torch.linalg.eigh((X @ X.T if gram else X.T @ X).double())
-    ev, vec = ev.flip(0), vec.flip(1)
-    r = subspace_rank(ev, variance, inner=D if gram else n)
-    if not gram:
-        return vec[:, :r].to(X.dtype)
-    return (X.T @ vec[:, :r].to(X.dtype)) / ev[:r].sqrt().to(X.dtype)
-
-
-def fit_subspaces(feats, labels, num_classes, variance=0.99):
-    """One orthonormal basis (D, r_k) per class of the +-symmetrised layer outputs (Algorithms 2-3).
-
-    A class with no samples, or only all-zero samples, gets an empty basis (D, 0): it is never predicted.
-    """
-    feats = feats.float()
-    return [class_basis(feats[labels == k], variance) for k in range(num_classes)]
-
-
-def masc_predict(bases, feats, chunk=8192):
-    """Per row, the class whose subspace makes the smallest angle with it (Algorithm 1).
-
-    cos^2(angle) = ||V_k^T x||^2 / ||x||^2 for an orthonormal basis V_k, so all classes are scored by one
-    matmul against the concatenated bases. An all-zero row makes no angle with any subspace: it gets -1.
-    """
-    feats = feats.float()
-    dims = torch.tensor([b.shape[1] for b in bases], device=feats.device)
-    owner = torch.repeat_interleave(torch.arange(len(bases), device=feats.device), dims)
-    stacked = torch.cat(bases, 1) if len(owner) else feats.new_zeros(feats.shape[1], 0)
-    preds = []
-    for start in range(0, len(feats), chunk):
-        x = feats[start:start + chunk]
-        energy = torch.zeros(len(x), len(bases), device=x.device).index_add_(1, owner, (x @ stacked).pow(2))
-        norm2 = x.pow(2).sum(1)
-        cos2 = energy / norm2.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
-        cos2[:, dims == 0] = -1  # empty classes never win
-        pred = cos2.argmax(1)
-        preds.append(torch.where((norm2 > 0) & (dims > 0).any(), pred, torch.full_like(pred, -1)))
-    return torch.cat(preds)
+# ----------------------------------------------------------------------------- decoding a model
 
 
 @torch.no_grad()
 def layer_features(model, images, batch=1024):
-    """Every probed layer's outputs for all images: dict name -> (N, D) float32 on the device."""
+    """Every probed layer's outputs for all images: dict name -> (N, D) float32 on the device.
+    1024 images at a time bound the activations (AlexNet: 1024 x 4096 floats per layer)."""
     model.eval()
     parts = {}
     for start in range(0, len(images), batch):
@@ -443,8 +498,10 @@ def layer_features(model, images, batch=1024):
 
 @torch.no_grad()
 def predict(model, images, batch=2048):
+    """The model's predicted class per image (inference only, so larger batches than training)."""
     model.eval()
-    out = torch.cat([model(preprocess(images[i:i + batch])).argmax(1) for i in range(0, len(images), batch)])
+    out = torch.cat([model(preprocess(images[i:i + batch])).argmax(1)
+                     for i in range(0, len(images), batch)])
     model.train()
     return out
 
@@ -452,93 +509,77 @@ def predict(model, images, batch=2048):
 def accuracy(pred, labels):
     return (pred == labels).float().mean().item()
 
-def decode_layers(model, data, y_corrupt, config, desc):
-    """MASC of every layer with corrupted- and true-label subspaces; keeps predictions for relabelling."""
-    train_f, test_f = layer_features(model, data["train_x"]), layer_features(model, data["test_x"])
-    y_true, y_test, K = data["train_y"], data["test_y"], config["num_classes"]
+
+class Predictions(NamedTuple):
+    """A layer's MASC predictions for every training and every test image."""
+    train: torch.Tensor
+    test: torch.Tensor
+
+
+def decode_layers(model, data, y_corrupt, args, desc):
+    """MASC of every layer with corrupted- and with true-label subspaces. Returns the report rows,
+    the predictions (layer -> {"corrupt", "true"} -> Predictions) for relabelling, and the
+    features."""
+    train_f, test_f = layer_features(model, data.train_x), layer_features(model, data.test_x)
+    y_true, y_test, K = data.train_y, data.test_y, args.num_classes
     rows, preds = [], {}
     for name in tqdm(train_f, desc=desc, leave=False):
-        bases_c = fit_subspaces(train_f[name], y_corrupt, K, config["variance"])
-        bases_t = fit_subspaces(train_f[name], y_true, K, config["variance"])
-        tr_c, te_c = masc_predict(bases_c, train_f[name]), masc_predict(bases_c, test_f[name])
-        tr_t, te_t = masc_predict(bases_t, train_f[name]), masc_predict(bases_t, test_f[name])
-        preds[name] = dict(corrupt=(tr_c, te_c), true=(tr_t, te_t))
-        rows.append(dict(name=name, dim=train_f[name].shape[1],
-                         corrupt_subspaces=dict(train_corrupt=accuracy(tr_c, y_corrupt), train_true=accuracy(tr_c, y_true),
-                                                test=accuracy(te_c, y_test), dims=[b.shape[1] for b in bases_c]),
-                         true_subspaces=dict(train_true=accuracy(tr_t, y_true), test=accuracy(te_t, y_test),
-                                             dims=[b.shape[1] for b in bases_t])))
+        bases = {}
+        for kind, labels in (("corrupt", y_corrupt), ("true", y_true)):
+            bases[kind] = fit_subspaces(train_f[name], labels, K, args.variance)
+        preds[name] = {kind: Predictions(*(masc_predict(b, f[name]) for f in (train_f, test_f)))
+                       for kind, b in bases.items()}
+        corrupt, true = preds[name]["corrupt"], preds[name]["true"]
+        rows.append(dict(
+            name=name, dim=train_f[name].shape[1],
+            corrupt_subspaces=dict(train_corrupt=accuracy(corrupt.train, y_corrupt),
+                                   train_true=accuracy(corrupt.train, y_true),
+                                   test=accuracy(corrupt.test, y_test),
+                                   dims=[b.shape[1] for b in bases["corrupt"]]),
+            true_subspaces=dict(train_true=accuracy(true.train, y_true),
+                                test=accuracy(true.test, y_test),
+                                dims=[b.shape[1] for b in bases["true"]])))
     return rows, preds, train_f, test_f
 
 
-def best_decoded(model, data, y_corrupt, config):
+def best_layers(rows):
+    """The rows of the layers with the best MASC test accuracy: corrupted, true subspaces."""
+    return (max(rows, key=lambda r: r["corrupt_subspaces"]["test"]),
+            max(rows, key=lambda r: r["true_subspaces"]["test"]))
+
+
+def best_decoded(model, data, y_corrupt, args):
     """The best layer's MASC test accuracy, with corrupted and with true subspaces."""
-    rows, _, _, _ = decode_layers(model, data, y_corrupt, config, "MASC during training")
-    best = max(rows, key=lambda r: r["corrupt_subspaces"]["test"])
-    best_true = max(rows, key=lambda r: r["true_subspaces"]["test"])
+    rows, _, _, _ = decode_layers(model, data, y_corrupt, args, "MASC during training")
+    best, best_true = best_layers(rows)
     return dict(layer=best["name"], masc_test=best["corrupt_subspaces"]["test"],
                 layer_true=best_true["name"], masc_test_true=best_true["true_subspaces"]["test"])
-
-# ----------------------------------------------------------------------------- checkpoints
-
-CHECKPOINT_KEYS = ("dataset", "model", "optimizer", "lr", "batch_size", "epochs", "stop_acc", "seed",
-                   "train_size")
-
-
-def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def save_atomic(path, obj):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def load_model_checkpoint(path, key, overwrite):
-    """The checkpoint at path if it was made with the same key; None if absent (or other and overwrite)."""
-    if not os.path.exists(path):
-        return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        saved_key = ckpt["key"]
-    except Exception as e:
-        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); move it away or pass --overwrite")
-    if saved_key == key:
-        return ckpt
-    if overwrite:
-        return None
-    diff = ", ".join(f"{k}: {saved_key.get(k)!r} -> {v!r}" for k, v in key.items() if saved_key.get(k) != v)
-    raise UserError(f"{path} was trained with other settings ({diff}); pass --overwrite or use another --out-dir")
-
 
 # ----------------------------------------------------------------------------- batched training
 # Every model of a command trains in one stacked model: each parameter gets a leading model
 # dimension and the architecture runs under torch.func.vmap, so a step of 18 models costs the
-# operator launches of one. Each model keeps its own labels, batch order, optimizer state and stop;
-# a model trained alone is the same code with one model in the stack.
+# operator launches of one. Each model keeps its own labels, batch order, optimizer state and
+# stop; a model trained alone is the same code with one model in the stack.
 
 
 @dataclass(eq=False)
 class Job:
     """One model in training: its weights, labels, batch order, optimizer state and history."""
-    name: str  # for messages: "p=0.4 run 1", or "p=0.4 run 1, retrain corrupt"
+    name: str  # for messages: "p=0.4 run 1", or "retrain (1, 'corrupt')"
     state: dict  # parameter name -> tensor
     labels: torch.Tensor  # the labels it is trained on
     gen: torch.Generator  # its batch order
     opt: dict = field(default_factory=dict)  # {"step": int, "buffers": {name: {slot: tensor}}}
     history: dict = field(default_factory=lambda: {"train_acc": [], "test_acc": []})
-    path: str = None  # memorization: its finished checkpoint (see partial_path)
+    path: str = None  # memorization: its finished checkpoint (see in_progress_path)
     key: dict = None  # memorization: the settings its checkpoint must match
     val_idx: torch.Tensor = None  # retraining: the 20% of the test set it early-stops on
-    best: tuple = (-1.0, None, 0)  # retraining: best validation accuracy, its weights, its epoch
+    best_val: float = -1.0  # retraining: the best validation accuracy so far,
+    best_state: dict = None  # the weights that reached it,
+    best_epoch: int = 0  # and their epoch
 
 
-def optimizer_slots(kind):
-    return ("momentum",) if kind == "sgd" else ("exp_avg", "exp_avg_sq")
+OPTIMIZER_SLOTS = {"sgd": ("momentum",), "adam": ("exp_avg", "exp_avg_sq")}  # per parameter
 
 
 class Stack:
@@ -546,22 +587,20 @@ class Stack:
     leading model dimension. SGD (momentum 0.9) and Adam (0.9, 0.999, eps 1e-8) follow
     torch.optim's single-tensor formulas, with a step count per model."""
 
-    def __init__(self, template, jobs, config):
-        self.template, self.kind, self.lr = template, config["optimizer"], config["lr"]
+    def __init__(self, template, jobs, optimizer, lr):
+        self.template, self.kind, self.lr = template, optimizer, lr
         names = [n for n, _ in template.named_parameters()]
         self.params = {n: torch.stack([j.state[n] for j in jobs]).requires_grad_() for n in names}
-        fresh = lambda j, n: torch.zeros_like(j.state[n])
-        self.buffers = {n: {s: torch.stack([j.opt["buffers"][n][s] if j.opt else fresh(j, n) for j in jobs])
-                            for s in optimizer_slots(self.kind)} for n in names}
+        buffer = lambda j, n, s: j.opt["buffers"][n][s] if j.opt else torch.zeros_like(j.state[n])
+        self.buffers = {n: {s: torch.stack([buffer(j, n, s) for j in jobs])
+                            for s in OPTIMIZER_SLOTS[optimizer]} for n in names}
         self.steps = [j.opt.get("step", 0) for j in jobs]
 
-    def logits(self, x, shared=False):
-        """Every model's logits: x is (M, b, ...) or, shared, one (b, ...) batch for all models."""
+    def logits(self, x, same_batch=False):
+        """Every model's logits: x is (M, b, ...), or with same_batch one (b, ...) batch that every
+        model sees."""
         run = lambda params, xi: torch.func.functional_call(self.template, params, (xi,))
-        return torch.vmap(run, in_dims=(0, None if shared else 0))(self.params, x)
-
-    def per_model(self, values, like):
-        return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *[1] * (like.dim() - 1))
+        return torch.vmap(run, in_dims=(0, None if same_batch else 0))(self.params, x)
 
     def adopt_layout(self, grads):
         """Store each parameter and its buffers in its gradient's memory layout (vmap's weight
@@ -569,7 +608,8 @@ class Stack:
         CPU this halved the time of a stacked step. Values are copied exactly."""
         for name, g in grads.items():
             if self.params[name].stride() != g.stride():
-                like = lambda t: torch.empty_strided(g.shape, g.stride(), dtype=t.dtype, device=t.device).copy_(t)
+                like = lambda t: torch.empty_strided(g.shape, g.stride(), dtype=t.dtype,
+                                                     device=t.device).copy_(t)
                 self.params[name] = like(self.params[name].detach()).requires_grad_()
                 self.buffers[name] = {slot: like(b) for slot, b in self.buffers[name].items()}
 
@@ -579,12 +619,12 @@ class Stack:
         share a step count (the usual case) take torch.optim's own scalar formulas; a stack mixing
         step counts (models resumed at different epochs) takes them per model."""
         self.adopt_layout(grads)
-        shared = len(set(self.steps)) == 1
+        same_step = len(set(self.steps)) == 1
         for name, p in self.params.items():
             g, buf = grads[name], self.buffers[name]
             if self.kind == "sgd":  # the first step's momentum buffer is the gradient itself
                 momentum = buf["momentum"]
-                if shared:
+                if same_step:
                     momentum.mul_(0.9).add_(g) if self.steps[0] else momentum.copy_(g)
                 else:
                     for i, s in enumerate(self.steps):
@@ -594,20 +634,23 @@ class Stack:
             buf["exp_avg"].lerp_(g, 0.1)
             buf["exp_avg_sq"].mul_(0.999).addcmul_(g, g, value=0.001)
             t = [s + 1 for s in self.steps]
-            if shared:
+            if same_step:
                 denom = (buf["exp_avg_sq"].sqrt() / (1 - 0.999 ** t[0]) ** 0.5).add_(1e-8)
                 p.addcdiv_(buf["exp_avg"], denom, value=-self.lr / (1 - 0.9 ** t[0]))
-            else:
-                step_size = self.per_model([self.lr / (1 - 0.9 ** k) for k in t], p)
-                root = self.per_model([(1 - 0.999 ** k) ** 0.5 for k in t], p)
+            else:  # per-model bias corrections, broadcast over each model's slice
+                per_model = lambda v: torch.tensor(v, dtype=p.dtype, device=p.device).view(
+                    -1, *[1] * (p.dim() - 1))
+                step_size = per_model([self.lr / (1 - 0.9 ** k) for k in t])
+                root = per_model([(1 - 0.999 ** k) ** 0.5 for k in t])
                 p.sub_(step_size * (buf["exp_avg"] / (buf["exp_avg_sq"].sqrt() / root).add_(1e-8)))
         self.steps = [s + 1 for s in self.steps]
 
     def write_back(self, jobs):
         for i, job in enumerate(jobs):
             job.state = {n: p[i].detach().clone() for n, p in self.params.items()}
-            job.opt = {"step": self.steps[i], "buffers": {n: {s: b[i].clone() for s, b in slots.items()}
-                                                          for n, slots in self.buffers.items()}}
+            buffers = {n: {s: b[i].clone() for s, b in slots.items()}
+                       for n, slots in self.buffers.items()}
+            job.opt = {"step": self.steps[i], "buffers": buffers}
 
 
 def train_epoch(stack, images, labels, batch_size, gens):
@@ -617,20 +660,21 @@ def train_epoch(stack, images, labels, batch_size, gens):
     M, N = labels.shape
     order = torch.stack([torch.randperm(N, generator=g, device=images.device) for g in gens])
     correct = torch.zeros(M, device=images.device)
-    total = torch.zeros(M, device=images.device)
+    loss_sum = torch.zeros(M, device=images.device)
     for start in range(0, N, batch_size):
-        idx = order[:, start:start + batch_size]
+        idx = order[:, start:start + batch_size]  # each model's own batch
         y = labels.gather(1, idx)
         out = stack.logits(preprocess(images[idx]))
-        loss = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(M, -1).mean(1)
+        loss = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none")
+        loss = loss.view(M, -1).mean(1)
         # the models share nothing, so the gradient of the sum is each model's own; taken directly,
         # not through .grad, which would copy vmap's transposed weight gradients (half the time)
         grads = torch.autograd.grad(loss.sum(), list(stack.params.values()))
         stack.step(dict(zip(stack.params, grads)))
         correct += (out.argmax(-1) == y).sum(1)
-        total += loss.detach()
-    if not torch.isfinite(total).all():  # one host sync per epoch
-        raise UserError(f"the training loss became {total.tolist()}; stopped, keeping the last "
+        loss_sum += loss.detach()
+    if not torch.isfinite(loss_sum).all():  # one host sync per epoch, not one per step
+        raise UserError(f"the training loss became {loss_sum.tolist()}; stopped, keeping the last "
                         "checkpoint in its models/ folder")
     return (correct / N).tolist()
 
@@ -638,7 +682,7 @@ def train_epoch(stack, images, labels, batch_size, gens):
 @torch.no_grad()
 def stacked_predictions(stack, images, batch=2048):
     """Every model's predicted class for every image: (M, N)."""
-    return torch.cat([stack.logits(preprocess(images[i:i + batch]), shared=True).argmax(-1)
+    return torch.cat([stack.logits(preprocess(images[i:i + batch]), same_batch=True).argmax(-1)
                       for i in range(0, len(images), batch)], 1)
 
 
@@ -647,48 +691,70 @@ def same_numbers_in_any_stack(device):
     """On the CPU, oneDNN's grouped convolution (a stack of M models) sums weight gradients in
     another order than its plain one (a model alone); ATen's own convolution runs a grouped one as
     plain ones, so a model's numbers do not depend on what it is stacked with (tested)."""
-    if device.type != "cpu":
-        yield
-        return
-    flags = torch.backends.mkldnn.flags(enabled=False)
-
-    def quietly(switch):  # setting the flags warns about TF32 on Intel GPUs, irrelevant here
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
-            switch()
-    quietly(flags.__enter__)
-    try:
-        yield
-    finally:
-        quietly(lambda: flags.__exit__(None, None, None))
+    with warnings.catch_warnings():  # the flags warn about TF32 on Intel GPUs, irrelevant here
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+        with torch.backends.mkldnn.flags(enabled=device.type != "cpu"):
+            yield
 
 
-def train_together(jobs, template, data, config, after_epoch, desc):
+def train_together(jobs, template, data, args, after_epoch, desc):
     """Epochs of all unfinished jobs, --models-at-once at a time. after_epoch(job, train_acc,
     test_predictions) records the epoch and says whether the job is finished."""
     active = list(jobs)
     bar = tqdm(desc=desc, unit="epoch", leave=False)
-    while active:
-        bar.set_postfix(models=len(active))
-        bar.update()
+    while active:  # one epoch of every unfinished job per pass
         finished = []
-        for start in range(0, len(active), config["models_at_once"]):
-            group = active[start:start + config["models_at_once"]]
-            stack = Stack(template, group, config)
+        for start in range(0, len(active), args.models_at_once):
+            group = active[start:start + args.models_at_once]
+            # restacked every epoch: the jobs hold the state, so finished ones simply drop out
+            stack = Stack(template, group, args.optimizer, args.lr)
             labels = torch.stack([j.labels for j in group])
-            with same_numbers_in_any_stack(data["train_x"].device):
-                accs = train_epoch(stack, data["train_x"], labels, config["batch_size"], [j.gen for j in group])
-            preds = stacked_predictions(stack, data["test_x"])
+            with same_numbers_in_any_stack(data.train_x.device):
+                accs = train_epoch(stack, data.train_x, labels, args.batch_size,
+                                   [j.gen for j in group])
+            preds = stacked_predictions(stack, data.test_x)
             stack.write_back(group)
-            finished += [j for j, acc, pred in zip(group, accs, preds) if after_epoch(j, acc, pred)]
+            finished += [job for job, acc, pred in zip(group, accs, preds)
+                         if after_epoch(job, acc, pred)]
+        bar.update()
+        bar.set_postfix(models=len(active))
         active = [j for j in active if j not in finished]
     bar.close()
 
+# ----------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_KEYS = ("dataset", "model", "optimizer", "lr", "batch_size", "epochs", "stop_acc",
+                   "seed", "train_size")
 
 
-def partial_path(path):
-    """Where a model in training is checkpointed: models/p0.4_run1.partial.pt."""
+def in_progress_path(path):
+    """Where a model still in training is checkpointed: models/p0.4_run1.partial.pt."""
     return path[:-len(".pt")] + ".partial.pt"
+
+
+def load_model_checkpoint(path, key, overwrite):
+    """The checkpoint at path if it was made with the same key; None if absent (or made with
+    another key, and overwrite)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        saved_key = ckpt["key"]
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); move it away or "
+                        "pass --overwrite")
+    if saved_key == key:
+        return ckpt
+    if overwrite:
+        return None
+    diff = ", ".join(f"{k}: {saved_key.get(k)!r} -> {v!r}" for k, v in key.items()
+                     if saved_key.get(k) != v)
+    raise UserError(f"{path} was trained with other settings ({diff}); pass --overwrite or use "
+                    "another --out-dir")
+
+
+def save_checkpoint(path, obj):
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def model_from(template, state):
@@ -696,177 +762,214 @@ def model_from(template, state):
     model.load_state_dict(state)
     return model
 
+# ----------------------------------------------------------------------------- memorize, retrain
 
-def memorize(specs, data, config):
+
+def memorization_job(p, run, template, data, args):
+    """The (p, run) model: ("done", checkpoint) if it finished before, else a Job, fresh or
+    resumed from its in-progress checkpoint."""
+    dev, shape, K = data.train_x.device, DATASETS[args.dataset][1], args.num_classes
+    seed = args.seed + run
+    path = os.path.join(args.out_dir, "models", f"p{p:g}_run{run}.pt")
+    key = {k: getattr(args, k) for k in CHECKPOINT_KEYS} | {"corruption": p, "run": run}
+    done = load_model_checkpoint(path, key, args.overwrite)
+    if done:
+        tqdm.write(f"p={p:g} run {run}: reusing {path}")
+        return "done", done
+    labels = corrupt_labels(data.train_y.cpu(), p, K, seed).to(dev)
+    job = Job(f"p={p:g} run {run}", build_model(args.model, shape, K, seed).to(dev).state_dict(),
+              labels, named_generator(dev, "order", seed), path=path, key=key)
+    resumed = load_model_checkpoint(in_progress_path(path), key, args.overwrite)
+    if resumed:
+        try:  # an in-progress checkpoint of the unbatched version holds a torch.optim state_dict
+            opt = resumed["optimizer"]
+            buffers = {n: {s: t.to(dev) for s, t in b.items()} for n, b in opt["buffers"].items()}
+            job.opt = {"step": opt["step"], "buffers": buffers}
+        except (KeyError, TypeError, AttributeError):
+            raise UserError(f"{in_progress_path(path)} is from an older version of this script; "
+                            "move it away or pass --overwrite to train that model again")
+        job.state = {n: t.to(dev) for n, t in resumed["model"].items()}
+        job.history = resumed["history"]
+        job.gen.set_state(resumed["gen"])
+        tqdm.write(f"{job.name}: resuming from epoch {len(job.history['train_acc'])}")
+    return "job", job
+
+
+def memorize(specs, data, args):
     """Train the model of every (p, run) in specs to the --stop-acc threshold or --epochs, all
-    together; reuse finished checkpoints, resume partial ones. Every --save-every epochs each
+    together; reuse finished checkpoints, resume in-progress ones. Every --save-every epochs each
     model's state (weights, optimizer, batch-order generator, history) is saved atomically; with
     --decode-every E the best layer's MASC test accuracy is recorded every E epochs.
     Returns {(p, run): (model, corrupted labels, history)}."""
-    dev, shape, K = data["train_x"].device, DATASETS[config["dataset"]][1], config["num_classes"]
-    template = build_model(config["model"], shape, K, config["seed"]).to(dev)
+    shape = DATASETS[args.dataset][1]
+    template = build_model(args.model, shape, args.num_classes, args.seed).to(data.train_x.device)
     out, jobs = {}, {}
     for p, run in specs:
-        seed = config["seed"] + run
-        path = os.path.join(config["out_dir"], "models", f"p{p:g}_run{run}.pt")
-        key = {k: config[k] for k in CHECKPOINT_KEYS} | {"corruption": p, "run": run}
-        done = load_model_checkpoint(path, key, config["overwrite"])
-        if done:
-            tqdm.write(f"p={p:g} run {run}: reusing {path}")
-            out[p, run] = (model_from(template, done["model"]), done["labels"].to(dev), done["history"])
-            continue
-        labels = corrupt_labels(data["train_y"].cpu(), p, K, seed).to(dev)
-        job = Job(f"p={p:g} run {run}", build_model(config["model"], shape, K, seed).to(dev).state_dict(),
-                  labels, named_generator(dev, "order", seed), path=path, key=key)
-        partial = load_model_checkpoint(partial_path(path), key, config["overwrite"])
-        if partial:
-            try:  # a partial checkpoint of the unbatched version holds a torch.optim state_dict
-                opt = partial["optimizer"]
-                job.opt = {"step": opt["step"], "buffers": {n: {s: t.to(dev) for s, t in b.items()}
-                                                            for n, b in opt["buffers"].items()}}
-            except (KeyError, TypeError, AttributeError):
-                raise UserError(f"{partial_path(path)} is from an older version of this script; move it "
-                                "away or pass --overwrite to train that model again")
-            job.state = {n: t.to(dev) for n, t in partial["model"].items()}
-            job.history = partial["history"]
-            job.gen.set_state(partial["gen"])
-            tqdm.write(f"{job.name}: resuming from epoch {len(job.history['train_acc'])}")
-        jobs[p, run] = job
+        kind, found = memorization_job(p, run, template, data, args)
+        if kind == "done":
+            out[p, run] = (model_from(template, found["model"]),
+                           found["labels"].to(data.train_x.device), found["history"])
+        else:
+            jobs[p, run] = found
 
     def after_epoch(job, acc, pred):
         history = job.history
         history["train_acc"].append(acc)
-        history["test_acc"].append(accuracy(pred, data["test_y"]))
+        history["test_acc"].append(accuracy(pred, data.test_y))
         epoch = len(history["train_acc"])
-        if config["decode_every"] and epoch % config["decode_every"] == 0:
-            peak = best_decoded(model_from(template, job.state), data, job.labels, config)
-            history.setdefault("decode", []).append(dict(epoch=epoch, model_test=history["test_acc"][-1], **peak))
-        finished = acc >= config["stop_acc"] or epoch >= config["epochs"]
+        if args.decode_every and epoch % args.decode_every == 0:  # decoding during training
+            peak = best_decoded(model_from(template, job.state), data, job.labels, args)
+            history.setdefault("decode", []).append(
+                dict(epoch=epoch, model_test=history["test_acc"][-1], **peak))
+        finished = acc >= args.stop_acc or epoch >= args.epochs
         if finished:
-            stop = config["stop_acc"]
             tqdm.write(f"{job.name}: training accuracy {acc:.4f} " + (
-                f"reached --stop-acc {stop:g} at epoch {epoch}; stopped" if acc >= stop
-                else f"after {epoch} epochs, below --stop-acc {stop:g}"))
-            save_atomic(job.path, {"key": job.key, "model": job.state, "labels": job.labels.cpu(),
-                                   "history": history})
-            if os.path.exists(partial_path(job.path)):
-                os.remove(partial_path(job.path))
-        elif epoch % config["save_every"] == 0:
-            save_atomic(partial_path(job.path), {"key": job.key, "model": job.state, "optimizer": job.opt,
-                                                "gen": job.gen.get_state(), "history": history})
+                f"reached --stop-acc {args.stop_acc:g} at epoch {epoch}; stopped"
+                if acc >= args.stop_acc else f"after {epoch} epochs, below --stop-acc "
+                                             f"{args.stop_acc:g}"))
+            # the finished model replaces its in-progress checkpoint; a later command reuses it
+            save_checkpoint(job.path, {"key": job.key, "model": job.state,
+                                       "labels": job.labels.cpu(), "history": history})
+            if os.path.exists(in_progress_path(job.path)):
+                os.remove(in_progress_path(job.path))
+        elif epoch % args.save_every == 0:  # all a resumed model needs to continue exactly
+            save_checkpoint(in_progress_path(job.path),
+                            {"key": job.key, "model": job.state, "optimizer": job.opt,
+                             "gen": job.gen.get_state(), "history": history})
         return finished
 
-    train_together(list(jobs.values()), template, data, config, after_epoch, "memorize")
+    train_together(list(jobs.values()), template, data, args, after_epoch, "memorize")
     for spec, job in jobs.items():
         out[spec] = (model_from(template, job.state), job.labels, job.history)
     return out
 
 
-def retrain_all(plans, data, config):
+def retrain_all(plans, data, args):
     """Paper section 3.3's retraining of every relabelled model together: each continues from its
     memorized weights with a fresh optimizer on its new labels, early-stops on its own 20% of the
     test set (--patience), and ends with the weights of its best validation epoch.
-    plans: list of (model, new labels, validation indices, seed key). Returns (model, epochs) each."""
+    plans: list of (model, new labels, validation indices, seed key). Returns (model, epochs)."""
     if not plans:
         return []
-    template, dev = plans[0][0], data["train_x"].device
+    template, dev = plans[0][0], data.train_x.device
     jobs = [Job(f"retrain {key}", {n: t.detach().clone() for n, t in model.state_dict().items()},
                 labels, named_generator(dev, "retrain", key), val_idx=val_idx)
             for model, labels, val_idx, key in plans]
 
     def after_epoch(job, acc, pred):
-        val = accuracy(pred[job.val_idx], data["test_y"][job.val_idx])
+        val = accuracy(pred[job.val_idx], data.test_y[job.val_idx])
         epochs = len(job.history["train_acc"]) + 1
         job.history["train_acc"].append(acc)
         job.history["test_acc"].append(val)
-        if val > job.best[0]:
-            job.best = (val, job.state, epochs)
-        waited = epochs - job.best[2]
-        return waited >= config["patience"] or epochs >= config["retrain_epochs"]
+        if val > job.best_val:
+            job.best_val, job.best_state, job.best_epoch = val, job.state, epochs
+        waited = epochs - job.best_epoch
+        return waited >= args.patience or epochs >= args.retrain_epochs
 
-    train_together(jobs, template, data, config, after_epoch, "retrain")
-    return [(model_from(template, job.best[1]), len(job.history["train_acc"])) for job in jobs]
+    train_together(jobs, template, data, args, after_epoch, "retrain")
+    return [(model_from(template, job.best_state), len(job.history["train_acc"])) for job in jobs]
 
-# ----------------------------------------------------------------------------- relabelling and controls
+# ----------------------------------------------------------------------------- relabel, controls
 
 
-def latent_memorization(train_f, test_f, data, config, seed):
-    """MASC of the p=0 model from labels corrupted after training, scored on those labels (paper, supp. 6)."""
+def latent_memorization(train_f, test_f, data, args, seed):
+    """MASC of the p=0 model from labels corrupted after training, scored on those labels (paper,
+    supplement 6)."""
     out = []
-    for q in config["posthoc_corruption"]:
-        y_q = corrupt_labels(data["train_y"].cpu(), q, config["num_classes"], ("posthoc", seed, q)).to(data["train_y"].device)
+    for q in args.posthoc_corruption:
+        y_q = corrupt_labels(data.train_y.cpu(), q, args.num_classes, ("posthoc", seed, q))
+        y_q = y_q.to(data.train_y.device)
         layers = []
         for name in train_f:
-            bases = fit_subspaces(train_f[name], y_q, config["num_classes"], config["variance"])
+            bases = fit_subspaces(train_f[name], y_q, args.num_classes, args.variance)
             pred = masc_predict(bases, train_f[name])
-            layers.append(dict(name=name, train_corrupt=accuracy(pred, y_q), train_true=accuracy(pred, data["train_y"]),
-                               test=accuracy(masc_predict(bases, test_f[name]), data["test_y"])))
-        out.append(dict(corruption=q, fraction_changed=1 - accuracy(y_q, data["train_y"]), layers=layers))
+            layers.append(dict(name=name, train_corrupt=accuracy(pred, y_q),
+                               train_true=accuracy(pred, data.train_y),
+                               test=accuracy(masc_predict(bases, test_f[name]), data.test_y)))
+        out.append(dict(corruption=q, fraction_changed=1 - accuracy(y_q, data.train_y),
+                        layers=layers))
     return out
 
 
-def relabel(model, data, y_corrupt, preds, seed):
-    """Paper section 3.3 up to retraining: split the test set 80/20 (seeded); per subspace kind, the
-    layer whose MASC is best on the 20% part relabels every training image (rows MASC cannot place
-    keep their label). Returns the report, the new labels per kind, and the split."""
-    n_test = len(data["test_y"])
-    perm = torch.randperm(n_test, generator=named_generator("cpu", "split", seed)).to(data["test_y"].device)
-    val_idx, eval_idx = perm[:n_test // 5], perm[n_test // 5:]
-    y_true, y_test = data["train_y"], data["test_y"]
+def relabel(test_pred, data, y_corrupt, preds, seed):
+    """Paper section 3.3 up to retraining: split the test set 80/20 (seeded); per subspace kind,
+    the layer whose MASC is best on the 20% part relabels every training image (rows MASC cannot
+    place keep their label). test_pred: the memorized model's own test predictions. Returns the
+    report, the new labels per kind, and the split."""
+    n_test = len(data.test_y)
+    perm = torch.randperm(n_test, generator=named_generator("cpu", "split", seed))
+    perm = perm.to(data.test_y.device)
+    val_idx, eval_idx = perm[:n_test // 5], perm[n_test // 5:]  # the paper's 20% / 80%
+    y_true, y_test = data.train_y, data.test_y
     wrong = y_corrupt != y_true
     out = dict(val_size=len(val_idx), test_size=len(eval_idx),
-               before_test=accuracy(predict(model, data["test_x"][eval_idx]), y_test[eval_idx]))
+               before_test=accuracy(test_pred[eval_idx], y_test[eval_idx]))
     new_labels = {}
     for kind in ("corrupt", "true"):
-        best = max(preds, key=lambda name: accuracy(preds[name][kind][1][val_idx], y_test[val_idx]))
-        train_pred, test_pred = preds[best][kind]
-        labels = torch.where(train_pred >= 0, train_pred, y_corrupt)  # unplaceable rows keep theirs
+        on_val = lambda name: accuracy(preds[name][kind].test[val_idx], y_test[val_idx])
+        best = max(preds, key=on_val)
+        chosen = preds[best][kind]
+        labels = torch.where(chosen.train >= 0, chosen.train, y_corrupt)  # -1 rows keep theirs
         out[f"{kind}_subspaces"] = dict(
-            layer=best, masc_test=accuracy(test_pred[eval_idx], y_test[eval_idx]),
+            layer=best, masc_test=accuracy(chosen.test[eval_idx], y_test[eval_idx]),
             relabel_correct=accuracy(labels, y_true), corrupt_correct=accuracy(y_corrupt, y_true),
-            fixed=(labels[wrong] == y_true[wrong]).float().mean().item() if wrong.any() else None,
-            broken=(labels[~wrong] != y_true[~wrong]).float().mean().item() if (~wrong).any() else None)
+            fixed=accuracy(labels[wrong], y_true[wrong]) if wrong.any() else None,
+            broken=(labels[~wrong] != y_true[~wrong]).float().mean().item() if (~wrong).any()
+            else None)
         new_labels[kind] = labels
     return out, new_labels, val_idx, eval_idx
 
 
-def init_control(data, y_corrupt, config, seed):
+def init_control(data, y_corrupt, args, seed):
     """MASC on the same architecture at its random initialisation (the paper's control)."""
-    model = build_model(config["model"], DATASETS[config["dataset"]][1], config["num_classes"], seed).to(data["train_x"].device)
-    rows, _, _, _ = decode_layers(model, data, y_corrupt, config, "MASC at init")
+    model = build_model(args.model, DATASETS[args.dataset][1], args.num_classes, seed)
+    rows, _, _, _ = decode_layers(model.to(data.train_x.device), data, y_corrupt, args,
+                                  "MASC at init")
     return [dict(name=r["name"], corrupt_subspaces=dict(test=r["corrupt_subspaces"]["test"]),
                  true_subspaces=dict(test=r["true_subspaces"]["test"])) for r in rows]
 
 # ----------------------------------------------------------------------------- runs and report
 
 
-def decode_run(config, data, p, run, model, y_corrupt, history):
+def decode_run(args, data, p, run, model, y_corrupt, history):
     """Decode every layer of a memorized model, the controls, and the relabelling (retraining comes
     later, batched): one entry of results.json, and what its retraining needs."""
-    seed = config["seed"] + run
-    model_acc = dict(train_corrupt=accuracy(predict(model, data["train_x"]), y_corrupt),
-                     train_true=accuracy(predict(model, data["train_x"]), data["train_y"]),
-                     test=accuracy(predict(model, data["test_x"]), data["test_y"]))
-    layers, preds, train_f, test_f = decode_layers(model, data, y_corrupt, config, f"MASC p={p:g} run {run}")
-    best = max(layers, key=lambda r: r["corrupt_subspaces"]["test"])
-    best_true = max(layers, key=lambda r: r["true_subspaces"]["test"])
-    gain = lambda acc: 100 * (acc - model_acc["test"]) / model_acc["test"] if model_acc["test"] > 0 else None
-    entry = dict(corruption=p, run=run, seed=seed, fraction_changed=1 - accuracy(y_corrupt, data["train_y"]),
-                 epochs_trained=len(history["train_acc"]), reached_stop_acc=history["train_acc"][-1] >= config["stop_acc"],
+    seed = args.seed + run
+    train_pred, test_pred = predict(model, data.train_x), predict(model, data.test_x)
+    model_acc = dict(train_corrupt=accuracy(train_pred, y_corrupt),
+                     train_true=accuracy(train_pred, data.train_y),
+                     test=accuracy(test_pred, data.test_y))
+    layers, preds, train_f, test_f = decode_layers(model, data, y_corrupt, args,
+                                                   f"MASC p={p:g} run {run}")
+    best, best_true = best_layers(layers)
+    gain = lambda acc: (100 * (acc - model_acc["test"]) / model_acc["test"]
+                        if model_acc["test"] > 0 else None)
+    test_acc = history["test_acc"]
+    entry = dict(corruption=p, run=run, seed=seed,
+                 fraction_changed=1 - accuracy(y_corrupt, data.train_y),
+                 epochs_trained=len(history["train_acc"]),
+                 reached_stop_acc=history["train_acc"][-1] >= args.stop_acc,
                  model_acc=model_acc, layers=layers,
                  best_layer=best["name"], best_masc_test=best["corrupt_subspaces"]["test"],
                  improvement_pct=gain(best["corrupt_subspaces"]["test"]),
-                 best_layer_true=best_true["name"], best_masc_test_true=best_true["true_subspaces"]["test"],
+                 best_layer_true=best_true["name"],
+                 best_masc_test_true=best_true["true_subspaces"]["test"],
                  improvement_pct_true=gain(best_true["true_subspaces"]["test"]),
-                 early_stop_test_acc=max(history["test_acc"]),
-                 early_stop_epoch=1 + max(range(len(history["test_acc"])), key=history["test_acc"].__getitem__),
+                 early_stop_test_acc=max(test_acc),
+                 early_stop_epoch=1 + max(range(len(test_acc)), key=test_acc.__getitem__),
                  history=history)
-    entry["posthoc"] = latent_memorization(train_f, test_f, data, config, seed) if p == 0 and config["posthoc_corruption"] else None
-    del train_f, test_f
-    relabelled = None if config["no_retrain"] else relabel(model, data, y_corrupt, preds, seed)
+    posthoc = p == 0 and args.posthoc_corruption
+    entry["posthoc"] = latent_memorization(train_f, test_f, data, args, seed) if posthoc else None
+    del train_f, test_f  # the features of every layer: free them before the init control's
+    relabelled = None if args.no_retrain else relabel(test_pred, data, y_corrupt, preds, seed)
     entry["retrain"] = relabelled and relabelled[0]
-    entry["init_control"] = init_control(data, y_corrupt, config, seed)
+    entry["init_control"] = init_control(data, y_corrupt, args, seed)
     return entry, relabelled
+
+
+def text_table(lines):
+    widths = [max(len(line[j]) for line in lines) for j in range(len(lines[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in lines)
 
 
 def dynamics_table(runs):
@@ -879,11 +982,11 @@ def dynamics_table(runs):
             continue
         peak = lambda key: max(decoded, key=lambda d: d[key])
         c, t = peak("masc_test"), peak("masc_test_true")
-        lines.append([f"{r['corruption']:g}", str(r["run"]), f"{c['masc_test']:.3f} at epoch {c['epoch']}",
+        lines.append([f"{r['corruption']:g}", str(r["run"]),
+                      f"{c['masc_test']:.3f} at epoch {c['epoch']}",
                       f"{t['masc_test_true']:.3f} at epoch {t['epoch']}",
                       f"{r['early_stop_test_acc']:.3f} at epoch {r['early_stop_epoch']}"])
-    widths = [max(len(line[j]) for line in lines) for j in range(len(lines[0]))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in lines)
+    return text_table(lines)
 
 
 def summary_table(runs, corruptions):
@@ -893,54 +996,67 @@ def summary_table(runs, corruptions):
         if not values:
             return "-"
         mean = sum(values) / len(values)
-        return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} [{min(values):.3f},{max(values):.3f}]"
+        return f"{mean:.3f}" if len(values) == 1 else \
+            f"{mean:.3f} [{min(values):.3f},{max(values):.3f}]"
+    retrained = lambda kind: lambda r: r["retrain"] and r["retrain"][kind]["after_test"]
     cols = [("model test", lambda r: r["model_acc"]["test"]),
             ("MASC test (corrupt subsp.)", lambda r: r["best_masc_test"]),
             ("improvement %", lambda r: r["improvement_pct"]),
             ("MASC test (true subsp.)", lambda r: r["best_masc_test_true"]),
             ("early-stop test", lambda r: r["early_stop_test_acc"]),
-            ("retrained (corrupt)", lambda r: r["retrain"] and r["retrain"]["corrupt_subspaces"]["after_test"]),
-            ("retrained (true)", lambda r: r["retrain"] and r["retrain"]["true_subspaces"]["after_test"])]
+            ("retrained (corrupt)", retrained("corrupt_subspaces")),
+            ("retrained (true)", retrained("true_subspaces"))]
     lines = [["p", "best layer"] + [c for c, _ in cols]]
     for p in corruptions:
         rows = [r for r in runs if r["corruption"] == p]
         if rows:
             layers = "/".join(sorted({r["best_layer"] for r in rows}))
             lines.append([f"{p:g}", layers] + [stat([f(r) for r in rows]) for _, f in cols])
-    widths = [max(len(line[j]) for line in lines) for j in range(len(lines[0]))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in lines)
+    return text_table(lines)
 
 
-def run(args):
-    config = resolve_config(args)
-    data_cpu = load_dataset(args.dataset, args.data_dir)
-    device = torch.device(args.device)
-    (tx, ty), (qx, qy) = data_cpu
+def script_sha256():
+    """Which version of this file made a result, once it has been copied elsewhere."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def load_data(args):
+    """The dataset on the device, the training set cut to --train-size if asked."""
+    (tx, ty), (qx, qy) = load_dataset(args.dataset, args.data_dir)
     if args.train_size:
         keep = balanced_subset(ty, args.train_size, args.seed)
         tx, ty = tx[keep], ty[keep]
-    data = dict(train_x=tx.to(device), train_y=ty.to(device), test_x=qx.to(device), test_y=qy.to(device))
-    os.makedirs(args.out_dir, exist_ok=True)
+    return Data(*(t.to(args.device) for t in (tx, ty, qx, qy)))
+
+
+def run(args):
+    check_args(args)
+    data = load_data(args)
+    config = dict(vars(args))
     write_json(os.path.join(args.out_dir, "config.json"), config)
-    results, t0 = {"config": config, "runs": []}, time.time()
+    results = {"config": config, "script_sha256": script_sha256(), "runs": []}
+    t0 = time.time()
     specs = [(p, r) for p in args.corruption for r in range(args.runs)]
-    trained = memorize(specs, data, config)
+    memorized = memorize(specs, data, args)
     plans, splits = [], []
     for p, r in specs:
-        entry, relabelled = decode_run(config, data, p, r, *trained[p, r])
+        entry, relabelled = decode_run(args, data, p, r, *memorized[p, r])
         results["runs"].append(entry)
         write_json(os.path.join(args.out_dir, "results.json"), results)
         if relabelled:
             _, new_labels, val_idx, eval_idx = relabelled
-            for kind in ("corrupt", "true"):
-                plans.append((trained[p, r][0], new_labels[kind], val_idx, (entry["seed"], kind)))
+            for kind in ("corrupt", "true"):  # two retrainings per model: one per subspace kind
+                model = memorized[p, r][0]
+                plans.append((model, new_labels[kind], val_idx, (entry["seed"], kind)))
                 splits.append((entry, kind, eval_idx))
-    for (tuned, epochs), (entry, kind, eval_idx) in zip(retrain_all(plans, data, config), splits):
-        entry["retrain"][f"{kind}_subspaces"].update(
-            after_test=accuracy(predict(tuned, data["test_x"][eval_idx]), data["test_y"][eval_idx]), epochs=epochs)
+    for (tuned, epochs), (entry, kind, eval_idx) in zip(retrain_all(plans, data, args), splits):
+        after = accuracy(predict(tuned, data.test_x[eval_idx]), data.test_y[eval_idx])
+        entry["retrain"][f"{kind}_subspaces"].update(after_test=after, epochs=epochs)
     results["seconds"] = round(time.time() - t0, 1)
     write_json(os.path.join(args.out_dir, "results.json"), results)
-    print(f"{args.model}-{args.dataset}, {args.runs} run(s) per degree, {results['seconds']} s on {args.device}")
+    print(f"{args.model}-{args.dataset}, {args.runs} run(s) per degree, {results['seconds']} s on "
+          f"{args.device}")
     print(summary_table(results["runs"], args.corruption))
     if args.decode_every:
         print(dynamics_table(results["runs"]))

@@ -83,13 +83,12 @@ def training_row(models, steps, device):
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (steps * 32, 1, 28, 28), dtype=torch.uint8, generator=g).to(device)
     labels = torch.randint(10, (models, steps * 32), generator=g).to(device)
-    config = dict(optimizer="sgd", lr=1e-3)
     jobs = [m.Job(f"{i}", {n: p.detach().clone() for n, p in m.build_model("mlp", (1, 28, 28), 10, i)
                            .to(device).named_parameters()}, labels[i], torch.Generator(device=device).manual_seed(i))
             for i in range(models)]
 
     def epoch(group, n=steps * 32):
-        stack = m.Stack(template, group, config)
+        stack = m.Stack(template, group, "sgd", 1e-3)
         with m.same_numbers_in_any_stack(torch.device(device)):
             m.train_epoch(stack, images[:n], torch.stack([j.labels[:n] for j in group]), 32, [j.gen for j in group])
         if device == "cuda":

@@ -1,5 +1,7 @@
 """Tests of masc_decode.py: MASC against a literal float64 numpy implementation of the paper's
 Algorithms 1-3, label corruption statistics, and end-to-end runs on fake MNIST/CIFAR files."""
+import argparse
+import hashlib
 import json
 import os
 
@@ -276,6 +278,8 @@ def test_cnn_on_cifar_files(tmp_path, patch_md5):
     assert [(layer["name"], layer["dim"]) for layer in r["layers"]] == [
         ("input", 3072), ("flatten", 1024), ("fc1", 250), ("fc2", 250), ("fc3", 250)]
     assert r["retrain"] is None and res["config"]["batch_size"] == 32 and res["config"]["stop_acc"] == 1.0
+    with open(m.__file__, "rb") as f:  # a copied script's results say which version made them
+        assert res["script_sha256"] == hashlib.sha256(f.read()).hexdigest()
 
 # ----------------------------------------------------------------------------- bad input
 
@@ -334,11 +338,12 @@ def relabel_case(preds):
     y_true = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4])
     y_corrupt = torch.tensor([1, 2, 3, 4, 4, 0, 1, 2, 3, 4])  # rows 0-3 corrupted
     g = torch.Generator().manual_seed(0)
-    data = dict(train_x=torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8, generator=g), train_y=y_true,
-                test_x=torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8, generator=g),
-                test_y=torch.arange(10) % 5)
+    data = m.Data(train_x=torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8, generator=g),
+                  train_y=y_true, test_x=torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8, generator=g),
+                  test_y=torch.arange(10) % 5)
     model = m.build_model("mlp", (1, 28, 28), 5, 0)
-    return m.relabel(model, data, y_corrupt, preds, seed=0), data
+    preds = {name: {kind: m.Predictions(*p) for kind, p in kinds.items()} for name, kinds in preds.items()}
+    return m.relabel(m.predict(model, data.test_x), data, y_corrupt, preds, seed=0), data
 
 
 def test_relabel_counts_fixed_broken_and_keeps_unplaceable_rows():
@@ -347,7 +352,7 @@ def test_relabel_counts_fixed_broken_and_keeps_unplaceable_rows():
     assert len(val) == 2
     on_val = torch.zeros(10, dtype=torch.bool)
     on_val[val] = True
-    y_test = data["test_y"]
+    y_test = data.test_y
     right_on = lambda mask: torch.where(mask, y_test, (y_test + 1) % 5)
     train_pred = torch.tensor([0, 1, -1, 3, 4, 1, -1, 2, 3, 4])
     preds = {  # corrupt subspaces: "a" is right on the 20% split only, "b" on the other 80% only
@@ -389,13 +394,14 @@ def test_retraining_patience_and_best_epoch_restore(monkeypatch):
         return torch.stack(rows)
     monkeypatch.setattr(m, "train_epoch", fake_epoch)
     monkeypatch.setattr(m, "stacked_predictions", fake_predictions)
-    data = dict(train_x=torch.zeros(4, 1, 28, 28, dtype=torch.uint8), train_y=torch.zeros(4, dtype=torch.long),
-                test_x=torch.zeros(10, 1, 28, 28, dtype=torch.uint8), test_y=torch.zeros(10, dtype=torch.long))
-    config = dict(retrain_epochs=6, patience=3, batch_size=2, lr=1e-3, optimizer="sgd", models_at_once=2)
+    data = m.Data(train_x=torch.zeros(4, 1, 28, 28, dtype=torch.uint8), train_y=torch.zeros(4, dtype=torch.long),
+                  test_x=torch.zeros(10, 1, 28, 28, dtype=torch.uint8), test_y=torch.zeros(10, dtype=torch.long))
+    config = argparse.Namespace(retrain_epochs=6, patience=3, batch_size=2, lr=1e-3, optimizer="sgd",
+                                models_at_once=2)
     model = m.build_model("mlp", (1, 28, 28), 10, 0)
     val = torch.arange(10)
     (first, epochs1), (second, epochs2) = m.retrain_all(
-        [(model, data["train_y"], val, (0, "corrupt")), (model, data["train_y"], val, (0, "true"))], data, config)
+        [(model, data.train_y, val, (0, "corrupt")), (model, data.train_y, val, (0, "true"))], data, config)
     assert epochs1 == 5 and torch.all(first.out.bias == 2)
     assert epochs2 == 6 and torch.all(second.out.bias == 6)
 
@@ -435,7 +441,7 @@ def test_stacked_optimizers_follow_torch_optim():
         reference = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9) if kind == "sgd" else \
             torch.optim.Adam(model.parameters(), lr=lr)
         job = m.Job("x", {n: p.detach().clone() for n, p in model.named_parameters()}, None, None)
-        stack = m.Stack(model, [job], dict(optimizer=kind, lr=lr))
+        stack = m.Stack(model, [job], kind, lr)
         g = torch.Generator().manual_seed(1)
         for _ in range(5):
             grads = {}
@@ -507,9 +513,10 @@ def test_train_size_draws_a_class_balanced_subset(mnist, tmp_path, capsys):
 def test_partial_checkpoint_of_the_unbatched_version_is_refused_in_one_line(mnist, tmp_path, capsys):
     args = [str(a) for a in ["--corruption", "0.5", "--epochs", "3", "--no-retrain", "--data-dir", mnist,
                              "--out-dir", tmp_path]]
-    config = m.resolve_config(m.build_parser().parse_args(args))
+    config = m.build_parser().parse_args(args)
+    m.check_args(config)
     model = m.build_model("mlp", (1, 28, 28), 10, 0)
-    old = {"key": {k: config[k] for k in m.CHECKPOINT_KEYS} | {"corruption": 0.5, "run": 0},
+    old = {"key": {k: getattr(config, k) for k in m.CHECKPOINT_KEYS} | {"corruption": 0.5, "run": 0},
            "model": model.state_dict(), "history": {"train_acc": [0.1], "test_acc": [0.1]},
            "optimizer": torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9).state_dict(),
            "gen": torch.Generator().get_state()}
