@@ -18,8 +18,9 @@ resumes from it with every random state restored.
 Usage:
     python benign_memorization.py --dataset cifar10 --epochs 5000            # the paper's setting
     python benign_memorization.py --dataset cifar10 --augment none --mixup 0 # malign control
-    python benign_memorization.py --num-augs 16 --aug-labels random          # Figure 5
-    python benign_memorization.py --epochs 20 --eval-every 5 --probe-size 5000 --projector-width 4096
+    python benign_memorization.py --augment fixed:16 --aug-labels random     # Figure 5
+    python benign_memorization.py --epochs 20 --eval-every 5 --probe-size 5000 \
+        --projector-width 4096
 """
 import argparse
 import contextlib
@@ -42,7 +43,7 @@ from tqdm import tqdm
 
 # ----------------------------------------------------------------------------- config
 
-DATASETS = {"cifar10": (10, 32), "cifar100": (100, 32), "tinyimagenet": (200, 64)}  # classes, resolution
+DATASETS = {"cifar10": (10, 32), "cifar100": (100, 32), "tinyimagenet": (200, 64)}  # classes, size
 TRANSFER = ("cifar10", "cifar100", "stl10", "tinyimagenet")
 
 
@@ -51,86 +52,124 @@ class UserError(Exception):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
+    def error(self, message):  # argparse's exit status 2, without the usage block
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
 
 
-def at_least(minimum, kind=int):
+def bounded(kind, low, high=math.inf, open_low=False):
+    """An argparse type: a number of `kind` in [low, high], or (low, high] with open_low."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}")
+        if value < low or value > high or (open_low and value == low):
+            raise argparse.ArgumentTypeError(
+                f"must be in {'(' if open_low else '['}{low}, {high}], got {text!r}")
         return value
     return parse
 
 
-def probability(text):
-    value = at_least(0.0, float)(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
 def class_count(text):
-    return text if text == "per-sample" else at_least(2)(text)
+    return text if text == "per-sample" else bounded(int, 2)(text)
 
 
 def dataset_list(text):
     names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in TRANSFER]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(TRANSFER)}, got {text!r}")
+    if not names or any(n not in TRANSFER for n in names):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma list of {', '.join(TRANSFER)}, got {text!r}")
     return names
 
 
+def augment_kind(text):
+    """--augment: 'full' or 'none', or kind:value for 'fixed:B', 'iid:B' (B = 50 if left out) and
+    'randaugment:s'. Returns (kind, value)."""
+    kind, _, value = text.partition(":")
+    if kind in ("full", "none") and not value:
+        return kind, None
+    try:
+        if kind in ("fixed", "iid") and (value or kind == "iid"):
+            return kind, bounded(int, 1)(value or "50")
+        if kind == "randaugment" and value:
+            return kind, bounded(float, 0, 1)(value)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}")
+    raise argparse.ArgumentTypeError(
+        f"expected full, none, fixed:B, iid[:B] or randaugment:s, got {text!r}")
+
+
+def augmentation(text):
+    kind, value = augment_kind(text)
+    return kind if value is None else f"{kind}:{value:g}"
+
+
 def build_parser():
-    p = OneLineParser(description="Random-label training under augmentation with layer-wise K-NN probes.")
+    p = OneLineParser(description="Random-label training under augmentation with layer-wise K-NN "
+                                  "probes.")
+    count, rate, probability = bounded(int, 1), bounded(float, 0), bounded(float, 0, 1)
     g = p.add_argument_group("data and labels")
-    g.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10", help="training dataset")
+    g.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10",
+                   help="training dataset")
     g.add_argument("--data-dir", default="data", help="where datasets are (or get downloaded)")
-    g.add_argument("--labels", choices=["random", "clean"], default="random", help="train on random or clean labels")
-    g.add_argument("--label-noise", type=probability, default=None, help="randomize only this fraction of the labels (Figure 12)")
-    g.add_argument("--num-classes", type=class_count, default=None, help="random labels over C >= 2 classes, or 'per-sample' (Figure 8)")
+    g.add_argument("--labels", choices=["random", "clean"], default="random",
+                   help="train on random or clean labels")
+    g.add_argument("--label-noise", type=probability, default=None,
+                   help="randomize only this fraction of the labels (Figure 12)")
+    g.add_argument("--num-classes", type=class_count, default=None,
+                   help="random labels over C >= 2 classes, or 'per-sample' (Figure 8)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=["resnet18", "vgg16"], default="resnet18", help="encoder")
-    g.add_argument("--projector-width", type=at_least(1), default=65536, help="hidden width W of the projector (Figure 7)")
-    g.add_argument("--loss", choices=["mse", "ce"], default="mse", help="MSE to the one-hot target, or cross-entropy")
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=at_least(1), default=5000, help="training epochs")
-    g.add_argument("--batch-size", type=at_least(1), default=256, help="batch size (last partial batch dropped)")
-    g.add_argument("--lr", type=at_least(0.0, float), default=3e-4, help="Adam learning rate (no schedule, no weight decay)")
-    g.add_argument("--augment", choices=["full", "none"], default=None, help="crop, flip, colour jitter, grayscale; or none (default full)")
+    g.add_argument("--projector-width", type=count, default=65536,
+                   help="hidden width W of the projector (Figure 7)")
+    g.add_argument("--loss", choices=["mse", "ce"], default="mse",
+                   help="MSE to the one-hot target, or cross-entropy")
+    g = p.add_argument_group("training points")
+    g.add_argument("--augment", type=augmentation, default="full",
+                   help="full: a fresh crop, flip, colour jitter and grayscale at every step; "
+                        "none; fixed:B: B draws per image, the same every epoch (Figure 5); "
+                        "iid:B: B same-class images per anchor, unaugmented (Table 4, B = 50); "
+                        "randaugment:s: RandAugment at strength s (Figure 11)")
+    g.add_argument("--aug-labels", choices=["same", "random"], default="same",
+                   help="with fixed:B: augmentations share their image's label, or each has its "
+                        "own")
+    g.add_argument("--subset", type=count, default=None,
+                   help="S class-balanced anchor images: alone, train on them only (Table 4's "
+                        "baseline); with iid:B, its anchors (default 1000)")
     g.add_argument("--mixup", type=probability, default=None,
                    help="probability of mixing a batch, lambda ~ Beta(1, 1) "
-                        "(default 0.8; 0 with --num-augs or --iid-augs)")
-    g.add_argument("--aug-strength", type=probability, default=None, help="RandAugment at this strength instead of the full augmentation (Figure 11)")
-    g = p.add_argument_group("finite and i.i.d. augmentations")
-    g.add_argument("--num-augs", type=at_least(1), default=None, help="B fixed augmentations per image, the same every epoch (Figure 5)")
-    g.add_argument("--aug-labels", choices=["same", "random"], default="same", help="with --num-augs: augmentations share their image's label, or each gets its own")
-    g.add_argument("--iid-augs", type=at_least(1), nargs="?", const=50, default=None, help="B same-class images as each anchor's augmentations (Table 4; default 50)")
-    g.add_argument("--subset", type=at_least(1), default=None,
-                   help="S class-balanced anchor images: alone, train on them only "
-                        "(Table 4's baseline); with --iid-augs, its anchors (default 1000)")
+                        "(default 0.8; 0 with fixed:B and iid:B)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=count, default=5000, help="training epochs")
+    g.add_argument("--batch-size", type=count, default=256,
+                   help="batch size (last partial batch dropped)")
+    g.add_argument("--lr", type=rate, default=3e-4,
+                   help="Adam learning rate (no schedule, no weight decay)")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-every", type=at_least(1), default=50, help="epochs between probes and checkpoints")
-    g.add_argument("--knn-k", type=at_least(1), default=20, help="neighbours of the K-NN probes")
-    g.add_argument("--probe-size", type=at_least(1), default=None, help="cap on probed train and test images (default: all)")
-    g.add_argument("--invariance-size", type=at_least(0), default=1000, help="images for the invariance measure (0 disables)")
-    g.add_argument("--linear-probe", choices=["every", "final", "off"], default="every", help="linear probe of the embedding at every eval, at init and end, or never")
-    g.add_argument("--transfer", type=dataset_list, default=[], help="probe the embedding at init and end on these datasets (Figure 9)")
+    g.add_argument("--eval-every", type=count, default=50,
+                   help="epochs between probes and checkpoints")
+    g.add_argument("--knn-k", type=count, default=20, help="neighbours of the K-NN probes")
+    g.add_argument("--probe-size", type=count, default=None,
+                   help="cap on probed train and test images (default: all)")
+    g.add_argument("--invariance-size", type=bounded(int, 0), default=1000,
+                   help="images for the invariance measure (0 disables)")
+    g.add_argument("--linear-probe", choices=["every", "final", "off"], default="every",
+                   help="linear probe of the embedding at every eval, at init and end, or never")
+    g.add_argument("--transfer", type=dataset_list, default=[],
+                   help="probe the embedding at init and end on these datasets (Figure 9)")
     g = p.add_argument_group("system")
-    g.add_argument("--out-dir", default="runs/benign", help="config.json, log.jsonl, results.json, ckpt.pt")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    g.add_argument("--seed", type=int, default=0, help="seed of labels, initialisation and training order")
+    g.add_argument("--out-dir", default="runs/benign",
+                   help="config.json, log.jsonl, results.json, ckpt.pt")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
+    g.add_argument("--seed", type=int, default=0, help="seed of labels, initialisation and order")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the training step (augmentation to loss) and the probes' forward")
+                   help="torch.compile the training step (augmentation to loss) and the probes")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="bf16 autocast with fp16 probe features, or float32 (auto: bf16 on CUDA)")
-    g.add_argument("--overwrite", action="store_true", help="discard a checkpoint made with another config")
+    g.add_argument("--overwrite", action="store_true",
+                   help="discard a checkpoint made with another config")
     return p
 
 
@@ -139,40 +178,37 @@ RESUMABLE_KEYS = {"epochs", "device", "compile", "data_dir", "out_dir", "overwri
 
 
 def check_args(args):
-    """Cross-flag checks; fills the defaults that depend on other flags."""
+    """Checks argparse cannot make; fills the defaults that depend on other flags."""
     try:
         torch.empty(1, device=args.device)
-    except Exception as e:
-        raise UserError(f"--device {args.device} is not available ({str(e).strip().splitlines()[0]})")
+    except Exception as e:  # unknown or unavailable device
+        raise UserError(f"--device {args.device} is not available "
+                        f"({str(e).strip().splitlines()[0]})")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UserError(f"--out-dir {args.out_dir} exists and is not a directory")
-    if args.iid_augs and args.augment == "full":
-        raise UserError("--iid-augs trains on unaugmented images: drop --augment full")
-    if args.num_augs and args.iid_augs:
-        raise UserError("--num-augs and --iid-augs are different experiments: choose one")
-    args.augment = args.augment or ("none" if args.iid_augs else "full")
-    if (args.num_augs or args.aug_strength is not None) and args.augment == "none":
-        raise UserError("--num-augs and --aug-strength need augmentation: drop --augment none")
-    if args.num_augs and args.aug_strength is not None:
-        raise UserError("--num-augs fixes augmentations of the full pipeline, not RandAugment: drop --aug-strength")
-    if args.aug_labels == "random" and not args.num_augs:
-        raise UserError("--aug-labels random needs --num-augs")
+    kind, _ = augment_kind(args.augment)
+    if args.aug_labels == "random" and kind != "fixed":
+        raise UserError("--aug-labels random gives each fixed augmentation its own label: it "
+                        "needs --augment fixed:B")
     if args.labels == "clean" and (args.label_noise is not None or args.num_classes is not None):
-        raise UserError("--labels clean keeps every true label: drop --label-noise and --num-classes")
+        raise UserError("--labels clean keeps every true label: drop --label-noise and "
+                        "--num-classes")
     classes = DATASETS[args.dataset][0]
     if args.label_noise is not None and args.num_classes not in (None, classes):
-        raise UserError(f"--label-noise keeps some true labels, so random labels must use the {classes} true classes")
+        raise UserError("--label-noise keeps some true labels, so random labels must use the "
+                        f"{classes} true classes")
     if args.num_classes == "per-sample" and args.aug_labels == "random":
-        raise UserError("--num-classes per-sample gives each image its own class; --aug-labels random is undefined then")
-    if args.subset is not None and args.num_augs:
-        raise UserError("--subset chooses anchors for --iid-augs or Table 4's baseline, "
-                        "not for --num-augs")
-    if args.iid_augs and args.subset is None:
+        raise UserError("--num-classes per-sample gives each image its own class; --aug-labels "
+                        "random is undefined then")
+    if args.subset is not None and kind == "fixed":
+        raise UserError("--subset chooses anchors for iid:B or Table 4's baseline, not for "
+                        "fixed:B")
+    if kind == "iid" and args.subset is None:
         args.subset = 1000
     if args.precision == "auto":
         args.precision = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
     if args.mixup is None:  # mixing would make the n*B fixed points infinitely many (Section 5.1)
-        args.mixup = 0.0 if (args.num_augs or args.iid_augs) else 0.8
+        args.mixup = 0.0 if kind in ("fixed", "iid") else 0.8
 
 
 def named_generator(device, *keys):
@@ -186,14 +222,22 @@ def named_seed(*keys, bits=60):
 # ----------------------------------------------------------------------------- data
 
 
+def write_atomically(path, write):
+    """write(temporary path), then rename it to path: an interrupted run never leaves half a file
+    (checkpoint, logs, results, the dataset cache)."""
+    write(path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 def load_torchvision(cls, name, folder, root, url, **kwargs):
     """A torchvision dataset as (uint8 images NCHW, int64 labels); downloads when missing."""
     try:
         ds = cls(root, download=True, **kwargs)
     except Exception as e:
-        raise UserError(f"{name} not found in {os.path.join(root, folder)} and could not be downloaded "
-                        f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
-                        f"download it from {url} and extract it into {root}/")
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"{name} not found in {os.path.join(root, folder)} and could not be "
+                        f"downloaded ({type(e).__name__}: {detail}); download it from {url} and "
+                        f"extract it into {root}/")
     data = torch.as_tensor(ds.data)
     if data.ndim == 4 and data.shape[-1] == 3:  # CIFAR stores NHWC
         data = data.permute(0, 3, 1, 2)
@@ -202,26 +246,26 @@ def load_torchvision(cls, name, folder, root, url, **kwargs):
 
 
 def load_cifar(name, root):
-    cls, folder = (torchvision.datasets.CIFAR10, "cifar-10-batches-py") if name == "cifar10" else \
-        (torchvision.datasets.CIFAR100, "cifar-100-python")
+    cls, folder, pretty = (torchvision.datasets.CIFAR10, "cifar-10-batches-py", "CIFAR-10") \
+        if name == "cifar10" else (torchvision.datasets.CIFAR100, "cifar-100-python", "CIFAR-100")
     url = "https://www.cs.toronto.edu/~kriz/cifar.html"
-    pretty = "CIFAR-10" if name == "cifar10" else "CIFAR-100"
-    return (load_torchvision(cls, pretty, folder, root, url, train=True),
-            load_torchvision(cls, pretty, folder, root, url, train=False))
+    return tuple(load_torchvision(cls, pretty, folder, root, url, train=train)
+                 for train in (True, False))
 
 
 def load_stl10(root):
     """STL10's labelled splits (5000 train, 8000 test), 96x96."""
     url = "https://cs.stanford.edu/~acoates/stl10/"
-    return tuple(load_torchvision(torchvision.datasets.STL10, "STL10", "stl10_binary", root, url, split=s)
-                 for s in ("train", "test"))
+    return tuple(load_torchvision(torchvision.datasets.STL10, "STL10", "stl10_binary", root, url,
+                                  split=s) for s in ("train", "test"))
 
 
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 
 def load_tinyimagenet(root):
-    """tiny-imagenet-200 (train/<wnid>/images, val/val_annotations.txt) decoded once, cached as uint8."""
+    """tiny-imagenet-200 (train/<wnid>/images, val/val_annotations.txt) decoded once, cached as
+    uint8."""
     base = os.path.join(root, "tiny-imagenet-200")
     cache = os.path.join(base, "uint8_cache.pt")
     if os.path.exists(cache):
@@ -231,50 +275,54 @@ def load_tinyimagenet(root):
         try:
             torchvision.datasets.utils.download_and_extract_archive(TINY_URL, root)
         except Exception as e:
-            raise UserError(f"Tiny ImageNet not found in {base} and could not be downloaded ({type(e).__name__}); "
-                            f"download {TINY_URL} and unzip it into {root}/")
+            raise UserError(f"Tiny ImageNet not found in {base} and could not be downloaded "
+                            f"({type(e).__name__}); download {TINY_URL} and unzip it into {root}/")
     try:
         with open(os.path.join(base, "wnids.txt")) as f:
             wnids = sorted(line.strip() for line in f if line.strip())
         index = {w: i for i, w in enumerate(wnids)}
-        train = [(os.path.join(base, "train", w, "images", name), index[w])
-                 for w in wnids for name in sorted(os.listdir(os.path.join(base, "train", w, "images")))]
+        train = [(os.path.join(base, "train", w, "images", name), index[w]) for w in wnids
+                 for name in sorted(os.listdir(os.path.join(base, "train", w, "images")))]
         with open(os.path.join(base, "val", "val_annotations.txt")) as f:
             val = [(os.path.join(base, "val", "images", parts[0]), index[parts[1]])
                    for parts in (line.split("\t") for line in f if line.strip())]
     except (OSError, KeyError) as e:
-        raise UserError(f"Tiny ImageNet in {base} is incomplete ({e}); expected the tiny-imagenet-200 archive layout")
+        raise UserError(f"Tiny ImageNet in {base} is incomplete ({e}); expected the "
+                        "tiny-imagenet-200 archive layout")
 
     def decode(items):
         images = torch.empty(len(items), 3, 64, 64, dtype=torch.uint8)
         for n, (path, _) in enumerate(tqdm(items, desc="decoding Tiny ImageNet", leave=False)):
-            with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of torchcodec
+            with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders
                 warnings.simplefilter("ignore", DeprecationWarning)
-                img = torchvision.io.decode_image(torchvision.io.read_file(path), mode=torchvision.io.ImageReadMode.RGB)
+                img = torchvision.io.decode_image(torchvision.io.read_file(path),
+                                                  mode=torchvision.io.ImageReadMode.RGB)
             if img.shape[-2:] != (64, 64):
                 img = v2.functional.resize(img, [64, 64], antialias=True)
             images[n] = img
         return images, torch.tensor([y for _, y in items], dtype=torch.long)
 
     (tx, ty), (vx, vy) = decode(train), decode(val)
-    torch.save({"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy}, cache + ".tmp")
-    os.replace(cache + ".tmp", cache)
+    saved = {"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy}
+    write_atomically(cache, lambda tmp: torch.save(saved, tmp))
     return (tx, ty), (vx, vy)
 
 
 def load_dataset(name, root, resolution=None):
     """((train images uint8 NCHW, labels), (test images, labels)) on the CPU, resized if asked."""
-    splits = load_tinyimagenet(root) if name == "tinyimagenet" else load_stl10(root) if name == "stl10" \
-        else load_cifar(name, root)
+    splits = load_tinyimagenet(root) if name == "tinyimagenet" else load_stl10(root) \
+        if name == "stl10" else load_cifar(name, root)
     if resolution is None or splits[0][0].shape[-1] == resolution:
         return splits
-    resize = lambda x: torch.cat([v2.functional.resize(c, [resolution, resolution], antialias=True) for c in x.split(1024)])
+    resize = lambda x: torch.cat([v2.functional.resize(c, [resolution, resolution], antialias=True)
+                                  for c in x.split(1024)])  # 1024 images at a time: bounded memory
     return tuple((resize(x), y) for x, y in splits)
 
 
 def draw_labels(clean, num_classes, noise, seed):
     """Training labels, drawn once: a random fraction `noise` of the images gets a label drawn
-    uniformly over num_classes, the rest keeps its clean one ('per-sample': one class per image)."""
+    uniformly over num_classes, the rest keeps its clean one ('per-sample': one class per
+    image)."""
     g = named_generator("cpu", "labels", seed)
     if num_classes == "per-sample":
         return torch.randperm(len(clean), generator=g)
@@ -283,16 +331,166 @@ def draw_labels(clean, num_classes, noise, seed):
     labels[chosen] = torch.randint(num_classes, (len(chosen),), generator=g)
     return labels
 
+# ----------------------------------------------------------------------------- augmentation
+# Per image, as torchvision's RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)),
+# RandomHorizontalFlip(0.5), RandomApply([ColorJitter(0.8, 0.8, 0.8, 0.2)], 0.8),
+# RandomGrayscale(0.2), but batched: every random choice is a function of 33 uniforms per image.
+
+CROP_TRIES = 10  # torchvision's RandomResizedCrop tries 10 boxes before its central fallback
+# uniforms per image: crop (10 areas, 10 ratios, 2 positions), flip, jitter on, 4 factors,
+# 4 order keys, grayscale
+NUM_UNIFORMS = 2 * CROP_TRIES + 13
+
+
+def augment_params(u, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """Per-image augmentation parameters from uniforms u of shape (B, NUM_UNIFORMS)."""
+    t = CROP_TRIES
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, :t])
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, t:2 * t]
+    w = torch.round(torch.sqrt(area * torch.exp(log_r)))
+    h = torch.round(torch.sqrt(area / torch.exp(log_r)))
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.int().argmax(1, keepdim=True)  # the first try that fits, as torchvision's loop
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    # no try fits: torchvision's fallback, the largest central crop with a ratio inside the range
+    in_ratio = width / height
+    fw = width if in_ratio <= ratio[1] else round(height * ratio[1])
+    fh = height if in_ratio >= ratio[0] else round(width / ratio[0])
+    any_ok = ok.any(1)
+    w = torch.where(any_ok, w, torch.full_like(w, fw))
+    h = torch.where(any_ok, h, torch.full_like(h, fh))
+    centre = lambda room: torch.div(room, 2, rounding_mode="floor")
+    top = torch.where(any_ok, torch.floor(u[:, 2 * t] * (height - h + 1)), centre(height - h))
+    left = torch.where(any_ok, torch.floor(u[:, 2 * t + 1] * (width - w + 1)), centre(width - w))
+    v = u[:, 2 * t + 2:]
+    factor = lambda x: 0.2 + 1.6 * x  # ColorJitter(0.8): a factor uniform in [0.2, 1.8]
+    return dict(top=top, left=left, height=h, width=w, flip=v[:, 0] < 0.5, jitter=v[:, 1] < 0.8,
+                brightness=factor(v[:, 2]), contrast=factor(v[:, 3]), saturation=factor(v[:, 4]),
+                hue=-0.2 + 0.4 * v[:, 5], order=v[:, 6:10].argsort(1), gray=v[:, 10] < 0.2)
+
+
+def crop_grid(p, height, width):
+    """Sampling grid that crops box p and resizes it to height x width (bilinear), flipping if
+    asked. Source pixel coordinates follow F.interpolate(align_corners=False) applied to the crop,
+    clamped to the crop, so the result equals torchvision's resized_crop."""
+    def axis(start, size, out):
+        pos = (torch.arange(out, device=start.device) + 0.5) * (size[:, None] / out) - 0.5
+        pos = pos.clamp_min(0).minimum(size[:, None] - 1) + start[:, None]
+        return (2 * pos + 1) / out - 1  # to grid_sample's normalised coordinates
+    xs = axis(p["left"], p["width"], width)
+    xs = torch.where(p["flip"][:, None], xs.flip(1), xs)
+    ys = axis(p["top"], p["height"], height)
+    return torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)
+
+
+def grayscale(x):
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # ITU-R 601 luma
+
+
+def shift_hue(x, shift):
+    """Rotate the hue of RGB images x (B, 3, H, W) in [0, 1] by shift (B,) turns, as an HSV round
+    trip."""
+    r, g, b = x.unbind(1)
+    v, _ = x.max(1)
+    c = v - x.min(1).values
+    s = c / torch.where(v > 0, v, torch.ones_like(v))
+    safe_c = torch.where(c > 0, c, torch.ones_like(c))
+    h = torch.where(v == r, (g - b) / safe_c,
+                    torch.where(v == g, 2 + (b - r) / safe_c, 4 + (r - g) / safe_c))
+    h = torch.where(c > 0, h, torch.zeros_like(h)) / 6 + shift[:, None, None]
+    k = (torch.stack([5 + 6 * h, 3 + 6 * h, 1 + 6 * h], 1)) % 6
+    return v.unsqueeze(1) * (1 - s.unsqueeze(1) * (torch.minimum(k, 4 - k).clamp(0, 1)))
+
+
+def color_jitter(x, p):
+    """Brightness, contrast, saturation and hue, each image in its own random order (as
+    torchvision)."""
+    ones = torch.ones_like(p["brightness"])
+    per_image = lambda mask: mask[:, None, None, None]
+    for stage in range(4):
+        order = p["order"][:, stage]
+        op = torch.where(p["jitter"], order, torch.full_like(order, -1))  # -1: no operation
+        # brightness, contrast and saturation blend the image with a reference: black, its mean
+        # gray, its gray
+        factor = torch.where(op == 0, p["brightness"], torch.where(
+            op == 1, p["contrast"], torch.where(op == 2, p["saturation"], ones)))
+        gray = grayscale(x)
+        ref = torch.where(per_image(op == 1), gray.mean((1, 2, 3), keepdim=True), gray)
+        ref = torch.where(per_image(op == 0), torch.zeros_like(ref), ref)
+        f = per_image(factor)
+        x = (f * x + (1 - f) * ref).clamp(0, 1)
+        x = torch.where(per_image(op == 3), shift_hue(x, p["hue"]), x)
+    return x
+
+
+def apply_augment(x, p):
+    """Crop+resize+flip in one grid_sample, then colour jitter, then grayscale."""
+    x = F.grid_sample(x, crop_grid(p, x.shape[-2], x.shape[-1]), mode="bilinear",
+                      padding_mode="border", align_corners=False)
+    x = color_jitter(x, p)
+    return torch.where(p["gray"][:, None, None, None], grayscale(x).expand_as(x), x)
+
+
+def augment_batch(images, generator=None):
+    """The full augmentation of a float batch (B, 3, H, W) in [0, 1], each image with its own
+    draw."""
+    u = torch.rand(images.shape[0], NUM_UNIFORMS, generator=generator, device=images.device)
+    return apply_augment(images, augment_params(u, images.shape[-2], images.shape[-1]))
+
+
+def mix32(x):
+    """An integer hash of 32-bit values held in int64 (products stay below 2^63)."""
+    m = 0xFFFFFFFF
+    x = ((x >> 16) ^ x) * 0x45D9F3B & m
+    x = ((x >> 16) ^ x) * 0x45D9F3B & m
+    return (x >> 16) ^ x
+
+
+def hash_uniforms(stream, image, aug, count):
+    """Uniforms in [0, 1) that are a pure function of (stream, image index, augmentation index):
+    the parameters of fixed augmentation `aug` of image `image`, whatever B or the batch is."""
+    m = 0xFFFFFFFF
+    h = mix32((image.long() & m) ^ (stream & m))
+    h = mix32((h * 0x27D4EB2D + (aug.long() & m)) & m)
+    j = torch.arange(1, count + 1, device=image.device)
+    u = mix32((h.unsqueeze(1) * 0x27D4EB2D + j * 0x165667B1) & m)
+    return (u >> 8).float() / (1 << 24)  # 24 random bits: exact in float32
+
+
+def rand_augment(images, strength, group=8):
+    """RandAugment at strength s (as the authors: num_ops = int(10s // 3 + 1), magnitude
+    min(int(100s), 99) of 100 bins) on uint8 images; every group of 8 consecutive images in the
+    shuffled batch gets its own draw of operations and magnitudes, since torchvision draws once per
+    call."""
+    t = v2.RandAugment(num_ops=int(10 * strength // 3 + 1), magnitude=min(int(100 * strength), 99),
+                       num_magnitude_bins=100)
+    return torch.cat([t(chunk) for chunk in images.split(group)])
+
+
+def mixup(x, y, prob, u):
+    """With probability prob mix the batch with a permutation of itself, x and y with the same
+    lambda. u holds the step's uniforms: the coin, lambda (Beta(1, 1) is uniform) and one sort key
+    per image, whose argsort is the partner permutation. Drawing lambda = 1 for an unmixed batch
+    keeps the step free of host syncs and of data-dependent branches."""
+    lam = torch.where(u[0] < prob, u[1], torch.ones_like(u[1]))
+    perm = u[2:].argsort()
+    return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
+
+# ----------------------------------------------------------------------------- training points
+
 
 class TrainingSet:
     """The points the network is trained on: point m is image source[m] with label labels[m],
     seen through fixed augmentation aug_id[m] (finite augmentations), a fresh augmentation at every
     access (online), RandAugment, or unaugmented."""
 
-    def __init__(self, images, source, labels, num_classes, augment, aug_id=None, stream=0, strength=None):
-        self.images, self.source, self.labels, self.num_classes = images, source, labels, num_classes
+    def __init__(self, images, source, labels, num_classes, augment, aug_id=None, stream=0,
+                 strength=None):
+        self.images, self.source, self.labels = images, source, labels
+        self.num_classes = num_classes
         self.augment, self.aug_id, self.stream, self.strength = augment, aug_id, stream, strength
-        self.epoch_size = min(len(source), len(images))  # an epoch never outgrows the dataset (fixed steps)
+        # an epoch never outgrows the dataset: n*B fixed points cost the steps of n images
+        self.epoch_size = min(len(source), len(images))
 
     def __len__(self):
         return len(self.source)
@@ -302,10 +500,12 @@ class TrainingSet:
         return hash_uniforms(self.stream, self.source[idx], self.aug_id[idx], NUM_UNIFORMS)
 
     def view(self, idx):
-        """Points idx as the network must fit them: their fixed augmentation if any, else unaugmented."""
+        """Points idx as the network must fit them: their fixed augmentation if any, else
+        unaugmented."""
         x = self.images[self.source[idx]].float().div_(255)
         if self.aug_id is not None:
-            x = apply_augment(x, augment_params(self.fixed_uniforms(idx), x.shape[-2], x.shape[-1]))
+            u = self.fixed_uniforms(idx)
+            x = apply_augment(x, augment_params(u, x.shape[-2], x.shape[-1]))
         return x
 
     def batch(self, idx, online_uniforms=None):
@@ -339,8 +539,8 @@ def balanced_anchors(clean, subset, seed):
 
 def iid_partners(clean, anchors, per_anchor, seed):
     """Table 4: for each anchor, `per_anchor` other training images of its true class that are not
-    anchors. Partners are dealt so that an image serves one anchor wherever the class's pool allows:
-    a shuffled pool is dealt out cyclically, so each image serves floor or ceil(m B / pool)
+    anchors. Partners are dealt so that an image serves one anchor wherever the class's pool
+    allows: a shuffled pool is dealt out cyclically, so each image serves floor or ceil(m B / pool)
     anchors and an anchor's B partners are distinct. Returns partners (S, B)."""
     g = named_generator("cpu", "iid", seed)
     is_anchor = torch.zeros(len(clean), dtype=torch.bool)
@@ -351,50 +551,55 @@ def iid_partners(clean, anchors, per_anchor, seed):
         pool = pool[torch.randperm(len(pool), generator=g)]
         mine = (clean[anchors] == c).nonzero().squeeze(1)
         if len(pool) < per_anchor:
-            raise UserError(f"--iid-augs {per_anchor}: class {c} has only {len(pool)} images outside the "
-                            f"--subset {len(anchors)} anchors")
+            raise UserError(f"--augment iid:{per_anchor}: class {c} has only {len(pool)} images "
+                            f"outside the --subset {len(anchors)} anchors")
         dealt = torch.arange(len(mine) * per_anchor) % len(pool)
         partners[mine] = pool[dealt].view(len(mine), per_anchor)
     return partners
 
 
 def make_training_set(args, train, num_classes, device):
-    """The virtual training set of the chosen experiment, on the device."""
+    """The training points of the chosen experiment, on the device."""
     images, clean = train
-    noise = 0.0 if args.labels == "clean" else (1.0 if args.label_noise is None else args.label_noise)
+    noise = 0.0 if args.labels == "clean" else \
+        1.0 if args.label_noise is None else args.label_noise
     labels = draw_labels(clean, num_classes, noise, args.seed)
     n = len(clean)
-    stream = named_seed("fixed augmentations", args.seed, bits=32)
-    if args.iid_augs:
+    kind, value = augment_kind(args.augment)
+    aug_id = None
+    if kind == "iid":  # Table 4: B same-class partner images stand in for an anchor's views
         anchors = balanced_anchors(clean, args.subset, args.seed)
-        partners = iid_partners(clean, anchors, args.iid_augs, args.seed)
-        source, point_labels, aug_id = partners.flatten(), labels[anchors].repeat_interleave(args.iid_augs), None
+        partners = iid_partners(clean, anchors, value, args.seed)
+        source, point_labels = partners.flatten(), labels[anchors].repeat_interleave(value)
     elif args.subset:  # Table 4 without i.i.d. augmentations: the same anchors alone
         anchors = balanced_anchors(clean, args.subset, args.seed)
-        source, point_labels, aug_id = anchors, labels[anchors], None
-    elif args.num_augs:
-        source = torch.arange(n).repeat_interleave(args.num_augs)
-        aug_id = torch.arange(args.num_augs).repeat(n)
-        point_labels = labels[source] if args.aug_labels == "same" else \
-            draw_labels(torch.zeros(len(source), dtype=torch.long), num_classes, 1.0, (args.seed, "per augmentation"))
+        source, point_labels = anchors, labels[anchors]
+    elif kind == "fixed":  # Figure 5: point i*B + b is fixed augmentation b of image i
+        source = torch.arange(n).repeat_interleave(value)
+        aug_id = torch.arange(value).repeat(n)
+        point_labels = labels[source] if args.aug_labels == "same" else draw_labels(
+            torch.zeros(len(source), dtype=torch.long), num_classes, 1.0,
+            (args.seed, "per augmentation"))
     else:
-        source, point_labels, aug_id = torch.arange(n), labels, None
-    mode = "randaugment" if args.aug_strength is not None else \
-        "fixed" if args.num_augs else ("online" if args.augment == "full" else "none")
+        source, point_labels = torch.arange(n), labels
+    mode = {"full": "online", "iid": "none"}.get(kind, kind)
     to = lambda t: None if t is None else t.to(device)
-    return TrainingSet(images.to(device), to(source), to(point_labels), num_classes, mode, to(aug_id), stream,
-                       args.aug_strength)
+    return TrainingSet(images.to(device), to(source), to(point_labels), num_classes, mode,
+                       to(aug_id), stream=named_seed("fixed augmentations", args.seed, bits=32),
+                       strength=value if kind == "randaugment" else None)
 
 # ----------------------------------------------------------------------------- model
 
 
 class Network(nn.Module):
-    """Encoder stages -> global average pool (embedding) -> projector Linear-ReLU-Linear, no biases."""
+    """Encoder stages -> global average pool (embedding) -> projector Linear-ReLU-Linear, no
+    biases."""
 
     def __init__(self, stages, embed_dim, width, num_classes):
         super().__init__()
         self.stages = nn.ModuleDict(stages)
-        self.projector = nn.Sequential(nn.Linear(embed_dim, width, bias=False), nn.ReLU(inplace=True),
+        self.projector = nn.Sequential(nn.Linear(embed_dim, width, bias=False),
+                                       nn.ReLU(inplace=True),
                                        nn.Linear(width, num_classes, bias=False))
 
     def layer_names(self):
@@ -418,17 +623,19 @@ class Network(nn.Module):
 
 
 def resnet18_stages(stem_stride):
-    """torchvision's ResNet18 with the CIFAR stem: 3x3 first conv (stride 1, or 2 for 64x64), no max-pool."""
+    """torchvision's ResNet18 with the CIFAR stem: 3x3 first conv (stride 1, or 2 for 64x64), no
+    max-pool."""
     r = torchvision.models.resnet18(weights=None)
     r.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False)
     # as torchvision initialises its own convs (the default init would move the INIT baseline)
     nn.init.kaiming_normal_(r.conv1.weight, mode="fan_out", nonlinearity="relu")
-    return [("stem", nn.Sequential(r.conv1, r.bn1, r.relu)),
-            ("layer1", r.layer1), ("layer2", r.layer2), ("layer3", r.layer3), ("layer4", r.layer4)], 512
+    stem = ("stem", nn.Sequential(r.conv1, r.bn1, r.relu))
+    return [stem] + [(f"layer{i}", getattr(r, f"layer{i}")) for i in range(1, 5)], 512
 
 
 def vgg16_stages(stem_stride):
-    """torchvision's VGG16 with batch norm, its convolutional stack cut after each of its five max-pools."""
+    """torchvision's VGG16 with batch norm, its convolutional stack cut after each of its five
+    max-pools."""
     features = torchvision.models.vgg16_bn(weights=None).features
     features[0].stride = (stem_stride, stem_stride)
     stages, start = [], 0
@@ -444,142 +651,6 @@ def build_model(args, num_classes, resolution):
     stride = 1 if resolution <= 32 else 2  # the paper restores stride 2 for 64x64 Tiny ImageNet
     stages, dim = (vgg16_stages if args.arch == "vgg16" else resnet18_stages)(stride)
     return Network(stages, dim, args.projector_width, num_classes)
-
-# ----------------------------------------------------------------------------- augmentation
-# Per image, as torchvision's RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)),
-# RandomHorizontalFlip(0.5), RandomApply([ColorJitter(0.8, 0.8, 0.8, 0.2)], 0.8), RandomGrayscale(0.2),
-# but batched: every random choice is a function of 33 uniforms per image.
-
-CROP_TRIES = 10
-NUM_UNIFORMS = 2 * CROP_TRIES + 13  # crop (10 areas, 10 ratios, 2 positions), flip, jitter on, 4 factors, 4 order keys, gray
-
-
-def augment_params(u, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """Per-image augmentation parameters from uniforms u of shape (B, NUM_UNIFORMS)."""
-    t = CROP_TRIES
-    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, :t])
-    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, t:2 * t]
-    w = torch.round(torch.sqrt(area * torch.exp(log_r)))
-    h = torch.round(torch.sqrt(area / torch.exp(log_r)))
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = ok.int().argmax(1, keepdim=True)  # the first try that fits, as torchvision's loop
-    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
-    # no try fits: torchvision's fallback, the largest central crop with a ratio inside the range
-    in_ratio = width / height
-    fw = width if in_ratio <= ratio[1] else round(height * ratio[1])
-    fh = height if in_ratio >= ratio[0] else round(width / ratio[0])
-    any_ok = ok.any(1)
-    w = torch.where(any_ok, w, torch.full_like(w, fw))
-    h = torch.where(any_ok, h, torch.full_like(h, fh))
-    top = torch.where(any_ok, torch.floor(u[:, 2 * t] * (height - h + 1)), torch.div(height - h, 2, rounding_mode="floor"))
-    left = torch.where(any_ok, torch.floor(u[:, 2 * t + 1] * (width - w + 1)), torch.div(width - w, 2, rounding_mode="floor"))
-    v = u[:, 2 * t + 2:]
-    return dict(top=top, left=left, height=h, width=w, flip=v[:, 0] < 0.5, jitter=v[:, 1] < 0.8,
-                brightness=0.2 + 1.6 * v[:, 2], contrast=0.2 + 1.6 * v[:, 3], saturation=0.2 + 1.6 * v[:, 4],
-                hue=-0.2 + 0.4 * v[:, 5], order=v[:, 6:10].argsort(1), gray=v[:, 10] < 0.2)
-
-
-def crop_grid(p, height, width):
-    """Sampling grid that crops box p and resizes it to height x width (bilinear), flipping if asked.
-
-    Source pixel coordinates follow F.interpolate(align_corners=False) applied to the crop, clamped to
-    the crop, so the result equals torchvision's resized_crop.
-    """
-    def axis(start, size, out):
-        pos = (torch.arange(out, device=start.device) + 0.5) * (size[:, None] / out) - 0.5
-        pos = pos.clamp_min(0).minimum(size[:, None] - 1) + start[:, None]
-        return (2 * pos + 1) / out - 1  # to grid_sample's normalised coordinates
-    xs = axis(p["left"], p["width"], width)
-    xs = torch.where(p["flip"][:, None], xs.flip(1), xs)
-    ys = axis(p["top"], p["height"], height)
-    return torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)
-
-
-def grayscale(x):
-    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
-
-
-def shift_hue(x, shift):
-    """Rotate the hue of RGB images x (B, 3, H, W) in [0, 1] by shift (B,) turns, as HSV round trip."""
-    r, g, b = x.unbind(1)
-    v, _ = x.max(1)
-    c = v - x.min(1).values
-    s = c / torch.where(v > 0, v, torch.ones_like(v))
-    safe_c = torch.where(c > 0, c, torch.ones_like(c))
-    h = torch.where(v == r, (g - b) / safe_c,
-                    torch.where(v == g, 2 + (b - r) / safe_c, 4 + (r - g) / safe_c))
-    h = torch.where(c > 0, h, torch.zeros_like(h)) / 6 + shift[:, None, None]
-    k = (torch.stack([5 + 6 * h, 3 + 6 * h, 1 + 6 * h], 1)) % 6
-    return v.unsqueeze(1) * (1 - s.unsqueeze(1) * (torch.minimum(k, 4 - k).clamp(0, 1)))
-
-
-def color_jitter(x, p):
-    """Brightness, contrast, saturation and hue, each image in its own random order (as torchvision)."""
-    ones = torch.ones_like(p["brightness"])
-    for stage in range(4):
-        op = torch.where(p["jitter"], p["order"][:, stage], torch.full_like(p["order"][:, stage], -1))
-        # brightness, contrast and saturation blend the image with a reference: black, its mean gray, its gray
-        factor = torch.where(op == 0, p["brightness"], torch.where(op == 1, p["contrast"],
-                                                                 torch.where(op == 2, p["saturation"], ones)))
-        gray = grayscale(x)
-        ref = torch.where((op == 1)[:, None, None, None], gray.mean((1, 2, 3), keepdim=True), gray)
-        ref = torch.where((op == 0)[:, None, None, None], torch.zeros_like(ref), ref)
-        f = factor[:, None, None, None]
-        x = (f * x + (1 - f) * ref).clamp(0, 1)
-        x = torch.where((op == 3)[:, None, None, None], shift_hue(x, p["hue"]), x)
-    return x
-
-
-def apply_augment(x, p):
-    """Crop+resize+flip in one grid_sample, then colour jitter, then grayscale."""
-    x = F.grid_sample(x, crop_grid(p, x.shape[-2], x.shape[-1]), mode="bilinear",
-                      padding_mode="border", align_corners=False)
-    x = color_jitter(x, p)
-    return torch.where(p["gray"][:, None, None, None], grayscale(x).expand_as(x), x)
-
-
-def augment_batch(images, generator=None):
-    """The full augmentation of a float batch (B, 3, H, W) in [0, 1], each image with its own draw."""
-    u = torch.rand(images.shape[0], NUM_UNIFORMS, generator=generator, device=images.device)
-    return apply_augment(images, augment_params(u, images.shape[-2], images.shape[-1]))
-
-
-def mix32(x):
-    """An integer hash of 32-bit values held in int64 (products stay below 2^63)."""
-    m = 0xFFFFFFFF
-    x = ((x >> 16) ^ x) * 0x45D9F3B & m
-    x = ((x >> 16) ^ x) * 0x45D9F3B & m
-    return (x >> 16) ^ x
-
-
-def hash_uniforms(stream, image, aug, count):
-    """Uniforms in [0, 1) that are a pure function of (stream, image index, augmentation index):
-    the parameters of fixed augmentation `aug` of image `image`, whatever B or the batch is."""
-    m = 0xFFFFFFFF
-    h = mix32((image.long() & m) ^ (stream & m))
-    h = mix32((h * 0x27D4EB2D + (aug.long() & m)) & m)
-    j = torch.arange(1, count + 1, device=image.device)
-    u = mix32((h.unsqueeze(1) * 0x27D4EB2D + j * 0x165667B1) & m)
-    return (u >> 8).float() / (1 << 24)  # 24 random bits: exact in float32
-
-
-def rand_augment(images, strength, group=8):
-    """RandAugment at strength s (as the authors: num_ops = int(10s // 3 + 1), magnitude min(int(100s), 99)
-    of 100 bins) on uint8 images; every group of 8 consecutive images in the shuffled batch gets its
-    own draw of operations and magnitudes, since torchvision draws once per call."""
-    t = v2.RandAugment(num_ops=int(10 * strength // 3 + 1), magnitude=min(int(100 * strength), 99),
-                       num_magnitude_bins=100)
-    return torch.cat([t(chunk) for chunk in images.split(group)])
-
-
-def mixup(x, y, prob, u):
-    """With probability prob mix the batch with a permutation of itself, x and y with the same
-    lambda. u holds the step's uniforms: the coin, lambda (Beta(1, 1) is uniform) and one sort key
-    per image, whose argsort is the partner permutation. Drawing lambda = 1 for an unmixed batch
-    keeps the step free of host syncs and of data-dependent branches."""
-    lam = torch.where(u[0] < prob, u[1], torch.ones_like(u[1]))
-    perm = u[2:].argsort()
-    return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
 
 # ----------------------------------------------------------------------------- training
 
@@ -597,14 +668,15 @@ def step_uniforms(batch, online, mix, generator, device):
 
 
 def compute_loss(out, target, kind):
-    out = out.float()
+    out = out.float()  # the loss in float32, whatever the forward's precision
     return F.mse_loss(out, target) if kind == "mse" else F.cross_entropy(out, target)
 
 
 def step_loss(model, images, targets, aug_u, mix_u, mixup_prob, loss_kind, bf16, channels_last):
-    """Augmentation, mixup, forward and loss of one step, from uint8 images and the step's uniforms.
-    A pure function of its tensors, so that torch.compile(fullgraph=True) makes it one graph: an
-    eager step issues about a thousand small operators (about 490 for the augmentation alone)."""
+    """Augmentation, mixup, forward and loss of one step, from uint8 images and the step's
+    uniforms. A pure function of its tensors, so that torch.compile(fullgraph=True) makes it one
+    graph: an eager step issues about a thousand small operators (about 490 for the augmentation
+    alone)."""
     x = images.float() / 255
     if aug_u is not None:
         x = apply_augment(x, augment_params(aug_u, x.shape[-2], x.shape[-1]))
@@ -623,8 +695,10 @@ def train_epoch(model, opt, data, gen, args, rt):
     dev = data.labels.device
     perm = torch.randperm(len(data), generator=gen, device=dev)
     steps, size = data.epoch_size // args.batch_size, args.batch_size
-    total = torch.zeros((), device=dev)
+    loss_sum = torch.zeros((), device=dev)
     for s in range(steps):
+        # every random number of the run comes from gen, in step order: a resumed run that
+        # restores gen draws exactly what the uninterrupted run would have drawn
         aug_u, mix_u = step_uniforms(size, data.augment == "online", args.mixup > 0, gen, dev)
         images, targets, aug_u = data.batch(perm[s * size:(s + 1) * size], aug_u)
         loss = rt.step(model, images, targets, aug_u, mix_u, args.mixup, args.loss, rt.bf16,
@@ -632,8 +706,8 @@ def train_epoch(model, opt, data, gen, args, rt):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        total += loss.detach()
-    return total / steps
+        loss_sum += loss.detach()
+    return loss_sum / steps
 
 # ----------------------------------------------------------------------------- probes
 
@@ -641,8 +715,8 @@ def train_epoch(model, opt, data, gen, args, rt):
 @contextlib.contextmanager
 def tf32_matmul(enabled):
     """Let CUDA multiply float32 matrices on TF32 tensor cores. Exact for fp16 or bf16 values cast
-    to float32: their 10 (or 7) mantissa bits fit TF32's 10, and the products accumulate in float32,
-    so the result is the float32 product at tensor-core speed. No effect on the CPU."""
+    to float32: their 10 (or 7) mantissa bits fit TF32's 10, and the products accumulate in
+    float32, so the result is the float32 product at tensor-core speed. No effect on the CPU."""
     matmul = torch.backends.cuda.matmul
     key = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
     before = getattr(matmul, key)
@@ -661,11 +735,13 @@ def similarity_blocks(ref, queries, chunk=None, ref_chunk=None):
     similarities would reorder neighbours. Only one chunk of the reference is cast to float32 at a
     time: no float32 copy of the whole matrix (13 GB for a 65,536-wide layer of 50,000 images)."""
     n, dim = ref.shape
-    ref_chunk = ref_chunk or max(1, (1 << 26) // dim)  # a float32 reference chunk of at most 256 MB
-    chunk = chunk or max(1, min(4096, (1 << 28) // max(n, 1), (1 << 26) // dim))  # blocks <= 1 GB
+    ref_chunk = ref_chunk or max(1, (1 << 26) // dim)  # 2^26 floats: a 256 MB reference chunk
+    # 2^28 floats: similarity blocks of at most 1 GB; at most 4096 queries per block
+    chunk = chunk or max(1, min(4096, (1 << 28) // max(n, 1), (1 << 26) // dim))
     parts = range(0, n, ref_chunk)
-    inv_norm = torch.cat([ref[a:a + ref_chunk].float().norm(dim=1) for a in parts]).clamp_min(1e-12)
-    inv_norm = inv_norm.reciprocal()  # 1/|q| scales a whole row: it would not change the ranking
+    norm = torch.cat([ref[a:a + ref_chunk].float().norm(dim=1) for a in parts])
+    # only the references are normalised: 1/|q| scales a whole row and would not change its ranking
+    inv_norm = norm.clamp_min(1e-12).reciprocal()
     half = {ref.dtype, queries.dtype} <= {torch.float16, torch.bfloat16}
     for start in range(0, queries.shape[0], chunk):
         q = queries[start:start + chunk].float()
@@ -682,7 +758,8 @@ def leave_out(sim, start, groups=None):
     if groups is None:
         rows = torch.arange(sim.shape[0], device=sim.device)
         return sim.index_put_((rows, rows + start), torch.tensor(-float("inf"), device=sim.device))
-    return sim.masked_fill_(groups[start:start + sim.shape[0], None] == groups[None, :], -float("inf"))
+    same_group = groups[start:start + sim.shape[0], None] == groups[None, :]
+    return sim.masked_fill_(same_group, -float("inf"))
 
 
 def vote(sim, labels, k, num_classes):
@@ -694,39 +771,42 @@ def vote(sim, labels, k, num_classes):
     return votes.argmax(1)
 
 
-def knn_predict(train_feats, train_labels, query_feats, k=20, exclude_self=False, groups=None,
-                chunk=None, ref_chunk=None):
-    """Cosine K-NN with a uniform majority vote. exclude_self: the queries are the reference set
-    itself, and a query may not vote for itself nor for a point of its own group (other views of
-    the same image would vote its label). Memory is bounded by the chunks, not by the matrices."""
-    n, num_classes = train_feats.shape[0], int(train_labels.max()) + 1
-    largest_group = 1 if groups is None else int(torch.unique(groups, return_counts=True)[1].max())
-    k = min(k, n - largest_group if exclude_self else n)
-    preds = []
-    for start, sim in similarity_blocks(train_feats, query_feats, chunk, ref_chunk):
-        preds.append(vote(leave_out(sim, start, groups) if exclude_self else sim, train_labels, k,
-                          num_classes))
-    return torch.cat(preds)
+def largest_group(groups):
+    return 1 if groups is None else int(torch.unique(groups, return_counts=True)[1].max())
+
+
+def knn_predict(train_feats, train_labels, query_feats, k=20, chunk=None, ref_chunk=None):
+    """Cosine K-NN with a uniform majority vote. Memory is bounded by the chunks, not by the
+    matrices."""
+    k, num_classes = min(k, train_feats.shape[0]), int(train_labels.max()) + 1
+    return torch.cat([vote(sim, train_labels, k, num_classes) for _, sim in
+                      similarity_blocks(train_feats, query_feats, chunk, ref_chunk)])
 
 
 def knn_noisy(feats, labels, k=20, groups=None, chunk=None, ref_chunk=None):
     """The noisy probe of training points against each other, from one pass over the similarities:
-    (leave-one-out predictions, self-inclusive predictions as scikit-learn's predict on its own
-    training set)."""
+    (leave-one-out predictions, where no point votes for itself nor, given groups, for a point of
+    its group (other views of its image would vote its label); self-inclusive predictions, as
+    scikit-learn's predict on its own training set)."""
     n, num_classes = feats.shape[0], int(labels.max()) + 1
-    largest_group = 1 if groups is None else int(torch.unique(groups, return_counts=True)[1].max())
     loo, own = [], []
     for start, sim in similarity_blocks(feats, feats, chunk, ref_chunk):
         own.append(vote(sim, labels, min(k, n), num_classes))
-        loo.append(vote(leave_out(sim, start, groups), labels, min(k, n - largest_group), num_classes))
+        loo.append(vote(leave_out(sim, start, groups), labels, min(k, n - largest_group(groups)),
+                        num_classes))
     return torch.cat(loo), torch.cat(own)
+
+
+def accuracy(pred, labels):
+    return (pred == labels).float().mean().item()
 
 
 def normalized_invariance(h_aug1, h_aug2, h_clean):
     """Eq. 2 averaged over points: ||q(T1 x) - q(T2 x)||^2 / mean_{x' != x} ||q(x) - q(x')||^2.
 
-    The denominator of point i uses sum_j ||q_i - q_j||^2 = m ||q_i||^2 - 2 q_i . sum_j q_j + sum_j ||q_j||^2,
-    exact and O(m D). A map that is constant on the points gives 0 (its numerator is 0).
+    The denominator of point i uses sum_j ||q_i - q_j||^2 = m ||q_i||^2 - 2 q_i . sum_j q_j +
+    sum_j ||q_j||^2, exact and O(m D). A map that is constant on the points gives 0 (its numerator
+    is 0).
     """
     m = h_clean.shape[0]
     sq = h_clean.pow(2).sum(1)
@@ -736,8 +816,8 @@ def normalized_invariance(h_aug1, h_aug2, h_clean):
 
 
 def linear_probe(train_f, train_y, test_f, test_y, steps=100, weight_decay=1e-4):
-    """Test accuracy of a multinomial logistic regression on standardised features, fitted full-batch
-    with L-BFGS on the device (Appendix A)."""
+    """Test accuracy of a multinomial logistic regression on standardised features, fitted
+    full-batch with L-BFGS on the device (Appendix A)."""
     train_f, test_f = train_f.float(), test_f.float()
     mean, std = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
     x, xt = (train_f - mean) / std, (test_f - mean) / std
@@ -753,7 +833,7 @@ def linear_probe(train_f, train_y, test_f, test_y, steps=100, weight_decay=1e-4)
         return loss
     with torch.enable_grad():
         opt.step(closure)
-    return ((xt @ W + b).argmax(1) == test_y).float().mean().item()
+    return accuracy((xt @ W + b).argmax(1), test_y)
 
 
 def layer_outputs(model, x, bf16, channels_last):
@@ -792,7 +872,7 @@ def extract(model, count, load, layers, rt, normalize=True, batch=None):
     """Flattened features of `layers` for `count` images; load(a, b) returns float images a..b-1.
     L2-normalised in rt.feature_dtype for the K-NN probes, or raw float32 (normalize=False)."""
     dev = next(model.parameters()).device
-    batch = batch or (1024 if dev.type == "cuda" else 256)
+    batch = batch or (1024 if dev.type == "cuda" else 256)  # the stem's activations bound it
     dtype = rt.feature_dtype if normalize else torch.float32
     out = {}
     for start in range(0, count, batch):
@@ -820,6 +900,8 @@ def layer_groups(dims, count, budget_bytes, bytes_per_value):
 
 
 def probe_budget(device):
+    """Bytes the stored features of one group of layers may take: half of the GPU's free memory
+    (the other half is for the similarity blocks and the forward), or 4 GB on the CPU."""
     if device.type == "cuda":
         return int(0.5 * torch.cuda.mem_get_info(device)[0])
     return 4 << 30
@@ -836,64 +918,86 @@ def from_uint8(images):
     return lambda a, b: images[a:b].float().div_(255)
 
 
+@dataclass
+class ProbeSet:
+    """What the probes look at, fixed for the whole run."""
+    train_x: torch.Tensor  # clean training images (uint8): the K-NN's labelled references
+    train_clean: torch.Tensor  # their true labels
+    test_x: torch.Tensor  # test images: the K-NN's queries
+    test_clean: torch.Tensor
+    data: TrainingSet  # the training points, for the memorization probes
+    clean_classes: int  # classes of the true labels (test_acc needs as many outputs)
+    mem_idx: torch.Tensor  # probed training points; None: they are the train_x images themselves
+    mem_labels: torch.Tensor  # their training labels
+    noisy_probe: bool  # False with one class per image: its noisy K-NN is undefined
+    inv_x: torch.Tensor = None  # images of the invariance measure (None: not measured)
+    inv_u1: torch.Tensor = None  # the uniforms of each image's two fixed augmentations
+    inv_u2: torch.Tensor = None
+
+
 @torch.no_grad()
 def probe(model, ps, args, rt, linear):
-    """Every layer: K-NN clean (clean training images -> test), K-NN noisy (training points with their
-    training labels, leave-one-out: no point votes for itself or another view of its image; and
-    self-inclusive, as scikit-learn's predict on its own training set), the network's memorization
-    and test accuracy, optionally the linear probe of the embedding and every layer's invariance.
-    With one class per image the noisy probes are null: a unique label never wins once its point
-    is left out, and wins by construction when it is not."""
+    """Every layer: K-NN clean (clean training images -> test), K-NN noisy (training points with
+    their training labels, leave-one-out: no point votes for itself or another view of its image;
+    and self-inclusive, as scikit-learn's predict on its own training set), the network's
+    memorization and test accuracy, optionally the linear probe of the embedding and every layer's
+    invariance. With one class per image the noisy probes are null: a unique label never wins once
+    its point is left out, and wins by construction when it is not."""
     model.eval()
-    dev = ps["train_x"].device
-    names = model.layer_names()
-    dims = layer_dims(model, ps["train_x"].shape[-1])
-    shared = ps["mem_idx"] is None  # the memorization points are the clean reference images
-    loads = {"train": (len(ps["train_x"]), from_uint8(ps["train_x"])), "test": (len(ps["test_x"]), from_uint8(ps["test_x"]))}
-    if not shared:
-        loads["mem"] = (len(ps["mem_idx"]), lambda a, b: ps["data"].view(ps["mem_idx"][a:b]))
+    dims = layer_dims(model, ps.train_x.shape[-1])
+    mem_is_train = ps.mem_idx is None  # reuse the reference features for the memorization probes
+    loads = {"train": (len(ps.train_x), from_uint8(ps.train_x)),
+             "test": (len(ps.test_x), from_uint8(ps.test_x))}
+    if not mem_is_train:
+        loads["mem"] = (len(ps.mem_idx), lambda a, b: ps.data.view(ps.mem_idx[a:b]))
     count = sum(c for c, _ in loads.values())
     result = {"knn_clean": {}, "knn_noisy": {}, "knn_noisy_self": {}}
-    noisy = ps["noisy_probe"]
-    mem_groups = None if shared else ps["data"].source[ps["mem_idx"]]  # the image each point shows
-    for group in layer_groups(dims, count, probe_budget(dev), rt.feature_dtype.itemsize):
+    mem_groups = None if mem_is_train else ps.data.source[ps.mem_idx]  # the image each point shows
+    # the features of every layer may not fit at once: extract and probe a group of layers at a
+    # time (one forward pass per group)
+    budget = probe_budget(ps.train_x.device)
+    for group in layer_groups(dims, count, budget, rt.feature_dtype.itemsize):
         f = {key: extract(model, c, load, group, rt) for key, (c, load) in loads.items()}
-        mem = f["train"] if shared else f["mem"]
+        mem = f["train"] if mem_is_train else f["mem"]
         for name in group:
-            pred = knn_predict(f["train"][name], ps["train_clean"], f["test"][name], args.knn_k)
-            result["knn_clean"][name] = (pred == ps["test_clean"]).float().mean().item()
-            if noisy:
-                loo, own = knn_noisy(mem[name], ps["mem_labels"], args.knn_k, mem_groups)
-                result["knn_noisy"][name] = (loo == ps["mem_labels"]).float().mean().item()
-                result["knn_noisy_self"][name] = (own == ps["mem_labels"]).float().mean().item()
+            pred = knn_predict(f["train"][name], ps.train_clean, f["test"][name], args.knn_k)
+            result["knn_clean"][name] = accuracy(pred, ps.test_clean)
+            if ps.noisy_probe:
+                loo, own = knn_noisy(mem[name], ps.mem_labels, args.knn_k, mem_groups)
+                result["knn_noisy"][name] = accuracy(loo, ps.mem_labels)
+                result["knn_noisy_self"][name] = accuracy(own, ps.mem_labels)
             if name == "output":  # normalising does not move the argmax
-                result["train_acc"] = (mem[name].float().argmax(1) == ps["mem_labels"]).float().mean().item()
-                same_classes = mem[name].shape[1] == ps["clean_classes"]
-                result["test_acc"] = (f["test"][name].float().argmax(1) == ps["test_clean"]).float().mean().item() \
+                result["train_acc"] = accuracy(mem[name].float().argmax(1), ps.mem_labels)
+                same_classes = mem[name].shape[1] == ps.clean_classes
+                result["test_acc"] = accuracy(f["test"][name].float().argmax(1), ps.test_clean) \
                     if same_classes else None
             if name == "embedding" and linear:
-                result["linear_probe"] = linear_probe(f["train"][name], ps["train_clean"], f["test"][name], ps["test_clean"])
+                result["linear_probe"] = linear_probe(f["train"][name], ps.train_clean,
+                                                      f["test"][name], ps.test_clean)
         del f
-    if not noisy:
+    if not ps.noisy_probe:
         result["knn_noisy"] = result["knn_noisy_self"] = None
     keys = ("train_acc", "test_acc", "knn_clean", "knn_noisy", "knn_noisy_self", "linear_probe")
     result = {k: result[k] for k in keys if k in result}
-    if ps["inv_x"] is not None:
+    if ps.inv_x is not None:
         result["invariance"] = invariance(model, ps, dims, rt)
     model.train()
     return result
 
 
 def invariance(model, ps, dims, rt):
-    """Normalized invariance (eq. 2) of every layer on a fixed image subset, under two fixed draws of
-    the full augmentation per image (the same draws at every evaluation)."""
-    x = ps["inv_x"]
-    view = lambda u: lambda a, b: apply_augment(x[a:b].float().div_(255), augment_params(u[a:b], x.shape[-2], x.shape[-1]))
-    loads = [from_uint8(x), view(ps["inv_u1"]), view(ps["inv_u2"])]
+    """Normalized invariance (eq. 2) of every layer on a fixed image subset, under two fixed draws
+    of the full augmentation per image (the same draws at every evaluation)."""
+    x = ps.inv_x
+    view = lambda u: lambda a, b: apply_augment(x[a:b].float().div_(255),
+                                                augment_params(u[a:b], x.shape[-2], x.shape[-1]))
+    loads = [from_uint8(x), view(ps.inv_u1), view(ps.inv_u2)]
     out = {}
-    for group in layer_groups(dims, 3 * len(x), probe_budget(x.device), 4):
-        clean, a1, a2 = (extract(model, len(x), load, group, rt, normalize=False) for load in loads)
-        out.update({name: normalized_invariance(a1[name], a2[name], clean[name]) for name in group})
+    for group in layer_groups(dims, 3 * len(x), probe_budget(x.device), 4):  # 4: float32 bytes
+        clean, a1, a2 = (extract(model, len(x), load, group, rt, normalize=False)
+                         for load in loads)
+        out.update({name: normalized_invariance(a1[name], a2[name], clean[name])
+                    for name in group})
     return {name: out[name] for name in model.layer_names()}
 
 
@@ -905,7 +1009,7 @@ def transfer_probe(model, sets, args, rt):
     for name, ((tx, ty), (qx, qy)) in sets.items():
         ft = extract(model, len(tx), from_uint8(tx), ["embedding"], rt)["embedding"]
         fq = extract(model, len(qx), from_uint8(qx), ["embedding"], rt)["embedding"]
-        out[name] = {"knn": (knn_predict(ft, ty, fq, args.knn_k) == qy).float().mean().item(),
+        out[name] = {"knn": accuracy(knn_predict(ft, ty, fq, args.knn_k), qy),
                      "linear": linear_probe(ft, ty, fq, qy)}
     model.train()
     return out
@@ -915,29 +1019,31 @@ def subset(n, size, key, seed):
     """A fixed random subset of range(n) (all of it when size is None or large enough), sorted."""
     if size is None or size >= n:
         return torch.arange(n)
-    return torch.randperm(n, generator=named_generator("cpu", "probe", key, seed))[:size].sort().values
+    g = named_generator("cpu", "probe", key, seed)
+    return torch.randperm(n, generator=g)[:size].sort().values
 
 
 def make_probe_set(args, train, test, data, clean_classes, device):
-    """What the probes look at: fixed subsets of clean training and test images, the memorization
-    points (the training points themselves, at most as many as the images), the invariance images."""
-    ti, qi = subset(len(train[0]), args.probe_size, "train", args.seed), subset(len(test[0]), args.probe_size, "test", args.seed)
-    ps = dict(train_x=train[0][ti].to(device), train_clean=train[1][ti].to(device), test_x=test[0][qi].to(device),
-              test_clean=test[1][qi].to(device), data=data, clean_classes=clean_classes,
-              mem_idx=None, noisy_probe=args.num_classes != "per-sample")
+    """Fixed subsets of clean training and test images, the memorization points (the training
+    points themselves, at most as many as the images) and the invariance images."""
+    train_idx = subset(len(train[0]), args.probe_size, "train", args.seed)
+    test_idx = subset(len(test[0]), args.probe_size, "test", args.seed)
+    mem_idx = None
     if data.aug_id is None and torch.equal(data.source.cpu(), torch.arange(len(train[0]))):
-        ps["mem_labels"] = data.labels[ti.to(device)]  # point i is image i: share the clean reference features
+        mem_labels = data.labels[train_idx.to(device)]  # point i is image i
     else:
         cap = min(len(train[0]), args.probe_size or len(train[0]))
-        ps["mem_idx"] = subset(len(data), cap, "memorization", args.seed).to(device)
-        ps["mem_labels"] = data.labels[ps["mem_idx"]]
-    ps["inv_x"] = None
-    if args.invariance_size > 1:
-        ii = subset(len(train[0]), args.invariance_size, "invariance", args.seed)
+        mem_idx = subset(len(data), cap, "memorization", args.seed).to(device)
+        mem_labels = data.labels[mem_idx]
+    ps = ProbeSet(train[0][train_idx].to(device), train[1][train_idx].to(device),
+                  test[0][test_idx].to(device), test[1][test_idx].to(device), data, clean_classes,
+                  mem_idx, mem_labels, noisy_probe=args.num_classes != "per-sample")
+    if args.invariance_size > 1:  # the measure compares each image with the others
+        inv_idx = subset(len(train[0]), args.invariance_size, "invariance", args.seed).to(device)
         stream = named_seed("invariance", args.seed, bits=32)
-        ps["inv_x"] = train[0][ii].to(device)
-        ps["inv_u1"], ps["inv_u2"] = (hash_uniforms(stream, ii.to(device), torch.full_like(ii, t).to(device), NUM_UNIFORMS)
-                                      for t in (0, 1))
+        ps.inv_x = train[0][inv_idx.cpu()].to(device)
+        ps.inv_u1, ps.inv_u2 = (hash_uniforms(stream, inv_idx, torch.full_like(inv_idx, t),
+                                              NUM_UNIFORMS) for t in (0, 1))
     return ps
 
 
@@ -946,53 +1052,56 @@ def load_transfer(args, resolution, device):
     sets = {}
     for name in args.transfer:
         (tx, ty), (qx, qy) = load_dataset(name, args.data_dir, resolution)
-        ti, qi = subset(len(tx), args.probe_size, ("transfer train", name), args.seed), \
-            subset(len(qx), args.probe_size, ("transfer test", name), args.seed)
-        sets[name] = ((tx[ti].to(device), ty[ti].to(device)), (qx[qi].to(device), qy[qi].to(device)))
+        train_idx = subset(len(tx), args.probe_size, ("transfer train", name), args.seed)
+        test_idx = subset(len(qx), args.probe_size, ("transfer test", name), args.seed)
+        sets[name] = ((tx[train_idx].to(device), ty[train_idx].to(device)),
+                      (qx[test_idx].to(device), qy[test_idx].to(device)))
     return sets
 
-# ----------------------------------------------------------------------------- checkpoint and report
+# ----------------------------------------------------------------------------- checkpoint, report
 
 
 def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    def dump(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    write_atomically(path, dump)
 
 
 def write_jsonl(path, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(path, state):
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    def dump(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    write_atomically(path, dump)
 
 
 def load_checkpoint(path, config, overwrite):
-    """The checkpoint to resume from, or None; refuses a corrupt one or one made with another config."""
+    """The checkpoint to resume from, or None; refuses a corrupt one or one made with another
+    config."""
     if not os.path.exists(path) or overwrite:
         return None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         saved = ckpt["config"]
     except Exception as e:
-        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); it was left untouched: "
-                        "move it away or pass --overwrite to start over")
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); it was left "
+                        "untouched: move it away or pass --overwrite to start over")
     was, now = torch.device(saved["device"]).type, torch.device(config["device"]).type
     if was != now:  # a CPU generator's state cannot continue a CUDA one's sequence, nor back
         raise UserError(f"{path} was written on {was}: its random state cannot continue on {now}; "
-                        f"resume with --device {saved['device']}, or pass --overwrite to start over")
-    diff = sorted(k for k in set(saved) | set(config) if k not in RESUMABLE_KEYS and saved.get(k) != config.get(k))
+                        f"resume with --device {saved['device']}, or pass --overwrite to start "
+                        "over")
+    diff = sorted(k for k in set(saved) | set(config)
+                  if k not in RESUMABLE_KEYS and saved.get(k) != config.get(k))
     if diff:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in diff[:3])
-        raise UserError(f"{path} was made with another config ({shown}); pass --overwrite to start over "
-                        "or use another --out-dir")
+        raise UserError(f"{path} was made with another config ({shown}); pass --overwrite to "
+                        "start over or use another --out-dir")
     return ckpt
+
+
+def save_checkpoint(path, state):
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def rng_state(gen, device):
@@ -1009,11 +1118,17 @@ def set_rng_state(state, gen, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def script_sha256():
+    """Which version of this file made a result, once it has been copied elsewhere."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def format_eval(row):
     show = lambda v, fmt: "-" if v is None else format(v, fmt)
-    head = (f"epoch {row['epoch']} | loss {show(row['loss'], '.4f')} | train_acc {row['train_acc']:.3f} | "
-            f"test_acc {show(row['test_acc'], '.3f')} | linear {show(row.get('linear_probe'), '.3f')} | "
-            f"{show(row['img_per_s'], '.0f')} img/s")
+    head = (f"epoch {row['epoch']} | loss {show(row['loss'], '.4f')} | train_acc "
+            f"{row['train_acc']:.3f} | test_acc {show(row['test_acc'], '.3f')} | linear "
+            f"{show(row.get('linear_probe'), '.3f')} | {show(row['img_per_s'], '.0f')} img/s")
     names = list(row["knn_clean"])
     width = max(9, *(len(n) + 1 for n in names))
     lines = [head, " " * 15 + "".join(n.rjust(width) for n in names)]
@@ -1036,10 +1151,12 @@ def run(args):
     clean_classes, resolution = DATASETS[args.dataset]
     train, test = load_dataset(args.dataset, args.data_dir)
     transfer_sets = load_transfer(args, resolution, device)  # fail now, not after days of training
-    num_classes = len(train[1]) if args.num_classes == "per-sample" else args.num_classes or clean_classes
+    num_classes = len(train[1]) if args.num_classes == "per-sample" else \
+        args.num_classes or clean_classes
     data = make_training_set(args, train, num_classes, device)
     if args.batch_size > data.epoch_size:
-        raise UserError(f"--batch-size {args.batch_size} exceeds the {data.epoch_size} training points")
+        raise UserError(f"--batch-size {args.batch_size} exceeds the {data.epoch_size} training "
+                        "points")
     if args.knn_k >= min(len(train[0]), args.probe_size or len(train[0])):
         raise UserError(f"--knn-k {args.knn_k} needs more probed training images")
 
@@ -1066,31 +1183,34 @@ def run(args):
         print(f"resuming {args.out_dir} from epoch {ckpt['epoch']}")
 
     def evaluate(epoch, loss, img_per_s):
+        """Probe, log, and checkpoint: a resumed run restarts from the last evaluation."""
         ends = epoch in (0, args.epochs)
         linear = args.linear_probe == "every" or (args.linear_probe == "final" and ends)
-        row = {"epoch": epoch, "loss": loss, "img_per_s": img_per_s, **probe(model, probe_set, args, rt, linear)}
+        row = {"epoch": epoch, "loss": loss, "img_per_s": img_per_s,
+               **probe(model, probe_set, args, rt, linear)}
         if transfer_sets and ends:
             row["transfer"] = transfer_probe(model, transfer_sets, args, rt)
         history.append(row)
         tqdm.write(format_eval(row))
         write_jsonl(os.path.join(args.out_dir, "log.jsonl"), history)
-        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "labels": data.labels.cpu(),
-                                    "epoch": epoch, "rng": rng_state(gen, device), "config": config,
-                                    "history": history})
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "labels": data.labels.cpu(), "epoch": epoch, "rng": rng_state(gen, device),
+                 "config": config, "history": history}
+        save_checkpoint(ckpt_path, state)
 
     if not history:
         evaluate(0, None, None)
-    losses, images, seconds = [], 0, 0.0
+    losses, images, seconds = [], 0, 0.0  # since the last evaluation
     bar = tqdm(range(start, args.epochs + 1), initial=start - 1, total=args.epochs, desc="epochs")
     for epoch in bar:
         t0 = time.time()
         loss = train_epoch(model, opt, data, gen, args, rt).item()  # one sync per epoch
         seconds += time.time() - t0
         images += (data.epoch_size // args.batch_size) * args.batch_size
-        if not math.isfinite(loss):
+        if not math.isfinite(loss):  # before any checkpoint of this epoch is written
             last = history[-1]["epoch"]
-            raise UserError(f"the training loss became {loss} at epoch {epoch}; stopped. The last good "
-                            f"checkpoint (epoch {last}) is kept in {ckpt_path}")
+            raise UserError(f"the training loss became {loss} at epoch {epoch}; stopped. The last "
+                            f"good checkpoint (epoch {last}) is kept in {ckpt_path}")
         losses.append(loss)
         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / seconds:.0f}")
         if epoch % args.eval_every == 0 or epoch == args.epochs:
@@ -1099,10 +1219,11 @@ def run(args):
     bar.close()
 
     init, final = history[0], history[-1]
-    results = {"config": config, "init": init, "final": final}
+    results = {"config": config, "script_sha256": script_sha256(), "init": init, "final": final}
     write_json(os.path.join(args.out_dir, "results.json"), results)
     print(f"embedding K-NN (clean): init {init['knn_clean']['embedding']:.3f} -> final "
-          f"{final['knn_clean']['embedding']:.3f}; memorization (train_acc) {final['train_acc']:.3f}")
+          f"{final['knn_clean']['embedding']:.3f}; memorization (train_acc) "
+          f"{final['train_acc']:.3f}")
     print(f"wrote {os.path.join(args.out_dir, 'results.json')}")
     return results
 

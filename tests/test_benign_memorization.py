@@ -1,5 +1,7 @@
 """Tests of benign_memorization.py: probes and augmentation against independent computations,
 then end-to-end runs on tiny fake CIFAR files in the real pickle layout."""
+import argparse
+import hashlib
 import json
 import math
 import os
@@ -40,8 +42,11 @@ def test_knn_matches_brute_force(k, exclude_self):
     q = ref if exclude_self else rng.normal(size=(25, 8))
     expected = brute_knn(ref, ref_y, q, k, exclude_self)
     for chunk in (None, 7):  # chunking must not change anything
-        got = bm.knn_predict(torch.tensor(ref, dtype=torch.float32), torch.tensor(ref_y), torch.tensor(q, dtype=torch.float32),
-                             k=k, exclude_self=exclude_self, chunk=chunk)
+        t = lambda a: torch.tensor(a, dtype=torch.float32)
+        if exclude_self:  # the leave-one-out probe of the training points
+            got = bm.knn_noisy(t(ref), torch.tensor(ref_y), k=k, chunk=chunk)[0]
+        else:
+            got = bm.knn_predict(t(ref), torch.tensor(ref_y), t(q), k=k, chunk=chunk)
         np.testing.assert_array_equal(got.numpy(), expected)
 
 
@@ -60,7 +65,7 @@ def test_knn_exclude_self_ignores_own_label():
     ref = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.1, 0.99]])
     y = torch.tensor([0, 1, 0, 1])
     assert torch.equal(bm.knn_predict(ref, y, ref, k=1), y)
-    assert torch.equal(bm.knn_predict(ref, y, ref, k=1, exclude_self=True), torch.tensor([1, 0, 1, 0]))
+    assert torch.equal(bm.knn_noisy(ref, y, k=1)[0], torch.tensor([1, 0, 1, 0]))  # leave-one-out
 
 # ----------------------------------------------------------------------------- augmentation
 
@@ -174,18 +179,18 @@ def independent_probe(model, ps, k):
     model.eval()
     with torch.no_grad():
         feats = {}
-        for key, x in (("train", ps["train_x"]), ("test", ps["test_x"])):
+        for key, x in (("train", ps.train_x), ("test", ps.test_x)):
             feats[key] = {}
             model(x.float() / 255, feats[key])
         views = []
-        if ps["inv_x"] is not None:
-            x = ps["inv_x"].float() / 255
-            for u in (ps["inv_u1"], ps["inv_u2"]):
+        if ps.inv_x is not None:
+            x = ps.inv_x.float() / 255
+            for u in (ps.inv_u1, ps.inv_u2):
                 views.append({})
                 model(bm.apply_augment(x, bm.augment_params(u, *x.shape[-2:])), views[-1])
             clean_inv = {}
             model(x, clean_inv)
-    ytr, yte, ymem = (ps[key].numpy() for key in ("train_clean", "test_clean", "mem_labels"))
+    ytr, yte, ymem = (getattr(ps, key).numpy() for key in ("train_clean", "test_clean", "mem_labels"))
     out = {"knn_clean": {}, "knn_noisy": {}, "knn_noisy_self": {}, "invariance": {}}
     for name in model.layer_names():
         f, q = feats["train"][name].double().numpy(), feats["test"][name].double().numpy()
@@ -253,7 +258,7 @@ def test_end_to_end_results_hold_every_layer(cifar, tmp_path, patch_md5):
     data = bm.make_training_set(args, train, 10, torch.device("cpu"))
     assert torch.equal(data.labels, ckpt["labels"])
     probe_set = bm.make_probe_set(args, train, test, data, 10, torch.device("cpu"))
-    assert not torch.equal(probe_set["inv_u1"], probe_set["inv_u2"])  # two different draws per image
+    assert not torch.equal(probe_set.inv_u1, probe_set.inv_u2)  # two different draws per image
     expected = independent_probe(model, probe_set, 5)
     assert_probe_matches(saved["final"], expected)
     assert all(v > 0 for v in expected["invariance"].values())
@@ -497,8 +502,8 @@ def test_fixed_augmentations_are_fixed_distinct_and_keyed_by_index():
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     images[1] = images[0]  # equal pixels (the authors' pixel-sum key would collide here)
     clean = torch.arange(6) % 3
-    d3 = bm.make_training_set(parsed("--num-augs", "3"), (images, clean), 10, torch.device("cpu"))
-    d5 = bm.make_training_set(parsed("--num-augs", "5"), (images, clean), 10, torch.device("cpu"))
+    d3 = bm.make_training_set(parsed("--augment", "fixed:3"), (images, clean), 10, torch.device("cpu"))
+    d5 = bm.make_training_set(parsed("--augment", "fixed:5"), (images, clean), 10, torch.device("cpu"))
     assert len(d3) == 18 and d3.source.tolist()[:6] == [0, 0, 0, 1, 1, 1] and d3.aug_id.tolist()[:6] == [0, 1, 2, 0, 1, 2]
     all3 = d3.view(torch.arange(18))
     assert torch.equal(all3, d3.view(torch.arange(18)))  # the same every epoch
@@ -517,11 +522,11 @@ def test_label_bookkeeping_same_random_per_sample_and_noise():
     images = torch.zeros(2000, 3, 32, 32, dtype=torch.uint8)
     clean = torch.arange(2000) % 10
     cpu = torch.device("cpu")
-    same = bm.make_training_set(parsed("--num-augs", "4"), (images, clean), 10, cpu)
+    same = bm.make_training_set(parsed("--augment", "fixed:4"), (images, clean), 10, cpu)
     per_image = same.labels.view(2000, 4)
     assert (per_image == per_image[:, :1]).all()  # the B augmentations share their image's label
     assert torch.equal(per_image[:, 0], bm.draw_labels(clean, 10, 1.0, 0))
-    rnd = bm.make_training_set(parsed("--num-augs", "4", "--aug-labels", "random"), (images, clean), 10, cpu)
+    rnd = bm.make_training_set(parsed("--augment", "fixed:4", "--aug-labels", "random"), (images, clean), 10, cpu)
     assert len(rnd.labels) == 8000 and (rnd.labels.view(2000, 4) != rnd.labels.view(2000, 4)[:, :1]).any(1).float().mean() > 0.9
     assert torch.bincount(rnd.labels).min() > 700  # uniform over the 10 classes
     per_sample = bm.draw_labels(clean, "per-sample", 1.0, 0)
@@ -542,7 +547,7 @@ def test_iid_augmentations_pair_anchors_with_same_class_images():
     assert not torch.isin(partners, anchors).any()  # drawn from the images that are not anchors
     assert all(len(set(row)) == 8 for row in partners.tolist())  # B different images per anchor
     assert len(partners.unique()) == 400  # 400 partners from 550 images: none is reused
-    data = bm.make_training_set(parsed("--iid-augs", "8", "--subset", "50"),
+    data = bm.make_training_set(parsed("--augment", "iid:8", "--subset", "50"),
                                 (torch.zeros(600, 3, 32, 32, dtype=torch.uint8), clean), 5, torch.device("cpu"))
     assert data.augment == "none" and len(data) == 400 and data.epoch_size == 400
     assert torch.equal(data.source.view(50, 8), partners)
@@ -557,7 +562,7 @@ def test_iid_partners_serve_one_anchor_each_at_cifar10_size():
     """Table 4 at full size: 1000 anchors x 50 partners from CIFAR-10's 49,000 other images."""
     clean = (torch.arange(50000) % 10)[torch.randperm(50000, generator=torch.Generator().manual_seed(1))]
     images = torch.zeros(50000, 3, 1, 1, dtype=torch.uint8)  # only indices matter here
-    data = bm.make_training_set(parsed("--iid-augs", "50", "--subset", "1000"), (images, clean), 10,
+    data = bm.make_training_set(parsed("--augment", "iid:50", "--subset", "1000"), (images, clean), 10,
                                 torch.device("cpu"))
     src, labels = data.source.numpy(), data.labels.numpy()
     uses = np.bincount(src, minlength=50000)
@@ -580,7 +585,7 @@ def test_subset_alone_trains_the_same_anchors_without_partners():
     cpu = torch.device("cpu")
     alone = bm.make_training_set(parsed("--subset", "50", "--augment", "none", "--mixup", "0"),
                                  (images, clean), 5, cpu)
-    iid = bm.make_training_set(parsed("--iid-augs", "8", "--subset", "50"), (images, clean), 5, cpu)
+    iid = bm.make_training_set(parsed("--augment", "iid:8", "--subset", "50"), (images, clean), 5, cpu)
     assert len(alone) == 50 and alone.epoch_size == 50 and alone.augment == "none"
     assert torch.equal(alone.source, bm.balanced_anchors(clean, 50, 0))
     assert torch.equal(alone.labels, bm.draw_labels(clean, 5, 1.0, 0)[alone.source])
@@ -589,10 +594,10 @@ def test_subset_alone_trains_the_same_anchors_without_partners():
 
 def test_mixup_defaults_off_for_finite_and_iid_augmentations():
     assert parsed().mixup == 0.8
-    assert parsed("--num-augs", "4").mixup == 0.0
-    assert parsed("--iid-augs").mixup == 0.0
-    assert parsed("--num-augs", "4", "--mixup", "0.5").mixup == 0.5  # an explicit --mixup wins
-    assert parsed("--iid-augs", "--mixup", "0.8").mixup == 0.8
+    assert parsed("--augment", "fixed:4").mixup == 0.0
+    assert parsed("--augment", "iid").mixup == 0.0
+    assert parsed("--augment", "fixed:4", "--mixup", "0.5").mixup == 0.5  # an explicit --mixup wins
+    assert parsed("--augment", "iid", "--mixup", "0.8").mixup == 0.8
 
 
 def test_resnet_stem_is_kaiming_normal_fan_out():
@@ -622,10 +627,9 @@ def test_knn_excludes_every_view_of_the_query_image(chunk):
     ref = np.repeat(base, 3, axis=0) + 0.01 * rng.normal(size=(60, 16))
     ref_y = np.repeat(rng.integers(0, 4, 20), 3)  # views share their image's label ('same')
     t = lambda a: torch.tensor(a, dtype=torch.float32)
-    got = bm.knn_predict(t(ref), torch.tensor(ref_y), t(ref), k=2, exclude_self=True,
-                         groups=torch.tensor(groups), chunk=chunk)
+    got, _ = bm.knn_noisy(t(ref), torch.tensor(ref_y), k=2, groups=torch.tensor(groups), chunk=chunk)
     np.testing.assert_array_equal(got.numpy(), brute_knn_groups(ref, ref_y, 2, groups))
-    leaky = bm.knn_predict(t(ref), torch.tensor(ref_y), t(ref), k=2, exclude_self=True, chunk=chunk)
+    leaky, _ = bm.knn_noisy(t(ref), torch.tensor(ref_y), k=2, chunk=chunk)
     assert (leaky.numpy() == ref_y).all()  # with only the point itself left out, its views vote its label
     assert (got.numpy() == ref_y).mean() < 0.6
 
@@ -636,8 +640,7 @@ def test_noisy_probe_chance_levels_leave_one_out_and_self_inclusive():
     19 random votes make its label the winner, here simulated from the vote alone."""
     g = torch.Generator().manual_seed(0)
     feats, labels = torch.randn(4000, 64, generator=g), torch.randint(10, (4000,), generator=g)
-    loo = (bm.knn_predict(feats, labels, feats, k=20, exclude_self=True) == labels).float().mean().item()
-    own = (bm.knn_predict(feats, labels, feats, k=20) == labels).float().mean().item()
+    loo, own = ((pred == labels).float().mean().item() for pred in bm.knn_noisy(feats, labels, k=20))
     rng = np.random.default_rng(0)
     others = rng.integers(0, 10, size=(200000, 19))
     own_label = rng.integers(0, 10, size=200000)
@@ -665,9 +668,9 @@ def test_invariance_of_the_input_layer_is_the_direct_computation(cifar, patch_md
     ps = bm.make_probe_set(args, train, test, data, 10, torch.device("cpu"))
     model = bm.build_model(args, 10, 32)
     inv = bm.invariance(model.eval(), ps, bm.layer_dims(model, 32), CPU_FP32)
-    x = ps["inv_x"].float() / 255
-    a1 = bm.apply_augment(x, bm.augment_params(ps["inv_u1"], 32, 32)).flatten(1).double().numpy()
-    a2 = bm.apply_augment(x, bm.augment_params(ps["inv_u2"], 32, 32)).flatten(1).double().numpy()
+    x = ps.inv_x.float() / 255
+    a1 = bm.apply_augment(x, bm.augment_params(ps.inv_u1, 32, 32)).flatten(1).double().numpy()
+    a2 = bm.apply_augment(x, bm.augment_params(ps.inv_u2, 32, 32)).flatten(1).double().numpy()
     h = x.flatten(1).double().numpy()
     brute = np.mean([np.sum((a1[i] - a2[i]) ** 2) / np.mean([np.sum((h[i] - h[j]) ** 2) for j in range(20) if j != i])
                      for i in range(20)])
@@ -723,26 +726,26 @@ def test_vgg_with_transfer_probes_every_block(cifar, tmp_path, patch_md5):
 
 
 def test_finite_augmentations_run_and_memorization_uses_the_augmented_points(cifar, tmp_path, patch_md5):
-    res = bm.main(SMALL + ["--num-augs", "4", "--aug-labels", "random", "--linear-probe", "off",
+    res = bm.main(SMALL + ["--augment", "fixed:4", "--aug-labels", "random", "--linear-probe", "off",
                            "--data-dir", str(cifar), "--out-dir", str(tmp_path)])
     assert "linear_probe" not in res["final"] and 0 <= res["final"]["train_acc"] <= 1
-    args = parsed(*SMALL, "--num-augs", "4", "--aug-labels", "random", "--data-dir", str(cifar))
+    args = parsed(*SMALL, "--augment", "fixed:4", "--aug-labels", "random", "--data-dir", str(cifar))
     train, test = bm.load_dataset("cifar10", str(cifar))
     data = bm.make_training_set(args, train, 10, torch.device("cpu"))
     ps = bm.make_probe_set(args, train, test, data, 10, torch.device("cpu"))
-    assert len(ps["mem_idx"]) == 64 and ps["mem_idx"].max() < 256  # 64 of the n*B = 256 points
-    assert torch.equal(ps["mem_labels"], data.labels[ps["mem_idx"]])
+    assert len(ps.mem_idx) == 64 and ps.mem_idx.max() < 256  # 64 of the n*B = 256 points
+    assert torch.equal(ps.mem_labels, data.labels[ps.mem_idx])
 
 
 def test_noisy_probe_leaves_out_every_view_of_the_query_image(cifar, patch_md5, monkeypatch):
-    """--num-augs with labels 'same': the noisy probe of probe() equals a brute-force leave-one-out
+    """--augment fixed:4 with labels 'same': the noisy probe of probe() equals a brute-force leave-one-out
     over features extracted here, with every point of the query's image left out."""
-    args = parsed("--num-augs", "4", "--projector-width", "16", "--knn-k", "5", "--invariance-size", "0",
+    args = parsed("--augment", "fixed:4", "--projector-width", "16", "--knn-k", "5", "--invariance-size", "0",
                   "--linear-probe", "off", "--data-dir", str(cifar))
     train, test = bm.load_dataset("cifar10", str(cifar))
     data = bm.make_training_set(args, train, 10, torch.device("cpu"))
     ps = bm.make_probe_set(args, train, test, data, 10, torch.device("cpu"))
-    source = data.source[ps["mem_idx"]]
+    source = data.source[ps.mem_idx]
     assert len(source.unique()) < len(source)  # some images are seen through several views
     model = bm.build_model(args, 10, 32).eval()
     groups = []
@@ -752,8 +755,8 @@ def test_noisy_probe_leaves_out_every_view_of_the_query_image(cifar, patch_md5, 
     assert len(groups) == 9 and all(torch.equal(g, source) for g in groups)  # one call per layer
     with torch.no_grad():
         taps = {}
-        model.eval()(data.view(ps["mem_idx"]), taps)  # probe() leaves the model in training mode
-    y = ps["mem_labels"].numpy()
+        model.eval()(data.view(ps.mem_idx), taps)  # probe() leaves the model in training mode
+    y = ps.mem_labels.numpy()
     for name in RESNET_LAYERS:
         f = taps[name].double().numpy()
         loo = brute_knn_groups(f, y, 5, source.numpy())
@@ -763,9 +766,12 @@ def test_noisy_probe_leaves_out_every_view_of_the_query_image(cifar, patch_md5, 
 
 
 def test_iid_per_sample_and_aug_strength_runs(cifar, tmp_path, patch_md5):
-    res = bm.main(SMALL + ["--iid-augs", "2", "--subset", "16", "--data-dir", str(cifar), "--out-dir", str(tmp_path / "iid")])
+    res = bm.main(SMALL + ["--augment", "iid:2", "--subset", "16", "--data-dir", str(cifar), "--out-dir", str(tmp_path / "iid")])
     assert res["final"]["test_acc"] is not None
-    res = bm.main(SMALL + ["--num-classes", "per-sample", "--aug-strength", "0.5", "--data-dir", str(cifar),
+    assert res["config"]["augment"] == "iid:2" and res["config"]["mixup"] == 0.0
+    with open(bm.__file__, "rb") as f:  # a copied script's results say which version made them
+        assert res["script_sha256"] == hashlib.sha256(f.read()).hexdigest()
+    res = bm.main(SMALL + ["--num-classes", "per-sample", "--augment", "randaugment:0.5", "--data-dir", str(cifar),
                            "--out-dir", str(tmp_path / "ps")])
     ckpt = torch.load(tmp_path / "ps" / "ckpt.pt", weights_only=True)
     assert ckpt["model"]["projector.2.weight"].shape[0] == 64  # one output unit per image
@@ -774,11 +780,11 @@ def test_iid_per_sample_and_aug_strength_runs(cifar, tmp_path, patch_md5):
         assert row["knn_noisy"] is None and row["knn_noisy_self"] is None
     res = bm.main(SMALL + ["--subset", "16", "--augment", "none", "--batch-size", "8", "--data-dir", str(cifar),
                            "--out-dir", str(tmp_path / "anchors")])
-    assert res["config"]["subset"] == 16 and res["config"]["mixup"] == 0.8  # only --num/--iid-augs turn it off
+    assert res["config"]["subset"] == 16 and res["config"]["mixup"] == 0.8  # only fixed:B and iid:B turn it off
     assert 0 <= res["final"]["train_acc"] <= 1
 
 
-@pytest.mark.parametrize("mode", [["--aug-strength", "0.7"], ["--num-augs", "3", "--aug-labels", "random"]])
+@pytest.mark.parametrize("mode", [["--augment", "randaugment:0.7"], ["--augment", "fixed:3", "--aug-labels", "random"]])
 def test_resumed_run_equals_uninterrupted_in_every_augmentation_mode(mode, cifar, tmp_path, patch_md5):
     """Stop after epoch 1, resume to epoch 2: the same result as two epochs in one go (RandAugment
     draws from torch's global generator, fixed augmentations from the hash; both must survive)."""
@@ -792,22 +798,34 @@ def test_resumed_run_equals_uninterrupted_in_every_augmentation_mode(mode, cifar
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["--aug-labels", "random"], "--num-augs"),
-    (["--iid-augs", "--augment", "full"], "--iid-augs"),
-    (["--num-augs", "2", "--iid-augs"], "--num-augs"),
+    (["--aug-labels", "random"], "--augment fixed:B"),
+    (["--augment", "fixed"], "--augment"),
+    (["--augment", "iid:0"], "--augment"),
+    (["--augment", "crop"], "--augment"),
     (["--labels", "clean", "--label-noise", "0.5"], "--labels clean"),
     (["--label-noise", "0.5", "--num-classes", "20"], "--label-noise"),
-    (["--num-augs", "2", "--augment", "none"], "--augment none"),
     (["--num-classes", "1"], "--num-classes"),
     (["--transfer", "imagenet"], "--transfer"),
-    (["--aug-strength", "2"], "--aug-strength"),
-    (["--num-augs", "2", "--subset", "10"], "--subset"),
+    (["--augment", "randaugment:2"], "--augment"),
+    (["--augment", "fixed:2", "--subset", "10"], "--subset"),
     (["--subset", "64"], "--subset"),
 ])
 def test_bad_combinations_give_one_line_error(args, fragment, cifar, tmp_path, patch_md5, capsys):
     err = main_error(bm, ["--data-dir", cifar, "--out-dir", tmp_path / "out", *args], capsys)
     assert fragment in err
     assert not (tmp_path / "out").exists()
+
+
+def test_augment_is_one_choice_of_training_points():
+    """--augment names the training points; its value is normalised and split the same way."""
+    cases = {"full": ("full", None), "none": ("none", None), "fixed:16": ("fixed", 16),
+             "iid": ("iid", 50), "iid:8": ("iid", 8), "randaugment:0.50": ("randaugment", 0.5)}
+    for text, expected in cases.items():
+        assert bm.augment_kind(bm.augmentation(text)) == expected
+    assert bm.augmentation("randaugment:0.50") == "randaugment:0.5"
+    for bad in ("fixed", "fixed:0", "fixed:1.5", "randaugment", "randaugment:2", "crop", "none:3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bm.augmentation(bad)
 
 
 def test_benchmark_runs_at_tiny_size():
@@ -874,7 +892,8 @@ def test_knn_temporaries_are_bounded_by_the_chunks_not_the_matrix():
     assert mode.largest < 3000 * 1024 * 4 / 3  # a float32 copy of the reference would be 12.3 MB
     # and the chunked pass gives the unchunked answer
     loo, own = bm.knn_noisy(ref, y, k=20, groups=groups, chunk=256, ref_chunk=256)
-    assert torch.equal(loo, bm.knn_predict(ref, y, ref, k=20, exclude_self=True, groups=groups))
+    loo_whole, own_whole = bm.knn_noisy(ref, y, k=20, groups=groups)  # default: one block here
+    assert torch.equal(loo, loo_whole) and torch.equal(own, own_whole)
     assert torch.equal(own, bm.knn_predict(ref, y, ref, k=20))
 
 
