@@ -1,0 +1,56 @@
+"""The three scripts speak one dialect: the same seeded-generator helper, the same bad-input path
+(one line on stderr; exit 2 for a malformed flag, 1 for anything else), and results that name the
+script file that produced them."""
+import hashlib
+import inspect
+import json
+import os
+
+import pytest
+import torch
+
+import benign_memorization as bm
+import masc_decode as m
+import toy_capacity as toy
+from conftest import REPO, main_error
+
+SCRIPTS = {"benign_memorization.py": bm, "masc_decode.py": m, "toy_capacity.py": toy}
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_named_generators_are_named_streams(name):
+    module = SCRIPTS[name]
+    assert list(inspect.signature(module.named_generator).parameters) == ["device", "keys"]
+    draw = lambda *keys: torch.rand(4, generator=module.named_generator("cpu", *keys))
+    assert torch.equal(draw("labels", 0), draw("labels", 0))  # a name is a fixed stream
+    assert not torch.equal(draw("labels", 0), draw("labels", 1))
+    assert not torch.equal(draw("labels", 0), draw("order", 0))
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_bad_flag_exits_2_and_bad_input_exits_1(name, tmp_path, capsys):
+    module = SCRIPTS[name]
+    with pytest.raises(SystemExit) as malformed:
+        module.main(["--no-such-flag", "--out-dir", str(tmp_path / "a")])
+    assert malformed.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+    err = main_error(module, ["--device", "nosuchdevice", "--out-dir", tmp_path / "b"], capsys)
+    assert err.startswith("error: --device nosuchdevice is not available")
+    with pytest.raises(SystemExit) as bad:
+        module.main(["--device", "nosuchdevice", "--out-dir", str(tmp_path / "c")])
+    assert bad.value.code == 1
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def script_sha256(name):
+    with open(os.path.join(REPO, name), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_results_name_the_script_that_made_them(tmp_path):
+    results = toy.main(["--n", "4", "--augs", "1", "--seeds", "0", "--steps", "2", "--device", "cpu",
+                        "--out-dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["script_sha256"] == script_sha256("toy_capacity.py") and saved["cells"] == results
+    assert m.script_sha256() == script_sha256("masc_decode.py")
+    assert bm.script_sha256() == script_sha256("benign_memorization.py")
