@@ -100,16 +100,19 @@ def build_parser():
     d = Config()
     p = OneLineParser(description="Appendix E toy: feature learning appears once n*B exceeds "
                                   "capacity.")
-    p.add_argument("--n", type=int_list, default=d.n, help="training-set sizes n (comma list)")
-    p.add_argument("--augs", type=augs_list, default=d.augs,
+    g = p.add_argument_group("sweep")
+    g.add_argument("--n", type=int_list, default=d.n, help="training-set sizes n (comma list)")
+    g.add_argument("--augs", type=augs_list, default=d.augs,
                    help="fixed augmentations per point B, or 'online' (comma list)")
-    p.add_argument("--seeds", type=lambda t: int_list(t, minimum=0), default=d.seeds,
+    g.add_argument("--seeds", type=lambda t: int_list(t, minimum=0), default=d.seeds,
                    help="seeds (comma list)")
-    p.add_argument("--capacity", type=positive_int, default=d.capacity,
+    g = p.add_argument_group("model and training")
+    g.add_argument("--capacity", type=positive_int, default=d.capacity,
                    help="projector prototypes K (bounds the capacity)")
-    p.add_argument("--steps", type=positive_int, default=d.steps, help="SGD steps")
-    p.add_argument("--out-dir", default=d.out_dir, help="where config.json and results.json go")
-    p.add_argument("--device", default=d.device, help="torch device")
+    g.add_argument("--steps", type=positive_int, default=d.steps, help="SGD steps")
+    g = p.add_argument_group("system")
+    g.add_argument("--out-dir", default=d.out_dir, help="where config.json and results.json go")
+    g.add_argument("--device", default=d.device, help="torch device")
     return p
 
 
