@@ -132,8 +132,7 @@ def build_parser():
                         "iid:B: B same-class images per anchor, unaugmented (Table 4, B = 50); "
                         "randaugment:s: RandAugment at strength s (Figure 11)")
     g.add_argument("--aug-labels", choices=["same", "random"], default="same",
-                   help="with fixed:B: augmentations share their image's label, or each has its "
-                        "own")
+                   help="with fixed:B: views share their image's label, or each has its own")
     g.add_argument("--subset", type=count, default=None,
                    help="S class-balanced anchor images: alone, train on them only (Table 4's "
                         "baseline); with iid:B, its anchors (default 1000)")
@@ -264,8 +263,7 @@ TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 
 def load_tinyimagenet(root):
-    """tiny-imagenet-200 (train/<wnid>/images, val/val_annotations.txt) decoded once, cached as
-    uint8."""
+    """tiny-imagenet-200 (train/<wnid>/images, val/val_annotations.txt), cached as uint8."""
     base = os.path.join(root, "tiny-imagenet-200")
     cache = os.path.join(base, "uint8_cache.pt")
     if os.path.exists(cache):
@@ -388,8 +386,7 @@ def grayscale(x):
 
 
 def shift_hue(x, shift):
-    """Rotate the hue of RGB images x (B, 3, H, W) in [0, 1] by shift (B,) turns, as an HSV round
-    trip."""
+    """Rotate the hue of RGB images x (B, 3, H, W) in [0, 1] by shift (B,) turns, through HSV."""
     r, g, b = x.unbind(1)
     v, _ = x.max(1)
     c = v - x.min(1).values
@@ -403,8 +400,7 @@ def shift_hue(x, shift):
 
 
 def color_jitter(x, p):
-    """Brightness, contrast, saturation and hue, each image in its own random order (as
-    torchvision)."""
+    """Brightness, contrast, saturation, hue: each image in its own order, as torchvision."""
     ones = torch.ones_like(p["brightness"])
     per_image = lambda mask: mask[:, None, None, None]
     for stage in range(4):
@@ -432,8 +428,7 @@ def apply_augment(x, p):
 
 
 def augment_batch(images, generator=None):
-    """The full augmentation of a float batch (B, 3, H, W) in [0, 1], each image with its own
-    draw."""
+    """The full augmentation of float images (B, 3, H, W) in [0, 1], a draw per image."""
     u = torch.rand(images.shape[0], NUM_UNIFORMS, generator=generator, device=images.device)
     return apply_augment(images, augment_params(u, images.shape[-2], images.shape[-1]))
 
@@ -500,8 +495,7 @@ class TrainingSet:
         return hash_uniforms(self.stream, self.source[idx], self.aug_id[idx], NUM_UNIFORMS)
 
     def view(self, idx):
-        """Points idx as the network must fit them: their fixed augmentation if any, else
-        unaugmented."""
+        """Points idx as the network must fit them: fixed augmentation if any, else unaugmented."""
         x = self.images[self.source[idx]].float().div_(255)
         if self.aug_id is not None:
             u = self.fixed_uniforms(idx)
@@ -592,8 +586,7 @@ def make_training_set(args, train, num_classes, device):
 
 
 class Network(nn.Module):
-    """Encoder stages -> global average pool (embedding) -> projector Linear-ReLU-Linear, no
-    biases."""
+    """Encoder stages -> global average pool (embedding) -> projector Linear-ReLU-Linear."""
 
     def __init__(self, stages, embed_dim, width, num_classes):
         super().__init__()
@@ -623,8 +616,7 @@ class Network(nn.Module):
 
 
 def resnet18_stages(stem_stride):
-    """torchvision's ResNet18 with the CIFAR stem: 3x3 first conv (stride 1, or 2 for 64x64), no
-    max-pool."""
+    """torchvision's ResNet18, CIFAR stem: a 3x3 conv (stride 1; 2 for 64x64), no max-pool."""
     r = torchvision.models.resnet18(weights=None)
     r.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False)
     # as torchvision initialises its own convs (the default init would move the INIT baseline)
@@ -634,8 +626,7 @@ def resnet18_stages(stem_stride):
 
 
 def vgg16_stages(stem_stride):
-    """torchvision's VGG16 with batch norm, its convolutional stack cut after each of its five
-    max-pools."""
+    """torchvision's VGG16-BN, its convolutional stack cut after each of its five max-pools."""
     features = torchvision.models.vgg16_bn(weights=None).features
     features[0].stride = (stem_stride, stem_stride)
     stages, start = [], 0
@@ -776,8 +767,7 @@ def largest_group(groups):
 
 
 def knn_predict(train_feats, train_labels, query_feats, k=20, chunk=None, ref_chunk=None):
-    """Cosine K-NN with a uniform majority vote. Memory is bounded by the chunks, not by the
-    matrices."""
+    """Cosine K-NN, uniform majority vote; memory is bounded by the chunks, not the matrices."""
     k, num_classes = min(k, train_feats.shape[0]), int(train_labels.max()) + 1
     return torch.cat([vote(sim, train_labels, k, num_classes) for _, sim in
                       similarity_blocks(train_feats, query_feats, chunk, ref_chunk)])
@@ -1076,8 +1066,7 @@ def write_jsonl(path, rows):
 
 
 def load_checkpoint(path, config, overwrite):
-    """The checkpoint to resume from, or None; refuses a corrupt one or one made with another
-    config."""
+    """The checkpoint to resume from, or None; refuses a corrupt one or one of another config."""
     if not os.path.exists(path) or overwrite:
         return None
     try:

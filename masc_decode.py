@@ -114,15 +114,13 @@ def build_parser():
     g.add_argument("--runs", type=positive_int, default=1,
                    help="independent runs (seeds seed, seed+1, ...) per degree")
     g.add_argument("--train-size", type=positive_int, default=None,
-                   help="train on a class-balanced subset of N training images (drawn from "
-                        "--seed)")
+                   help="train on N class-balanced training images (drawn from --seed)")
     g.add_argument("--posthoc-corruption", type=number_list, default=[],
                    help="latent memorization: degrees applied after training the p=0 model")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=positive_int, default=500, help="maximum training epochs")
     g.add_argument("--stop-acc", type=fraction, default=None,
-                   help="stop once training accuracy reaches this (default: the authors' per "
-                        "dataset, 1.0 for the MLP)")
+                   help="stop at this training accuracy (default: the authors', 1.0 for the MLP)")
     g.add_argument("--lr", type=positive_float, default=None,
                    help="learning rate (default: per model)")
     g.add_argument("--batch-size", type=positive_int, default=None,
@@ -130,11 +128,9 @@ def build_parser():
     g.add_argument("--save-every", type=positive_int, default=10,
                    help="epochs between checkpoints of a model in training")
     g.add_argument("--models-at-once", type=positive_int, default=None,
-                   help="models trained together in one stacked model (default: all of the "
-                        "command)")
+                   help="models trained together as one stacked model (default: all)")
     g.add_argument("--decode-every", type=positive_int, default=None,
-                   help="every E epochs, record each model's best MASC test accuracy in its "
-                        "history")
+                   help="every E epochs, record each model's best MASC test accuracy")
     g = p.add_argument_group("decoding")
     g.add_argument("--variance", type=fraction, default=0.99,
                    help="fraction of variance each class subspace explains")
@@ -202,8 +198,7 @@ def write_json(path, obj):
 
 
 def load_torchvision(name, root):
-    """(train images uint8 NCHW, labels), (test images, labels) through torchvision, downloaded
-    when missing."""
+    """(train images uint8 NCHW, labels), (test images, labels), downloaded when missing."""
     files = "(the four *-ubyte.gz files)"
     cls, folder, url = {
         "mnist": (torchvision.datasets.MNIST, "MNIST/raw",
@@ -233,8 +228,7 @@ TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 
 def load_tinyimagenet(root):
-    """tiny-imagenet-200 (train/<wnid>/images, val/val_annotations.txt) decoded once, cached as
-    uint8."""
+    """tiny-imagenet-200 (train/<wnid>/images, val/val_annotations.txt), cached as uint8."""
     base = os.path.join(root, "tiny-imagenet-200")
     cache = os.path.join(base, "uint8_cache.pt")
     if os.path.exists(cache):
@@ -450,8 +444,7 @@ class CNN(nn.Module):
 
 
 class AlexNet(nn.Module):
-    """The authors' small-image AlexNet: five convolutions to a 256-d flatten, then
-    4096 -> 4096 -> K."""
+    """The authors' small-image AlexNet: 5 convolutions to a 256-d flatten, 4096, 4096, K."""
 
     def __init__(self, shape, num_classes):
         super().__init__()
@@ -597,8 +590,7 @@ class Stack:
         self.steps = [j.opt.get("step", 0) for j in jobs]
 
     def logits(self, x, same_batch=False):
-        """Every model's logits: x is (M, b, ...), or with same_batch one (b, ...) batch that every
-        model sees."""
+        """Every model's logits: x is (M, b, ...), or with same_batch one (b, ...) for all."""
         run = lambda params, xi: torch.func.functional_call(self.template, params, (xi,))
         return torch.vmap(run, in_dims=(0, None if same_batch else 0))(self.params, x)
 
@@ -766,7 +758,7 @@ def model_from(template, state):
 
 
 def memorization_job(p, run, template, data, args):
-    """The (p, run) model: ("done", checkpoint) if it finished before, else a Job, fresh or
+    """The (p, run) model: (model, labels, history) if it finished before, else a Job, fresh or
     resumed from its in-progress checkpoint."""
     dev, shape, K = data.train_x.device, DATASETS[args.dataset][1], args.num_classes
     seed = args.seed + run
@@ -775,7 +767,7 @@ def memorization_job(p, run, template, data, args):
     done = load_model_checkpoint(path, key, args.overwrite)
     if done:
         tqdm.write(f"p={p:g} run {run}: reusing {path}")
-        return "done", done
+        return model_from(template, done["model"]), done["labels"].to(dev), done["history"]
     labels = corrupt_labels(data.train_y.cpu(), p, K, seed).to(dev)
     job = Job(f"p={p:g} run {run}", build_model(args.model, shape, K, seed).to(dev).state_dict(),
               labels, named_generator(dev, "order", seed), path=path, key=key)
@@ -792,7 +784,7 @@ def memorization_job(p, run, template, data, args):
         job.history = resumed["history"]
         job.gen.set_state(resumed["gen"])
         tqdm.write(f"{job.name}: resuming from epoch {len(job.history['train_acc'])}")
-    return "job", job
+    return job
 
 
 def memorize(specs, data, args):
@@ -805,12 +797,11 @@ def memorize(specs, data, args):
     template = build_model(args.model, shape, args.num_classes, args.seed).to(data.train_x.device)
     out, jobs = {}, {}
     for p, run in specs:
-        kind, found = memorization_job(p, run, template, data, args)
-        if kind == "done":
-            out[p, run] = (model_from(template, found["model"]),
-                           found["labels"].to(data.train_x.device), found["history"])
-        else:
+        found = memorization_job(p, run, template, data, args)
+        if isinstance(found, Job):
             jobs[p, run] = found
+        else:  # trained by an earlier command with the same settings
+            out[p, run] = found
 
     def after_epoch(job, acc, pred):
         history = job.history
@@ -873,8 +864,7 @@ def retrain_all(plans, data, args):
 
 
 def latent_memorization(train_f, test_f, data, args, seed):
-    """MASC of the p=0 model from labels corrupted after training, scored on those labels (paper,
-    supplement 6)."""
+    """MASC of the p=0 model from labels corrupted after training (paper, supplement 6)."""
     out = []
     for q in args.posthoc_corruption:
         y_q = corrupt_labels(data.train_y.cpu(), q, args.num_classes, ("posthoc", seed, q))
