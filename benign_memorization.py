@@ -65,8 +65,9 @@ def bounded(kind, low, high=math.inf, open_low=False):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}")
         if value < low or value > high or (open_low and value == low):
-            raise argparse.ArgumentTypeError(
-                f"must be in {'(' if open_low else '['}{low}, {high}], got {text!r}")
+            wanted = f"{'>' if open_low else '>='} {low}" if high == math.inf else \
+                f"in {'(' if open_low else '['}{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
         return value
     return parse
 
