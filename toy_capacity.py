@@ -2,17 +2,15 @@
 The toy model of "The Curious Case of Benign Memorization", Appendix E: benign memorization
 needs augmentations whose number exceeds the model's capacity.
 
-A linear encoder h(x) = W x feeds an inverse-distance projector with K learnable prototypes
-(K bounds how many points it can fit). Every training point gets an entirely random label.
-The input carries its true class in the first d1 coordinates and pure noise in the rest;
-augmentations only add noise to the noise coordinates. If the model can memorize all
-n*B augmented points it has no reason to learn anything; once it cannot, fitting the random
-labels forces W to ignore the noise coordinates, which makes the embedding cluster by the
-true class (a K-NN probe on clean labels beats the same probe at initialisation).
+A linear encoder h(x) = W x feeds an inverse-distance projector with K learnable prototypes (K
+bounds how many points it can fit); every training point gets a random label. The input carries
+its true class in the first d1 coordinates and noise in the rest, which augmentations perturb.
+While the model can memorize all n*B augmented points it learns nothing; once it cannot, fitting
+the random labels forces W to ignore the noise, and the embedding clusters by the true class (a
+K-NN probe on clean labels beats the same probe at initialisation).
 
-Every (n, B, seed) cell is an independent model; all cells of a sweep are trained together
-as one batched model (a leading "cell" dimension on every tensor), and each cell draws its
-randomness from its own generator, so a cell's result does not depend on the rest of the grid.
+All (n, B, seed) cells of a sweep train together as one batched model (a leading cell dimension),
+each from its own generators, so a cell's result does not depend on the rest of the grid.
 
 Usage:
     python toy_capacity.py                                  # default sweep, about a minute
@@ -69,24 +67,15 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def int_list(text, minimum=1):
+def int_list(text, minimum=1, words=()):
+    """A comma list of integers >= minimum, or of the given words."""
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [v if v in words else int(v) for v in map(str.strip, text.split(",")) if v]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not values or min(values) < minimum:
-        raise argparse.ArgumentTypeError(f"expected integers >= {minimum}, got {text!r}")
-    return values
-
-
-def augs_list(text):
-    """Comma list of augmentation counts B >= 1, or 'online' for fresh noise every step."""
-    values = []
-    for v in (v.strip() for v in text.split(",")):
-        if v != "online" and not (v.lstrip("-").isdigit() and int(v) >= 1):
-            raise argparse.ArgumentTypeError(
-                f"augmentation counts must be integers >= 1 or 'online', got {v!r}")
-        values.append(v if v == "online" else int(v))
+        values = []
+    if not values or any(v not in words and v < minimum for v in values):
+        wanted = " or ".join([f"integers >= {minimum}", *map(repr, words)])
+        raise argparse.ArgumentTypeError(f"expected a comma list of {wanted}, got {text!r}")
     return values
 
 
@@ -102,7 +91,7 @@ def build_parser():
                                   "capacity.")
     g = p.add_argument_group("sweep")
     g.add_argument("--n", type=int_list, default=d.n, help="training-set sizes n (comma list)")
-    g.add_argument("--augs", type=augs_list, default=d.augs,
+    g.add_argument("--augs", type=lambda t: int_list(t, words=("online",)), default=d.augs,
                    help="fixed augmentations per point B, or 'online' (comma list)")
     g.add_argument("--seeds", type=lambda t: int_list(t, minimum=0), default=d.seeds,
                    help="seeds (comma list)")
@@ -121,8 +110,8 @@ def check_args(args):
     try:
         torch.empty(1, device=args.device)
     except Exception as e:  # unknown or unavailable device
-        raise UserError(f"--device {args.device} is not available "
-                        f"({str(e).strip().splitlines()[0]})")
+        reason = str(e).strip().splitlines()[0]
+        raise UserError(f"--device {args.device} is not available ({reason})")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UserError(f"--out-dir {args.out_dir} exists and is not a directory")
 
@@ -145,10 +134,8 @@ def sample_points(centres, count, args, gen):
 
 def augmentation_noise(count, args, gen):
     """a with a[:d1] = 0 and a[d1:] ~ N(0, sigma^2 I): augmentations only touch the noise."""
-    a = torch.zeros(count, args.dim, device=args.device)
     noise = torch.randn(count, args.dim - args.signal_dim, generator=gen, device=args.device)
-    a[:, args.signal_dim:] = noise * args.sigma
-    return a
+    return F.pad(noise * args.sigma, (args.signal_dim, 0))
 
 
 class Cell:
@@ -160,11 +147,9 @@ class Cell:
         self.x, self.z = sample_points(world["centres"], n, args, g)
         self.labels = torch.randint(args.classes, (n,), generator=g, device=args.device)
         self.gen = named_generator(args.device, "stream", seed, n, augs)  # batches, online noise
-        if augs == "online":
-            self.fixed = None
-        else:  # B fixed augmentations per point, drawn once; row i*B + b is augmentation b of i
-            self.fixed = self.x.repeat_interleave(augs, 0) + augmentation_noise(
-                n * augs, args, self.gen)
+        # B fixed augmentations per point, drawn once; row i*B + b is augmentation b of i
+        self.fixed = None if augs == "online" else \
+            self.x.repeat_interleave(augs, 0) + augmentation_noise(n * augs, args, self.gen)
 
     def training_points(self):
         """The points the model is asked to fit and their labels (n*B of them when B is fixed)."""
@@ -194,26 +179,22 @@ def make_world(seed, args):
 # ----------------------------------------------------------------------------- model
 
 
-def projector_weights(h, prototypes):
-    """w_i(h) = (1/||h - v_i||) / sum_j (1/||h - v_j||), batched over cells:
-    h (M, b, d) and prototypes (M, K, d) give (M, b, K)."""
+def projector(h, prototypes, onehots):
+    """g_V(h) = sum_i w_i(h) l_i, w_i(h) = (1/||h - v_i||) / sum_j (1/||h - v_j||): a convex
+    combination of the prototypes' fixed one-hot labels, batched over cells: h (M, b, d),
+    prototypes (M, K, d) and onehots (M, K, C) give (M, b, C)."""
     # ||h - v||^2 = ||h||^2 - 2 h.v + ||v||^2: a batched matmul, not an (M, b, K, d) difference
     sq = (h.pow(2).sum(-1, keepdim=True) - 2 * h @ prototypes.transpose(-1, -2)
           + prototypes.pow(2).sum(-1).unsqueeze(-2))
     # softmax(-log dist) is the normalised inverse distance; the epsilon keeps h == v_i finite
-    return torch.softmax(-0.5 * torch.log(sq.clamp_min(0) + 1e-12), dim=-1)
-
-
-def projector(h, prototypes, onehots):
-    """g_V(h) = sum_i w_i(h) l_i: a convex combination of the prototypes' fixed one-hot labels."""
-    return projector_weights(h, prototypes) @ onehots
+    return torch.softmax(-0.5 * torch.log(sq.clamp_min(0) + 1e-12), dim=-1) @ onehots
 
 
 def init_models(cells, args):
     """W ~ N(0, 1/d) per seed; prototypes v_i at the initial embeddings W0 x of K training samples
     (drawn with replacement, unaugmented) plus N(0, 0.1^2) noise; one-hot l_i drawn uniformly."""
     d, K, dev = args.dim, args.capacity, args.device
-    Ws, Vs, Ls = [], [], []
+    models = []
     for c in cells:
         # the same W0 for every cell of a seed, so that they share one INIT probe
         W = torch.randn(d, d, generator=named_generator(dev, "encoder", c.seed), device=dev)
@@ -222,18 +203,15 @@ def init_models(cells, args):
         pick = torch.randint(c.n, (K,), generator=gv, device=dev)
         V = c.x[pick] @ W.T + 0.1 * torch.randn(K, d, generator=gv, device=dev)
         label = torch.randint(args.classes, (K,), generator=gv, device=dev)
-        Ws.append(W)
-        Vs.append(V)
-        Ls.append(F.one_hot(label, args.classes).float())
-    return torch.stack(Ws), torch.stack(Vs), torch.stack(Ls)
+        models.append((W, V, F.one_hot(label, args.classes).float()))
+    return tuple(map(torch.stack, zip(*models)))
 
 # ----------------------------------------------------------------------------- training
 
 
 def train(cells, W, V, L, args):
     """Cross-entropy -log g(h)_y on the random labels, SGD with momentum, all cells at once."""
-    W = W.clone().requires_grad_(True)
-    V = V.clone().requires_grad_(True)
+    W, V = W.clone().requires_grad_(True), V.clone().requires_grad_(True)
     opt = torch.optim.SGD([W, V], lr=args.lr, momentum=0.9)
     for _ in range(args.steps):
         xs, ys = zip(*(c.batch(args.batch_size, args) for c in cells))
@@ -260,18 +238,15 @@ def knn_accuracy(ref, ref_labels, queries, query_labels, k, classes):
 
 
 def normalized_invariance(h_aug1, h_aug2, h_clean):
-    """Eq. 2 averaged over points: ||q(T1 x) - q(T2 x)||^2 / mean_{x' != x} ||q(x) - q(x')||^2.
-
-    Shapes (..., m, D). The denominator for point i uses sum_j ||q_i - q_j||^2 =
-    m ||q_i||^2 - 2 q_i . sum_j q_j + sum_j ||q_j||^2 (the j = i term is zero): exact, O(m D).
-    """
+    """Eq. 2 averaged over points: ||q(T1 x) - q(T2 x)||^2 / mean_{x' != x} ||q(x) - q(x')||^2,
+    shapes (..., m, D). The denominator of point i uses sum_j ||q_i - q_j||^2 = m ||q_i||^2 -
+    2 q_i . sum_j q_j + sum_j ||q_j||^2 (the j = i term is zero): exact, O(m D)."""
     m = h_clean.shape[-2]
     sq = h_clean.pow(2).sum(-1)
     pair_sum = (m * sq - 2 * (h_clean * h_clean.sum(-2, keepdim=True)).sum(-1)
                 + sq.sum(-1, keepdim=True))
-    denominator = pair_sum / (m - 1)
     numerator = (h_aug1 - h_aug2).pow(2).sum(-1)
-    return (numerator / denominator.clamp_min(1e-12)).mean(-1)
+    return (numerator / (pair_sum / (m - 1)).clamp_min(1e-12)).mean(-1)
 
 
 def noise_to_signal(W, signal_dim):

@@ -20,7 +20,7 @@ def test_projector_is_convex_combination_of_labels():
     h = torch.randn(2, 5, 3, generator=g)
     V = torch.randn(2, 4, 3, generator=g)
     L = torch.nn.functional.one_hot(torch.tensor([[0, 1, 1, 2], [2, 2, 0, 1]]), 3).float()
-    w = toy.projector_weights(h, V)
+    w = toy.projector(h, V, torch.eye(4).expand(2, 4, 4))  # one-hot per prototype: the weights
     out = toy.projector(h, V, L)
     # brute force: inverse distances normalised to one
     for m in range(2):
