@@ -1,26 +1,19 @@
 """
-Benign memorization: train a ResNet18 (or VGG16) encoder + MLP projector on entirely random labels
-under heavy augmentation and mixup, and probe every layer with K-NN against the clean and the
-random labels.
+Benign memorization (Anagnostidis et al., "The Curious Case of Benign Memorization", ICLR 2023):
+train a ResNet18 (or VGG16) encoder + MLP projector on entirely random labels under heavy
+augmentation and mixup, and probe every layer with K-NN against the clean and the random labels.
+With augmentation the projector memorizes the random labels while the encoder learns features
+whose K-NN probe beats the same probe at initialisation (benign); without, the encoder falls below
+it (malign). Flags cover the paper's other experiments (the README's table).
 
-Reproduces "The Curious Case of Benign Memorization" (Anagnostidis et al., ICLR 2023): with
-augmentation the network memorizes the random labels in its projector while its encoder learns
-features whose K-NN probe beats the same probe at initialisation (benign); without augmentation
-the encoder falls below initialisation (malign). Flags cover the paper's other experiments: finite
-and i.i.d. augmentations, label noise, the number of random classes, invariance, linear and
-transfer probes, VGG, augmentation strength and projector width (see the README's table).
-
-Everything runs on one device: the dataset lives there as uint8, batches are drawn by shuffled
-index, augmentation is batched with per-image random parameters, bf16 autocast and channels_last
-on CUDA. A checkpoint is written atomically at every evaluation; running the same command again
-resumes from it with every random state restored.
+The dataset lives on the device as uint8; augmentation is batched with per-image random
+parameters; bf16 autocast and channels_last on CUDA. Every evaluation writes a checkpoint
+atomically, and the same command resumes from it with every random state restored.
 
 Usage:
     python benign_memorization.py --dataset cifar10 --epochs 5000            # the paper's setting
     python benign_memorization.py --dataset cifar10 --augment none --mixup 0 # malign control
     python benign_memorization.py --augment fixed:16 --aug-labels random     # Figure 5
-    python benign_memorization.py --epochs 20 --eval-every 5 --probe-size 5000 \
-        --projector-width 4096
 """
 import argparse
 import contextlib
@@ -28,11 +21,11 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -72,10 +65,6 @@ def bounded(kind, low, high=math.inf, open_low=False):
     return parse
 
 
-def class_count(text):
-    return text if text == "per-sample" else bounded(int, 2)(text)
-
-
 def dataset_list(text):
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names or any(n not in TRANSFER for n in names):
@@ -84,48 +73,44 @@ def dataset_list(text):
     return names
 
 
-def augment_kind(text):
-    """--augment: 'full' or 'none', or kind:value for 'fixed:B', 'iid:B' (B = 50 if left out) and
-    'randaugment:s'. Returns (kind, value)."""
+def augmentation(text):
+    """Normalised --augment: full, none, fixed:B, iid[:B] (B = 50 if left out), randaugment:s."""
     kind, _, value = text.partition(":")
-    if kind in ("full", "none") and not value:
-        return kind, None
     try:
+        if kind in ("full", "none") and not value:
+            return kind
         if kind in ("fixed", "iid") and (value or kind == "iid"):
-            return kind, bounded(int, 1)(value or "50")
+            return f"{kind}:{bounded(int, 1)(value or '50')}"
         if kind == "randaugment" and value:
-            return kind, bounded(float, 0, 1)(value)
+            return f"{kind}:{bounded(float, 0, 1)(value):g}"
     except argparse.ArgumentTypeError as e:
         raise argparse.ArgumentTypeError(f"{text!r}: {e}")
     raise argparse.ArgumentTypeError(
         f"expected full, none, fixed:B, iid[:B] or randaugment:s, got {text!r}")
 
 
-def augmentation(text):
-    kind, value = augment_kind(text)
-    return kind if value is None else f"{kind}:{value:g}"
+def augment_kind(text):
+    """A normalised --augment as (kind, value): B for fixed and iid, s for randaugment, or None."""
+    kind, _, value = text.partition(":")
+    return kind, None if not value else float(value) if kind == "randaugment" else int(value)
 
 
 def build_parser():
-    p = OneLineParser(description="Random-label training under augmentation with layer-wise K-NN "
-                                  "probes.")
+    p = OneLineParser(description="Random labels under augmentation, K-NN probes of every layer.")
     count, rate, probability = bounded(int, 1), bounded(float, 0), bounded(float, 0, 1)
+    class_count = lambda text: text if text == "per-sample" else bounded(int, 2)(text)
     g = p.add_argument_group("data and labels")
-    g.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10",
-                   help="training dataset")
+    g.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10", help="training set")
     g.add_argument("--data-dir", default="data", help="where datasets are (or get downloaded)")
-    g.add_argument("--labels", choices=["random", "clean"], default="random",
-                   help="train on random or clean labels")
-    g.add_argument("--label-noise", type=probability, default=None,
-                   help="randomize only this fraction of the labels (Figure 12)")
+    g.add_argument("--label-noise", type=probability, default=1.0,
+                   help="randomize this fraction of the labels (0: clean labels; Figure 12)")
     g.add_argument("--num-classes", type=class_count, default=None,
                    help="random labels over C >= 2 classes, or 'per-sample' (Figure 8)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=["resnet18", "vgg16"], default="resnet18", help="encoder")
     g.add_argument("--projector-width", type=count, default=65536,
                    help="hidden width W of the projector (Figure 7)")
-    g.add_argument("--loss", choices=["mse", "ce"], default="mse",
-                   help="MSE to the one-hot target, or cross-entropy")
+    g.add_argument("--loss", choices=["mse", "ce"], default="mse", help="MSE to one-hot, or CE")
     g = p.add_argument_group("training points")
     g.add_argument("--augment", type=augmentation, default="full",
                    help="full: a fresh crop, flip, colour jitter and grayscale at every step; "
@@ -144,11 +129,9 @@ def build_parser():
     g.add_argument("--epochs", type=count, default=5000, help="training epochs")
     g.add_argument("--batch-size", type=count, default=256,
                    help="batch size (last partial batch dropped)")
-    g.add_argument("--lr", type=rate, default=3e-4,
-                   help="Adam learning rate (no schedule, no weight decay)")
+    g.add_argument("--lr", type=rate, default=3e-4, help="Adam; no schedule, no weight decay")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-every", type=count, default=50,
-                   help="epochs between probes and checkpoints")
+    g.add_argument("--eval-every", type=count, default=50, help="epochs per probe and checkpoint")
     g.add_argument("--knn-k", type=count, default=20, help="neighbours of the K-NN probes")
     g.add_argument("--probe-size", type=count, default=None,
                    help="cap on probed train and test images (default: all)")
@@ -159,17 +142,14 @@ def build_parser():
     g.add_argument("--transfer", type=dataset_list, default=[],
                    help="probe the embedding at init and end on these datasets (Figure 9)")
     g = p.add_argument_group("system")
-    g.add_argument("--out-dir", default="runs/benign",
-                   help="config.json, log.jsonl, results.json, ckpt.pt")
+    g.add_argument("--out-dir", default="runs/benign", help="config, log, results, checkpoint")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device")
     g.add_argument("--seed", type=int, default=0, help="seed of labels, initialisation and order")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the training step (augmentation to loss) and the probes")
+    g.add_argument("--compile", action="store_true", help="torch.compile the step and the probes")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="bf16 autocast with fp16 probe features, or float32 (auto: bf16 on CUDA)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="discard a checkpoint made with another config")
+    g.add_argument("--overwrite", action="store_true", help="start over, discarding ckpt and logs")
     return p
 
 
@@ -182,29 +162,21 @@ def check_args(args):
     try:
         torch.empty(1, device=args.device)
     except Exception as e:  # unknown or unavailable device
-        raise UserError(f"--device {args.device} is not available "
-                        f"({str(e).strip().splitlines()[0]})")
+        reason = str(e).strip().splitlines()[0]
+        raise UserError(f"--device {args.device} is not available ({reason})")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UserError(f"--out-dir {args.out_dir} exists and is not a directory")
     kind, _ = augment_kind(args.augment)
     if args.aug_labels == "random" and kind != "fixed":
-        raise UserError("--aug-labels random gives each fixed augmentation its own label: it "
-                        "needs --augment fixed:B")
-    if args.labels == "clean" and (args.label_noise is not None or args.num_classes is not None):
-        raise UserError("--labels clean keeps every true label: drop --label-noise and "
-                        "--num-classes")
+        raise UserError("--aug-labels random labels each fixed view: it needs --augment fixed:B")
     classes = DATASETS[args.dataset][0]
-    if args.label_noise is not None and args.num_classes not in (None, classes):
-        raise UserError("--label-noise keeps some true labels, so random labels must use the "
-                        f"{classes} true classes")
+    if args.label_noise < 1 and args.num_classes not in (None, classes):
+        raise UserError(f"--label-noise keeps true labels: the random ones need {classes} classes")
     if args.num_classes == "per-sample" and args.aug_labels == "random":
-        raise UserError("--num-classes per-sample gives each image its own class; --aug-labels "
-                        "random is undefined then")
+        raise UserError("--aug-labels random is undefined with --num-classes per-sample")
     if args.subset is not None and kind == "fixed":
-        raise UserError("--subset chooses anchors for iid:B or Table 4's baseline, not for "
-                        "fixed:B")
-    if kind == "iid" and args.subset is None:
-        args.subset = 1000
+        raise UserError("--subset picks anchors for iid:B or Table 4's baseline, not for fixed:B")
+    args.subset = 1000 if kind == "iid" and args.subset is None else args.subset
     if args.precision == "auto":
         args.precision = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
     if args.mixup is None:  # mixing would make the n*B fixed points infinitely many (Section 5.1)
@@ -223,41 +195,34 @@ def named_seed(*keys, bits=60):
 
 
 def write_atomically(path, write):
-    """write(temporary path), then rename it to path: an interrupted run never leaves half a file
-    (checkpoint, logs, results, the dataset cache)."""
+    """write(path + ".tmp"), then rename it: an interrupted run never leaves half a file."""
     write(path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
-def load_torchvision(cls, name, folder, root, url, **kwargs):
-    """A torchvision dataset as (uint8 images NCHW, int64 labels); downloads when missing."""
-    try:
-        ds = cls(root, download=True, **kwargs)
-    except Exception as e:
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"{name} not found in {os.path.join(root, folder)} and could not be "
-                        f"downloaded ({type(e).__name__}: {detail}); download it from {url} and "
-                        f"extract it into {root}/")
-    data = torch.as_tensor(ds.data)
-    if data.ndim == 4 and data.shape[-1] == 3:  # CIFAR stores NHWC
-        data = data.permute(0, 3, 1, 2)
-    labels = ds.targets if hasattr(ds, "targets") else ds.labels
-    return data.contiguous(), torch.as_tensor(labels, dtype=torch.long)
-
-
-def load_cifar(name, root):
-    cls, folder, pretty = (torchvision.datasets.CIFAR10, "cifar-10-batches-py", "CIFAR-10") \
-        if name == "cifar10" else (torchvision.datasets.CIFAR100, "cifar-100-python", "CIFAR-100")
-    url = "https://www.cs.toronto.edu/~kriz/cifar.html"
-    return tuple(load_torchvision(cls, pretty, folder, root, url, train=train)
-                 for train in (True, False))
-
-
-def load_stl10(root):
-    """STL10's labelled splits (5000 train, 8000 test), 96x96."""
-    url = "https://cs.stanford.edu/~acoates/stl10/"
-    return tuple(load_torchvision(torchvision.datasets.STL10, "STL10", "stl10_binary", root, url,
-                                  split=s) for s in ("train", "test"))
+def load_torchvision(name, root):
+    """CIFAR-10/100 or STL10: (train, test) of (uint8 images NCHW, int64 labels); downloads."""
+    cifar = "https://www.cs.toronto.edu/~kriz/cifar.html"
+    cls, pretty, folder, url = {
+        "cifar10": (torchvision.datasets.CIFAR10, "CIFAR-10", "cifar-10-batches-py", cifar),
+        "cifar100": (torchvision.datasets.CIFAR100, "CIFAR-100", "cifar-100-python", cifar),
+        "stl10": (torchvision.datasets.STL10, "STL10", "stl10_binary",
+                  "https://cs.stanford.edu/~acoates/stl10/")}[name]
+    splits = []
+    for split in ("train", "test"):
+        try:
+            ds = cls(root, download=True, **({"split": split} if name == "stl10" else
+                                             {"train": split == "train"}))
+        except Exception as e:
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise UserError(f"{pretty} not found in {os.path.join(root, folder)} and could not be "
+                            f"downloaded ({type(e).__name__}: {detail}); download it from {url} "
+                            f"and extract it into {root}/")
+        data = torch.as_tensor(ds.data)
+        data = data.permute(0, 3, 1, 2) if data.shape[-1] == 3 else data  # CIFAR stores NHWC
+        labels = torch.as_tensor(ds.targets if name != "stl10" else ds.labels, dtype=torch.long)
+        splits.append((data.contiguous(), labels))
+    return tuple(splits)
 
 
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -309,8 +274,7 @@ def load_tinyimagenet(root):
 
 def load_dataset(name, root, resolution=None):
     """((train images uint8 NCHW, labels), (test images, labels)) on the CPU, resized if asked."""
-    splits = load_tinyimagenet(root) if name == "tinyimagenet" else load_stl10(root) \
-        if name == "stl10" else load_cifar(name, root)
+    splits = load_tinyimagenet(root) if name == "tinyimagenet" else load_torchvision(name, root)
     if resolution is None or splits[0][0].shape[-1] == resolution:
         return splits
     resize = lambda x: torch.cat([v2.functional.resize(c, [resolution, resolution], antialias=True)
@@ -319,9 +283,7 @@ def load_dataset(name, root, resolution=None):
 
 
 def draw_labels(clean, num_classes, noise, seed):
-    """Training labels, drawn once: a random fraction `noise` of the images gets a label drawn
-    uniformly over num_classes, the rest keeps its clean one ('per-sample': one class per
-    image)."""
+    """A random fraction `noise` of labels drawn anew, uniformly (per-sample: one per image)."""
     g = named_generator("cpu", "labels", seed)
     if num_classes == "per-sample":
         return torch.randperm(len(clean), generator=g)
@@ -336,8 +298,7 @@ def draw_labels(clean, num_classes, noise, seed):
 # RandomGrayscale(0.2), but batched: every random choice is a function of 33 uniforms per image.
 
 CROP_TRIES = 10  # torchvision's RandomResizedCrop tries 10 boxes before its central fallback
-# uniforms per image: crop (10 areas, 10 ratios, 2 positions), flip, jitter on, 4 factors,
-# 4 order keys, grayscale
+# per image: 10 crop areas and 10 ratios, 2 positions, flip, jitter on, 4 factors, 4 keys, gray
 NUM_UNIFORMS = 2 * CROP_TRIES + 13
 
 
@@ -356,8 +317,7 @@ def augment_params(u, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     fw = width if in_ratio <= ratio[1] else round(height * ratio[1])
     fh = height if in_ratio >= ratio[0] else round(width / ratio[0])
     any_ok = ok.any(1)
-    w = torch.where(any_ok, w, torch.full_like(w, fw))
-    h = torch.where(any_ok, h, torch.full_like(h, fh))
+    w, h = torch.where(any_ok, w, fw), torch.where(any_ok, h, fh)
     centre = lambda room: torch.div(room, 2, rounding_mode="floor")
     top = torch.where(any_ok, torch.floor(u[:, 2 * t] * (height - h + 1)), centre(height - h))
     left = torch.where(any_ok, torch.floor(u[:, 2 * t + 1] * (width - w + 1)), centre(width - w))
@@ -402,15 +362,13 @@ def shift_hue(x, shift):
 
 def color_jitter(x, p):
     """Brightness, contrast, saturation, hue: each image in its own order, as torchvision."""
-    ones = torch.ones_like(p["brightness"])
     per_image = lambda mask: mask[:, None, None, None]
     for stage in range(4):
         order = p["order"][:, stage]
         op = torch.where(p["jitter"], order, torch.full_like(order, -1))  # -1: no operation
-        # brightness, contrast and saturation blend the image with a reference: black, its mean
-        # gray, its gray
+        # brightness, contrast, saturation blend with a reference: black, mean gray, gray
         factor = torch.where(op == 0, p["brightness"], torch.where(
-            op == 1, p["contrast"], torch.where(op == 2, p["saturation"], ones)))
+            op == 1, p["contrast"], torch.where(op == 2, p["saturation"], 1.0)))
         gray = grayscale(x)
         ref = torch.where(per_image(op == 1), gray.mean((1, 2, 3), keepdim=True), gray)
         ref = torch.where(per_image(op == 0), torch.zeros_like(ref), ref)
@@ -428,15 +386,8 @@ def apply_augment(x, p):
     return torch.where(p["gray"][:, None, None, None], grayscale(x).expand_as(x), x)
 
 
-def augment_batch(images, generator=None):
-    """The full augmentation of float images (B, 3, H, W) in [0, 1], a draw per image."""
-    u = torch.rand(images.shape[0], NUM_UNIFORMS, generator=generator, device=images.device)
-    return apply_augment(images, augment_params(u, images.shape[-2], images.shape[-1]))
-
-
-def mix32(x):
+def mix32(x, m=0xFFFFFFFF):
     """An integer hash of 32-bit values held in int64 (products stay below 2^63)."""
-    m = 0xFFFFFFFF
     x = ((x >> 16) ^ x) * 0x45D9F3B & m
     x = ((x >> 16) ^ x) * 0x45D9F3B & m
     return (x >> 16) ^ x
@@ -454,20 +405,18 @@ def hash_uniforms(stream, image, aug, count):
 
 
 def rand_augment(images, strength, group=8):
-    """RandAugment at strength s (as the authors: num_ops = int(10s // 3 + 1), magnitude
-    min(int(100s), 99) of 100 bins) on uint8 images; every group of 8 consecutive images in the
-    shuffled batch gets its own draw of operations and magnitudes, since torchvision draws once per
-    call."""
+    """RandAugment at strength s on uint8 images, as the authors: num_ops = int(10s // 3 + 1),
+    magnitude min(int(100s), 99) of 100 bins. torchvision draws once per call: each group of 8
+    consecutive images of the shuffled batch gets its own draw."""
     t = v2.RandAugment(num_ops=int(10 * strength // 3 + 1), magnitude=min(int(100 * strength), 99),
                        num_magnitude_bins=100)
     return torch.cat([t(chunk) for chunk in images.split(group)])
 
 
 def mixup(x, y, prob, u):
-    """With probability prob mix the batch with a permutation of itself, x and y with the same
-    lambda. u holds the step's uniforms: the coin, lambda (Beta(1, 1) is uniform) and one sort key
-    per image, whose argsort is the partner permutation. Drawing lambda = 1 for an unmixed batch
-    keeps the step free of host syncs and of data-dependent branches."""
+    """With probability prob, mix x and y with a permutation of themselves by one lambda. u: the
+    coin, lambda (Beta(1, 1) is uniform), a sort key per image (argsort: the partners). An unmixed
+    batch takes lambda = 1: no host sync, no data-dependent branch."""
     lam = torch.where(u[0] < prob, u[1], torch.ones_like(u[1]))
     perm = u[2:].argsort()
     return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
@@ -480,10 +429,9 @@ class TrainingSet:
     seen through fixed augmentation aug_id[m] (finite augmentations), a fresh augmentation at every
     access (online), RandAugment, or unaugmented."""
 
-    def __init__(self, images, source, labels, num_classes, augment, aug_id=None, stream=0,
+    def __init__(self, images, source, labels, classes, augment, aug_id=None, stream=0,
                  strength=None):
-        self.images, self.source, self.labels = images, source, labels
-        self.num_classes = num_classes
+        self.images, self.source, self.labels, self.num_classes = images, source, labels, classes
         self.augment, self.aug_id, self.stream, self.strength = augment, aug_id, stream, strength
         # an epoch never outgrows the dataset: n*B fixed points cost the steps of n images
         self.epoch_size = min(len(source), len(images))
@@ -499,8 +447,7 @@ class TrainingSet:
         """Points idx as the network must fit them: fixed augmentation if any, else unaugmented."""
         x = self.images[self.source[idx]].float().div_(255)
         if self.aug_id is not None:
-            u = self.fixed_uniforms(idx)
-            x = apply_augment(x, augment_params(u, x.shape[-2], x.shape[-1]))
+            x = apply_augment(x, augment_params(self.fixed_uniforms(idx), *x.shape[-2:]))
         return x
 
     def batch(self, idx, online_uniforms=None):
@@ -533,13 +480,11 @@ def balanced_anchors(clean, subset, seed):
 
 
 def iid_partners(clean, anchors, per_anchor, seed):
-    """Table 4: for each anchor, `per_anchor` other training images of its true class that are not
-    anchors. Partners are dealt so that an image serves one anchor wherever the class's pool
-    allows: a shuffled pool is dealt out cyclically, so each image serves floor or ceil(m B / pool)
-    anchors and an anchor's B partners are distinct. Returns partners (S, B)."""
+    """Table 4: per anchor, `per_anchor` non-anchor training images of its true class, (S, B).
+    Each class's shuffled pool is dealt out cyclically: an image serves floor or ceil(m B / pool)
+    anchors (one where the pool allows), and an anchor's B partners are distinct."""
     g = named_generator("cpu", "iid", seed)
-    is_anchor = torch.zeros(len(clean), dtype=torch.bool)
-    is_anchor[anchors] = True
+    is_anchor = torch.isin(torch.arange(len(clean)), anchors)
     partners = torch.empty(len(anchors), per_anchor, dtype=torch.long)
     for c in clean[anchors].unique().tolist():
         pool = ((clean == c) & ~is_anchor).nonzero().squeeze(1)
@@ -556,9 +501,7 @@ def iid_partners(clean, anchors, per_anchor, seed):
 def make_training_set(args, train, num_classes, device):
     """The training points of the chosen experiment, on the device."""
     images, clean = train
-    noise = 0.0 if args.labels == "clean" else \
-        1.0 if args.label_noise is None else args.label_noise
-    labels = draw_labels(clean, num_classes, noise, args.seed)
+    labels = draw_labels(clean, num_classes, args.label_noise, args.seed)
     n = len(clean)
     kind, value = augment_kind(args.augment)
     aug_id = None
@@ -592,8 +535,7 @@ class Network(nn.Module):
     def __init__(self, stages, embed_dim, width, num_classes):
         super().__init__()
         self.stages = nn.ModuleDict(stages)
-        self.projector = nn.Sequential(nn.Linear(embed_dim, width, bias=False),
-                                       nn.ReLU(inplace=True),
+        self.projector = nn.Sequential(nn.Linear(embed_dim, width, bias=False), nn.ReLU(True),
                                        nn.Linear(width, num_classes, bias=False))
 
     def layer_names(self):
@@ -610,8 +552,7 @@ class Network(nn.Module):
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         if taps is None:
             return self.projector(x)
-        taps["embedding"] = x
-        taps["projector"] = self.projector[1](self.projector[0](x))
+        taps["embedding"], taps["projector"] = x, self.projector[1](self.projector[0](x))
         taps["output"] = self.projector[2](taps["projector"])
         return taps["output"]
 
@@ -665,10 +606,9 @@ def compute_loss(out, target, kind):
 
 
 def step_loss(model, images, targets, aug_u, mix_u, mixup_prob, loss_kind, bf16, channels_last):
-    """Augmentation, mixup, forward and loss of one step, from uint8 images and the step's
-    uniforms. A pure function of its tensors, so that torch.compile(fullgraph=True) makes it one
-    graph: an eager step issues about a thousand small operators (about 490 for the augmentation
-    alone)."""
+    """Augmentation, mixup, forward and loss of one step, from uint8 images and its uniforms: a
+    pure function of tensors, so torch.compile(fullgraph=True) makes one graph of an eager step's
+    thousand small operators (about 490 in the augmentation)."""
     x = images.float() / 255
     if aug_u is not None:
         x = apply_augment(x, augment_params(aug_u, x.shape[-2], x.shape[-1]))
@@ -682,8 +622,7 @@ def step_loss(model, images, targets, aug_u, mix_u, mixup_prob, loss_kind, bf16,
 
 
 def train_epoch(model, opt, data, gen, args, rt):
-    """One epoch of data.epoch_size // batch_size steps over a fresh permutation of the training
-    points; returns the mean loss (a device tensor, so no host sync per step)."""
+    """One epoch over a fresh permutation of the points; the mean loss stays on the device."""
     dev = data.labels.device
     perm = torch.randperm(len(data), generator=gen, device=dev)
     steps, size = data.epoch_size // args.batch_size, args.batch_size
@@ -712,8 +651,7 @@ def tf32_matmul(enabled):
     matmul = torch.backends.cuda.matmul
     key = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
     before = getattr(matmul, key)
-    if enabled:
-        setattr(matmul, key, "tf32" if key == "fp32_precision" else True)
+    setattr(matmul, key, ("tf32" if key == "fp32_precision" else True) if enabled else before)
     try:
         yield
     finally:
@@ -744,27 +682,12 @@ def similarity_blocks(ref, queries, chunk=None, ref_chunk=None):
         yield start, block.mul_(inv_norm)
 
 
-def leave_out(sim, start, groups=None):
-    """Mask a block of self-similarities so that query start + i ignores itself and, given groups
-    (one id per point, e.g. its source image), every point of its own group."""
-    if groups is None:
-        rows = torch.arange(sim.shape[0], device=sim.device)
-        return sim.index_put_((rows, rows + start), torch.tensor(-float("inf"), device=sim.device))
-    same_group = groups[start:start + sim.shape[0], None] == groups[None, :]
-    return sim.masked_fill_(same_group, -float("inf"))
-
-
 def vote(sim, labels, k, num_classes):
-    """Uniform majority vote of the k most similar references; ties go to the smallest class index
-    (as scikit-learn), since argmax returns the first maximum."""
+    """Majority vote of the k most similar references; ties go to the smallest class (sklearn)."""
     idx = sim.topk(k, dim=1).indices
     votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
     votes.scatter_add_(1, labels[idx], torch.ones_like(idx, dtype=votes.dtype))
     return votes.argmax(1)
-
-
-def largest_group(groups):
-    return 1 if groups is None else int(torch.unique(groups, return_counts=True)[1].max())
 
 
 def knn_predict(train_feats, train_labels, query_feats, k=20, chunk=None, ref_chunk=None):
@@ -776,15 +699,16 @@ def knn_predict(train_feats, train_labels, query_feats, k=20, chunk=None, ref_ch
 
 def knn_noisy(feats, labels, k=20, groups=None, chunk=None, ref_chunk=None):
     """The noisy probe of training points against each other, from one pass over the similarities:
-    (leave-one-out predictions, where no point votes for itself nor, given groups, for a point of
-    its group (other views of its image would vote its label); self-inclusive predictions, as
-    scikit-learn's predict on its own training set)."""
+    leave-one-out predictions (no point votes for itself nor, given groups, for its group: other
+    views of its image would vote its label) and self-inclusive ones (as scikit-learn)."""
     n, num_classes = feats.shape[0], int(labels.max()) + 1
+    groups = torch.arange(n, device=feats.device) if groups is None else groups  # one per point
+    loo_k = min(k, n - int(groups.unique(return_counts=True)[1].max()))  # the points left to vote
     loo, own = [], []
     for start, sim in similarity_blocks(feats, feats, chunk, ref_chunk):
         own.append(vote(sim, labels, min(k, n), num_classes))
-        loo.append(vote(leave_out(sim, start, groups), labels, min(k, n - largest_group(groups)),
-                        num_classes))
+        same_group = groups[start:start + sim.shape[0], None] == groups[None, :]
+        loo.append(vote(sim.masked_fill_(same_group, -float("inf")), labels, loo_k, num_classes))
     return torch.cat(loo), torch.cat(own)
 
 
@@ -794,11 +718,8 @@ def accuracy(pred, labels):
 
 def normalized_invariance(h_aug1, h_aug2, h_clean):
     """Eq. 2 averaged over points: ||q(T1 x) - q(T2 x)||^2 / mean_{x' != x} ||q(x) - q(x')||^2.
-
     The denominator of point i uses sum_j ||q_i - q_j||^2 = m ||q_i||^2 - 2 q_i . sum_j q_j +
-    sum_j ||q_j||^2, exact and O(m D). A map that is constant on the points gives 0 (its numerator
-    is 0).
-    """
+    sum_j ||q_j||^2, exact and O(m D). A map constant on the points gives 0 (as its numerator)."""
     m = h_clean.shape[0]
     sq = h_clean.pow(2).sum(1)
     pair_sum = m * sq - 2 * h_clean @ h_clean.sum(0) + sq.sum()
@@ -807,8 +728,7 @@ def normalized_invariance(h_aug1, h_aug2, h_clean):
 
 
 def linear_probe(train_f, train_y, test_f, test_y, steps=100, weight_decay=1e-4):
-    """Test accuracy of a multinomial logistic regression on standardised features, fitted
-    full-batch with L-BFGS on the device (Appendix A)."""
+    """Test accuracy of an L-BFGS logistic regression on standardised features (Appendix A)."""
     train_f, test_f = train_f.float(), test_f.float()
     mean, std = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
     x, xt = (train_f - mean) / std, (test_f - mean) / std
@@ -837,25 +757,17 @@ def layer_outputs(model, x, bf16, channels_last):
     return taps
 
 
-@dataclass
 class Runtime:
-    """How every forward pass runs. One precision setting for the step, the probes and the K-NN:
-    bf16 autocast with probe features stored in fp16 (L2-normalised, so in [-1, 1], where fp16 has
-    three more mantissa bits than bf16), or float32 throughout. With compiled, torch.compile builds
-    the whole training step and the probes' forward."""
-    device: torch.device
-    bf16: bool
-    compiled: bool = False
-    channels_last: bool = field(init=False)  # NHWC convolutions are faster on CUDA only
-    feature_dtype: torch.dtype = field(init=False)
-    step: Callable = field(init=False)
-    forward: Callable = field(init=False)
+    """How every forward pass runs: the step, the probes and the K-NN in bf16 autocast with fp16
+    features (L2-normalised, so in [-1, 1], where fp16 has 3 more mantissa bits than bf16) or in
+    float32 throughout; compiled: torch.compile builds the step and the probes' forward."""
 
-    def __post_init__(self):
-        self.channels_last = self.device.type == "cuda"
-        self.feature_dtype = torch.float16 if self.bf16 else torch.float32
-        self.step = torch.compile(step_loss, fullgraph=True) if self.compiled else step_loss
-        self.forward = torch.compile(layer_outputs) if self.compiled else layer_outputs
+    def __init__(self, device, bf16, compiled=False):
+        self.device, self.bf16 = device, bf16
+        self.channels_last = device.type == "cuda"  # NHWC convolutions are faster on CUDA only
+        self.feature_dtype = torch.float16 if bf16 else torch.float32
+        self.step = torch.compile(step_loss, fullgraph=True) if compiled else step_loss
+        self.forward = torch.compile(layer_outputs) if compiled else layer_outputs
 
 
 @torch.no_grad()
@@ -869,8 +781,7 @@ def extract(model, count, load, layers, rt, normalize=True, batch=None):
     for start in range(0, count, batch):
         taps = rt.forward(model, load(start, min(start + batch, count)), rt.bf16, rt.channels_last)
         for name in layers:
-            f = taps[name].float()
-            f = (F.normalize(f, dim=1) if normalize else f).to(dtype)
+            f = (F.normalize(taps[name].float(), dim=1) if normalize else taps[name]).to(dtype)
             if name not in out:
                 out[name] = torch.empty(count, f.shape[1], dtype=dtype, device=dev)
             out[name][start:start + len(f)] = f
@@ -879,23 +790,20 @@ def extract(model, count, load, layers, rt, normalize=True, batch=None):
 
 def layer_groups(dims, count, budget_bytes, bytes_per_value):
     """Split layers into groups whose features for `count` images fit the memory budget."""
-    groups, current, used = [], [], 0
+    groups, used = [[]], 0
     for name, dim in dims.items():
         size = dim * count * bytes_per_value
-        if current and used + size > budget_bytes:
-            groups.append(current)
-            current, used = [], 0
-        current.append(name)
+        if groups[-1] and used + size > budget_bytes:
+            groups, used = groups + [[]], 0
+        groups[-1].append(name)
         used += size
-    return groups + [current]
+    return groups
 
 
 def probe_budget(device):
     """Bytes the stored features of one group of layers may take: half of the GPU's free memory
     (the other half is for the similarity blocks and the forward), or 4 GB on the CPU."""
-    if device.type == "cuda":
-        return int(0.5 * torch.cuda.mem_get_info(device)[0])
-    return 4 << 30
+    return int(0.5 * torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else 4 << 30
 
 
 @torch.no_grad()
@@ -928,12 +836,11 @@ class ProbeSet:
 
 @torch.no_grad()
 def probe(model, ps, args, rt, linear):
-    """Every layer: K-NN clean (clean training images -> test), K-NN noisy (training points with
-    their training labels, leave-one-out: no point votes for itself or another view of its image;
-    and self-inclusive, as scikit-learn's predict on its own training set), the network's
-    memorization and test accuracy, optionally the linear probe of the embedding and every layer's
-    invariance. With one class per image the noisy probes are null: a unique label never wins once
-    its point is left out, and wins by construction when it is not."""
+    """Every layer's K-NN clean (clean training images -> test) and K-NN noisy (training points
+    with their training labels, leave-one-out: no point votes for any view of its own image; and
+    self-inclusive, as scikit-learn), the network's train and test accuracy, the embedding's linear
+    probe if asked, and invariance. With one class per image the noisy probes are null: a unique
+    label never wins once its point is left out, and always wins when it is not."""
     model.eval()
     dims = layer_dims(model, ps.train_x.shape[-1])
     mem_is_train = ps.mem_idx is None  # reuse the reference features for the memorization probes
@@ -942,10 +849,9 @@ def probe(model, ps, args, rt, linear):
     if not mem_is_train:
         loads["mem"] = (len(ps.mem_idx), lambda a, b: ps.data.view(ps.mem_idx[a:b]))
     count = sum(c for c, _ in loads.values())
-    result = {"knn_clean": {}, "knn_noisy": {}, "knn_noisy_self": {}}
+    result = dict(train_acc=None, test_acc=None, knn_clean={}, knn_noisy={}, knn_noisy_self={})
     mem_groups = None if mem_is_train else ps.data.source[ps.mem_idx]  # the image each point shows
-    # the features of every layer may not fit at once: extract and probe a group of layers at a
-    # time (one forward pass per group)
+    # one forward pass per group of layers whose features fit in memory
     budget = probe_budget(ps.train_x.device)
     for group in layer_groups(dims, count, budget, rt.feature_dtype.itemsize):
         f = {key: extract(model, c, load, group, rt) for key, (c, load) in loads.items()}
@@ -968,8 +874,6 @@ def probe(model, ps, args, rt, linear):
         del f
     if not ps.noisy_probe:
         result["knn_noisy"] = result["knn_noisy_self"] = None
-    keys = ("train_acc", "test_acc", "knn_clean", "knn_noisy", "knn_noisy_self", "linear_probe")
-    result = {k: result[k] for k in keys if k in result}
     if ps.inv_x is not None:
         result["invariance"] = invariance(model, ps, dims, rt)
     model.train()
@@ -977,8 +881,7 @@ def probe(model, ps, args, rt, linear):
 
 
 def invariance(model, ps, dims, rt):
-    """Normalized invariance (eq. 2) of every layer on a fixed image subset, under two fixed draws
-    of the full augmentation per image (the same draws at every evaluation)."""
+    """Eq. 2 for every layer on a fixed image subset, under two fixed augmentations per image."""
     x = ps.inv_x
     view = lambda u: lambda a, b: apply_augment(x[a:b].float().div_(255),
                                                 augment_params(u[a:b], x.shape[-2], x.shape[-1]))
@@ -998,8 +901,8 @@ def transfer_probe(model, sets, args, rt):
     model.eval()
     out = {}
     for name, ((tx, ty), (qx, qy)) in sets.items():
-        ft = extract(model, len(tx), from_uint8(tx), ["embedding"], rt)["embedding"]
-        fq = extract(model, len(qx), from_uint8(qx), ["embedding"], rt)["embedding"]
+        ft, fq = (extract(model, len(x), from_uint8(x), ["embedding"], rt)["embedding"]
+                  for x in (tx, qx))
         out[name] = {"knn": accuracy(knn_predict(ft, ty, fq, args.knn_k), qy),
                      "linear": linear_probe(ft, ty, fq, qy)}
     model.train()
@@ -1052,18 +955,8 @@ def load_transfer(args, resolution, device):
 # ----------------------------------------------------------------------------- checkpoint, report
 
 
-def write_json(path, obj):
-    def dump(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-    write_atomically(path, dump)
-
-
-def write_jsonl(path, rows):
-    def dump(tmp):
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    write_atomically(path, dump)
+def write_text(path, text):
+    write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
 def load_checkpoint(path, config, overwrite):
@@ -1079,8 +972,7 @@ def load_checkpoint(path, config, overwrite):
     was, now = torch.device(saved["device"]).type, torch.device(config["device"]).type
     if was != now:  # a CPU generator's state cannot continue a CUDA one's sequence, nor back
         raise UserError(f"{path} was written on {was}: its random state cannot continue on {now}; "
-                        f"resume with --device {saved['device']}, or pass --overwrite to start "
-                        "over")
+                        f"resume with --device {saved['device']} or start over with --overwrite")
     diff = sorted(k for k in set(saved) | set(config)
                   if k not in RESUMABLE_KEYS and saved.get(k) != config.get(k))
     if diff:
@@ -1095,16 +987,14 @@ def save_checkpoint(path, state):
 
 
 def rng_state(gen, device):
-    state = {"torch": torch.get_rng_state(), "gen": gen.get_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"torch": torch.get_rng_state(), "gen": gen.get_state(), "cuda": cuda}
 
 
 def set_rng_state(state, gen, device):
     torch.set_rng_state(state["torch"])
     gen.set_state(state["gen"])
-    if device.type == "cuda" and "cuda" in state:
+    if state.get("cuda") is not None:  # load_checkpoint made sure the device type is the same
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
@@ -1134,8 +1024,9 @@ def format_eval(row):
 
 def run(args):
     check_args(args)
-    config = {k: v for k, v in vars(args).items()}
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    config = dict(vars(args))
+    out_path = lambda name: os.path.join(args.out_dir, name)
+    ckpt_path = out_path("ckpt.pt")
     ckpt = load_checkpoint(ckpt_path, config, args.overwrite)
     device = torch.device(args.device)
     clean_classes, resolution = DATASETS[args.dataset]
@@ -1145,17 +1036,15 @@ def run(args):
         args.num_classes or clean_classes
     data = make_training_set(args, train, num_classes, device)
     if args.batch_size > data.epoch_size:
-        raise UserError(f"--batch-size {args.batch_size} exceeds the {data.epoch_size} training "
-                        "points")
+        raise UserError(f"--batch-size {args.batch_size} exceeds the {data.epoch_size} points")
     if args.knn_k >= min(len(train[0]), args.probe_size or len(train[0])):
         raise UserError(f"--knn-k {args.knn_k} needs more probed training images")
 
     os.makedirs(args.out_dir, exist_ok=True)
-    if args.overwrite:
-        for name in ("ckpt.pt", "log.jsonl", "results.json"):
-            if os.path.exists(os.path.join(args.out_dir, name)):
-                os.remove(os.path.join(args.out_dir, name))
-    write_json(os.path.join(args.out_dir, "config.json"), config)
+    for name in ("ckpt.pt", "log.jsonl", "results.json") if args.overwrite else ():
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(out_path(name))
+    write_text(out_path("config.json"), json.dumps(config, indent=2))
 
     probe_set = make_probe_set(args, train, test, data, clean_classes, device)
     model = build_model(args, num_classes, resolution).to(device)
@@ -1182,11 +1071,11 @@ def run(args):
             row["transfer"] = transfer_probe(model, transfer_sets, args, rt)
         history.append(row)
         tqdm.write(format_eval(row))
-        write_jsonl(os.path.join(args.out_dir, "log.jsonl"), history)
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                 "labels": data.labels.cpu(), "epoch": epoch, "rng": rng_state(gen, device),
-                 "config": config, "history": history}
-        save_checkpoint(ckpt_path, state)
+        write_text(out_path("log.jsonl"), "".join(json.dumps(r) + "\n" for r in history))
+        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                    "labels": data.labels.cpu(), "epoch": epoch,
+                                    "rng": rng_state(gen, device), "config": config,
+                                    "history": history})
 
     if not history:
         evaluate(0, None, None)
@@ -1198,9 +1087,8 @@ def run(args):
         seconds += time.time() - t0
         images += (data.epoch_size // args.batch_size) * args.batch_size
         if not math.isfinite(loss):  # before any checkpoint of this epoch is written
-            last = history[-1]["epoch"]
             raise UserError(f"the training loss became {loss} at epoch {epoch}; stopped. The last "
-                            f"good checkpoint (epoch {last}) is kept in {ckpt_path}")
+                            f"good checkpoint, epoch {history[-1]['epoch']}, is in {ckpt_path}")
         losses.append(loss)
         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / seconds:.0f}")
         if epoch % args.eval_every == 0 or epoch == args.epochs:
@@ -1210,11 +1098,10 @@ def run(args):
 
     init, final = history[0], history[-1]
     results = {"config": config, "script_sha256": script_sha256(), "init": init, "final": final}
-    write_json(os.path.join(args.out_dir, "results.json"), results)
+    write_text(out_path("results.json"), json.dumps(results, indent=2))
     print(f"embedding K-NN (clean): init {init['knn_clean']['embedding']:.3f} -> final "
-          f"{final['knn_clean']['embedding']:.3f}; memorization (train_acc) "
-          f"{final['train_acc']:.3f}")
-    print(f"wrote {os.path.join(args.out_dir, 'results.json')}")
+          f"{final['knn_clean']['embedding']:.3f}; memorization {final['train_acc']:.3f}")
+    print(f"wrote {out_path('results.json')}")
     return results
 
 

@@ -99,16 +99,22 @@ def test_batched_augmentation_equals_torchvision_per_image(shape):
     torch.testing.assert_close(bm.apply_augment(x, p), reference_augment(x, p), atol=1e-5, rtol=0)
 
 
+def augment_batch(images, generator):
+    """The full augmentation of float images, one draw of uniforms per image."""
+    u = torch.rand(images.shape[0], bm.NUM_UNIFORMS, generator=generator)
+    return bm.apply_augment(images, bm.augment_params(u, *images.shape[-2:]))
+
+
 def test_augment_batch_shape_range_and_independence():
     x = torch.rand(1, 3, 32, 32).expand(64, -1, -1, -1).contiguous()
-    out = bm.augment_batch(x, torch.Generator().manual_seed(1))
+    out = augment_batch(x, torch.Generator().manual_seed(1))
     assert out.shape == x.shape and out.dtype == torch.float32
     assert out.min() >= 0 and out.max() <= 1
     flat = out.flatten(1)
     assert torch.cdist(flat, flat).add(torch.eye(64)).min() > 0  # same image, 64 different augmentations
     # an image's augmentation depends only on its own draw, not on the other images in the batch
-    a = bm.augment_batch(torch.stack([x[0], torch.zeros(3, 32, 32)]), torch.Generator().manual_seed(2))
-    b = bm.augment_batch(torch.stack([x[0], torch.ones(3, 32, 32)]), torch.Generator().manual_seed(2))
+    a = augment_batch(torch.stack([x[0], torch.zeros(3, 32, 32)]), torch.Generator().manual_seed(2))
+    b = augment_batch(torch.stack([x[0], torch.ones(3, 32, 32)]), torch.Generator().manual_seed(2))
     assert torch.equal(a[0], b[0])
 
 
@@ -322,7 +328,7 @@ def test_training_step_gets_augmented_images_and_targets_mixed_with_one_lambda(
     assert mixed >= 1
 
 
-@pytest.mark.parametrize("flags,noise", [(["--label-noise", "0.5"], 0.5), (["--labels", "clean"], 0.0)])
+@pytest.mark.parametrize("flags,noise", [(["--label-noise", "0.5"], 0.5), (["--label-noise", "0"], 0.0)])
 def test_label_noise_and_clean_labels_reach_the_run(flags, noise, cifar, tmp_path, patch_md5):
     bm.main(SMALL + flags + ["--linear-probe", "off", "--data-dir", str(cifar), "--out-dir", str(tmp_path)])
     labels = torch.load(tmp_path / "ckpt.pt", weights_only=True)["labels"]
@@ -334,7 +340,7 @@ def test_label_noise_and_clean_labels_reach_the_run(flags, noise, cifar, tmp_pat
 
 def test_cross_entropy_and_clean_labels_run(cifar, tmp_path, patch_md5):
     results = bm.main(["--epochs", "1", "--batch-size", "32", "--projector-width", "32", "--knn-k", "5", "--loss", "ce",
-                       "--labels", "clean", "--augment", "none", "--mixup", "0",
+                       "--label-noise", "0", "--augment", "none", "--mixup", "0",
                        "--data-dir", str(cifar), "--out-dir", str(tmp_path)])
     assert math.isfinite(results["final"]["loss"])
 
@@ -802,7 +808,7 @@ def test_resumed_run_equals_uninterrupted_in_every_augmentation_mode(mode, cifar
     (["--augment", "fixed"], "--augment"),
     (["--augment", "iid:0"], "--augment"),
     (["--augment", "crop"], "--augment"),
-    (["--labels", "clean", "--label-noise", "0.5"], "--labels clean"),
+    (["--labels", "clean"], "unrecognized"),  # clean labels are --label-noise 0
     (["--label-noise", "0.5", "--num-classes", "20"], "--label-noise"),
     (["--num-classes", "1"], "--num-classes"),
     (["--transfer", "imagenet"], "--transfer"),
