@@ -1,21 +1,16 @@
 """
-Decoding generalization from memorization: train a network on labels corrupted to a degree p,
-then decode every layer with the Minimum Angle Subspace Classifier (MASC), relabel the training
-set with the best layer's MASC and retrain.
+"Decoding Generalization from Memorization in Deep Neural Networks": train a network on labels
+corrupted to a degree p, decode every layer with the Minimum Angle Subspace Classifier (MASC),
+relabel the training set with the best layer's MASC and retrain. A network that memorized corrupted
+labels still holds class subspaces from which MASC decodes a much better test accuracy.
 
-Reproduces "Decoding Generalization from Memorization in Deep Neural Networks": a network that
-memorized corrupted labels (high train accuracy on them, poor test accuracy) still holds class
-subspaces in its layers from which MASC decodes a much better test accuracy.
-
-MASC (the paper's Algorithms 1-3): per class k, stack the layer outputs X_k with -X_k (so the mean
-is zero), keep the principal components that explain 99% of the variance (subspace S_k), and
-predict the class whose subspace makes the smallest angle with a point. The PCA of [X_k; -X_k] is
-the eigendecomposition of X_k^T X_k: float32 products on the device, a float64 eigensolver, and
-the n_k x n_k Gram matrix instead when a class has fewer samples than dimensions.
+MASC (Algorithms 1-3): per class k, stack the layer outputs X_k with -X_k (so the mean is zero),
+keep the principal components that explain 99% of the variance (subspace S_k), and predict the
+class whose subspace makes the smallest angle with a point.
 
 All models of a command (degrees x runs) train together as one stacked model (torch.func.vmap),
-each with its own labels, batch order, optimizer state and stop, so a Table 1 row of 18 models
-issues the operators of one; each model's numbers are those it gives trained alone.
+each with its own labels, batch order, optimizer state and stop: a Table 1 row of 18 models issues
+the operators of one, and each model's numbers are those it gives trained alone.
 
 Usage:
     python masc_decode.py --dataset mnist --model mlp --corruption 0.8
@@ -23,7 +18,6 @@ Usage:
         --runs 3
     python masc_decode.py --dataset cifar100 --model alexnet --corruption 0,0.4 \\
         --posthoc-corruption 0.2,0.4,0.6,0.8
-    python masc_decode.py --corruption 0,0.4,0.8 --train-size 5000 --decode-every 10
 """
 import argparse
 import contextlib
@@ -32,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import sys
 import time
 import warnings
@@ -47,23 +42,19 @@ from tqdm import tqdm
 # ----------------------------------------------------------------------------- config
 
 DATASETS = {  # classes, image shape, training accuracy at which the authors stop training
-    "mnist": (10, (1, 28, 28), 0.999),
-    "fashionmnist": (10, (1, 28, 28), 0.991),
-    "cifar10": (10, (3, 32, 32), 1.0),
-    "cifar100": (100, (3, 32, 32), 0.991),
-    "tinyimagenet": (200, (3, 64, 64), 0.999),
-}
+    "mnist": (10, (1, 28, 28), 0.999), "fashionmnist": (10, (1, 28, 28), 0.991),
+    "cifar10": (10, (3, 32, 32), 1.0), "cifar100": (100, (3, 32, 32), 0.991),
+    "tinyimagenet": (200, (3, 64, 64), 0.999)}
 MODELS = ["mlp", "cnn", "alexnet"]
 
 
 def model_defaults(model, dataset):
     """The authors' optimiser, learning rate and batch size per model (and dataset)."""
     if model == "mlp":
-        return dict(optimizer="sgd", lr=1e-3, batch_size=32)
+        return "sgd", 1e-3, 32
     if model == "cnn":
-        small = dataset in ("mnist", "fashionmnist")
-        return dict(optimizer="adam", lr=2e-4, batch_size=128 if small else 32)
-    return dict(optimizer="adam", lr=1e-4, batch_size=500 if dataset == "tinyimagenet" else 128)
+        return "adam", 2e-4, 128 if dataset in ("mnist", "fashionmnist") else 32
+    return "adam", 1e-4, 500 if dataset == "tinyimagenet" else 128
 
 
 class UserError(Exception):
@@ -104,16 +95,14 @@ fraction = bounded(float, 0, 1, open_low=True)  # of the variance, or a training
 
 
 def build_parser():
-    p = OneLineParser(description="Label corruption, layer-wise MASC decoding, relabel and "
-                                  "retrain.")
+    p = OneLineParser(description="Corrupted labels, MASC of every layer, relabel and retrain.")
     g = p.add_argument_group("experiment")
     g.add_argument("--dataset", choices=sorted(DATASETS), default="mnist", help="training dataset")
     g.add_argument("--model", choices=MODELS, default="mlp",
                    help="architecture (REFERENCE: MLP, CNN, AlexNet)")
     g.add_argument("--corruption", type=number_list, default=[0.8],
                    help="corruption degree p, or a comma list of them")
-    g.add_argument("--runs", type=positive_int, default=1,
-                   help="independent runs (seeds seed, seed+1, ...) per degree")
+    g.add_argument("--runs", type=positive_int, default=1, help="runs per degree (seed + run)")
     g.add_argument("--train-size", type=positive_int, default=None,
                    help="train on N class-balanced training images (drawn from --seed)")
     g.add_argument("--posthoc-corruption", type=number_list, default=[],
@@ -122,32 +111,25 @@ def build_parser():
     g.add_argument("--epochs", type=positive_int, default=500, help="maximum training epochs")
     g.add_argument("--stop-acc", type=fraction, default=None,
                    help="stop at this training accuracy (default: the authors', 1.0 for the MLP)")
-    g.add_argument("--lr", type=positive_float, default=None,
-                   help="learning rate (default: per model)")
-    g.add_argument("--batch-size", type=positive_int, default=None,
-                   help="batch size (default: per model and dataset)")
-    g.add_argument("--save-every", type=positive_int, default=10,
-                   help="epochs between checkpoints of a model in training")
+    g.add_argument("--lr", type=positive_float, default=None, help="default: per model")
+    g.add_argument("--batch-size", type=positive_int, default=None, help="default: per model")
+    g.add_argument("--save-every", type=positive_int, default=10, help="epochs per checkpoint")
     g.add_argument("--models-at-once", type=positive_int, default=None,
                    help="models trained together as one stacked model (default: all)")
     g.add_argument("--decode-every", type=positive_int, default=None,
                    help="every E epochs, record each model's best MASC test accuracy")
     g = p.add_argument_group("decoding")
-    g.add_argument("--variance", type=fraction, default=0.99,
-                   help="fraction of variance each class subspace explains")
+    g.add_argument("--variance", type=fraction, default=0.99, help="explained by each subspace")
     g.add_argument("--no-retrain", action="store_true", help="skip relabelling and retraining")
-    g.add_argument("--retrain-epochs", type=positive_int, default=30,
-                   help="maximum retraining epochs")
-    g.add_argument("--patience", type=positive_int, default=3,
-                   help="early-stopping patience of the retraining")
+    g.add_argument("--retrain-epochs", type=positive_int, default=30, help="at most")
+    g.add_argument("--patience", type=positive_int, default=3, help="of the retraining")
     g = p.add_argument_group("system")
     g.add_argument("--data-dir", default="data", help="where datasets are (or get downloaded)")
     g.add_argument("--out-dir", default="runs/masc", help="config.json, results.json, models/")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device")
     g.add_argument("--seed", type=int, default=0, help="base seed; run r uses seed + r")
-    g.add_argument("--overwrite", action="store_true",
-                   help="retrain models saved with other settings")
+    g.add_argument("--overwrite", action="store_true", help="retrain models of other settings")
     return p
 
 
@@ -156,8 +138,8 @@ def check_args(args):
     try:
         torch.empty(1, device=args.device)
     except Exception as e:  # unknown or unavailable device
-        raise UserError(f"--device {args.device} is not available "
-                        f"({str(e).strip().splitlines()[0]})")
+        reason = str(e).strip().splitlines()[0]
+        raise UserError(f"--device {args.device} is not available ({reason})")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UserError(f"--out-dir {args.out_dir} exists and is not a directory")
     classes, shape, stop = DATASETS[args.dataset]
@@ -166,10 +148,8 @@ def check_args(args):
                         f"tinyimagenet), not {args.dataset}")
     if args.posthoc_corruption and 0.0 not in args.corruption:
         raise UserError("--posthoc-corruption decodes the p=0 model: add 0 to --corruption")
-    defaults = model_defaults(args.model, args.dataset)
-    args.optimizer = defaults["optimizer"]
-    args.lr = args.lr or defaults["lr"]
-    args.batch_size = args.batch_size or defaults["batch_size"]
+    args.optimizer, lr, batch_size = model_defaults(args.model, args.dataset)
+    args.lr, args.batch_size = args.lr or lr, args.batch_size or batch_size
     args.stop_acc = args.stop_acc or (1.0 if args.model == "mlp" else stop)
     args.num_classes = classes
     args.models_at_once = args.models_at_once or len(args.corruption) * args.runs
@@ -192,10 +172,7 @@ def write_atomically(path, write):
 
 
 def write_json(path, obj):
-    def dump(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-    write_atomically(path, dump)
+    write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=2)))
 
 
 def load_torchvision(name, root):
@@ -291,9 +268,8 @@ def preprocess(images):
 
 
 def balanced_subset(labels, size, seed):
-    """Indices of `size` training images, size // K per class and one more for size mod K classes
-    (chosen at random), each class's images drawn at random; sorted, so the order stays the
-    dataset's. The same subset for every degree and run of a command."""
+    """Sorted indices of `size` random training images, size // K per class and one more for size
+    mod K random classes: the same subset for every degree and run of a command."""
     g = named_generator("cpu", "train-size", seed)
     counts = torch.bincount(labels)
     if size > len(counts) * counts.min().item():
@@ -309,8 +285,7 @@ def balanced_subset(labels, size, seed):
 
 def corrupt_labels(targets, p, num_classes, seed):
     """With probability p, replace a label by a uniform draw over all classes (it may stay the
-    same), so the expected fraction of changed labels is p - p/K. Deterministic for a seed (an
-    int, or any tuple of keys)."""
+    same), so the expected fraction of changed labels is p - p/K. seed: an int or a tuple."""
     g = named_generator("cpu", "corrupt", seed)
     targets = torch.as_tensor(targets).cpu()
     replace = torch.rand(targets.shape, generator=g) < p
@@ -321,10 +296,9 @@ def corrupt_labels(targets, p, num_classes, seed):
 
 
 def subspace_rank(eigenvalues, variance, inner=1):
-    """Smallest r whose leading eigenvalues (sorted descending) explain at least `variance` of
-    their sum. Capped at the eigenvalues above the rounding floor of a float32 product summed over
-    `inner` terms (about trace * sqrt(inner) * eps): below it an eigenvalue is rounding, not a
-    direction."""
+    """Smallest r whose leading eigenvalues (sorted descending) explain `variance` of their sum,
+    capped at those above the rounding floor of a float32 product summed over `inner` terms
+    (about trace * sqrt(inner) * eps): below it an eigenvalue is rounding, not a direction."""
     ev = eigenvalues.double().clamp_min(0)
     cum = ev.cumsum(0)
     if len(ev) == 0 or cum[-1] == 0:
@@ -335,14 +309,11 @@ def subspace_rank(eigenvalues, variance, inner=1):
 
 
 def class_basis(X, variance):
-    """Orthonormal basis (D, r) of the principal subspace of [X; -X]: the top eigenvectors of
-    X^T X.
-
-    The matrix products run in float32 on the device; the small symmetric eigenproblem is solved in
-    float64, because float32 eigenvectors mix near-equal eigenvalues at the variance cut and change
-    predictions. With fewer samples than dimensions the n x n Gram matrix X X^T is decomposed
-    instead (its eigenvectors u map to principal directions X^T u / s): no D x D matrix is formed.
-    """
+    """Orthonormal basis (D, r) of the principal subspace of [X; -X]: top eigenvectors of X^T X.
+    Products run in float32 on the device; the small symmetric eigenproblem in float64, because
+    float32 eigenvectors mix near-equal eigenvalues at the variance cut and change predictions.
+    With fewer samples than dimensions the n x n Gram matrix X X^T is decomposed instead (its
+    eigenvectors u map to principal directions X^T u / s): no D x D matrix is formed."""
     n, D = X.shape
     if n == 0:
         return X.new_zeros(D, 0)
@@ -356,21 +327,17 @@ def class_basis(X, variance):
 
 
 def fit_subspaces(feats, labels, num_classes, variance=0.99):
-    """One orthonormal basis (D, r_k) per class of the +-symmetrised layer outputs (Algorithms
-    2-3). A class with no samples, or only all-zero ones, gets an empty basis (D, 0): it is never
-    predicted."""
+    """An orthonormal basis (D, r_k) per class of the +-symmetrised layer outputs (Algorithms 2-3);
+    a class with no samples, or only all-zero ones, gets an empty one (D, 0), never predicted."""
     feats = feats.float()
     return [class_basis(feats[labels == k], variance) for k in range(num_classes)]
 
 
 def masc_predict(bases, feats, chunk=8192):
-    """Per row, the class whose subspace makes the smallest angle with it (Algorithm 1).
-
-    cos^2(angle) = ||V_k^T x||^2 / ||x||^2 for an orthonormal basis V_k, so all classes are scored
-    by one matmul against the concatenated bases, `chunk` rows at a time (8192 rows of a 4096-wide
-    layer against 4096 basis columns: 128 MB per product). An all-zero row makes no angle with any
-    subspace: it gets -1.
-    """
+    """Per row, the class whose subspace makes the smallest angle with it (Algorithm 1), or -1 for
+    an all-zero row. cos^2(angle) = ||V_k^T x||^2 / ||x||^2 for an orthonormal basis V_k: one
+    matmul against the concatenated bases scores every class, `chunk` rows at a time (8192 rows of
+    a 4096-wide layer against 4096 basis columns: 128 MB per product)."""
     feats = feats.float()
     dims = torch.tensor([b.shape[1] for b in bases], device=feats.device)
     owner = torch.repeat_interleave(torch.arange(len(bases), device=feats.device), dims)
@@ -511,9 +478,8 @@ class Predictions(NamedTuple):
 
 
 def decode_layers(model, data, y_corrupt, args, desc):
-    """MASC of every layer with corrupted- and with true-label subspaces. Returns the report rows,
-    the predictions (layer -> {"corrupt", "true"} -> Predictions) for relabelling, and the
-    features."""
+    """MASC of every layer with corrupted- and with true-label subspaces: the report rows, the
+    predictions (layer -> {"corrupt", "true"} -> Predictions) and the features."""
     train_f, test_f = layer_features(model, data.train_x), layer_features(model, data.test_x)
     y_true, y_test, K = data.train_y, data.test_y, args.num_classes
     rows, preds = [], {}
@@ -647,9 +613,9 @@ class Stack:
 
 
 def train_epoch(stack, images, labels, batch_size, gens):
-    """One shuffled pass of every model over the images (the last partial batch included), each in
-    its own order on its own labels (M, N). Returns the running training accuracy per model.
-    A NaN or infinite loss stops the run with an error, before any checkpoint is written."""
+    """One pass of every model over the images (last partial batch included), each in its own order
+    on its own labels (M, N): the running training accuracy per model. A NaN or infinite loss
+    stops the run before any checkpoint is written."""
     M, N = labels.shape
     order = torch.stack([torch.randperm(N, generator=g, device=images.device) for g in gens])
     correct = torch.zeros(M, device=images.device)
@@ -726,16 +692,14 @@ def in_progress_path(path):
 
 
 def load_model_checkpoint(path, key, overwrite):
-    """The checkpoint at path if it was made with the same key; None if absent (or made with
-    another key, and overwrite)."""
+    """The checkpoint at path if made with the same key; None if absent, or other and overwrite."""
     if not os.path.exists(path):
         return None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         saved_key = ckpt["key"]
     except Exception as e:
-        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); move it away or "
-                        "pass --overwrite")
+        raise UserError(f"{path} is unreadable ({type(e).__name__}); move it away or --overwrite")
     if saved_key == key:
         return ckpt
     if overwrite:
@@ -789,11 +753,9 @@ def memorization_job(p, run, template, data, args):
 
 
 def memorize(specs, data, args):
-    """Train the model of every (p, run) in specs to the --stop-acc threshold or --epochs, all
-    together; reuse finished checkpoints, resume in-progress ones. Every --save-every epochs each
-    model's state (weights, optimizer, batch-order generator, history) is saved atomically; with
-    --decode-every E the best layer's MASC test accuracy is recorded every E epochs.
-    Returns {(p, run): (model, corrupted labels, history)}."""
+    """Train the model of every (p, run) in specs, all together, to --stop-acc or --epochs; reuse
+    finished checkpoints, resume in-progress ones (saved every --save-every epochs), record the
+    best MASC every --decode-every epochs. Returns {(p, run): (model, labels, history)}."""
     shape = DATASETS[args.dataset][1]
     template = build_model(args.model, shape, args.num_classes, args.seed).to(data.train_x.device)
     out, jobs = {}, {}
@@ -815,10 +777,9 @@ def memorize(specs, data, args):
                 dict(epoch=epoch, model_test=history["test_acc"][-1], **peak))
         finished = acc >= args.stop_acc or epoch >= args.epochs
         if finished:
-            tqdm.write(f"{job.name}: training accuracy {acc:.4f} " + (
-                f"reached --stop-acc {args.stop_acc:g} at epoch {epoch}; stopped"
-                if acc >= args.stop_acc else f"after {epoch} epochs, below --stop-acc "
-                                             f"{args.stop_acc:g}"))
+            how = "reached" if acc >= args.stop_acc else "still below"
+            tqdm.write(f"{job.name}: training accuracy {acc:.4f} {how} --stop-acc "
+                       f"{args.stop_acc:g} at epoch {epoch}; stopped")
             # the finished model replaces its in-progress checkpoint; a later command reuses it
             save_checkpoint(job.path, {"key": job.key, "model": job.state,
                                        "labels": job.labels.cpu(), "history": history})
@@ -837,10 +798,9 @@ def memorize(specs, data, args):
 
 
 def retrain_all(plans, data, args):
-    """Paper section 3.3's retraining of every relabelled model together: each continues from its
-    memorized weights with a fresh optimizer on its new labels, early-stops on its own 20% of the
-    test set (--patience), and ends with the weights of its best validation epoch.
-    plans: list of (model, new labels, validation indices, seed key). Returns (model, epochs)."""
+    """Section 3.3's retraining of every plan (model, new labels, validation indices, seed key),
+    together: from the memorized weights with a fresh optimizer, early-stopped on the plan's 20%
+    of the test set (--patience). Returns (the best validation epoch's model, epochs) per plan."""
     if not plans:
         return []
     template, dev = plans[0][0], data.train_x.device
@@ -883,15 +843,13 @@ def latent_memorization(train_f, test_f, data, args, seed):
 
 
 def relabel(test_pred, data, y_corrupt, preds, seed):
-    """Paper section 3.3 up to retraining: split the test set 80/20 (seeded); per subspace kind,
-    the layer whose MASC is best on the 20% part relabels every training image (rows MASC cannot
-    place keep their label). test_pred: the memorized model's own test predictions. Returns the
-    report, the new labels per kind, and the split."""
-    n_test = len(data.test_y)
+    """Section 3.3 up to retraining: split the test set 80/20; per subspace kind, the layer whose
+    MASC is best on the 20% relabels every training image (rows MASC cannot place keep theirs).
+    test_pred: the model's test predictions. Returns the report, new labels per kind, the split."""
+    y_true, y_test, n_test = data.train_y, data.test_y, len(data.test_y)
     perm = torch.randperm(n_test, generator=named_generator("cpu", "split", seed))
-    perm = perm.to(data.test_y.device)
+    perm = perm.to(y_test.device)
     val_idx, eval_idx = perm[:n_test // 5], perm[n_test // 5:]  # the paper's 20% / 80%
-    y_true, y_test = data.train_y, data.test_y
     wrong = y_corrupt != y_true
     out = dict(val_size=len(val_idx), test_size=len(eval_idx),
                before_test=accuracy(test_pred[eval_idx], y_test[eval_idx]))
@@ -933,6 +891,7 @@ def decode_run(args, data, p, run, model, y_corrupt, history):
     layers, preds, train_f, test_f = decode_layers(model, data, y_corrupt, args,
                                                    f"MASC p={p:g} run {run}")
     best, best_true = best_layers(layers)
+    masc, masc_true = best["corrupt_subspaces"]["test"], best_true["true_subspaces"]["test"]
     gain = lambda acc: (100 * (acc - model_acc["test"]) / model_acc["test"]
                         if model_acc["test"] > 0 else None)
     test_acc = history["test_acc"]
@@ -940,12 +899,9 @@ def decode_run(args, data, p, run, model, y_corrupt, history):
                  fraction_changed=1 - accuracy(y_corrupt, data.train_y),
                  epochs_trained=len(history["train_acc"]),
                  reached_stop_acc=history["train_acc"][-1] >= args.stop_acc,
-                 model_acc=model_acc, layers=layers,
-                 best_layer=best["name"], best_masc_test=best["corrupt_subspaces"]["test"],
-                 improvement_pct=gain(best["corrupt_subspaces"]["test"]),
-                 best_layer_true=best_true["name"],
-                 best_masc_test_true=best_true["true_subspaces"]["test"],
-                 improvement_pct_true=gain(best_true["true_subspaces"]["test"]),
+                 model_acc=model_acc, layers=layers, best_layer=best["name"], best_masc_test=masc,
+                 improvement_pct=gain(masc), best_layer_true=best_true["name"],
+                 best_masc_test_true=masc_true, improvement_pct_true=gain(masc_true),
                  early_stop_test_acc=max(test_acc),
                  early_stop_epoch=1 + max(range(len(test_acc)), key=test_acc.__getitem__),
                  history=history)
@@ -967,10 +923,8 @@ def dynamics_table(runs):
     """With --decode-every: per model, the epoch and value of the MASC peak (corrupted and true
     subspaces) and of the model's own test accuracy (what early stopping would keep)."""
     lines = [["p", "run", "MASC peak (corrupt subsp.)", "MASC peak (true subsp.)", "model peak"]]
-    for r in runs:
-        decoded = r["history"].get("decode") or []
-        if not decoded:
-            continue
+    for r in (r for r in runs if r["history"].get("decode")):
+        decoded = r["history"]["decode"]
         peak = lambda key: max(decoded, key=lambda d: d[key])
         c, t = peak("masc_test"), peak("masc_test_true")
         lines.append([f"{r['corruption']:g}", str(r["run"]),

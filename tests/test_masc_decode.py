@@ -330,7 +330,7 @@ def test_training_stops_at_the_threshold_and_says_so(mnist, tmp_path, capsys):
                    "--data-dir", str(mnist), "--out-dir", str(tmp_path / "both")])["runs"]
     assert_same_numbers(both[0], r)
     assert both[1]["epochs_trained"] == first + 1 and both[1]["reached_stop_acc"] is False
-    assert f"after {first + 1} epochs, below --stop-acc 0.2" in capsys.readouterr().out
+    assert f"still below --stop-acc 0.2 at epoch {first + 1}; stopped" in capsys.readouterr().out
 
 
 def relabel_case(preds):
