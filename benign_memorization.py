@@ -300,6 +300,7 @@ def draw_labels(clean, num_classes, noise, seed):
 CROP_TRIES = 10  # torchvision's RandomResizedCrop tries 10 boxes before its central fallback
 # per image: 10 crop areas and 10 ratios, 2 positions, flip, jitter on, 4 factors, 4 keys, gray
 NUM_UNIFORMS = 2 * CROP_TRIES + 13
+MASK32 = 0xFFFFFFFF  # the fixed augmentations' hash works on 32-bit values held in int64
 
 
 def augment_params(u, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -386,7 +387,7 @@ def apply_augment(x, p):
     return torch.where(p["gray"][:, None, None, None], grayscale(x).expand_as(x), x)
 
 
-def mix32(x, m=0xFFFFFFFF):
+def mix32(x, m=MASK32):
     """An integer hash of 32-bit values held in int64 (products stay below 2^63)."""
     x = ((x >> 16) ^ x) * 0x45D9F3B & m
     x = ((x >> 16) ^ x) * 0x45D9F3B & m
@@ -396,7 +397,7 @@ def mix32(x, m=0xFFFFFFFF):
 def hash_uniforms(stream, image, aug, count):
     """Uniforms in [0, 1) that are a pure function of (stream, image index, augmentation index):
     the parameters of fixed augmentation `aug` of image `image`, whatever B or the batch is."""
-    m = 0xFFFFFFFF
+    m = MASK32
     h = mix32((image.long() & m) ^ (stream & m))
     h = mix32((h * 0x27D4EB2D + (aug.long() & m)) & m)
     j = torch.arange(1, count + 1, device=image.device)
