@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torchvision.transforms import v2
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------- config
@@ -45,7 +46,6 @@ DATASETS = {  # classes, image shape, training accuracy at which the authors sto
     "mnist": (10, (1, 28, 28), 0.999), "fashionmnist": (10, (1, 28, 28), 0.991),
     "cifar10": (10, (3, 32, 32), 1.0), "cifar100": (100, (3, 32, 32), 0.991),
     "tinyimagenet": (200, (3, 64, 64), 0.999)}
-MODELS = ["mlp", "cnn", "alexnet"]
 
 
 def model_defaults(model, dataset):
@@ -98,7 +98,7 @@ def build_parser():
     p = OneLineParser(description="Corrupted labels, MASC of every layer, relabel and retrain.")
     g = p.add_argument_group("experiment")
     g.add_argument("--dataset", choices=sorted(DATASETS), default="mnist", help="training dataset")
-    g.add_argument("--model", choices=MODELS, default="mlp",
+    g.add_argument("--model", choices=["mlp", "cnn", "alexnet"], default="mlp",
                    help="architecture (REFERENCE: MLP, CNN, AlexNet)")
     g.add_argument("--corruption", type=number_list, default=[0.8],
                    help="corruption degree p, or a comma list of them")
@@ -142,7 +142,7 @@ def check_args(args):
         raise UserError(f"--device {args.device} is not available ({reason})")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UserError(f"--out-dir {args.out_dir} exists and is not a directory")
-    classes, shape, stop = DATASETS[args.dataset]
+    args.num_classes, shape, stop = DATASETS[args.dataset]
     if args.model == "alexnet" and shape[1:] not in ((32, 32), (64, 64)):
         raise UserError("--model alexnet needs 32x32 or 64x64 images (cifar10, cifar100, "
                         f"tinyimagenet), not {args.dataset}")
@@ -151,7 +151,6 @@ def check_args(args):
     args.optimizer, lr, batch_size = model_defaults(args.model, args.dataset)
     args.lr, args.batch_size = args.lr or lr, args.batch_size or batch_size
     args.stop_acc = args.stop_acc or (1.0 if args.model == "mlp" else stop)
-    args.num_classes = classes
     args.models_at_once = args.models_at_once or len(args.corruption) * args.runs
 
 
@@ -164,8 +163,7 @@ def named_generator(device, *keys):
 
 
 def write_atomically(path, write):
-    """write(temporary path), then rename it to path: an interrupted run never leaves half a file
-    (checkpoints, results, the dataset cache)."""
+    """write(path + ".tmp"), then rename it: an interrupted run never leaves half a file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     write(path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -202,11 +200,9 @@ def load_torchvision(name, root):
     return out
 
 
-TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
-
-
 def load_tinyimagenet(root):
     """tiny-imagenet-200 (train/<wnid>/images, val/val_annotations.txt), cached as uint8."""
+    url = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
     base = os.path.join(root, "tiny-imagenet-200")
     cache = os.path.join(base, "uint8_cache.pt")
     if os.path.exists(cache):
@@ -214,15 +210,14 @@ def load_tinyimagenet(root):
         return (c["train_x"], c["train_y"]), (c["val_x"], c["val_y"])
     if not os.path.isdir(base):
         try:
-            torchvision.datasets.utils.download_and_extract_archive(TINY_URL, root)
+            torchvision.datasets.utils.download_and_extract_archive(url, root)
         except Exception as e:
             raise UserError(f"tinyimagenet not found in {base} and could not be downloaded "
-                            f"({type(e).__name__}); download {TINY_URL} and unzip it into {root}/")
+                            f"({type(e).__name__}); download {url} and unzip it into {root}/")
     try:
         with open(os.path.join(base, "wnids.txt")) as f:
-            wnids = sorted(line.strip() for line in f if line.strip())
-        index = {w: i for i, w in enumerate(wnids)}
-        train = [(os.path.join(base, "train", w, "images", name), index[w]) for w in wnids
+            index = {w: i for i, w in enumerate(sorted(ln.strip() for ln in f if ln.strip()))}
+        train = [(os.path.join(base, "train", w, "images", name), i) for w, i in index.items()
                  for name in sorted(os.listdir(os.path.join(base, "train", w, "images")))]
         with open(os.path.join(base, "val", "val_annotations.txt")) as f:
             val = [(os.path.join(base, "val", "images", parts[0]), index[parts[1]])
@@ -231,26 +226,19 @@ def load_tinyimagenet(root):
         raise UserError(f"Tiny ImageNet in {base} is incomplete ({e}); expected the "
                         "tiny-imagenet-200 archive layout")
 
-    def decode(items):
+    def decode(items):  # once: later runs read the cache
         images = torch.empty(len(items), 3, 64, 64, dtype=torch.uint8)
-        for n, (path, _) in enumerate(tqdm(items, desc="decoding Tiny ImageNet", leave=False)):
-            with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders
-                warnings.simplefilter("ignore", DeprecationWarning)
-                img = torchvision.io.decode_image(torchvision.io.read_file(path),
-                                                  mode=torchvision.io.ImageReadMode.RGB)
-            if img.shape[-2:] != (64, 64):
-                img = torchvision.transforms.v2.functional.resize(img, [64, 64], antialias=True)
-            images[n] = img
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders
+            warnings.simplefilter("ignore", DeprecationWarning)
+            for n, (path, _) in enumerate(tqdm(items, desc="decoding Tiny ImageNet", leave=False)):
+                img = torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
+                images[n] = v2.functional.resize(img, [64, 64])
         return images, torch.tensor([y for _, y in items], dtype=torch.long)
 
     (tx, ty), (vx, vy) = decode(train), decode(val)
     saved = {"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy}
     write_atomically(cache, lambda tmp: torch.save(saved, tmp))
     return (tx, ty), (vx, vy)
-
-
-def load_dataset(name, root):
-    return load_tinyimagenet(root) if name == "tinyimagenet" else load_torchvision(name, root)
 
 
 @dataclass
@@ -286,11 +274,11 @@ def balanced_subset(labels, size, seed):
 def corrupt_labels(targets, p, num_classes, seed):
     """With probability p, replace a label by a uniform draw over all classes (it may stay the
     same), so the expected fraction of changed labels is p - p/K. seed: an int or a tuple."""
-    g = named_generator("cpu", "corrupt", seed)
-    targets = torch.as_tensor(targets).cpu()
+    g = named_generator("cpu", "corrupt", seed)  # drawn on the CPU: the same on every device
+    targets = torch.as_tensor(targets)
     replace = torch.rand(targets.shape, generator=g) < p
     draw = torch.randint(num_classes, targets.shape, generator=g)
-    return torch.where(replace, draw, targets)
+    return torch.where(replace, draw, targets.cpu()).to(targets.device)
 
 # ----------------------------------------------------------------------------- MASC
 
@@ -390,8 +378,7 @@ def conv_relu(c_in, c_out, kernel, **kwargs):
 
 
 class CNN(nn.Module):
-    """conv16, conv16, pool, conv32, conv32, pool, conv64, conv64, pool, flatten, FC250 x3,
-    Linear(250, K) without bias."""
+    """conv16 x2, pool, conv32 x2, pool, conv64 x2, pool, FC250 x3, Linear(250, K) without bias."""
 
     def __init__(self, shape, num_classes):
         super().__init__()
@@ -443,28 +430,19 @@ def build_model(name, shape, num_classes, seed):
 
 
 @torch.no_grad()
-def layer_features(model, images, batch=1024):
-    """Every probed layer's outputs for all images: dict name -> (N, D) float32 on the device.
-    1024 images at a time bound the activations (AlexNet: 1024 x 4096 floats per layer)."""
+def predict_and_probe(model, images, probe=True, batch=1024):
+    """One pass over the images: the model's predicted class per image and, with probe, every
+    probed layer's outputs (dict name -> (N, D) float32 on the device). 1024 images at a time
+    bound the activations (AlexNet: 1024 x 4096 floats per layer)."""
     model.eval()
-    parts = {}
+    preds, parts = [], {}
     for start in range(0, len(images), batch):
-        taps = {}
-        model(preprocess(images[start:start + batch]), taps)
-        for name, f in taps.items():
+        taps = {} if probe else None
+        preds.append(model(preprocess(images[start:start + batch]), taps).argmax(1))
+        for name, f in (taps or {}).items():
             parts.setdefault(name, []).append(f.float())
     model.train()
-    return {name: torch.cat(chunks) for name, chunks in parts.items()}
-
-
-@torch.no_grad()
-def predict(model, images, batch=2048):
-    """The model's predicted class per image (inference only, so larger batches than training)."""
-    model.eval()
-    out = torch.cat([model(preprocess(images[i:i + batch])).argmax(1)
-                     for i in range(0, len(images), batch)])
-    model.train()
-    return out
+    return torch.cat(preds), {name: torch.cat(chunks) for name, chunks in parts.items()}
 
 
 def accuracy(pred, labels):
@@ -478,15 +456,15 @@ class Predictions(NamedTuple):
 
 
 def decode_layers(model, data, y_corrupt, args, desc):
-    """MASC of every layer with corrupted- and with true-label subspaces: the report rows, the
-    predictions (layer -> {"corrupt", "true"} -> Predictions) and the features."""
-    train_f, test_f = layer_features(model, data.train_x), layer_features(model, data.test_x)
+    """MASC of every layer with corrupted- and true-label subspaces: report rows, predictions
+    (layer -> kind -> Predictions), and the model's (predictions, features) on train and test."""
+    (train_pred, train_f), (test_pred, test_f) = (predict_and_probe(model, images)
+                                                  for images in (data.train_x, data.test_x))
     y_true, y_test, K = data.train_y, data.test_y, args.num_classes
     rows, preds = [], {}
     for name in tqdm(train_f, desc=desc, leave=False):
-        bases = {}
-        for kind, labels in (("corrupt", y_corrupt), ("true", y_true)):
-            bases[kind] = fit_subspaces(train_f[name], labels, K, args.variance)
+        bases = {kind: fit_subspaces(train_f[name], labels, K, args.variance)
+                 for kind, labels in (("corrupt", y_corrupt), ("true", y_true))}
         preds[name] = {kind: Predictions(*(masc_predict(b, f[name]) for f in (train_f, test_f)))
                        for kind, b in bases.items()}
         corrupt, true = preds[name]["corrupt"], preds[name]["true"]
@@ -499,27 +477,19 @@ def decode_layers(model, data, y_corrupt, args, desc):
             true_subspaces=dict(train_true=accuracy(true.train, y_true),
                                 test=accuracy(true.test, y_test),
                                 dims=[b.shape[1] for b in bases["true"]])))
-    return rows, preds, train_f, test_f
+    return rows, preds, (train_pred, train_f), (test_pred, test_f)
 
 
 def best_layers(rows):
-    """The rows of the layers with the best MASC test accuracy: corrupted, true subspaces."""
-    return (max(rows, key=lambda r: r["corrupt_subspaces"]["test"]),
-            max(rows, key=lambda r: r["true_subspaces"]["test"]))
-
-
-def best_decoded(model, data, y_corrupt, args):
-    """The best layer's MASC test accuracy, with corrupted and with true subspaces."""
-    rows, _, _, _ = decode_layers(model, data, y_corrupt, args, "MASC during training")
-    best, best_true = best_layers(rows)
+    """The layer with the best MASC test accuracy and that accuracy, per kind of subspaces."""
+    best = max(rows, key=lambda r: r["corrupt_subspaces"]["test"])
+    best_true = max(rows, key=lambda r: r["true_subspaces"]["test"])
     return dict(layer=best["name"], masc_test=best["corrupt_subspaces"]["test"],
                 layer_true=best_true["name"], masc_test_true=best_true["true_subspaces"]["test"])
 
 # ----------------------------------------------------------------------------- batched training
-# Every model of a command trains in one stacked model: each parameter gets a leading model
-# dimension and the architecture runs under torch.func.vmap, so a step of 18 models costs the
-# operator launches of one. Each model keeps its own labels, batch order, optimizer state and
-# stop; a model trained alone is the same code with one model in the stack.
+# Each parameter gets a leading model dimension and the architecture runs under torch.func.vmap:
+# a model trained alone is the same code with one model in the stack.
 
 
 @dataclass(eq=False)
@@ -543,9 +513,8 @@ OPTIMIZER_SLOTS = {"sgd": ("momentum",), "adam": ("exp_avg", "exp_avg_sq")}  # p
 
 
 class Stack:
-    """Jobs of one architecture as one model: parameters and optimizer buffers stacked along a
-    leading model dimension. SGD (momentum 0.9) and Adam (0.9, 0.999, eps 1e-8) follow
-    torch.optim's single-tensor formulas, with a step count per model."""
+    """Jobs at one optimizer step as one model, parameters and buffers stacked on a leading model
+    dimension; SGD (momentum 0.9) and Adam (0.9, 0.999, eps 1e-8) as torch.optim computes them."""
 
     def __init__(self, template, jobs, optimizer, lr):
         self.template, self.kind, self.lr = template, optimizer, lr
@@ -554,17 +523,23 @@ class Stack:
         buffer = lambda j, n, s: j.opt["buffers"][n][s] if j.opt else torch.zeros_like(j.state[n])
         self.buffers = {n: {s: torch.stack([buffer(j, n, s) for j in jobs])
                             for s in OPTIMIZER_SLOTS[optimizer]} for n in names}
-        self.steps = [j.opt.get("step", 0) for j in jobs]
+        self.step_count = jobs[0].opt.get("step", 0)  # the same for all (see train_together)
 
     def logits(self, x, same_batch=False):
         """Every model's logits: x is (M, b, ...), or with same_batch one (b, ...) for all."""
         run = lambda params, xi: torch.func.functional_call(self.template, params, (xi,))
         return torch.vmap(run, in_dims=(0, None if same_batch else 0))(self.params, x)
 
+    @torch.no_grad()
+    def predictions(self, images, batch=2048):
+        """Every model's predicted class for every image: (M, N)."""
+        return torch.cat([self.logits(preprocess(images[i:i + batch]), same_batch=True).argmax(-1)
+                          for i in range(0, len(images), batch)], 1)
+
     def adopt_layout(self, grads):
         """Store each parameter and its buffers in its gradient's memory layout (vmap's weight
-        gradients come transposed), so that the in-place updates stream through memory: on the
-        CPU this halved the time of a stacked step. Values are copied exactly."""
+        gradients come transposed), so that in-place updates stream through memory (measured: half
+        the time of a stacked step on the CPU)."""
         for name, g in grads.items():
             if self.params[name].stride() != g.stride():
                 like = lambda t: torch.empty_strided(g.shape, g.stride(), dtype=t.dtype,
@@ -574,42 +549,26 @@ class Stack:
 
     @torch.no_grad()
     def step(self, grads):
-        """One update of every model from grads (name -> stacked gradient), in place. Models that
-        share a step count (the usual case) take torch.optim's own scalar formulas; a stack mixing
-        step counts (models resumed at different epochs) takes them per model."""
+        """One update of every model from grads (name -> stacked gradient), in place."""
         self.adopt_layout(grads)
-        same_step = len(set(self.steps)) == 1
+        self.step_count += 1
+        t = self.step_count
         for name, p in self.params.items():
             g, buf = grads[name], self.buffers[name]
-            if self.kind == "sgd":  # the first step's momentum buffer is the gradient itself
-                momentum = buf["momentum"]
-                if same_step:
-                    momentum.mul_(0.9).add_(g) if self.steps[0] else momentum.copy_(g)
-                else:
-                    for i, s in enumerate(self.steps):
-                        momentum[i].mul_(0.9).add_(g[i]) if s else momentum[i].copy_(g[i])
-                p.add_(momentum, alpha=-self.lr)
+            if self.kind == "sgd":  # a fresh buffer is zero, so the first step's momentum is g
+                p.add_(buf["momentum"].mul_(0.9).add_(g), alpha=-self.lr)
                 continue
             buf["exp_avg"].lerp_(g, 0.1)
             buf["exp_avg_sq"].mul_(0.999).addcmul_(g, g, value=0.001)
-            t = [s + 1 for s in self.steps]
-            if same_step:
-                denom = (buf["exp_avg_sq"].sqrt() / (1 - 0.999 ** t[0]) ** 0.5).add_(1e-8)
-                p.addcdiv_(buf["exp_avg"], denom, value=-self.lr / (1 - 0.9 ** t[0]))
-            else:  # per-model bias corrections, broadcast over each model's slice
-                per_model = lambda v: torch.tensor(v, dtype=p.dtype, device=p.device).view(
-                    -1, *[1] * (p.dim() - 1))
-                step_size = per_model([self.lr / (1 - 0.9 ** k) for k in t])
-                root = per_model([(1 - 0.999 ** k) ** 0.5 for k in t])
-                p.sub_(step_size * (buf["exp_avg"] / (buf["exp_avg_sq"].sqrt() / root).add_(1e-8)))
-        self.steps = [s + 1 for s in self.steps]
+            denom = (buf["exp_avg_sq"].sqrt() / (1 - 0.999 ** t) ** 0.5).add_(1e-8)
+            p.addcdiv_(buf["exp_avg"], denom, value=-self.lr / (1 - 0.9 ** t))
 
     def write_back(self, jobs):
         for i, job in enumerate(jobs):
             job.state = {n: p[i].detach().clone() for n, p in self.params.items()}
             buffers = {n: {s: b[i].clone() for s, b in slots.items()}
                        for n, slots in self.buffers.items()}
-            job.opt = {"step": self.steps[i], "buffers": buffers}
+            job.opt = {"step": self.step_count, "buffers": buffers}
 
 
 def train_epoch(stack, images, labels, batch_size, gens):
@@ -618,8 +577,7 @@ def train_epoch(stack, images, labels, batch_size, gens):
     stops the run before any checkpoint is written."""
     M, N = labels.shape
     order = torch.stack([torch.randperm(N, generator=g, device=images.device) for g in gens])
-    correct = torch.zeros(M, device=images.device)
-    loss_sum = torch.zeros(M, device=images.device)
+    correct, loss_sum = torch.zeros(2, M, device=images.device)
     for start in range(0, N, batch_size):
         idx = order[:, start:start + batch_size]  # each model's own batch
         y = labels.gather(1, idx)
@@ -636,13 +594,6 @@ def train_epoch(stack, images, labels, batch_size, gens):
         raise UserError(f"the training loss became {loss_sum.tolist()}; stopped, keeping the last "
                         "checkpoint in its models/ folder")
     return (correct / N).tolist()
-
-
-@torch.no_grad()
-def stacked_predictions(stack, images, batch=2048):
-    """Every model's predicted class for every image: (M, N)."""
-    return torch.cat([stack.logits(preprocess(images[i:i + batch]), same_batch=True).argmax(-1)
-                      for i in range(0, len(images), batch)], 1)
 
 
 @contextlib.contextmanager
@@ -662,16 +613,20 @@ def train_together(jobs, template, data, args, after_epoch, desc):
     active = list(jobs)
     bar = tqdm(desc=desc, unit="epoch", leave=False)
     while active:  # one epoch of every unfinished job per pass
+        # one stack per optimizer step count: models resumed at different epochs train apart
+        by_step = {}
+        for job in active:
+            by_step.setdefault(job.opt.get("step", 0), []).append(job)
         finished = []
-        for start in range(0, len(active), args.models_at_once):
-            group = active[start:start + args.models_at_once]
+        for group in (jobs_at[i:i + args.models_at_once] for jobs_at in by_step.values()
+                      for i in range(0, len(jobs_at), args.models_at_once)):
             # restacked every epoch: the jobs hold the state, so finished ones simply drop out
             stack = Stack(template, group, args.optimizer, args.lr)
             labels = torch.stack([j.labels for j in group])
             with same_numbers_in_any_stack(data.train_x.device):
                 accs = train_epoch(stack, data.train_x, labels, args.batch_size,
                                    [j.gen for j in group])
-            preds = stacked_predictions(stack, data.test_x)
+            preds = stack.predictions(data.test_x)
             stack.write_back(group)
             finished += [job for job, acc, pred in zip(group, accs, preds)
                          if after_epoch(job, acc, pred)]
@@ -691,12 +646,12 @@ def in_progress_path(path):
     return path[:-len(".pt")] + ".partial.pt"
 
 
-def load_model_checkpoint(path, key, overwrite):
-    """The checkpoint at path if made with the same key; None if absent, or other and overwrite."""
+def load_model_checkpoint(path, key, overwrite, device):
+    """The checkpoint (on device) if made with key; None if absent, or other and overwrite."""
     if not os.path.exists(path):
         return None
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location=device, weights_only=True)
         saved_key = ckpt["key"]
     except Exception as e:
         raise UserError(f"{path} is unreadable ({type(e).__name__}); move it away or --overwrite")
@@ -723,31 +678,26 @@ def model_from(template, state):
 
 
 def memorization_job(p, run, template, data, args):
-    """The (p, run) model: (model, labels, history) if it finished before, else a Job, fresh or
-    resumed from its in-progress checkpoint."""
+    """(model, labels, history) of a finished (p, run) model, else its Job, fresh or resumed."""
     dev, shape, K = data.train_x.device, DATASETS[args.dataset][1], args.num_classes
     seed = args.seed + run
     path = os.path.join(args.out_dir, "models", f"p{p:g}_run{run}.pt")
     key = {k: getattr(args, k) for k in CHECKPOINT_KEYS} | {"corruption": p, "run": run}
-    done = load_model_checkpoint(path, key, args.overwrite)
+    done = load_model_checkpoint(path, key, args.overwrite, dev)
     if done:
         tqdm.write(f"p={p:g} run {run}: reusing {path}")
-        return model_from(template, done["model"]), done["labels"].to(dev), done["history"]
-    labels = corrupt_labels(data.train_y.cpu(), p, K, seed).to(dev)
+        return model_from(template, done["model"]), done["labels"], done["history"]
     job = Job(f"p={p:g} run {run}", build_model(args.model, shape, K, seed).to(dev).state_dict(),
-              labels, named_generator(dev, "order", seed), path=path, key=key)
-    resumed = load_model_checkpoint(in_progress_path(path), key, args.overwrite)
+              corrupt_labels(data.train_y, p, K, seed), named_generator(dev, "order", seed),
+              path=path, key=key)
+    resumed = load_model_checkpoint(in_progress_path(path), key, args.overwrite, dev)
     if resumed:
-        try:  # an in-progress checkpoint of the unbatched version holds a torch.optim state_dict
-            opt = resumed["optimizer"]
-            buffers = {n: {s: t.to(dev) for s, t in b.items()} for n, b in opt["buffers"].items()}
-            job.opt = {"step": opt["step"], "buffers": buffers}
-        except (KeyError, TypeError, AttributeError):
+        if "buffers" not in resumed["optimizer"]:  # the unbatched version saved torch.optim's
             raise UserError(f"{in_progress_path(path)} is from an older version of this script; "
                             "move it away or pass --overwrite to train that model again")
-        job.state = {n: t.to(dev) for n, t in resumed["model"].items()}
+        job.state, job.opt = resumed["model"], resumed["optimizer"]
         job.history = resumed["history"]
-        job.gen.set_state(resumed["gen"])
+        job.gen.set_state(resumed["gen"].cpu())  # a generator's state is a CPU byte tensor
         tqdm.write(f"{job.name}: resuming from epoch {len(job.history['train_acc'])}")
     return job
 
@@ -758,13 +708,8 @@ def memorize(specs, data, args):
     best MASC every --decode-every epochs. Returns {(p, run): (model, labels, history)}."""
     shape = DATASETS[args.dataset][1]
     template = build_model(args.model, shape, args.num_classes, args.seed).to(data.train_x.device)
-    out, jobs = {}, {}
-    for p, run in specs:
-        found = memorization_job(p, run, template, data, args)
-        if isinstance(found, Job):
-            jobs[p, run] = found
-        else:  # trained by an earlier command with the same settings
-            out[p, run] = found
+    out = {spec: memorization_job(*spec, template, data, args) for spec in specs}
+    jobs = {spec: job for spec, job in out.items() if isinstance(job, Job)}  # the rest: reused
 
     def after_epoch(job, acc, pred):
         history = job.history
@@ -772,9 +717,10 @@ def memorize(specs, data, args):
         history["test_acc"].append(accuracy(pred, data.test_y))
         epoch = len(history["train_acc"])
         if args.decode_every and epoch % args.decode_every == 0:  # decoding during training
-            peak = best_decoded(model_from(template, job.state), data, job.labels, args)
+            rows = decode_layers(model_from(template, job.state), data, job.labels, args,
+                                 "MASC during training")[0]
             history.setdefault("decode", []).append(
-                dict(epoch=epoch, model_test=history["test_acc"][-1], **peak))
+                dict(epoch=epoch, model_test=history["test_acc"][-1], **best_layers(rows)))
         finished = acc >= args.stop_acc or epoch >= args.epochs
         if finished:
             how = "reached" if acc >= args.stop_acc else "still below"
@@ -783,8 +729,7 @@ def memorize(specs, data, args):
             # the finished model replaces its in-progress checkpoint; a later command reuses it
             save_checkpoint(job.path, {"key": job.key, "model": job.state,
                                        "labels": job.labels.cpu(), "history": history})
-            if os.path.exists(in_progress_path(job.path)):
-                os.remove(in_progress_path(job.path))
+            pathlib.Path(in_progress_path(job.path)).unlink(missing_ok=True)
         elif epoch % args.save_every == 0:  # all a resumed model needs to continue exactly
             save_checkpoint(in_progress_path(job.path),
                             {"key": job.key, "model": job.state, "optimizer": job.opt,
@@ -801,9 +746,7 @@ def retrain_all(plans, data, args):
     """Section 3.3's retraining of every plan (model, new labels, validation indices, seed key),
     together: from the memorized weights with a fresh optimizer, early-stopped on the plan's 20%
     of the test set (--patience). Returns (the best validation epoch's model, epochs) per plan."""
-    if not plans:
-        return []
-    template, dev = plans[0][0], data.train_x.device
+    template, dev = plans[0][0] if plans else None, data.train_x.device  # None: nothing to train
     jobs = [Job(f"retrain {key}", {n: t.detach().clone() for n, t in model.state_dict().items()},
                 labels, named_generator(dev, "retrain", key), val_idx=val_idx)
             for model, labels, val_idx, key in plans]
@@ -815,8 +758,7 @@ def retrain_all(plans, data, args):
         job.history["test_acc"].append(val)
         if val > job.best_val:
             job.best_val, job.best_state, job.best_epoch = val, job.state, epochs
-        waited = epochs - job.best_epoch
-        return waited >= args.patience or epochs >= args.retrain_epochs
+        return epochs - job.best_epoch >= args.patience or epochs >= args.retrain_epochs
 
     train_together(jobs, template, data, args, after_epoch, "retrain")
     return [(model_from(template, job.best_state), len(job.history["train_acc"])) for job in jobs]
@@ -828,8 +770,7 @@ def latent_memorization(train_f, test_f, data, args, seed):
     """MASC of the p=0 model from labels corrupted after training (paper, supplement 6)."""
     out = []
     for q in args.posthoc_corruption:
-        y_q = corrupt_labels(data.train_y.cpu(), q, args.num_classes, ("posthoc", seed, q))
-        y_q = y_q.to(data.train_y.device)
+        y_q = corrupt_labels(data.train_y, q, args.num_classes, ("posthoc", seed, q))
         layers = []
         for name in train_f:
             bases = fit_subspaces(train_f[name], y_q, args.num_classes, args.variance)
@@ -872,8 +813,7 @@ def relabel(test_pred, data, y_corrupt, preds, seed):
 def init_control(data, y_corrupt, args, seed):
     """MASC on the same architecture at its random initialisation (the paper's control)."""
     model = build_model(args.model, DATASETS[args.dataset][1], args.num_classes, seed)
-    rows, _, _, _ = decode_layers(model.to(data.train_x.device), data, y_corrupt, args,
-                                  "MASC at init")
+    rows = decode_layers(model.to(data.train_x.device), data, y_corrupt, args, "MASC at init")[0]
     return [dict(name=r["name"], corrupt_subspaces=dict(test=r["corrupt_subspaces"]["test"]),
                  true_subspaces=dict(test=r["true_subspaces"]["test"])) for r in rows]
 
@@ -884,14 +824,13 @@ def decode_run(args, data, p, run, model, y_corrupt, history):
     """Decode every layer of a memorized model, the controls, and the relabelling (retraining comes
     later, batched): one entry of results.json, and what its retraining needs."""
     seed = args.seed + run
-    train_pred, test_pred = predict(model, data.train_x), predict(model, data.test_x)
+    layers, preds, (train_pred, train_f), (test_pred, test_f) = decode_layers(
+        model, data, y_corrupt, args, f"MASC p={p:g} run {run}")
     model_acc = dict(train_corrupt=accuracy(train_pred, y_corrupt),
                      train_true=accuracy(train_pred, data.train_y),
                      test=accuracy(test_pred, data.test_y))
-    layers, preds, train_f, test_f = decode_layers(model, data, y_corrupt, args,
-                                                   f"MASC p={p:g} run {run}")
-    best, best_true = best_layers(layers)
-    masc, masc_true = best["corrupt_subspaces"]["test"], best_true["true_subspaces"]["test"]
+    best = best_layers(layers)
+    masc, masc_true = best["masc_test"], best["masc_test_true"]
     gain = lambda acc: (100 * (acc - model_acc["test"]) / model_acc["test"]
                         if model_acc["test"] > 0 else None)
     test_acc = history["test_acc"]
@@ -899,8 +838,8 @@ def decode_run(args, data, p, run, model, y_corrupt, history):
                  fraction_changed=1 - accuracy(y_corrupt, data.train_y),
                  epochs_trained=len(history["train_acc"]),
                  reached_stop_acc=history["train_acc"][-1] >= args.stop_acc,
-                 model_acc=model_acc, layers=layers, best_layer=best["name"], best_masc_test=masc,
-                 improvement_pct=gain(masc), best_layer_true=best_true["name"],
+                 model_acc=model_acc, layers=layers, best_layer=best["layer"], best_masc_test=masc,
+                 improvement_pct=gain(masc), best_layer_true=best["layer_true"],
                  best_masc_test_true=masc_true, improvement_pct_true=gain(masc_true),
                  early_stop_test_acc=max(test_acc),
                  early_stop_epoch=1 + max(range(len(test_acc)), key=test_acc.__getitem__),
@@ -936,13 +875,10 @@ def dynamics_table(runs):
 
 def summary_table(runs, corruptions):
     """Per corruption degree, mean [min, max] over runs, shaped like the paper's Table 1."""
-    def stat(values):
+    def stat(values):  # of the values that exist
         values = [v for v in values if v is not None]
-        if not values:
-            return "-"
-        mean = sum(values) / len(values)
-        return f"{mean:.3f}" if len(values) == 1 else \
-            f"{mean:.3f} [{min(values):.3f},{max(values):.3f}]"
+        mean = f"{sum(values) / len(values):.3f}" if values else "-"
+        return mean if len(values) < 2 else f"{mean} [{min(values):.3f},{max(values):.3f}]"
     retrained = lambda kind: lambda r: r["retrain"] and r["retrain"][kind]["after_test"]
     cols = [("model test", lambda r: r["model_acc"]["test"]),
             ("MASC test (corrupt subsp.)", lambda r: r["best_masc_test"]),
@@ -968,7 +904,8 @@ def script_sha256():
 
 def load_data(args):
     """The dataset on the device, the training set cut to --train-size if asked."""
-    (tx, ty), (qx, qy) = load_dataset(args.dataset, args.data_dir)
+    (tx, ty), (qx, qy) = (load_tinyimagenet(args.data_dir) if args.dataset == "tinyimagenet"
+                          else load_torchvision(args.dataset, args.data_dir))
     if args.train_size:
         keep = balanced_subset(ty, args.train_size, args.seed)
         tx, ty = tx[keep], ty[keep]
@@ -978,9 +915,8 @@ def load_data(args):
 def run(args):
     check_args(args)
     data = load_data(args)
-    config = dict(vars(args))
-    write_json(os.path.join(args.out_dir, "config.json"), config)
-    results = {"config": config, "script_sha256": script_sha256(), "runs": []}
+    write_json(os.path.join(args.out_dir, "config.json"), vars(args))
+    results = {"config": vars(args), "script_sha256": script_sha256(), "runs": []}
     t0 = time.time()
     specs = [(p, r) for p in args.corruption for r in range(args.runs)]
     memorized = memorize(specs, data, args)
@@ -992,11 +928,12 @@ def run(args):
         if relabelled:
             _, new_labels, val_idx, eval_idx = relabelled
             for kind in ("corrupt", "true"):  # two retrainings per model: one per subspace kind
-                model = memorized[p, r][0]
-                plans.append((model, new_labels[kind], val_idx, (entry["seed"], kind)))
+                plans.append((memorized[p, r][0], new_labels[kind], val_idx,
+                              (entry["seed"], kind)))
                 splits.append((entry, kind, eval_idx))
     for (tuned, epochs), (entry, kind, eval_idx) in zip(retrain_all(plans, data, args), splits):
-        after = accuracy(predict(tuned, data.test_x[eval_idx]), data.test_y[eval_idx])
+        predicted = predict_and_probe(tuned, data.test_x[eval_idx], probe=False)[0]
+        after = accuracy(predicted, data.test_y[eval_idx])
         entry["retrain"][f"{kind}_subspaces"].update(after_test=after, epochs=epochs)
     results["seconds"] = round(time.time() - t0, 1)
     write_json(os.path.join(args.out_dir, "results.json"), results)

@@ -225,11 +225,11 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path):
     assert p0["posthoc"][0]["corruption"] == 0.5 and p5["posthoc"] is None
     assert p0["fraction_changed"] == 0 and p0["retrain"]["corrupt_subspaces"]["fixed"] is None
     # independent recomputation: the saved model's test accuracy and the input layer's MASC (float64 reference)
-    (tx, ty), (qx, qy) = m.load_dataset("mnist", str(mnist))
+    (tx, ty), (qx, qy) = m.load_torchvision("mnist", str(mnist))
     ckpt = torch.load(out / "models" / "p0.5_run0.pt", weights_only=True)
     net = m.build_model("mlp", (1, 28, 28), 10, 0)
     net.load_state_dict(ckpt["model"])
-    assert p5["model_acc"]["test"] == pytest.approx((m.predict(net, qx) == qy).float().mean().item())
+    assert p5["model_acc"]["test"] == pytest.approx((m.predict_and_probe(net, qx, probe=False)[0] == qy).float().mean().item())
     X, Q = m.preprocess(tx).flatten(1).double().numpy(), m.preprocess(qx).flatten(1).double().numpy()
     ref = reference_predict(reference_fit(X, ckpt["labels"].numpy(), 10, 0.99), Q)
     assert p5["layers"][0]["corrupt_subspaces"]["test"] == pytest.approx((ref == qy.numpy()).mean())
@@ -259,7 +259,6 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(mnist, tmp_path, monkeypat
         x = real(images)
         return x * float("nan") if calls["n"] > 7 * 2 + 2 else x
     monkeypatch.setattr(m, "preprocess", poisoned)
-    monkeypatch.setattr(m, "predict", lambda model, images, batch=2048: torch.zeros(len(images), dtype=torch.long))
     with pytest.raises(SystemExit) as exit_info:
         m.main(["--corruption", "0.5", "--epochs", "5", "--save-every", "1", "--no-retrain",
                 "--data-dir", str(mnist), "--out-dir", str(tmp_path)])
@@ -280,6 +279,37 @@ def test_cnn_on_cifar_files(tmp_path, patch_md5):
     assert r["retrain"] is None and res["config"]["batch_size"] == 32 and res["config"]["stop_acc"] == 1.0
     with open(m.__file__, "rb") as f:  # a copied script's results say which version made them
         assert res["script_sha256"] == hashlib.sha256(f.read()).hexdigest()
+
+def test_tinyimagenet_folder_layout_is_decoded_cached_and_trains_alexnet(tmp_path):
+    from conftest import write_tinyimagenet
+    from torchvision.io import encode_jpeg
+    (x_tr, y_tr), (x_va, y_va) = write_tinyimagenet(str(tmp_path), classes=3, per_class=4, val_per_class=2)
+    base = tmp_path / "tiny-imagenet-200"
+    odd = sorted((base / "train" / "n00000001" / "images").iterdir())[0]  # a 56x56 image is resized
+    odd.write_bytes(encode_jpeg(torch.full((3, 56, 56), 200, dtype=torch.uint8)).numpy().tobytes())
+    (tx, ty), (vx, vy) = m.load_tinyimagenet(str(tmp_path))
+    assert tx.shape == (12, 3, 64, 64) and tx.dtype == torch.uint8 and vx.shape == (6, 3, 64, 64)
+    assert sorted(ty.tolist()) == sorted(y_tr.tolist()) and vy.tolist() == list(y_va)
+    assert (tx[ty == 1].float().mean((1, 2, 3)) - 200).abs().min() < 3  # the resized flat image
+    for img, label in zip(vx, vy):  # JPEG is lossy: the closest written image is of its own class
+        err = [(img.float() - torch.tensor(x).float()).abs().mean() for x in x_va]
+        assert y_va[int(np.argmin(err))] == label
+    assert (base / "uint8_cache.pt").exists()
+    (tx2, ty2), _ = m.load_tinyimagenet(str(tmp_path))
+    assert torch.equal(tx, tx2) and torch.equal(ty, ty2)
+    res = m.main(["--dataset", "tinyimagenet", "--model", "alexnet", "--corruption", "0.5", "--epochs", "1",
+                  "--no-retrain", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")])
+    assert [layer["dim"] for layer in res["runs"][0]["layers"]] == [256, 4096, 4096]
+    assert res["config"]["batch_size"] == 500 and len(res["runs"][0]["layers"][0]["corrupt_subspaces"]["dims"]) == 200
+
+
+def test_incomplete_tinyimagenet_gives_one_line_error(tmp_path, capsys):
+    from conftest import write_tinyimagenet
+    write_tinyimagenet(str(tmp_path), classes=2, per_class=2, val_per_class=1)
+    os.remove(tmp_path / "tiny-imagenet-200" / "val" / "val_annotations.txt")
+    err = main_error(m, ["--dataset", "tinyimagenet", "--model", "alexnet", "--data-dir", tmp_path,
+                         "--out-dir", tmp_path / "out"], capsys)
+    assert "incomplete" in err and "val_annotations.txt" in err and not (tmp_path / "out").exists()
 
 # ----------------------------------------------------------------------------- bad input
 
@@ -343,7 +373,7 @@ def relabel_case(preds):
                   test_y=torch.arange(10) % 5)
     model = m.build_model("mlp", (1, 28, 28), 5, 0)
     preds = {name: {kind: m.Predictions(*p) for kind, p in kinds.items()} for name, kinds in preds.items()}
-    return m.relabel(m.predict(model, data.test_x), data, y_corrupt, preds, seed=0), data
+    return m.relabel(m.predict_and_probe(model, data.test_x)[0], data, y_corrupt, preds, seed=0), data
 
 
 def test_relabel_counts_fixed_broken_and_keeps_unplaceable_rows():
@@ -393,7 +423,7 @@ def test_retraining_patience_and_best_epoch_restore(monkeypatch):
             rows.append(torch.tensor([0] * round(acc * 10) + [1] * (10 - round(acc * 10))))
         return torch.stack(rows)
     monkeypatch.setattr(m, "train_epoch", fake_epoch)
-    monkeypatch.setattr(m, "stacked_predictions", fake_predictions)
+    monkeypatch.setattr(m.Stack, "predictions", fake_predictions)
     data = m.Data(train_x=torch.zeros(4, 1, 28, 28, dtype=torch.uint8), train_y=torch.zeros(4, dtype=torch.long),
                   test_x=torch.zeros(10, 1, 28, 28, dtype=torch.uint8), test_y=torch.zeros(10, dtype=torch.long))
     config = argparse.Namespace(retrain_epochs=6, patience=3, batch_size=2, lr=1e-3, optimizer="sgd",
@@ -475,6 +505,29 @@ def test_interrupted_batch_resumes_every_model_exactly(mnist, tmp_path, monkeypa
     for a, b in zip(whole["runs"], resumed["runs"]):
         assert a["history"] == b["history"] and a["model_acc"] == b["model_acc"] and a["layers"] == b["layers"]
     assert not list((tmp_path / "cut" / "models").glob("*.partial.pt"))  # finished models replace them
+
+
+def test_models_resumed_at_another_epoch_train_as_if_alone(mnist, tmp_path, monkeypatch):
+    """Adam's bias correction depends on the step count: a CNN resumed at epoch 2 beside a fresh one
+    trains apart from it, and both end as in an uninterrupted command."""
+    args = ["--model", "cnn", "--epochs", "4", "--save-every", "2", "--no-retrain", "--data-dir", str(mnist)]
+    whole = m.main(args + ["--corruption", "0,0.5", "--out-dir", str(tmp_path / "whole")])
+    real, calls = m.train_epoch, {"n": 0}
+
+    def crash_in_epoch_three(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(m, "train_epoch", crash_in_epoch_three)
+    with pytest.raises(KeyboardInterrupt):
+        m.main(args + ["--corruption", "0.5", "--out-dir", str(tmp_path / "cut")])
+    monkeypatch.setattr(m, "train_epoch", real)
+    assert torch.load(tmp_path / "cut" / "models" / "p0.5_run0.partial.pt")["optimizer"]["step"] == 2 * 2  # 2 epochs of 2 steps (200 images, batch 128)
+    resumed = m.main(args + ["--corruption", "0,0.5", "--out-dir", str(tmp_path / "cut")])
+    for a, b in zip(whole["runs"], resumed["runs"]):
+        assert_same_numbers(a["history"], b["history"])
+        assert_same_numbers(a["layers"], b["layers"])
 
 
 def test_decode_every_records_masc_during_training(mnist, tmp_path, capsys):
