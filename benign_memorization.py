@@ -183,13 +183,13 @@ def check_args(args):
         args.mixup = 0.0 if kind in ("fixed", "iid") else 0.8
 
 
+def named_seed(*keys, bits=60):
+    return int(hashlib.sha256(repr(keys).encode()).hexdigest(), 16) % (1 << bits)
+
+
 def named_generator(device, *keys):
     """A torch.Generator seeded from named keys, so independent streams never share a sequence."""
     return torch.Generator(device=device).manual_seed(named_seed(*keys))
-
-
-def named_seed(*keys, bits=60):
-    return int(hashlib.sha256(repr(keys).encode()).hexdigest(), 16) % (1 << bits)
 
 # ----------------------------------------------------------------------------- data
 
@@ -835,6 +835,21 @@ class ProbeSet:
     inv_u2: torch.Tensor = None
 
 
+def invariance(model, ps, dims, rt):
+    """Eq. 2 for every layer on a fixed image subset, under two fixed augmentations per image."""
+    x = ps.inv_x
+    view = lambda u: lambda a, b: apply_augment(x[a:b].float().div_(255),
+                                                augment_params(u[a:b], x.shape[-2], x.shape[-1]))
+    loads = [from_uint8(x), view(ps.inv_u1), view(ps.inv_u2)]
+    out = {}
+    for group in layer_groups(dims, 3 * len(x), probe_budget(x.device), 4):  # 4: float32 bytes
+        clean, a1, a2 = (extract(model, len(x), load, group, rt, normalize=False)
+                         for load in loads)
+        out.update({name: normalized_invariance(a1[name], a2[name], clean[name])
+                    for name in group})
+    return {name: out[name] for name in model.layer_names()}
+
+
 @torch.no_grad()
 def probe(model, ps, args, rt, linear):
     """Every layer's K-NN clean (clean training images -> test) and K-NN noisy (training points
@@ -879,21 +894,6 @@ def probe(model, ps, args, rt, linear):
         result["invariance"] = invariance(model, ps, dims, rt)
     model.train()
     return result
-
-
-def invariance(model, ps, dims, rt):
-    """Eq. 2 for every layer on a fixed image subset, under two fixed augmentations per image."""
-    x = ps.inv_x
-    view = lambda u: lambda a, b: apply_augment(x[a:b].float().div_(255),
-                                                augment_params(u[a:b], x.shape[-2], x.shape[-1]))
-    loads = [from_uint8(x), view(ps.inv_u1), view(ps.inv_u2)]
-    out = {}
-    for group in layer_groups(dims, 3 * len(x), probe_budget(x.device), 4):  # 4: float32 bytes
-        clean, a1, a2 = (extract(model, len(x), load, group, rt, normalize=False)
-                         for load in loads)
-        out.update({name: normalized_invariance(a1[name], a2[name], clean[name])
-                    for name in group})
-    return {name: out[name] for name in model.layer_names()}
 
 
 @torch.no_grad()

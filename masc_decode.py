@@ -527,8 +527,8 @@ class Stack:
 
     def logits(self, x, same_batch=False):
         """Every model's logits: x is (M, b, ...), or with same_batch one (b, ...) for all."""
-        run = lambda params, xi: torch.func.functional_call(self.template, params, (xi,))
-        return torch.vmap(run, in_dims=(0, None if same_batch else 0))(self.params, x)
+        one_model = lambda params, xi: torch.func.functional_call(self.template, params, (xi,))
+        return torch.vmap(one_model, in_dims=(0, None if same_batch else 0))(self.params, x)
 
     @torch.no_grad()
     def predictions(self, images, batch=2048):
