@@ -617,9 +617,10 @@ def train_together(jobs, template, data, args, after_epoch, desc):
         by_step = {}
         for job in active:
             by_step.setdefault(job.opt.get("step", 0), []).append(job)
+        groups = [same[i:i + args.models_at_once] for same in by_step.values()
+                  for i in range(0, len(same), args.models_at_once)]
         finished = []
-        for group in (jobs_at[i:i + args.models_at_once] for jobs_at in by_step.values()
-                      for i in range(0, len(jobs_at), args.models_at_once)):
+        for group in groups:
             # restacked every epoch: the jobs hold the state, so finished ones simply drop out
             stack = Stack(template, group, args.optimizer, args.lr)
             labels = torch.stack([j.labels for j in group])
