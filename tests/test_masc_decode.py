@@ -484,23 +484,28 @@ def test_stacked_optimizers_follow_torch_optim():
             torch.testing.assert_close(stack.params[name][0].detach(), p.detach(), rtol=1e-6, atol=1e-7)
 
 
+def interrupted_in_pass(n, argv, monkeypatch):
+    """Run main(argv) and interrupt it at the start of its n-th stacked training epoch."""
+    real, calls = m.train_epoch, {"n": 0}
+
+    def crash(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(m, "train_epoch", crash)
+    with pytest.raises(KeyboardInterrupt):
+        m.main(argv)
+    monkeypatch.setattr(m, "train_epoch", real)
+
+
 def test_interrupted_batch_resumes_every_model_exactly(mnist, tmp_path, monkeypatch):
     """Two models in one stack, stopped in epoch 4 with checkpoints at epoch 2: the same command
     ends as an uninterrupted run, for both."""
     args = ["--corruption", "0.5,0.8", "--epochs", "5", "--save-every", "2", "--no-retrain",
             "--data-dir", str(mnist)]
     whole = m.main(args + ["--out-dir", str(tmp_path / "whole")])
-    real, calls = m.train_epoch, {"n": 0}
-
-    def crash_in_epoch_four(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(m, "train_epoch", crash_in_epoch_four)
-    with pytest.raises(KeyboardInterrupt):
-        m.main(args + ["--out-dir", str(tmp_path / "cut")])
-    monkeypatch.setattr(m, "train_epoch", real)
+    interrupted_in_pass(4, args + ["--out-dir", str(tmp_path / "cut")], monkeypatch)
     resumed = m.main(args + ["--out-dir", str(tmp_path / "cut")])
     for a, b in zip(whole["runs"], resumed["runs"]):
         assert a["history"] == b["history"] and a["model_acc"] == b["model_acc"] and a["layers"] == b["layers"]
@@ -512,17 +517,7 @@ def test_models_resumed_at_another_epoch_train_as_if_alone(mnist, tmp_path, monk
     trains apart from it, and both end as in an uninterrupted command."""
     args = ["--model", "cnn", "--epochs", "4", "--save-every", "2", "--no-retrain", "--data-dir", str(mnist)]
     whole = m.main(args + ["--corruption", "0,0.5", "--out-dir", str(tmp_path / "whole")])
-    real, calls = m.train_epoch, {"n": 0}
-
-    def crash_in_epoch_three(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(m, "train_epoch", crash_in_epoch_three)
-    with pytest.raises(KeyboardInterrupt):
-        m.main(args + ["--corruption", "0.5", "--out-dir", str(tmp_path / "cut")])
-    monkeypatch.setattr(m, "train_epoch", real)
+    interrupted_in_pass(3, args + ["--corruption", "0.5", "--out-dir", str(tmp_path / "cut")], monkeypatch)
     assert torch.load(tmp_path / "cut" / "models" / "p0.5_run0.partial.pt")["optimizer"]["step"] == 2 * 2  # 2 epochs of 2 steps (200 images, batch 128)
     resumed = m.main(args + ["--corruption", "0,0.5", "--out-dir", str(tmp_path / "cut")])
     for a, b in zip(whole["runs"], resumed["runs"]):
