@@ -693,7 +693,7 @@ def memorization_job(p, run, template, data, args):
               path=path, key=key)
     resumed = load_model_checkpoint(in_progress_path(path), key, args.overwrite, dev)
     if resumed:
-        if "buffers" not in resumed["optimizer"]:  # the unbatched version saved torch.optim's
+        if "buffers" not in resumed.get("optimizer", {}):  # the unbatched one saved torch.optim's
             raise UserError(f"{in_progress_path(path)} is from an older version of this script; "
                             "move it away or pass --overwrite to train that model again")
         job.state, job.opt = resumed["model"], resumed["optimizer"]

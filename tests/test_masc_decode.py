@@ -572,3 +572,6 @@ def test_partial_checkpoint_of_the_unbatched_version_is_refused_in_one_line(mnis
     torch.save(old, tmp_path / "models" / "p0.5_run0.partial.pt")
     err = main_error(m, args, capsys)
     assert "older version" in err and "--overwrite" in err
+    del old["optimizer"]  # a checkpoint without optimizer state is refused the same way
+    torch.save(old, tmp_path / "models" / "p0.5_run0.partial.pt")
+    assert "older version" in main_error(m, args, capsys)
