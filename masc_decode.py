@@ -115,7 +115,7 @@ def build_parser():
     g.add_argument("--batch-size", type=positive_int, default=None, help="default: per model")
     g.add_argument("--save-every", type=positive_int, default=10, help="epochs per checkpoint")
     g.add_argument("--models-at-once", type=positive_int, default=None,
-                   help="models trained together as one stacked model (default: all)")
+                   help="models trained together as one stacked model (default: all; 1 on a CPU)")
     g.add_argument("--decode-every", type=positive_int, default=None,
                    help="every E epochs, record each model's best MASC test accuracy")
     g = p.add_argument_group("decoding")
@@ -151,7 +151,10 @@ def check_args(args):
     args.optimizer, lr, batch_size = model_defaults(args.model, args.dataset)
     args.lr, args.batch_size = args.lr or lr, args.batch_size or batch_size
     args.stop_acc = args.stop_acc or (1.0 if args.model == "mlp" else stop)
-    args.models_at_once = args.models_at_once or len(args.corruption) * args.runs
+    # on a CPU, stacked models train no faster than one after another (see convolutions_for)
+    every_model = len(args.corruption) * args.runs
+    args.models_at_once = args.models_at_once or (1 if torch.device(args.device).type == "cpu"
+                                                 else every_model)
 
 
 def named_generator(device, *keys):
@@ -597,13 +600,18 @@ def train_epoch(stack, images, labels, batch_size, gens):
 
 
 @contextlib.contextmanager
-def same_numbers_in_any_stack(device):
+def convolutions_for(device, stacking):
     """On the CPU, oneDNN's grouped convolution (a stack of M models) sums weight gradients in
-    another order than its plain one (a model alone); ATen's own convolution runs a grouped one as
-    plain ones, so a model's numbers do not depend on what it is stacked with (tested)."""
+    another order than its plain one (a model alone). When a command stacks models, ATen's own
+    convolution runs, which computes a grouped one as plain ones, so a model's numbers do not depend
+    on what it is stacked with (tested). ATen's is about 9x slower than oneDNN for the CNN
+    (measured), so a CPU command trains one model at a time with oneDNN by default."""
+    if device.type != "cpu" or not stacking:
+        yield
+        return
     with warnings.catch_warnings():  # the flags warn about TF32 on Intel GPUs, irrelevant here
         warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
-        with torch.backends.mkldnn.flags(enabled=device.type != "cpu"):
+        with torch.backends.mkldnn.flags(enabled=False):
             yield
 
 
@@ -624,7 +632,7 @@ def train_together(jobs, template, data, args, after_epoch, desc):
             # restacked every epoch: the jobs hold the state, so finished ones simply drop out
             stack = Stack(template, group, args.optimizer, args.lr)
             labels = torch.stack([j.labels for j in group])
-            with same_numbers_in_any_stack(data.train_x.device):
+            with convolutions_for(data.train_x.device, args.models_at_once > 1):
                 accs = train_epoch(stack, data.train_x, labels, args.batch_size,
                                    [j.gen for j in group])
             preds = stack.predictions(data.test_x)
