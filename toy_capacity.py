@@ -1,16 +1,14 @@
 """
-The toy model of "The Curious Case of Benign Memorization", Appendix E: benign memorization
-needs augmentations whose number exceeds the model's capacity.
+The toy model of "The Curious Case of Benign Memorization", Appendix E: fitting random labels is
+benign (the encoder learns the true classes) only once the augmented points outnumber what the
+model can memorize.
 
-A linear encoder h(x) = W x feeds an inverse-distance projector with K learnable prototypes (K
-bounds how many points it can fit); every training point gets a random label. The input carries
-its true class in the first d1 coordinates and noise in the rest, which augmentations perturb.
-While the model can memorize all n*B augmented points it learns nothing; once it cannot, fitting
-the random labels forces W to ignore the noise, and the embedding clusters by the true class (a
-K-NN probe on clean labels beats the same probe at initialisation).
-
-All (n, B, seed) cells of a sweep train together as one batched model (a leading cell dimension),
-each from its own generators, so a cell's result does not depend on the rest of the grid.
+A linear encoder h(x) = W x feeds an inverse-distance projector whose K prototypes bound how many
+points it can fit. Inputs carry their class in the first d1 coordinates and, in the rest, noise
+that augmentations perturb. While the model can fit all n*B augmented points it learns nothing;
+once it cannot, the random labels force W to ignore the noise, and a K-NN probe on the true classes
+beats its score at initialisation. A sweep trains as one batched model, but each (n, B, seed) cell
+has its own generators: it gets the result it gets alone.
 
 Usage:
     python toy_capacity.py                                  # default sweep, about a minute
@@ -29,91 +27,35 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-# ----------------------------------------------------------------------------- config
-
 
 @dataclass
 class Config:
     """The sweep (flags) and the world it runs in (constants: edit them here)."""
-    n: list = field(default_factory=lambda: [16, 64, 256])  # training-set sizes n
-    augs: list = field(default_factory=lambda: [1, 4, 16, 64, "online"])  # B per point, or online
-    seeds: list = field(default_factory=lambda: [0, 1, 2])
-    capacity: int = 64  # projector prototypes K: the model fits at most about K points
+    n: list = field(default_factory=lambda: [16, 64, 256])  # 16 fit in K = 64, 256 do not
+    # B fixed augmentations per point, 1 (none) to beyond capacity; None: online, fresh each time
+    augs: list = field(default_factory=lambda: [1, 4, 16, 64, None])
+    seeds: list = field(default_factory=lambda: [0, 1, 2])  # a mean and a spread per cell
+    capacity: int = 64  # projector prototypes K: its hard-assignment limit fits at most K points
     steps: int = 2000  # SGD steps
     out_dir: str = "runs/toy"
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    # the world of Appendix E
+    # Constants: Appendix E gives the setting's structure, not these values.
     dim: int = 64  # input dimension d
     signal_dim: int = 8  # the first d1 coordinates carry the class; the other d - d1 are noise
     classes: int = 10  # true classes C, also the random labels' classes
-    sigma: float = 1.0  # noise std: Sigma2 = Sigma3 = 10 Sigma1 = sigma^2 I
+    sigma: float = 1.0  # noise std: the paper's Sigma2 = Sigma3 = 10 Sigma1 = sigma^2 I
     center_scale: float = 0.5  # class centres mu_k ~ N(0, center_scale^2 I)
     probe_points: int = 2000  # labelled reference points of the K-NN probe
     test_points: int = 2000  # unseen query points of the K-NN probe and the invariance
-    # training and measuring
     lr: float = 0.15  # SGD with momentum 0.9
     batch_size: int = 128  # per cell
     knn_k: int = 20  # neighbours of the K-NN probe
     fit_views: int = 8  # online cells: fresh augmentations per point when measuring the fit
 
 
-class UserError(Exception):
-    """Bad input: reported as one line, never a traceback."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's exit status 2, without the usage block
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
-
-
-def int_list(text, minimum=1, words=()):
-    """A comma list of integers >= minimum, or of the given words."""
-    try:
-        values = [v if v in words else int(v) for v in map(str.strip, text.split(",")) if v]
-    except ValueError:
-        values = []
-    if not values or any(v not in words and v < minimum for v in values):
-        wanted = " or ".join([f"integers >= {minimum}", *map(repr, words)])
-        raise argparse.ArgumentTypeError(f"expected a comma list of {wanted}, got {text!r}")
-    return values
-
-
-def positive_int(text):
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return int(text)
-
-
-def build_parser():
-    d = Config()
-    p = OneLineParser(description="Appendix E toy: feature learning appears once n*B exceeds "
-                                  "capacity.")
-    g = p.add_argument_group("sweep")
-    g.add_argument("--n", type=int_list, default=d.n, help="training-set sizes n (comma list)")
-    g.add_argument("--augs", type=lambda t: int_list(t, words=("online",)), default=d.augs,
-                   help="fixed augmentations per point B, or 'online' (comma list)")
-    g.add_argument("--seeds", type=lambda t: int_list(t, minimum=0), default=d.seeds,
-                   help="seeds (comma list)")
-    g = p.add_argument_group("model and training")
-    g.add_argument("--capacity", type=positive_int, default=d.capacity,
-                   help="projector prototypes K (bounds the capacity)")
-    g.add_argument("--steps", type=positive_int, default=d.steps, help="SGD steps")
-    g = p.add_argument_group("system")
-    g.add_argument("--out-dir", default=d.out_dir, help="where config.json and results.json go")
-    g.add_argument("--device", default=d.device, help="torch device")
-    return p
-
-
-def check_args(args):
-    """Checks argparse cannot make; raises UserError."""
-    try:
-        torch.empty(1, device=args.device)
-    except Exception as e:  # unknown or unavailable device
-        reason = str(e).strip().splitlines()[0]
-        raise UserError(f"--device {args.device} is not available ({reason})")
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise UserError(f"--out-dir {args.out_dir} exists and is not a directory")
+def augs_label(augs):
+    """B as --augs, results.json and the random streams' names spell it (None is "online")."""
+    return "online" if augs is None else augs
 
 
 def named_generator(device, *keys):
@@ -121,9 +63,8 @@ def named_generator(device, *keys):
     seed = int(hashlib.sha256(repr(keys).encode()).hexdigest()[:15], 16)
     return torch.Generator(device=device).manual_seed(seed)
 
+
 # ----------------------------------------------------------------------------- data
-
-
 def sample_points(centres, count, args, gen):
     """x[:d1] | z=k ~ N(mu_k, sigma^2/10 I), x[d1:] ~ N(0, sigma^2 I); returns (x, z)."""
     z = torch.randint(centres.shape[0], (count,), generator=gen, device=centres.device)
@@ -138,35 +79,6 @@ def augmentation_noise(count, args, gen):
     return F.pad(noise * args.sigma, (args.signal_dim, 0))
 
 
-class Cell:
-    """One (n, B, seed) experiment: its training points, random labels, fixed augmentations."""
-
-    def __init__(self, n, augs, seed, world, args):
-        self.n, self.augs, self.seed = n, augs, seed
-        g = named_generator(args.device, "train", seed, n)
-        self.x, self.z = sample_points(world["centres"], n, args, g)
-        self.labels = torch.randint(args.classes, (n,), generator=g, device=args.device)
-        self.gen = named_generator(args.device, "stream", seed, n, augs)  # batches, online noise
-        # B fixed augmentations per point, drawn once; row i*B + b is augmentation b of i
-        self.fixed = None if augs == "online" else \
-            self.x.repeat_interleave(augs, 0) + augmentation_noise(n * augs, args, self.gen)
-
-    def training_points(self):
-        """The points the model is asked to fit and their labels (n*B of them when B is fixed)."""
-        if self.fixed is None:
-            return self.x, self.labels
-        return self.fixed, self.labels.repeat_interleave(self.augs)
-
-    def batch(self, size, args):
-        """One training batch of (points, random labels) drawn from this cell's own stream."""
-        points, labels = self.training_points()
-        idx = torch.randint(points.shape[0], (size,), generator=self.gen, device=points.device)
-        x = points[idx]
-        if self.fixed is None:  # online: a fresh augmentation at every access
-            x = x + augmentation_noise(size, args, self.gen)
-        return x, labels[idx]
-
-
 def make_world(seed, args):
     """Class centres, the labelled probe set and the unseen test set, shared by a seed's cells."""
     g = named_generator(args.device, "world", seed)
@@ -176,13 +88,35 @@ def make_world(seed, args):
     test_x, test_z = sample_points(centres, args.test_points, args, g)
     return dict(centres=centres, probe_x=probe_x, probe_z=probe_z, test_x=test_x, test_z=test_z)
 
-# ----------------------------------------------------------------------------- model
+
+class Cell:
+    """One (n, B, seed) experiment: its training points, their random labels, its own streams."""
+    def __init__(self, n, augs, seed, centres, args):
+        self.n, self.augs, self.seed = n, augs, seed
+        g = named_generator(args.device, "train", seed, n)  # the same points for every B
+        self.x, self.z = sample_points(centres, n, args, g)
+        self.labels = torch.randint(args.classes, (n,), generator=g, device=args.device)
+        self.stream = named_generator(args.device, "stream", seed, n, augs_label(augs))
+        # What the model is asked to fit: the n points when online, else their n*B augmentations
+        # drawn once (row i*B + b is augmentation b of point i), each with its point's label.
+        self.fit_x, self.fit_y = self.x, self.labels
+        if augs is not None:
+            noise = augmentation_noise(n * augs, args, self.stream)
+            self.fit_x = self.x.repeat_interleave(augs, 0) + noise
+            self.fit_y = self.labels.repeat_interleave(augs)
+
+    def batch(self, size, args):
+        idx = torch.randint(len(self.fit_x), (size,), generator=self.stream, device=args.device)
+        x = self.fit_x[idx]
+        if self.augs is None:
+            x = x + augmentation_noise(size, args, self.stream)
+        return x, self.fit_y[idx]
 
 
+# ----------------------------------------------------------------------------- model and training
 def projector(h, prototypes, onehots):
-    """g_V(h) = sum_i w_i(h) l_i, w_i(h) = (1/||h - v_i||) / sum_j (1/||h - v_j||): a convex
-    combination of the prototypes' fixed one-hot labels, batched over cells: h (M, b, d),
-    prototypes (M, K, d) and onehots (M, K, C) give (M, b, C)."""
+    """g_V(h) = sum_i w_i(h) l_i, w_i(h) = (1/||h - v_i||) / sum_j (1/||h - v_j||), batched
+    over cells: h (M, b, d), prototypes (M, K, d) and onehots (M, K, C) give (M, b, C)."""
     # ||h - v||^2 = ||h||^2 - 2 h.v + ||v||^2: a batched matmul, not an (M, b, K, d) difference
     sq = (h.pow(2).sum(-1, keepdim=True) - 2 * h @ prototypes.transpose(-1, -2)
           + prototypes.pow(2).sum(-1).unsqueeze(-2))
@@ -191,32 +125,29 @@ def projector(h, prototypes, onehots):
 
 
 def init_models(cells, args):
-    """W ~ N(0, 1/d) per seed; prototypes v_i at the initial embeddings W0 x of K training samples
-    (drawn with replacement, unaugmented) plus N(0, 0.1^2) noise; one-hot l_i drawn uniformly."""
+    """W ~ N(0, 1/d); prototypes start at the embeddings of K training points, plus noise."""
     d, K, dev = args.dim, args.capacity, args.device
     models = []
     for c in cells:
         # the same W0 for every cell of a seed, so that they share one INIT probe
         W = torch.randn(d, d, generator=named_generator(dev, "encoder", c.seed), device=dev)
         W = W / math.sqrt(d)
-        gv = named_generator(dev, "projector", c.seed, c.n, c.augs)
-        pick = torch.randint(c.n, (K,), generator=gv, device=dev)
-        V = c.x[pick] @ W.T + 0.1 * torch.randn(K, d, generator=gv, device=dev)
-        label = torch.randint(args.classes, (K,), generator=gv, device=dev)
+        gen = named_generator(dev, "projector", c.seed, c.n, augs_label(c.augs))
+        pick = torch.randint(c.n, (K,), generator=gen, device=dev)
+        V = c.x[pick] @ W.T + 0.1 * torch.randn(K, d, generator=gen, device=dev)
+        label = torch.randint(args.classes, (K,), generator=gen, device=dev)
         models.append((W, V, F.one_hot(label, args.classes).float()))
-    return tuple(map(torch.stack, zip(*models)))
-
-# ----------------------------------------------------------------------------- training
+    return tuple(map(torch.stack, zip(*models)))  # W, V, onehots with a leading cell dimension
 
 
-def train(cells, W, V, L, args):
-    """Cross-entropy -log g(h)_y on the random labels, SGD with momentum, all cells at once."""
+def train(cells, W, V, onehots, args):
+    """Cross-entropy -log g(h)_y on the random labels; the one-hot l_i stay fixed."""
     W, V = W.clone().requires_grad_(True), V.clone().requires_grad_(True)
     opt = torch.optim.SGD([W, V], lr=args.lr, momentum=0.9)
     for _ in range(args.steps):
         xs, ys = zip(*(c.batch(args.batch_size, args) for c in cells))
         x, y = torch.stack(xs), torch.stack(ys)  # (M, b, d), (M, b)
-        probs = projector(x @ W.transpose(1, 2), V, L)
+        probs = projector(x @ W.transpose(1, 2), V, onehots)
         # mean over the batch, summed over cells: each cell gets exactly its own gradient
         loss = -torch.log(probs.gather(-1, y.unsqueeze(-1)).clamp_min(1e-12)).mean(1).sum()
         opt.zero_grad(set_to_none=True)
@@ -224,9 +155,8 @@ def train(cells, W, V, L, args):
         opt.step()
     return W.detach(), V.detach()
 
+
 # ----------------------------------------------------------------------------- measures
-
-
 def knn_accuracy(ref, ref_labels, queries, query_labels, k, classes):
     """Cosine K-NN, uniform vote (ties to the smallest class), batched over cells: (M, ., d)."""
     sim = F.normalize(queries, dim=-1) @ F.normalize(ref, dim=-1).transpose(-1, -2)
@@ -256,59 +186,57 @@ def noise_to_signal(W, signal_dim):
 
 
 @torch.no_grad()
-def fit_accuracy(cells, W, V, L, args):
-    """Projector argmax vs the random labels on the points trained on (online cells: on
-    args.fit_views fresh augmentations of each point)."""
+def fit_accuracy(cells, W, V, onehots, args):
+    """Projector argmax vs the random labels on what each cell was asked to fit."""
     accs = []
     for m, c in enumerate(cells):
-        x, y = c.training_points()
-        if c.fixed is None:
+        x, y = c.fit_x, c.fit_y
+        if c.augs is None:  # online: the fit on args.fit_views fresh augmentations of each point
             x, y = x.repeat(args.fit_views, 1), y.repeat(args.fit_views)
-            x = x + augmentation_noise(x.shape[0], args,
-                                       named_generator(args.device, "fit", c.seed, c.n))
-        pred = projector(x @ W[m].T, V[m], L[m]).argmax(-1)
+            gen = named_generator(args.device, "fit", c.seed, c.n)
+            x = x + augmentation_noise(x.shape[0], args, gen)
+        pred = projector(x @ W[m].T, V[m], onehots[m]).argmax(-1)
         accs.append((pred == y).float().mean())
     return torch.stack(accs)
 
 
 @torch.no_grad()
 def evaluate(cells, worlds, W, args, chunk=8):
-    """knn, invariance and noise-to-signal of every cell's encoder W (M, d, d). Cells are measured
-    `chunk` at a time: an (M, test, probe) similarity tensor of all cells may not fit."""
-    knn, inv = [], []
+    knn, invariance = [], []
+    # `chunk` cells at a time: an (M, test, probe) similarity tensor of all cells may not fit
     for start in range(0, len(cells), chunk):
         part = cells[start:start + chunk]
         Wt = W[start:start + chunk].transpose(1, 2)
-        stack = lambda key: torch.stack([worlds[c.seed][key] for c in part])
-        probe, test = stack("probe_x") @ Wt, stack("test_x") @ Wt
-        knn.append(knn_accuracy(probe, stack("probe_z"), test, stack("test_z"), args.knn_k,
-                                args.classes))
-        views = [stack("test_x") + torch.stack([augmentation_noise(
+        probe_x, probe_z, test_x, test_z = (torch.stack([worlds[c.seed][key] for c in part])
+                                            for key in ("probe_x", "probe_z", "test_x", "test_z"))
+        test = test_x @ Wt
+        knn.append(knn_accuracy(probe_x @ Wt, probe_z, test, test_z, args.knn_k, args.classes))
+        # two augmented views T1 x, T2 x of each test point, the same for all cells of a seed
+        views = [test_x + torch.stack([augmentation_noise(
             args.test_points, args, named_generator(args.device, "invariance", c.seed, t))
             for c in part]) for t in (1, 2)]
-        inv.append(normalized_invariance(views[0] @ Wt, views[1] @ Wt, test))
-    return torch.cat(knn), torch.cat(inv), noise_to_signal(W, args.signal_dim)
-
-# ----------------------------------------------------------------------------- report
+        invariance.append(normalized_invariance(views[0] @ Wt, views[1] @ Wt, test))
+    return torch.cat(knn), torch.cat(invariance), noise_to_signal(W, args.signal_dim)
 
 
 def run_sweep(args):
-    """Train and measure every (n, B, seed) cell; returns the list of result dicts."""
     worlds = {s: make_world(s, args) for s in args.seeds}
-    cells = [Cell(n, b, s, worlds[s], args) for n in args.n for b in args.augs for s in args.seeds]
-    W0, V0, L = init_models(cells, args)
-    knn0, _, _ = evaluate(cells, worlds, W0, args)
-    W, V = train(cells, W0, V0, L, args)
-    fit = fit_accuracy(cells, W, V, L, args)
-    knn, inv, nts = evaluate(cells, worlds, W, args)
-    measured = dict(fit=fit, knn=knn, knn_init=knn0, invariance=inv, noise_to_signal=nts)
-    return [dict(n=c.n, augs=c.augs, seed=c.seed, **{k: round(v[i].item(), 4) for k, v in
-                                                      measured.items()})
+    cells = [Cell(n, b, s, worlds[s]["centres"], args)
+             for n in args.n for b in args.augs for s in args.seeds]
+    W0, V0, onehots = init_models(cells, args)
+    knn_init, _, _ = evaluate(cells, worlds, W0, args)
+    W, V = train(cells, W0, V0, onehots, args)
+    fit = fit_accuracy(cells, W, V, onehots, args)
+    knn, invariance, noise_ratio = evaluate(cells, worlds, W, args)
+    measured = dict(fit=fit, knn=knn, knn_init=knn_init, invariance=invariance,
+                    noise_to_signal=noise_ratio)
+    return [dict(n=c.n, augs=augs_label(c.augs), seed=c.seed,
+                 **{key: round(values[i].item(), 4) for key, values in measured.items()})
             for i, c in enumerate(cells)]
 
 
+# ----------------------------------------------------------------------------- report
 def phase_table(results, ns, augs):
-    """Rows n, columns B: K-NN gain over INIT (mean +- std over seeds), and the fit."""
     def cell_text(rows):
         gains = torch.tensor([r["knn"] - r["knn_init"] for r in rows])
         spread = gains.std().item() if len(rows) > 1 else 0.0
@@ -335,9 +263,73 @@ def script_sha256():
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def run(args):
-    check_args(args)
-    config = asdict(args)
+# ----------------------------------------------------------------------------- command line
+class UserError(Exception):
+    """Bad input: reported as one line, never a traceback."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's exit status 2, without the usage block
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def int_list(text, minimum=1, words=()):  # words: {word: the value it stands for}
+    try:
+        values = [words[v] if v in words else int(v) for v in map(str.strip, text.split(",")) if v]
+    except ValueError:
+        values = []
+    if not values or any(isinstance(v, int) and v < minimum for v in values):
+        wanted = " or ".join([f"integers >= {minimum}", *map(repr, words)])
+        raise argparse.ArgumentTypeError(f"expected a comma list of {wanted}, got {text!r}")
+    return values
+
+
+def positive_int(text):
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def build_parser():
+    d = Config()
+    p = OneLineParser(description="Appendix E toy: feature learning appears once n*B exceeds "
+                                  "capacity.")
+    g = p.add_argument_group("sweep")
+    g.add_argument("--n", type=int_list, default=d.n, help="training-set sizes n (comma list)")
+    g.add_argument("--augs", type=lambda t: int_list(t, words={"online": None}), default=d.augs,
+                   help="fixed augmentations per point B, or 'online' (comma list)")
+    g.add_argument("--seeds", type=lambda t: int_list(t, minimum=0), default=d.seeds,
+                   help="seeds (comma list)")
+    g = p.add_argument_group("model and training")
+    g.add_argument("--capacity", type=positive_int, default=d.capacity,
+                   help="projector prototypes K (bounds the capacity)")
+    g.add_argument("--steps", type=positive_int, default=d.steps, help="SGD steps")
+    g = p.add_argument_group("system")
+    g.add_argument("--out-dir", default=d.out_dir, help="where config.json and results.json go")
+    g.add_argument("--device", default=d.device, help="torch device")
+    return p
+
+
+def check_args(args):
+    """Checks argparse cannot make, before anything is written."""
+    try:
+        torch.empty(1, device=args.device)
+    except Exception as e:  # unknown or unavailable device
+        reason = str(e).strip().splitlines()[0]
+        raise UserError(f"--device {args.device} is not available ({reason})")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UserError(f"--out-dir {args.out_dir} exists and is not a directory")
+
+
+def main(argv=None):
+    args = Config(**vars(build_parser().parse_args(argv)))
+    try:
+        check_args(args)
+    except UserError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
+    config = dict(asdict(args), augs=[augs_label(b) for b in args.augs])
     os.makedirs(args.out_dir, exist_ok=True)
     write_json(os.path.join(args.out_dir, "config.json"), config)
     t0 = time.time()
@@ -349,18 +341,9 @@ def run(args):
     print(f"{len(results)} cells, {args.steps} steps, {seconds:.1f} s on {args.device}")
     print("K-NN gain over INIT on unseen test points (mean±std over seeds), "
           "fit = accuracy on the random labels")
-    print(phase_table(results, args.n, args.augs))
+    print(phase_table(results, config["n"], config["augs"]))
     print(f"wrote {os.path.join(args.out_dir, 'results.json')}")
     return results
-
-
-def main(argv=None):
-    args = Config(**vars(build_parser().parse_args(argv)))
-    try:
-        return run(args)
-    except UserError as e:
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ def test_projector_is_convex_combination_of_labels():
     # brute force: inverse distances normalised to one
     for m in range(2):
         for i in range(5):
-            inv = np.array([1 / np.linalg.norm(h[m, i].numpy() - V[m, j].numpy()) for j in range(4)])
+            inv = np.array([1 / np.linalg.norm(h[m, i].numpy() - V[m, j].numpy())
+                            for j in range(4)])
             expected_w = inv / inv.sum()
             np.testing.assert_allclose(w[m, i].numpy(), expected_w, rtol=1e-4)
             np.testing.assert_allclose(out[m, i].numpy(), expected_w @ L[m].numpy(), rtol=1e-4)
@@ -36,26 +37,26 @@ def test_projector_is_convex_combination_of_labels():
 
 def test_fixed_augmentations_touch_only_noise_and_never_change():
     args = small_args(dim=12, signal_dim=4)
-    world = toy.make_world(0, args)
-    cell = toy.Cell(5, 3, 0, world, args)
-    points, labels = cell.training_points()
+    cell = toy.Cell(5, 3, 0, toy.make_world(0, args)["centres"], args)
+    points, labels = cell.fit_x, cell.fit_y
     assert points.shape == (15, 12) and labels.shape == (15,)
     delta = points - cell.x.repeat_interleave(3, 0)
     assert torch.all(delta[:, :4] == 0)
     assert torch.all(delta[:, 4:] != 0)
-    assert torch.equal(labels, cell.labels.repeat_interleave(3))  # augmentations share their image's label
+    # augmentations share their image's label
+    assert torch.equal(labels, cell.labels.repeat_interleave(3))
     table = points.clone()
     for _ in range(20):  # every training batch is a row of the same fixed table
         x, y = cell.batch(8, args)
         match = (x.unsqueeze(1) == table.unsqueeze(0)).all(-1)
         assert match.any(1).all()
         assert torch.equal(y, labels[match.float().argmax(1)])
-    assert torch.equal(cell.training_points()[0], table)
+    assert torch.equal(cell.fit_x, table)
 
 
 def test_online_augmentations_are_fresh_and_touch_only_noise():
     args = small_args(dim=12, signal_dim=4, sigma=2.0)
-    cell = toy.Cell(3, "online", 0, toy.make_world(0, args), args)
+    cell = toy.Cell(3, None, 0, toy.make_world(0, args)["centres"], args)  # None: online
     x1, _ = cell.batch(256, args)
     same_signal = (x1[:, :4].unsqueeze(1) == cell.x[:, :4].unsqueeze(0)).all(-1)
     assert same_signal.any(1).all()  # signal coordinates are exactly those of a training point
@@ -88,7 +89,7 @@ def test_invariance_matches_direct_computation():
 def test_invariance_is_zero_when_encoder_ignores_noise_block():
     args = small_args(dim=10, signal_dim=3, test_points=50)
     world = toy.make_world(0, args)
-    cell = toy.Cell(4, 2, 0, world, args)
+    cell = toy.Cell(4, 2, 0, world["centres"], args)
     W = torch.randn(1, 10, 10)
     W[..., 3:] = 0  # zero the noise columns
     _, inv, nts = toy.evaluate([cell], {0: world}, W, args)
@@ -115,15 +116,15 @@ def test_knn_matches_brute_force():
     preds = []
     for row in qn @ refn.T:
         votes = np.bincount(ref_y[np.argsort(-row)[:k]], minlength=3)
-        preds.append(np.argmax(votes))  # numpy argmax: first maximum, i.e. ties to the smallest class
+        preds.append(np.argmax(votes))  # the first maximum: ties go to the smallest class
     expected = np.mean(np.array(preds) == q_y)
-    got = toy.knn_accuracy(torch.tensor(ref)[None], torch.tensor(ref_y)[None], torch.tensor(q)[None],
-                           torch.tensor(q_y)[None], k, 3)
+    got = toy.knn_accuracy(torch.tensor(ref)[None], torch.tensor(ref_y)[None],
+                           torch.tensor(q)[None], torch.tensor(q_y)[None], k, 3)
     assert got.item() == pytest.approx(expected)
 
 
 def test_short_sweep_shows_the_claim(tmp_path):
-    """Fitting random labels without augmentation diversity is malign; with B >= 16 it is benign."""
+    """Fitting random labels without augmentation diversity is malign; with B >= 16, benign."""
     results = toy.main(["--n", "16", "--augs", "1,16", "--seeds", "0,1", "--device", "cpu",
                         "--out-dir", str(tmp_path)])
     gain = lambda b: np.mean([r["knn"] - r["knn_init"] for r in results if r["augs"] == b])
@@ -134,14 +135,19 @@ def test_short_sweep_shows_the_claim(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["cells"] == results and saved["config"]["n"] == [16]
     for r in results:
-        assert set(r) == {"n", "augs", "seed", "fit", "knn", "knn_init", "invariance", "noise_to_signal"}
+        assert set(r) == {"n", "augs", "seed", "fit", "knn", "knn_init", "invariance",
+                          "noise_to_signal"}
 
 
 def test_phase_boundary_moves_with_capacity_and_online_is_benign(tmp_path):
     """n = 16 unaugmented points fit into K = 64 prototypes (memorized, malign) but not into K = 4;
     the online column gains over INIT whatever the capacity, as large B does."""
-    runs = {K: toy.main(["--n", "16", "--augs", "1,online", "--seeds", "0,1", "--capacity", str(K),
-                         "--device", "cpu", "--out-dir", str(tmp_path / str(K))]) for K in (4, 64)}
+    runs = {K: toy.main(["--n", "16", "--augs", "1,online", "--seeds", "0,1", "--capacity",
+                         str(K), "--device", "cpu", "--out-dir", str(tmp_path / str(K))])
+            for K in (4, 64)}
+    # online is None inside the script but keeps its command-line spelling in what it writes
+    assert json.loads((tmp_path / "4" / "config.json").read_text())["augs"] == [1, "online"]
+    assert [r["augs"] for r in runs[4]] == [1, 1, "online", "online"]
     mean = lambda rows, key, b: np.mean([r[key] - (r["knn_init"] if key == "knn" else 0)
                                          for r in rows if r["augs"] == b])
     assert mean(runs[64], "fit", 1) >= 0.85 and mean(runs[4], "fit", 1) <= 0.6
@@ -172,18 +178,27 @@ def test_bad_input_gives_one_line_error(args, fragment, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_augs_flag_reads_online_as_none():
+    parse = lambda *argv: toy.build_parser().parse_args(list(argv)).augs
+    assert parse("--augs", " 16, online,1") == [16, None, 1]
+    assert toy.Config().augs[-1] is None and parse() == toy.Config().augs
+
+
 def test_bad_input_from_the_command_line(tmp_path):
-    assert_one_line_error(run_script("toy_capacity.py", "--n", "0", "--out-dir", tmp_path / "out"), "--n")
+    proc = run_script("toy_capacity.py", "--n", "0", "--out-dir", tmp_path / "out")
+    assert_one_line_error(proc, "--n")
 
 
 def test_scripts_in_tests_run_offline(tmp_path):
-    """The missing-data tests rely on it: no test may download a dataset, even on a connected machine."""
+    """The missing-data tests rely on it: no test may download a dataset, even on a connected
+    machine."""
     probe = tmp_path / "probe.py"
     probe.write_text("import urllib.request\n"
                      "try:\n    urllib.request.urlopen('http://example.com', timeout=5)\n"
                      "except Exception as e:\n    print(type(e).__name__, e)\n")
     proc = run_script(str(probe))
-    assert proc.returncode == 0 and "the tests run offline" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "the tests run offline" in proc.stdout, \
+        proc.stdout + proc.stderr
     import socket
     with pytest.raises(OSError, match="offline"):
         socket.create_connection(("example.com", 80), timeout=5)
