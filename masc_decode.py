@@ -111,6 +111,8 @@ def build_parser():
     g.add_argument("--epochs", type=positive_int, default=500, help="maximum training epochs")
     g.add_argument("--stop-acc", type=fraction, default=None,
                    help="stop at this training accuracy (default: the authors', 1.0 for the MLP)")
+    g.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
+                   help="default: the authors' per model (SGD for the MLP, Adam otherwise)")
     g.add_argument("--lr", type=positive_float, default=None, help="default: per model")
     g.add_argument("--batch-size", type=positive_int, default=None, help="default: per model")
     g.add_argument("--save-every", type=positive_int, default=10, help="epochs per checkpoint")
@@ -122,7 +124,8 @@ def build_parser():
     g.add_argument("--variance", type=fraction, default=0.99, help="explained by each subspace")
     g.add_argument("--no-retrain", action="store_true", help="skip relabelling and retraining")
     g.add_argument("--retrain-epochs", type=positive_int, default=30, help="at most")
-    g.add_argument("--patience", type=positive_int, default=3, help="of the retraining")
+    g.add_argument("--patience", type=bounded(int, 0), default=3,
+                   help="of the retraining; 0: no early stopping, keep the last epoch (Figure 31)")
     g = p.add_argument_group("system")
     g.add_argument("--data-dir", default="data", help="where datasets are (or get downloaded)")
     g.add_argument("--out-dir", default="runs/masc", help="config.json, results.json, models/")
@@ -148,7 +151,8 @@ def check_args(args):
                         f"tinyimagenet), not {args.dataset}")
     if args.posthoc_corruption and 0.0 not in args.corruption:
         raise UserError("--posthoc-corruption decodes the p=0 model: add 0 to --corruption")
-    args.optimizer, lr, batch_size = model_defaults(args.model, args.dataset)
+    optimizer, lr, batch_size = model_defaults(args.model, args.dataset)
+    args.optimizer = args.optimizer or optimizer
     args.lr, args.batch_size = args.lr or lr, args.batch_size or batch_size
     args.stop_acc = args.stop_acc or (1.0 if args.model == "mlp" else stop)
     # on a CPU, stacked models train no faster than one after another (see convolutions_for)
@@ -504,10 +508,22 @@ class Job:
     gen: torch.Generator  # its batch order
     opt: dict = field(default_factory=dict)  # {"step": int, "buffers": {name: {slot: tensor}}}
     history: dict = field(default_factory=lambda: {"train_acc": [], "test_acc": []})
-    path: str = None  # memorization: its finished checkpoint (see in_progress_path)
-    key: dict = None  # memorization: the settings its checkpoint must match
-    val_idx: torch.Tensor = None  # retraining: the 20% of the test set it early-stops on
-    best_val: float = -1.0  # retraining: the best validation accuracy so far,
+
+
+@dataclass(eq=False, kw_only=True)
+class Memorizing(Job):
+    """A model trained on corrupted labels, checkpointed as it goes."""
+    path: str  # its finished checkpoint (see in_progress_path)
+    key: dict  # the settings its checkpoint must match
+
+
+@dataclass(eq=False, kw_only=True)
+class Retraining(Job):
+    """A memorized model trained further on a relabelling (Section 3.3)."""
+    val_idx: torch.Tensor  # the 20% of the test set it early-stops on
+    eval_idx: torch.Tensor  # the 80% it is reported on
+    report: dict  # the results.json entry it completes
+    best_val: float = -1.0  # the best validation accuracy so far,
     best_state: dict = None  # the weights that reached it,
     best_epoch: int = 0  # and their epoch
 
@@ -602,9 +618,9 @@ def train_epoch(stack, images, labels, batch_size, gens):
 @contextlib.contextmanager
 def convolutions_for(device, stacking):
     """On the CPU, oneDNN's grouped convolution (a stack of M models) sums weight gradients in
-    another order than its plain one (a model alone). When a command stacks models, ATen's own
-    convolution runs, which computes a grouped one as plain ones, so a model's numbers do not depend
-    on what it is stacked with (tested). ATen's is about 9x slower than oneDNN for the CNN
+    another order than its plain one (a model alone). A command that stacks models runs ATen's
+    convolution, which computes a grouped one as plain ones, so a model's numbers do not depend on
+    what it is stacked with (tested). ATen's is about 9x slower than oneDNN for the CNN
     (measured), so a CPU command trains one model at a time with oneDNN by default."""
     if device.type != "cpu" or not stacking:
         yield
@@ -696,9 +712,9 @@ def memorization_job(p, run, template, data, args):
     if done:
         tqdm.write(f"p={p:g} run {run}: reusing {path}")
         return model_from(template, done["model"]), done["labels"], done["history"]
-    job = Job(f"p={p:g} run {run}", build_model(args.model, shape, K, seed).to(dev).state_dict(),
-              corrupt_labels(data.train_y, p, K, seed), named_generator(dev, "order", seed),
-              path=path, key=key)
+    initial = build_model(args.model, shape, K, seed).to(dev).state_dict()
+    job = Memorizing(f"p={p:g} run {run}", initial, corrupt_labels(data.train_y, p, K, seed),
+                     named_generator(dev, "order", seed), path=path, key=key)
     resumed = load_model_checkpoint(in_progress_path(path), key, args.overwrite, dev)
     if resumed:
         if "buffers" not in resumed.get("optimizer", {}):  # the unbatched one saved torch.optim's
@@ -711,14 +727,12 @@ def memorization_job(p, run, template, data, args):
     return job
 
 
-def memorize(specs, data, args):
+def memorize(specs, template, data, args):
     """Train the model of every (p, run) in specs, all together, to --stop-acc or --epochs; reuse
     finished checkpoints, resume in-progress ones (saved every --save-every epochs), record the
     best MASC every --decode-every epochs. Returns {(p, run): (model, labels, history)}."""
-    shape = DATASETS[args.dataset][1]
-    template = build_model(args.model, shape, args.num_classes, args.seed).to(data.train_x.device)
     out = {spec: memorization_job(*spec, template, data, args) for spec in specs}
-    jobs = {spec: job for spec, job in out.items() if isinstance(job, Job)}  # the rest: reused
+    jobs = {spec: job for spec, job in out.items() if isinstance(job, Memorizing)}  # rest: reused
 
     def after_epoch(job, acc, pred):
         history = job.history
@@ -728,8 +742,11 @@ def memorize(specs, data, args):
         if args.decode_every and epoch % args.decode_every == 0:  # decoding during training
             rows = decode_layers(model_from(template, job.state), data, job.labels, args,
                                  "MASC during training")[0]
-            history.setdefault("decode", []).append(
-                dict(epoch=epoch, model_test=history["test_acc"][-1], **best_layers(rows)))
+            per_layer = [dict(name=r["name"], masc_test=r["corrupt_subspaces"]["test"],
+                              masc_test_true=r["true_subspaces"]["test"]) for r in rows]
+            history.setdefault("decode", []).append(dict(
+                epoch=epoch, model_test=history["test_acc"][-1], **best_layers(rows),
+                layers=per_layer))
         finished = acc >= args.stop_acc or epoch >= args.epochs
         if finished:
             how = "reached" if acc >= args.stop_acc else "still below"
@@ -751,26 +768,28 @@ def memorize(specs, data, args):
     return out
 
 
-def retrain_all(plans, data, args):
-    """Section 3.3's retraining of every plan (model, new labels, validation indices, seed key),
-    together: from the memorized weights with a fresh optimizer, early-stopped on the plan's 20%
-    of the test set (--patience). Returns (the best validation epoch's model, epochs) per plan."""
-    template, dev = plans[0][0] if plans else None, data.train_x.device  # None: nothing to train
-    jobs = [Job(f"retrain {key}", {n: t.detach().clone() for n, t in model.state_dict().items()},
-                labels, named_generator(dev, "retrain", key), val_idx=val_idx)
-            for model, labels, val_idx, key in plans]
-
+def retrain_all(jobs, template, data, args):
+    """Section 3.3's retrainings, together: from the memorized weights with a fresh optimizer,
+    early-stopped on the job's 20% of the test set (--patience; 0 runs every --retrain-epochs
+    epoch and keeps the last weights, as Figure 31). Each job's report gets the accuracy on the
+    80% part of the weights it keeps, and of every epoch's weights."""
     def after_epoch(job, acc, pred):
         val = accuracy(pred[job.val_idx], data.test_y[job.val_idx])
-        epochs = len(job.history["train_acc"]) + 1
         job.history["train_acc"].append(acc)
-        job.history["test_acc"].append(val)
-        if val > job.best_val:
+        job.history["val_acc"].append(val)
+        job.history["test_acc"].append(accuracy(pred[job.eval_idx], data.test_y[job.eval_idx]))
+        epochs = len(job.history["train_acc"])
+        if args.patience == 0 or val > job.best_val:
             job.best_val, job.best_state, job.best_epoch = val, job.state, epochs
-        return epochs - job.best_epoch >= args.patience or epochs >= args.retrain_epochs
+        waited_enough = args.patience > 0 and epochs - job.best_epoch >= args.patience
+        return waited_enough or epochs >= args.retrain_epochs
 
     train_together(jobs, template, data, args, after_epoch, "retrain")
-    return [(model_from(template, job.best_state), len(job.history["train_acc"])) for job in jobs]
+    for job in jobs:
+        job.report.update(after_test=job.history["test_acc"][job.best_epoch - 1],
+                          epochs=len(job.history["train_acc"]), kept_epoch=job.best_epoch,
+                          test_per_epoch=job.history["test_acc"],
+                          val_per_epoch=job.history["val_acc"])
 
 # ----------------------------------------------------------------------------- relabel, controls
 
@@ -830,8 +849,8 @@ def init_control(data, y_corrupt, args, seed):
 
 
 def decode_run(args, data, p, run, model, y_corrupt, history):
-    """Decode every layer of a memorized model, the controls, and the relabelling (retraining comes
-    later, batched): one entry of results.json, and what its retraining needs."""
+    """Decode every layer of a memorized model, the controls, and the relabelling: one entry of
+    results.json, and its two retrainings (trained later, all together)."""
     seed = args.seed + run
     layers, preds, (train_pred, train_f), (test_pred, test_f) = decode_layers(
         model, data, y_corrupt, args, f"MASC p={p:g} run {run}")
@@ -856,10 +875,19 @@ def decode_run(args, data, p, run, model, y_corrupt, history):
     posthoc = p == 0 and args.posthoc_corruption
     entry["posthoc"] = latent_memorization(train_f, test_f, data, args, seed) if posthoc else None
     del train_f, test_f  # the features of every layer: free them before the init control's
-    relabelled = None if args.no_retrain else relabel(test_pred, data, y_corrupt, preds, seed)
-    entry["retrain"] = relabelled and relabelled[0]
     entry["init_control"] = init_control(data, y_corrupt, args, seed)
-    return entry, relabelled
+    entry["retrain"], retrainings = None, []
+    if not args.no_retrain:
+        entry["retrain"], new_labels, val_idx, eval_idx = relabel(test_pred, data, y_corrupt,
+                                                                   preds, seed)
+        for kind in ("corrupt", "true"):  # one retraining per kind of subspaces
+            state = {n: t.detach().clone() for n, t in model.state_dict().items()}
+            retrainings.append(Retraining(
+                f"retrain p={p:g} run {run} ({kind} subspaces)", state, new_labels[kind],
+                named_generator(data.train_x.device, "retrain", (seed, kind)),
+                history={"train_acc": [], "val_acc": [], "test_acc": []},
+                val_idx=val_idx, eval_idx=eval_idx, report=entry["retrain"][f"{kind}_subspaces"]))
+    return entry, retrainings
 
 
 def text_table(lines):
@@ -882,6 +910,13 @@ def dynamics_table(runs):
     return text_table(lines)
 
 
+def best_of_mean_curve(runs, kind):
+    """The authors' aggregation for Table 1: average each layer's MASC test accuracy over the runs,
+    then take the best layer. Ours (the other columns) averages each run's best layer."""
+    per_layer = zip(*(r["layers"] for r in runs))
+    return max(sum(layer[kind]["test"] for layer in same) / len(runs) for same in per_layer)
+
+
 def summary_table(runs, corruptions):
     """Per corruption degree, mean [min, max] over runs, shaped like the paper's Table 1."""
     def stat(values):  # of the values that exist
@@ -896,12 +931,15 @@ def summary_table(runs, corruptions):
             ("early-stop test", lambda r: r["early_stop_test_acc"]),
             ("retrained (corrupt)", retrained("corrupt_subspaces")),
             ("retrained (true)", retrained("true_subspaces"))]
-    lines = [["p", "best layer"] + [c for c, _ in cols]]
+    lines = [["p", "best layer"] + [c for c, _ in cols] + ["authors' aggregation (corrupt/true)"]]
     for p in corruptions:
         rows = [r for r in runs if r["corruption"] == p]
         if rows:
             layers = "/".join(sorted({r["best_layer"] for r in rows}))
-            lines.append([f"{p:g}", layers] + [stat([f(r) for r in rows]) for _, f in cols])
+            authors = "/".join(f"{best_of_mean_curve(rows, kind):.3f}"
+                               for kind in ("corrupt_subspaces", "true_subspaces"))
+            lines.append([f"{p:g}", layers] + [stat([f(r) for r in rows]) for _, f in cols]
+                         + [authors])
     return text_table(lines)
 
 
@@ -928,22 +966,16 @@ def run(args):
     results = {"config": vars(args), "script_sha256": script_sha256(), "runs": []}
     t0 = time.time()
     specs = [(p, r) for p in args.corruption for r in range(args.runs)]
-    memorized = memorize(specs, data, args)
-    plans, splits = [], []
+    shape = DATASETS[args.dataset][1]
+    template = build_model(args.model, shape, args.num_classes, args.seed).to(args.device)
+    memorized = memorize(specs, template, data, args)
+    retrainings = []
     for p, r in specs:
-        entry, relabelled = decode_run(args, data, p, r, *memorized[p, r])
+        entry, retrain = decode_run(args, data, p, r, *memorized[p, r])
         results["runs"].append(entry)
+        retrainings += retrain
         write_json(os.path.join(args.out_dir, "results.json"), results)
-        if relabelled:
-            _, new_labels, val_idx, eval_idx = relabelled
-            for kind in ("corrupt", "true"):  # two retrainings per model: one per subspace kind
-                plans.append((memorized[p, r][0], new_labels[kind], val_idx,
-                              (entry["seed"], kind)))
-                splits.append((entry, kind, eval_idx))
-    for (tuned, epochs), (entry, kind, eval_idx) in zip(retrain_all(plans, data, args), splits):
-        predicted = predict_and_probe(tuned, data.test_x[eval_idx], probe=False)[0]
-        after = accuracy(predicted, data.test_y[eval_idx])
-        entry["retrain"][f"{kind}_subspaces"].update(after_test=after, epochs=epochs)
+    retrain_all(retrainings, template, data, args)
     results["seconds"] = round(time.time() - t0, 1)
     write_json(os.path.join(args.out_dir, "results.json"), results)
     print(f"{args.model}-{args.dataset}, {args.runs} run(s) per degree, {results['seconds']} s on "

@@ -12,6 +12,12 @@ import torch
 import masc_decode as m
 from conftest import assert_one_line_error, main_error, run_script, write_cifar, write_mnist
 
+CPU = ["--device", "cpu"]  # every end-to-end test names its device: the suite is the same with a GPU
+
+
+def cpu_main(argv):
+    return m.main([str(a) for a in argv] + CPU)
+
 # ----------------------------------------------------------------------------- reference MASC
 
 
@@ -198,7 +204,7 @@ def without_run(entry):
 
 def test_cli_end_to_end_writes_every_field(mnist, tmp_path):
     out = tmp_path / "run"
-    proc = run_script("masc_decode.py", *CLI, "--data-dir", mnist, "--out-dir", out)
+    proc = run_script("masc_decode.py", *CPU, *CLI, "--data-dir", mnist, "--out-dir", out)
     assert proc.returncode == 0, proc.stderr
     assert "improvement %" in proc.stdout and "best layer" in proc.stdout
     res = json.loads((out / "results.json").read_text())
@@ -237,7 +243,7 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path):
 
     # the same command again reuses both checkpoints instead of retraining
     stamps = {f: os.path.getmtime(out / "models" / f) for f in os.listdir(out / "models")}
-    again = run_script("masc_decode.py", *CLI, "--data-dir", mnist, "--out-dir", out)
+    again = run_script("masc_decode.py", *CPU, *CLI, "--data-dir", mnist, "--out-dir", out)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("reusing") == 2
     assert {f: os.path.getmtime(out / "models" / f) for f in os.listdir(out / "models")} == stamps
@@ -246,7 +252,7 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path):
     assert [r["layers"] for r in res2["runs"]] == [r["layers"] for r in res["runs"]]
 
     # other training settings in the same folder are refused, and the checkpoint is left alone
-    refused = run_script("masc_decode.py", *CLI, "--lr", "0.5", "--data-dir", mnist, "--out-dir", out)
+    refused = run_script("masc_decode.py", *CPU, *CLI, "--lr", "0.5", "--data-dir", mnist, "--out-dir", out)
     assert_one_line_error(refused, "--overwrite")
     assert {f: os.path.getmtime(out / "models" / f) for f in os.listdir(out / "models")} == stamps
 
@@ -260,7 +266,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(mnist, tmp_path, monkeypat
         return x * float("nan") if calls["n"] > 7 * 2 + 2 else x
     monkeypatch.setattr(m, "preprocess", poisoned)
     with pytest.raises(SystemExit) as exit_info:
-        m.main(["--corruption", "0.5", "--epochs", "5", "--save-every", "1", "--no-retrain",
+        cpu_main(["--corruption", "0.5", "--epochs", "5", "--save-every", "1", "--no-retrain",
                 "--data-dir", str(mnist), "--out-dir", str(tmp_path)])
     assert exit_info.value.code != 0 and "nan" in capsys.readouterr().err
     saved = torch.load(tmp_path / "models" / "p0.5_run0.partial.pt", weights_only=True)
@@ -271,7 +277,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(mnist, tmp_path, monkeypat
 
 def test_cnn_on_cifar_files(tmp_path, patch_md5):
     write_cifar(str(tmp_path), "cifar10", n_train=60, n_test=30)
-    res = m.main(["--dataset", "cifar10", "--model", "cnn", "--corruption", "0.4", "--epochs", "1", "--no-retrain",
+    res = cpu_main(["--dataset", "cifar10", "--model", "cnn", "--corruption", "0.4", "--epochs", "1", "--no-retrain",
                   "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")])
     r = res["runs"][0]
     assert [(layer["name"], layer["dim"]) for layer in r["layers"]] == [
@@ -297,7 +303,7 @@ def test_tinyimagenet_folder_layout_is_decoded_cached_and_trains_alexnet(tmp_pat
     assert (base / "uint8_cache.pt").exists()
     (tx2, ty2), _ = m.load_tinyimagenet(str(tmp_path))
     assert torch.equal(tx, tx2) and torch.equal(ty, ty2)
-    res = m.main(["--dataset", "tinyimagenet", "--model", "alexnet", "--corruption", "0.5", "--epochs", "1",
+    res = cpu_main(["--dataset", "tinyimagenet", "--model", "alexnet", "--corruption", "0.5", "--epochs", "1",
                   "--no-retrain", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")])
     assert [layer["dim"] for layer in res["runs"][0]["layers"]] == [256, 4096, 4096]
     assert res["config"]["batch_size"] == 500 and len(res["runs"][0]["layers"][0]["corrupt_subspaces"]["dims"]) == 200
@@ -307,7 +313,7 @@ def test_incomplete_tinyimagenet_gives_one_line_error(tmp_path, capsys):
     from conftest import write_tinyimagenet
     write_tinyimagenet(str(tmp_path), classes=2, per_class=2, val_per_class=1)
     os.remove(tmp_path / "tiny-imagenet-200" / "val" / "val_annotations.txt")
-    err = main_error(m, ["--dataset", "tinyimagenet", "--model", "alexnet", "--data-dir", tmp_path,
+    err = main_error(m, CPU + ["--dataset", "tinyimagenet", "--model", "alexnet", "--data-dir", tmp_path,
                          "--out-dir", tmp_path / "out"], capsys)
     assert "incomplete" in err and "val_annotations.txt" in err and not (tmp_path / "out").exists()
 
@@ -325,13 +331,13 @@ def test_incomplete_tinyimagenet_gives_one_line_error(tmp_path, capsys):
     (["--posthoc-corruption", "0.2"], "--posthoc-corruption"),
 ])
 def test_bad_input_gives_one_line_error(args, fragment, mnist, tmp_path, capsys):
-    err = main_error(m, ["--data-dir", mnist, "--out-dir", tmp_path / "out", *args], capsys)
+    err = main_error(m, CPU + ["--data-dir", mnist, "--out-dir", tmp_path / "out", *args], capsys)
     assert fragment in err
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_data_offline_names_dataset_and_folder(tmp_path):
-    proc = run_script("masc_decode.py", "--data-dir", tmp_path / "none", "--out-dir", tmp_path / "out")
+    proc = run_script("masc_decode.py", *CPU, "--data-dir", tmp_path / "none", "--out-dir", tmp_path / "out")
     assert_one_line_error(proc, "mnist", os.path.join(str(tmp_path / "none"), "MNIST"))
     assert not (tmp_path / "out").exists()
 
@@ -341,14 +347,15 @@ def test_benchmark_runs_quick():
     proc = run_script("tests/benchmark_masc.py", "--quick")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert lines[-2].endswith("1.0000")  # the same predictions as the authors' approach
-    assert lines[-1].startswith("training, 2 MLP-MNIST models") and "operators per step" in lines[-1]
+    assert lines[-3].endswith("1.0000")  # the same predictions as the authors' approach
+    assert lines[-2].startswith("training, 2 MLP-MNIST models") and "operators per step" in lines[-2]
+    assert lines[-1].startswith("training, 2 CNN-MNIST models") and "operators per step" in lines[-1]
 
 # ----------------------------------------------------------------------------- wiring: stop, relabel, retrain
 
 
 def test_training_stops_at_the_threshold_and_says_so(mnist, tmp_path, capsys):
-    res = m.main(["--corruption", "0", "--epochs", "10", "--stop-acc", "0.2", "--no-retrain",
+    res = cpu_main(["--corruption", "0", "--epochs", "10", "--stop-acc", "0.2", "--no-retrain",
                   "--data-dir", str(mnist), "--out-dir", str(tmp_path / "stop")])
     r = res["runs"][0]
     acc = r["history"]["train_acc"]
@@ -356,7 +363,7 @@ def test_training_stops_at_the_threshold_and_says_so(mnist, tmp_path, capsys):
     assert r["epochs_trained"] == len(acc) == first < 10 and r["reached_stop_acc"] is True
     assert f"reached --stop-acc 0.2 at epoch {first}; stopped" in capsys.readouterr().out
     # beside a model that never reaches it, the same model stops at the same epoch and stays put
-    both = m.main(["--corruption", "0,1", "--epochs", str(first + 1), "--stop-acc", "0.2", "--no-retrain",
+    both = cpu_main(["--corruption", "0,1", "--epochs", str(first + 1), "--stop-acc", "0.2", "--no-retrain",
                    "--data-dir", str(mnist), "--out-dir", str(tmp_path / "both")])["runs"]
     assert_same_numbers(both[0], r)
     assert both[1]["epochs_trained"] == first + 1 and both[1]["reached_stop_acc"] is False
@@ -403,11 +410,14 @@ def test_relabel_counts_fixed_broken_and_keeps_unplaceable_rows():
     assert out["val_size"] == 2 and out["test_size"] == 8
 
 
-def test_retraining_patience_and_best_epoch_restore(monkeypatch):
-    """Two models retrained together, validation accuracies 0.5, 0.7, 0.6, 0.65, 0.7, 0.9 for the
+@pytest.mark.parametrize("patience,kept,epochs", [(3, (2, 6), (5, 6)), (0, (6, 6), (6, 6))])
+def test_retraining_patience_and_best_epoch_restore(monkeypatch, patience, kept, epochs):
+    """Two models retrained together, validation accuracies 0.5, 0.7, 0.6, 0.6, 0.7, 0.9 for the
     first and rising for the second: with patience 3 the first stops after epoch 5 with the
-    weights of epoch 2, the second runs all 6 epochs and keeps its last."""
-    scripted = [[0.5, 0.7, 0.6, 0.65, 0.7, 0.9], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]]
+    weights of epoch 2, the second runs all 6 epochs and keeps its last. Patience 0 (Figure 31)
+    runs both for all 6 epochs and keeps the last weights. The report's after_test is the 80% part's
+    accuracy of the kept weights, and test_per_epoch that of every epoch."""
+    scripted = [[0.5, 0.7, 0.6, 0.6, 0.7, 0.9], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]]
     epoch = {"n": 0}
 
     def fake_epoch(stack, images, labels, batch_size, gens):
@@ -416,24 +426,96 @@ def test_retraining_patience_and_best_epoch_restore(monkeypatch):
             stack.params["out.bias"].fill_(epoch["n"])  # the weights say which epoch made them
         return [0.0] * labels.shape[0]
 
-    def fake_predictions(stack, images):  # a prediction row whose validation accuracy is scripted
+    def fake_predictions(stack, images):
+        """Validation part (images 0-9): scripted accuracy; test part (10-19): 0.1 * epoch."""
         rows = []
         for i in range(stack.params["out.bias"].shape[0]):
             acc = scripted[i][epoch["n"] - 1] if stack.params["out.bias"].shape[0] == 2 else scripted[1][epoch["n"] - 1]
-            rows.append(torch.tensor([0] * round(acc * 10) + [1] * (10 - round(acc * 10))))
+            val = [0] * round(acc * 10) + [1] * (10 - round(acc * 10))
+            rows.append(torch.tensor(val + [0] * epoch["n"] + [1] * (10 - epoch["n"])))
         return torch.stack(rows)
     monkeypatch.setattr(m, "train_epoch", fake_epoch)
     monkeypatch.setattr(m.Stack, "predictions", fake_predictions)
     data = m.Data(train_x=torch.zeros(4, 1, 28, 28, dtype=torch.uint8), train_y=torch.zeros(4, dtype=torch.long),
-                  test_x=torch.zeros(10, 1, 28, 28, dtype=torch.uint8), test_y=torch.zeros(10, dtype=torch.long))
-    config = argparse.Namespace(retrain_epochs=6, patience=3, batch_size=2, lr=1e-3, optimizer="sgd",
+                  test_x=torch.zeros(20, 1, 28, 28, dtype=torch.uint8), test_y=torch.zeros(20, dtype=torch.long))
+    config = argparse.Namespace(retrain_epochs=6, patience=patience, batch_size=2, lr=1e-3, optimizer="sgd",
                                 models_at_once=2)
     model = m.build_model("mlp", (1, 28, 28), 10, 0)
-    val = torch.arange(10)
-    (first, epochs1), (second, epochs2) = m.retrain_all(
-        [(model, data.train_y, val, (0, "corrupt")), (model, data.train_y, val, (0, "true"))], data, config)
-    assert epochs1 == 5 and torch.all(first.out.bias == 2)
-    assert epochs2 == 6 and torch.all(second.out.bias == 6)
+    reports = [{}, {}]
+    jobs = [m.Retraining(f"{i}", {n: t.clone() for n, t in model.state_dict().items()}, data.train_y,
+                         torch.Generator(), history={"train_acc": [], "val_acc": [], "test_acc": []},
+                         val_idx=torch.arange(10), eval_idx=torch.arange(10, 20), report=reports[i])
+            for i in range(2)]
+    m.retrain_all(jobs, model, data, config)
+    for job, report, k, e in zip(jobs, reports, kept, epochs):
+        assert torch.all(job.best_state["out.bias"] == k) and report["kept_epoch"] == k
+        assert report["epochs"] == e and report["test_per_epoch"] == pytest.approx([0.1 * n for n in range(1, e + 1)])
+        assert report["after_test"] == pytest.approx(0.1 * k)
+    assert reports[0]["val_per_epoch"] == pytest.approx(scripted[0][:epochs[0]])
+
+
+def test_figure31_command_records_every_retraining_epoch(mnist, tmp_path):
+    res = cpu_main(["--corruption", "0.5", "--epochs", "2", "--retrain-epochs", "3", "--patience", "0",
+                    "--data-dir", mnist, "--out-dir", tmp_path])
+    for kind in ("corrupt_subspaces", "true_subspaces"):
+        report = res["runs"][0]["retrain"][kind]
+        assert report["epochs"] == 3 and report["kept_epoch"] == 3 and len(report["test_per_epoch"]) == 3
+        assert report["after_test"] == report["test_per_epoch"][-1]
+        assert all(round(a * 48) == pytest.approx(a * 48) for a in report["test_per_epoch"])  # of 48 images
+
+# ----------------------------------------------------------------------------- controls and options
+
+
+def test_init_control_decodes_the_trained_models_own_initial_weights(mnist, tmp_path, monkeypatch):
+    """With training made a no-op, each "trained" model is its initialisation: the control must
+    give the same numbers for every layer. The two runs' controls differ (their seeds do)."""
+    monkeypatch.setattr(m, "train_epoch", lambda stack, images, labels, *rest: [0.0] * labels.shape[0])
+    res = cpu_main(["--corruption", "0.5", "--runs", "2", "--epochs", "1", "--no-retrain",
+                    "--data-dir", mnist, "--out-dir", tmp_path])
+    for r in res["runs"]:
+        for layer, control in zip(r["layers"], r["init_control"]):
+            assert layer["name"] == control["name"]
+            for kind in ("corrupt_subspaces", "true_subspaces"):
+                assert layer[kind]["test"] == control[kind]["test"]
+    controls = [[c["corrupt_subspaces"]["test"] for c in r["init_control"][1:]] for r in res["runs"]]
+    assert controls[0] != controls[1]
+
+
+def test_optimizer_flag_is_recorded_and_never_reuses_the_other_optimizers_model(mnist, tmp_path, capsys):
+    args = ["--corruption", "0.5", "--epochs", "2", "--no-retrain", "--data-dir", mnist, "--out-dir", tmp_path]
+    sgd = cpu_main(args)
+    adam = cpu_main(args + ["--optimizer", "adam", "--out-dir", tmp_path / "adam"])
+    assert sgd["config"]["optimizer"] == "sgd" and adam["config"]["optimizer"] == "adam"
+    assert json.loads((tmp_path / "adam" / "config.json").read_text())["optimizer"] == "adam"
+    assert adam["config"]["lr"] == sgd["config"]["lr"] == 1e-3  # --lr keeps the model's default
+    assert adam["runs"][0]["history"] != sgd["runs"][0]["history"]
+    stamp = os.path.getmtime(tmp_path / "models" / "p0.5_run0.pt")
+    err = main_error(m, CPU + args + ["--optimizer", "adam"], capsys)
+    assert "optimizer: 'sgd' -> 'adam'" in err and "--overwrite" in err
+    assert os.path.getmtime(tmp_path / "models" / "p0.5_run0.pt") == stamp
+
+
+def test_a_cpu_command_trains_one_model_at_a_time_unless_asked():
+    for extra, expected in (([], 1), (["--models-at-once", "3"], 3)):
+        args = m.build_parser().parse_args(["--corruption", "0,0.5,1", "--device", "cpu"] + extra)
+        m.check_args(args)
+        assert args.models_at_once == expected
+
+
+def test_authors_aggregation_is_the_best_layer_of_the_mean_curve():
+    """Run 1: layers a, b at 0.5, 0.9; run 2: 0.8, 0.4. The mean curve is 0.65 at both layers;
+    the mean of each run's best layer is 0.85."""
+    runs = [{"corruption": 0.4, "run": i, "best_layer": name, "best_masc_test": best,
+             "layers": [{"name": "a", "corrupt_subspaces": {"test": a}, "true_subspaces": {"test": 0.1}},
+                        {"name": "b", "corrupt_subspaces": {"test": b}, "true_subspaces": {"test": 0.3}}]}
+            for i, (a, b, name, best) in enumerate([(0.5, 0.9, "b", 0.9), (0.8, 0.4, "a", 0.8)])]
+    assert m.best_of_mean_curve(runs, "corrupt_subspaces") == pytest.approx(0.65)
+    assert m.best_of_mean_curve(runs, "true_subspaces") == pytest.approx(0.3)
+    for r in runs:
+        r.update(model_acc={"test": 0.5}, improvement_pct=0.0, best_masc_test_true=0.3, early_stop_test_acc=0.5,
+                 retrain=None)
+    table = m.summary_table(runs, [0.4])
+    assert "0.850 [0.800,0.900]" in table and "0.650/0.300" in table
 
 # ----------------------------------------------------------------------------- batched training
 
@@ -443,22 +525,25 @@ def test_batched_models_equal_models_trained_alone(mnist, tmp_path):
     trained alone with its seed."""
     common = ["--dataset", "mnist", "--model", "mlp", "--epochs", "3", "--retrain-epochs", "2",
               "--data-dir", str(mnist)]
-    together = m.main(common + ["--corruption", "0.5", "--runs", "2", "--out-dir", str(tmp_path / "all")])
-    alone = m.main(common + ["--corruption", "0.5", "--seed", "1", "--out-dir", str(tmp_path / "alone")])
+    together = cpu_main(common + ["--corruption", "0.5", "--runs", "2", "--models-at-once", "2",
+                                  "--out-dir", str(tmp_path / "all")])
+    alone = cpu_main(common + ["--corruption", "0.5", "--seed", "1", "--out-dir", str(tmp_path / "alone")])
     assert_same_numbers(without_run(alone["runs"][0]), without_run(together["runs"][1]))  # both seed 1
     assert together["runs"][1]["retrain"]["corrupt_subspaces"]["epochs"] >= 1
 
 
 @pytest.mark.parametrize("arch,dataset", [("cnn", "mnist"), ("alexnet", "cifar100")])
-def test_cnn_and_alexnet_batch_like_one_at_a_time(arch, dataset, mnist, tmp_path, patch_md5):
+def test_cnn_and_alexnet_batch_like_one_at_a_time(arch, dataset, mnist, tmp_path, patch_md5, monkeypatch):
     root = mnist
     if dataset == "cifar100":
         root = tmp_path / "data"
         write_cifar(str(root), "cifar100", n_train=100, n_test=40)
     common = ["--dataset", dataset, "--model", arch, "--corruption", "0,0.5", "--epochs", "2",
               "--no-retrain", "--data-dir", str(root)]
-    together = m.main(common + ["--out-dir", str(tmp_path / "all")])
-    apart = m.main(common + ["--models-at-once", "1", "--out-dir", str(tmp_path / "apart")])
+    together = cpu_main(common + ["--models-at-once", "2", "--out-dir", str(tmp_path / "all")])
+    real = m.convolutions_for  # a model alone trains with the kernels that a CPU stack uses
+    monkeypatch.setattr(m, "convolutions_for", lambda device, stacking: real(device, stacking=True))
+    apart = cpu_main(common + ["--models-at-once", "1", "--out-dir", str(tmp_path / "apart")])
     assert together["config"]["models_at_once"] == 2 and apart["config"]["models_at_once"] == 1
     for a, b in zip(together["runs"], apart["runs"]):
         assert_same_numbers(a, b)
@@ -495,7 +580,7 @@ def interrupted_in_pass(n, argv, monkeypatch):
         return real(*a, **k)
     monkeypatch.setattr(m, "train_epoch", crash)
     with pytest.raises(KeyboardInterrupt):
-        m.main(argv)
+        cpu_main(argv)
     monkeypatch.setattr(m, "train_epoch", real)
 
 
@@ -503,10 +588,10 @@ def test_interrupted_batch_resumes_every_model_exactly(mnist, tmp_path, monkeypa
     """Two models in one stack, stopped in epoch 4 with checkpoints at epoch 2: the same command
     ends as an uninterrupted run, for both."""
     args = ["--corruption", "0.5,0.8", "--epochs", "5", "--save-every", "2", "--no-retrain",
-            "--data-dir", str(mnist)]
-    whole = m.main(args + ["--out-dir", str(tmp_path / "whole")])
+            "--models-at-once", "2", "--data-dir", str(mnist)]
+    whole = cpu_main(args + ["--out-dir", str(tmp_path / "whole")])
     interrupted_in_pass(4, args + ["--out-dir", str(tmp_path / "cut")], monkeypatch)
-    resumed = m.main(args + ["--out-dir", str(tmp_path / "cut")])
+    resumed = cpu_main(args + ["--out-dir", str(tmp_path / "cut")])
     for a, b in zip(whole["runs"], resumed["runs"]):
         assert a["history"] == b["history"] and a["model_acc"] == b["model_acc"] and a["layers"] == b["layers"]
     assert not list((tmp_path / "cut" / "models").glob("*.partial.pt"))  # finished models replace them
@@ -515,18 +600,19 @@ def test_interrupted_batch_resumes_every_model_exactly(mnist, tmp_path, monkeypa
 def test_models_resumed_at_another_epoch_train_as_if_alone(mnist, tmp_path, monkeypatch):
     """Adam's bias correction depends on the step count: a CNN resumed at epoch 2 beside a fresh one
     trains apart from it, and both end as in an uninterrupted command."""
-    args = ["--model", "cnn", "--epochs", "4", "--save-every", "2", "--no-retrain", "--data-dir", str(mnist)]
-    whole = m.main(args + ["--corruption", "0,0.5", "--out-dir", str(tmp_path / "whole")])
+    args = ["--model", "cnn", "--epochs", "4", "--save-every", "2", "--no-retrain", "--models-at-once", "2",
+            "--data-dir", str(mnist)]
+    whole = cpu_main(args + ["--corruption", "0,0.5", "--out-dir", str(tmp_path / "whole")])
     interrupted_in_pass(3, args + ["--corruption", "0.5", "--out-dir", str(tmp_path / "cut")], monkeypatch)
     assert torch.load(tmp_path / "cut" / "models" / "p0.5_run0.partial.pt")["optimizer"]["step"] == 2 * 2  # 2 epochs of 2 steps (200 images, batch 128)
-    resumed = m.main(args + ["--corruption", "0,0.5", "--out-dir", str(tmp_path / "cut")])
+    resumed = cpu_main(args + ["--corruption", "0,0.5", "--out-dir", str(tmp_path / "cut")])
     for a, b in zip(whole["runs"], resumed["runs"]):
         assert_same_numbers(a["history"], b["history"])
         assert_same_numbers(a["layers"], b["layers"])
 
 
 def test_decode_every_records_masc_during_training(mnist, tmp_path, capsys):
-    res = m.main(["--corruption", "0.5", "--epochs", "2", "--decode-every", "1", "--no-retrain",
+    res = cpu_main(["--corruption", "0.5", "--epochs", "2", "--decode-every", "1", "--no-retrain",
                   "--data-dir", str(mnist), "--out-dir", str(tmp_path)])
     r = res["runs"][0]
     decoded = r["history"]["decode"]
@@ -535,6 +621,12 @@ def test_decode_every_records_masc_during_training(mnist, tmp_path, capsys):
     assert decoded[-1]["masc_test"] == r["best_masc_test"] and decoded[-1]["layer"] == r["best_layer"]
     assert decoded[-1]["masc_test_true"] == r["best_masc_test_true"]
     assert [d["model_test"] for d in decoded] == r["history"]["test_acc"]
+    for d in decoded:  # every layer's curve, not only the best layer's
+        assert [layer["name"] for layer in d["layers"]] == ["input", "fc1", "fc2", "fc3", "fc4"]
+        assert max(layer["masc_test"] for layer in d["layers"]) == d["masc_test"]
+        assert max(layer["masc_test_true"] for layer in d["layers"]) == d["masc_test_true"]
+    assert [layer["masc_test"] for layer in decoded[-1]["layers"]] == [
+        layer["corrupt_subspaces"]["test"] for layer in r["layers"]]
     out = capsys.readouterr().out
     best = max(decoded, key=lambda d: d["masc_test"])
     assert f"{best['masc_test']:.3f} at epoch {best['epoch']}" in out and "MASC peak" in out
@@ -549,12 +641,12 @@ def test_train_size_draws_a_class_balanced_subset(mnist, tmp_path, capsys):
     assert not torch.equal(pick, m.balanced_subset(labels, 53, 1))
     with pytest.raises(m.UserError, match="--train-size"):
         m.balanced_subset(labels, 1001, 0)
-    res = m.main(["--corruption", "0.5", "--epochs", "1", "--train-size", "50", "--retrain-epochs", "1",
+    res = cpu_main(["--corruption", "0.5", "--epochs", "1", "--train-size", "50", "--retrain-epochs", "1",
                   "--data-dir", str(mnist), "--out-dir", str(tmp_path)])
     ckpt = torch.load(tmp_path / "models" / "p0.5_run0.pt", weights_only=True)
     assert len(ckpt["labels"]) == 50  # trained on 50 images
     assert res["runs"][0]["retrain"]["val_size"] + res["runs"][0]["retrain"]["test_size"] == 60  # test set whole
-    err = main_error(m, ["--train-size", "10000", "--data-dir", mnist, "--out-dir", tmp_path / "big"], capsys)
+    err = main_error(m, CPU + ["--train-size", "10000", "--data-dir", mnist, "--out-dir", tmp_path / "big"], capsys)
     assert "--train-size" in err and not (tmp_path / "big").exists()
 
 
@@ -570,8 +662,8 @@ def test_partial_checkpoint_of_the_unbatched_version_is_refused_in_one_line(mnis
            "gen": torch.Generator().get_state()}
     (tmp_path / "models").mkdir()
     torch.save(old, tmp_path / "models" / "p0.5_run0.partial.pt")
-    err = main_error(m, args, capsys)
+    err = main_error(m, CPU + args, capsys)
     assert "older version" in err and "--overwrite" in err
     del old["optimizer"]  # a checkpoint without optimizer state is refused the same way
     torch.save(old, tmp_path / "models" / "p0.5_run0.partial.pt")
-    assert "older version" in main_error(m, args, capsys)
+    assert "older version" in main_error(m, CPU + args, capsys)
