@@ -14,6 +14,9 @@ Usage:
     python benign_memorization.py --dataset cifar10 --epochs 5000            # the paper's setting
     python benign_memorization.py --dataset cifar10 --augment none --mixup 0 # malign control
     python benign_memorization.py --augment fixed:16 --aug-labels random     # Figure 5
+
+Reading order: constants; the method as a run uses it (labels, augmentation, mixup, training
+points, model, training step, probes); data and checkpoints; the command line and main().
 """
 import argparse
 import contextlib
@@ -34,253 +37,50 @@ import torchvision
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-# ----------------------------------------------------------------------------- config
+
+# ----------------------------------------------------------------------------- constants
 
 DATASETS = {"cifar10": (10, 32), "cifar100": (100, 32), "tinyimagenet": (200, 64)}  # classes, size
-TRANSFER = ("cifar10", "cifar100", "stl10", "tinyimagenet")
+TRANSFER = ("cifar10", "cifar100", "stl10", "tinyimagenet")  # probed only (Figure 9)
 
+# The authors' released setting: the defaults of the command line
+EPOCHS = 5000  # their default (their README runs 10000)
+BATCH_SIZE = 256  # shuffled, last partial batch dropped
+LR = 3e-4  # Adam, no schedule, no weight decay
+PROJECTOR_WIDTH = 65536  # their README's width: wider projectors probe better (Figure 7)
+MIXUP_PROB = 0.8  # a batch is mixed with this probability, lambda ~ Beta(1, 1)
+EVAL_EVERY = 50  # epochs between their K-NN probes
+KNN_K = 20  # neighbours of their uniform-vote K-NN
+IID_ANCHORS, IID_PARTNERS = 1000, 50  # Table 4: s = 1000 anchors, B = 50 partners each
+INVARIANCE_IMAGES = 1000  # ours (the paper gives none): 3 forwards of 1000, cheap beside the K-NN
+
+# The paper's "full" augmentation (SimCLR's without blur), drawn per image by --augment online
+CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # RandomResizedCrop's area and aspect ranges
+FLIP_P, JITTER_P, GRAY_P = 0.5, 0.8, 0.2  # probabilities of flip, colour jitter, grayscale
+BRIGHTNESS = CONTRAST = SATURATION = 0.8  # ColorJitter: a factor uniform in [1 - 0.8, 1 + 0.8]
+HUE = 0.2  # ColorJitter: a hue shift uniform in [-0.2, 0.2] turns
+
+# Memory bounds: they keep full-size runs (65,536-d layers of 50,000 images) inside one GPU
+KNN_REF_FLOATS = 1 << 26  # a float32 chunk of the K-NN reference: 256 MB
+KNN_BLOCK_FLOATS = 1 << 28  # a block of query x reference similarities: 1 GB
+KNN_MAX_QUERIES = 4096  # queries per block: also bounds the vote's (queries x classes) counts
+FEATURE_MEMORY_FRACTION = 0.5  # of free GPU memory for stored features; the rest: blocks, forward
+CPU_FEATURE_BYTES = 4 << 30  # the same budget on the CPU: 4 GB
+EXTRACT_BATCH = {"cuda": 1024, "cpu": 256}  # probe forward batch: the stem's activations bound it
+RESIZE_BATCH = 1024  # images resized at a time: no float copy of a whole transfer dataset
 
 class UserError(Exception):
     """Bad input or missing data: reported as one line, never a traceback."""
 
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's exit status 2, without the usage block
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
-
-
-def bounded(kind, low, high=math.inf, open_low=False):
-    """An argparse type: a number of `kind` in [low, high], or (low, high] with open_low."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}")
-        if value < low or value > high or (open_low and value == low):
-            wanted = f"{'>' if open_low else '>='} {low}" if high == math.inf else \
-                f"in {'(' if open_low else '['}{low}, {high}]"
-            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
-        return value
-    return parse
-
-
-def dataset_list(text):
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    if not names or any(n not in TRANSFER for n in names):
-        raise argparse.ArgumentTypeError(
-            f"expected a comma list of {', '.join(TRANSFER)}, got {text!r}")
-    return names
-
-
-def augmentation(text):
-    """Normalised --augment: full, none, fixed:B, iid[:B] (B = 50 if left out), randaugment:s."""
-    kind, _, value = text.partition(":")
-    try:
-        if kind in ("full", "none") and not value:
-            return kind
-        if kind in ("fixed", "iid") and (value or kind == "iid"):
-            return f"{kind}:{bounded(int, 1)(value or '50')}"
-        if kind == "randaugment" and value:
-            return f"{kind}:{bounded(float, 0, 1)(value):g}"
-    except argparse.ArgumentTypeError as e:
-        raise argparse.ArgumentTypeError(f"{text!r}: {e}")
-    raise argparse.ArgumentTypeError(
-        f"expected full, none, fixed:B, iid[:B] or randaugment:s, got {text!r}")
-
-
-def augment_kind(text):
-    """A normalised --augment as (kind, value): B for fixed and iid, s for randaugment, or None."""
-    kind, _, value = text.partition(":")
-    return kind, None if not value else float(value) if kind == "randaugment" else int(value)
-
-
-def build_parser():
-    p = OneLineParser(description="Random labels under augmentation, K-NN probes of every layer.")
-    count, rate, probability = bounded(int, 1), bounded(float, 0), bounded(float, 0, 1)
-    class_count = lambda text: text if text == "per-sample" else bounded(int, 2)(text)
-    g = p.add_argument_group("data and labels")
-    g.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10", help="training set")
-    g.add_argument("--data-dir", default="data", help="where datasets are (or get downloaded)")
-    g.add_argument("--label-noise", type=probability, default=1.0,
-                   help="randomize this fraction of the labels (0: clean labels; Figure 12)")
-    g.add_argument("--num-classes", type=class_count, default=None,
-                   help="random labels over C >= 2 classes, or 'per-sample' (Figure 8)")
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=["resnet18", "vgg16"], default="resnet18", help="encoder")
-    g.add_argument("--projector-width", type=count, default=65536,
-                   help="hidden width W of the projector (Figure 7)")
-    g.add_argument("--loss", choices=["mse", "ce"], default="mse", help="MSE to one-hot, or CE")
-    g = p.add_argument_group("training points")
-    g.add_argument("--augment", type=augmentation, default="full",
-                   help="full: a fresh crop, flip, colour jitter and grayscale at every step; "
-                        "none; fixed:B: B draws per image, the same every epoch (Figure 5); "
-                        "iid:B: B same-class images per anchor, unaugmented (Table 4, B = 50); "
-                        "randaugment:s: RandAugment at strength s (Figure 11)")
-    g.add_argument("--aug-labels", choices=["same", "random"], default="same",
-                   help="with fixed:B: views share their image's label, or each has its own")
-    g.add_argument("--subset", type=count, default=None,
-                   help="S class-balanced anchor images: alone, train on them only (Table 4's "
-                        "baseline); with iid:B, its anchors (default 1000)")
-    g.add_argument("--mixup", type=probability, default=None,
-                   help="probability of mixing a batch, lambda ~ Beta(1, 1) "
-                        "(default 0.8; 0 with fixed:B and iid:B)")
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=count, default=5000, help="training epochs")
-    g.add_argument("--batch-size", type=count, default=256,
-                   help="batch size (last partial batch dropped)")
-    g.add_argument("--lr", type=rate, default=3e-4, help="Adam; no schedule, no weight decay")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-every", type=count, default=50, help="epochs per probe and checkpoint")
-    g.add_argument("--knn-k", type=count, default=20, help="neighbours of the K-NN probes")
-    g.add_argument("--probe-size", type=count, default=None,
-                   help="cap on probed train and test images (default: all)")
-    g.add_argument("--invariance-size", type=bounded(int, 0), default=1000,
-                   help="images for the invariance measure (0 disables)")
-    g.add_argument("--linear-probe", choices=["every", "final", "off"], default="every",
-                   help="linear probe of the embedding at every eval, at init and end, or never")
-    g.add_argument("--transfer", type=dataset_list, default=[],
-                   help="probe the embedding at init and end on these datasets (Figure 9)")
-    g = p.add_argument_group("system")
-    g.add_argument("--out-dir", default="runs/benign", help="config, log, results, checkpoint")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device")
-    g.add_argument("--seed", type=int, default=0, help="seed of labels, initialisation and order")
-    g.add_argument("--compile", action="store_true", help="torch.compile the step and the probes")
-    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="bf16 autocast with fp16 probe features, or float32 (auto: bf16 on CUDA)")
-    g.add_argument("--overwrite", action="store_true", help="start over, discarding ckpt and logs")
-    return p
-
-
-# config keys that may change between a run and its resumption
-RESUMABLE_KEYS = {"epochs", "device", "compile", "data_dir", "out_dir", "overwrite"}
-
-
-def check_args(args):
-    """Checks argparse cannot make; fills the defaults that depend on other flags."""
-    try:
-        torch.empty(1, device=args.device)
-    except Exception as e:  # unknown or unavailable device
-        reason = str(e).strip().splitlines()[0]
-        raise UserError(f"--device {args.device} is not available ({reason})")
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise UserError(f"--out-dir {args.out_dir} exists and is not a directory")
-    kind, _ = augment_kind(args.augment)
-    if args.aug_labels == "random" and kind != "fixed":
-        raise UserError("--aug-labels random labels each fixed view: it needs --augment fixed:B")
-    classes = DATASETS[args.dataset][0]
-    if args.label_noise < 1 and args.num_classes not in (None, classes):
-        raise UserError(f"--label-noise keeps true labels: the random ones need {classes} classes")
-    if args.num_classes == "per-sample" and args.aug_labels == "random":
-        raise UserError("--aug-labels random is undefined with --num-classes per-sample")
-    if args.subset is not None and kind == "fixed":
-        raise UserError("--subset picks anchors for iid:B or Table 4's baseline, not for fixed:B")
-    args.subset = 1000 if kind == "iid" and args.subset is None else args.subset
-    if args.precision == "auto":
-        args.precision = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
-    if args.mixup is None:  # mixing would make the n*B fixed points infinitely many (Section 5.1)
-        args.mixup = 0.0 if kind in ("fixed", "iid") else 0.8
-
-
-def named_seed(*keys, bits=60):
-    return int(hashlib.sha256(repr(keys).encode()).hexdigest(), 16) % (1 << bits)
-
+def named_seed(*keys):  # the high 60 bits of a sha256, as the other two scripts
+    return int(hashlib.sha256(repr(keys).encode()).hexdigest()[:15], 16)
 
 def named_generator(device, *keys):
     """A torch.Generator seeded from named keys, so independent streams never share a sequence."""
     return torch.Generator(device=device).manual_seed(named_seed(*keys))
 
-# ----------------------------------------------------------------------------- data
 
-
-def write_atomically(path, write):
-    """write(path + ".tmp"), then rename it: an interrupted run never leaves half a file."""
-    write(path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def load_torchvision(name, root):
-    """CIFAR-10/100 or STL10: (train, test) of (uint8 images NCHW, int64 labels); downloads."""
-    cifar = "https://www.cs.toronto.edu/~kriz/cifar.html"
-    cls, pretty, folder, url = {
-        "cifar10": (torchvision.datasets.CIFAR10, "CIFAR-10", "cifar-10-batches-py", cifar),
-        "cifar100": (torchvision.datasets.CIFAR100, "CIFAR-100", "cifar-100-python", cifar),
-        "stl10": (torchvision.datasets.STL10, "STL10", "stl10_binary",
-                  "https://cs.stanford.edu/~acoates/stl10/")}[name]
-    splits = []
-    for split in ("train", "test"):
-        try:
-            ds = cls(root, download=True, **({"split": split} if name == "stl10" else
-                                             {"train": split == "train"}))
-        except Exception as e:
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise UserError(f"{pretty} not found in {os.path.join(root, folder)} and could not be "
-                            f"downloaded ({type(e).__name__}: {detail}); download it from {url} "
-                            f"and extract it into {root}/")
-        data = torch.as_tensor(ds.data)
-        data = data.permute(0, 3, 1, 2) if data.shape[-1] == 3 else data  # CIFAR stores NHWC
-        labels = torch.as_tensor(ds.targets if name != "stl10" else ds.labels, dtype=torch.long)
-        splits.append((data.contiguous(), labels))
-    return tuple(splits)
-
-
-TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
-
-
-def load_tinyimagenet(root):
-    """tiny-imagenet-200 (train/<wnid>/images, val/val_annotations.txt), cached as uint8."""
-    base = os.path.join(root, "tiny-imagenet-200")
-    cache = os.path.join(base, "uint8_cache.pt")
-    if os.path.exists(cache):
-        c = torch.load(cache, weights_only=True)
-        return (c["train_x"], c["train_y"]), (c["val_x"], c["val_y"])
-    if not os.path.isdir(base):
-        try:
-            torchvision.datasets.utils.download_and_extract_archive(TINY_URL, root)
-        except Exception as e:
-            raise UserError(f"Tiny ImageNet not found in {base} and could not be downloaded "
-                            f"({type(e).__name__}); download {TINY_URL} and unzip it into {root}/")
-    try:
-        with open(os.path.join(base, "wnids.txt")) as f:
-            wnids = sorted(line.strip() for line in f if line.strip())
-        index = {w: i for i, w in enumerate(wnids)}
-        train = [(os.path.join(base, "train", w, "images", name), index[w]) for w in wnids
-                 for name in sorted(os.listdir(os.path.join(base, "train", w, "images")))]
-        with open(os.path.join(base, "val", "val_annotations.txt")) as f:
-            val = [(os.path.join(base, "val", "images", parts[0]), index[parts[1]])
-                   for parts in (line.split("\t") for line in f if line.strip())]
-    except (OSError, KeyError) as e:
-        raise UserError(f"Tiny ImageNet in {base} is incomplete ({e}); expected the "
-                        "tiny-imagenet-200 archive layout")
-
-    def decode(items):
-        images = torch.empty(len(items), 3, 64, 64, dtype=torch.uint8)
-        for n, (path, _) in enumerate(tqdm(items, desc="decoding Tiny ImageNet", leave=False)):
-            with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders
-                warnings.simplefilter("ignore", DeprecationWarning)
-                img = torchvision.io.decode_image(torchvision.io.read_file(path),
-                                                  mode=torchvision.io.ImageReadMode.RGB)
-            if img.shape[-2:] != (64, 64):
-                img = v2.functional.resize(img, [64, 64], antialias=True)
-            images[n] = img
-        return images, torch.tensor([y for _, y in items], dtype=torch.long)
-
-    (tx, ty), (vx, vy) = decode(train), decode(val)
-    saved = {"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy}
-    write_atomically(cache, lambda tmp: torch.save(saved, tmp))
-    return (tx, ty), (vx, vy)
-
-
-def load_dataset(name, root, resolution=None):
-    """((train images uint8 NCHW, labels), (test images, labels)) on the CPU, resized if asked."""
-    splits = load_tinyimagenet(root) if name == "tinyimagenet" else load_torchvision(name, root)
-    if resolution is None or splits[0][0].shape[-1] == resolution:
-        return splits
-    resize = lambda x: torch.cat([v2.functional.resize(c, [resolution, resolution], antialias=True)
-                                  for c in x.split(1024)])  # 1024 images at a time: bounded memory
-    return tuple((resize(x), y) for x, y in splits)
-
+# ----------------------------------------------------------------------------- labels
 
 def draw_labels(clean, num_classes, noise, seed):
     """A random fraction `noise` of labels drawn anew, uniformly (per-sample: one per image)."""
@@ -292,18 +92,19 @@ def draw_labels(clean, num_classes, noise, seed):
     labels[chosen] = torch.randint(num_classes, (len(chosen),), generator=g)
     return labels
 
+
 # ----------------------------------------------------------------------------- augmentation
-# Per image, as torchvision's RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)),
-# RandomHorizontalFlip(0.5), RandomApply([ColorJitter(0.8, 0.8, 0.8, 0.2)], 0.8),
-# RandomGrayscale(0.2), but batched: every random choice is a function of 33 uniforms per image.
+# Per image, as torchvision's RandomResizedCrop, RandomHorizontalFlip, RandomApply([ColorJitter])
+# and RandomGrayscale with the constants above, but batched: every random choice of an image is a
+# function of its own NUM_UNIFORMS uniforms.
 
 CROP_TRIES = 10  # torchvision's RandomResizedCrop tries 10 boxes before its central fallback
-# per image: 10 crop areas and 10 ratios, 2 positions, flip, jitter on, 4 factors, 4 keys, gray
-NUM_UNIFORMS = 2 * CROP_TRIES + 13
+# an image's uniforms: an area and a ratio per crop try; top, left; flip; jitter on; the four
+# jitter factors; a sort key per jitter operation (their random order); grayscale
+NUM_UNIFORMS = 2 * CROP_TRIES + 2 + 1 + 1 + 4 + 4 + 1
 MASK32 = 0xFFFFFFFF  # the fixed augmentations' hash works on 32-bit values held in int64
 
-
-def augment_params(u, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+def augment_params(u, height, width, scale=CROP_SCALE, ratio=CROP_RATIO):
     """Per-image augmentation parameters from uniforms u of shape (B, NUM_UNIFORMS)."""
     t = CROP_TRIES
     area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, :t])
@@ -323,11 +124,11 @@ def augment_params(u, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     top = torch.where(any_ok, torch.floor(u[:, 2 * t] * (height - h + 1)), centre(height - h))
     left = torch.where(any_ok, torch.floor(u[:, 2 * t + 1] * (width - w + 1)), centre(width - w))
     v = u[:, 2 * t + 2:]
-    factor = lambda x: 0.2 + 1.6 * x  # ColorJitter(0.8): a factor uniform in [0.2, 1.8]
-    return dict(top=top, left=left, height=h, width=w, flip=v[:, 0] < 0.5, jitter=v[:, 1] < 0.8,
-                brightness=factor(v[:, 2]), contrast=factor(v[:, 3]), saturation=factor(v[:, 4]),
-                hue=-0.2 + 0.4 * v[:, 5], order=v[:, 6:10].argsort(1), gray=v[:, 10] < 0.2)
-
+    factor = lambda x, s: 1 - s + 2 * s * x  # uniform in [1 - s, 1 + s]
+    return dict(top=top, left=left, height=h, width=w, flip=v[:, 0] < FLIP_P,
+                jitter=v[:, 1] < JITTER_P, brightness=factor(v[:, 2], BRIGHTNESS),
+                contrast=factor(v[:, 3], CONTRAST), saturation=factor(v[:, 4], SATURATION),
+                hue=-HUE + 2 * HUE * v[:, 5], order=v[:, 6:10].argsort(1), gray=v[:, 10] < GRAY_P)
 
 def crop_grid(p, height, width):
     """Sampling grid that crops box p and resizes it to height x width (bilinear), flipping if
@@ -342,10 +143,8 @@ def crop_grid(p, height, width):
     ys = axis(p["top"], p["height"], height)
     return torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)
 
-
 def grayscale(x):
     return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # ITU-R 601 luma
-
 
 def shift_hue(x, shift):
     """Rotate the hue of RGB images x (B, 3, H, W) in [0, 1] by shift (B,) turns, through HSV."""
@@ -359,7 +158,6 @@ def shift_hue(x, shift):
     h = torch.where(c > 0, h, torch.zeros_like(h)) / 6 + shift[:, None, None]
     k = (torch.stack([5 + 6 * h, 3 + 6 * h, 1 + 6 * h], 1)) % 6
     return v.unsqueeze(1) * (1 - s.unsqueeze(1) * (torch.minimum(k, 4 - k).clamp(0, 1)))
-
 
 def color_jitter(x, p):
     """Brightness, contrast, saturation, hue: each image in its own order, as torchvision."""
@@ -378,21 +176,18 @@ def color_jitter(x, p):
         x = torch.where(per_image(op == 3), shift_hue(x, p["hue"]), x)
     return x
 
-
 def apply_augment(x, p):
-    """Crop+resize+flip in one grid_sample, then colour jitter, then grayscale."""
+    """Float images x in [0, 1]: crop, resize and flip in one grid_sample, jitter, grayscale."""
     x = F.grid_sample(x, crop_grid(p, x.shape[-2], x.shape[-1]), mode="bilinear",
                       padding_mode="border", align_corners=False)
     x = color_jitter(x, p)
     return torch.where(p["gray"][:, None, None, None], grayscale(x).expand_as(x), x)
-
 
 def mix32(x, m=MASK32):
     """An integer hash of 32-bit values held in int64 (products stay below 2^63)."""
     x = ((x >> 16) ^ x) * 0x45D9F3B & m
     x = ((x >> 16) ^ x) * 0x45D9F3B & m
     return (x >> 16) ^ x
-
 
 def hash_uniforms(stream, image, aug, count):
     """Uniforms in [0, 1) that are a pure function of (stream, image index, augmentation index):
@@ -404,7 +199,6 @@ def hash_uniforms(stream, image, aug, count):
     u = mix32((h.unsqueeze(1) * 0x27D4EB2D + j * 0x165667B1) & m)
     return (u >> 8).float() / (1 << 24)  # 24 random bits: exact in float32
 
-
 def rand_augment(images, strength, group=8):
     """RandAugment at strength s on uint8 images, as the authors: num_ops = int(10s // 3 + 1),
     magnitude min(int(100s), 99) of 100 bins. torchvision draws once per call: each group of 8
@@ -414,6 +208,8 @@ def rand_augment(images, strength, group=8):
     return torch.cat([t(chunk) for chunk in images.split(group)])
 
 
+# ----------------------------------------------------------------------------- mixup
+
 def mixup(x, y, prob, u):
     """With probability prob, mix x and y with a permutation of themselves by one lambda. u: the
     coin, lambda (Beta(1, 1) is uniform), a sort key per image (argsort: the partners). An unmixed
@@ -422,26 +218,27 @@ def mixup(x, y, prob, u):
     perm = u[2:].argsort()
     return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
 
+
 # ----------------------------------------------------------------------------- training points
 
-
 class TrainingSet:
-    """The points the network is trained on: point m is image source[m] with label labels[m],
-    seen through fixed augmentation aug_id[m] (finite augmentations), a fresh augmentation at every
-    access (online), RandAugment, or unaugmented."""
+    """The points the network is trained on: point m is image source[m] with label labels[m], seen
+    through `augment`: "online" (a fresh draw at every access), "fixed" (fixed augmentation
+    aug_id[m]), "randaugment" (at `strength`) or "none"."""
 
     def __init__(self, images, source, labels, classes, augment, aug_id=None, stream=0,
                  strength=None):
         self.images, self.source, self.labels, self.num_classes = images, source, labels, classes
         self.augment, self.aug_id, self.stream, self.strength = augment, aug_id, stream, strength
-        # an epoch never outgrows the dataset: n*B fixed points cost the steps of n images
-        self.epoch_size = min(len(source), len(images))
+        # An epoch trains on as many points as there are images (drawn from a fresh permutation
+        # of all the points), not on every point: n*B fixed or S*B i.i.d. points keep the step
+        # budget of the n images (Section 5.1); fewer points than images (--subset) are one pass
+        self.points_per_epoch = min(len(source), len(images))
 
     def __len__(self):
         return len(self.source)
 
     def fixed_uniforms(self, idx):
-        """The uniforms of points idx's fixed augmentations: a pure function of (image, aug id)."""
         return hash_uniforms(self.stream, self.source[idx], self.aug_id[idx], NUM_UNIFORMS)
 
     def view(self, idx):
@@ -463,12 +260,11 @@ class TrainingSet:
             return images, targets, self.fixed_uniforms(idx)
         return images, targets, online_uniforms if self.augment == "online" else None
 
-
-def balanced_anchors(clean, subset, seed):
+def balanced_anchors(clean, count, seed):
     """Table 4's S anchor images, drawn at random but class-balanced (S // C per class, one more
     for S mod C random classes), so that every class has as many partner images per anchor."""
-    if subset >= len(clean):
-        raise UserError(f"--subset {subset} leaves no other training images "
+    if count >= len(clean):
+        raise UserError(f"--subset {count} leaves no other training images "
                         f"(the dataset has {len(clean)})")
     g = named_generator("cpu", "anchors", seed)
     order = torch.randperm(len(clean), generator=g)
@@ -477,8 +273,7 @@ def balanced_anchors(clean, subset, seed):
     rank = torch.arange(len(clean)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
     class_order = torch.randperm(len(counts), generator=g)  # which classes get the remainder
     key = rank * len(counts) + class_order[clean[by_class]]
-    return by_class[torch.argsort(key)[:subset]]
-
+    return by_class[torch.argsort(key)[:count]]
 
 def iid_partners(clean, anchors, per_anchor, seed):
     """Table 4: per anchor, `per_anchor` non-anchor training images of its true class, (S, B).
@@ -498,9 +293,12 @@ def iid_partners(clean, anchors, per_anchor, seed):
         partners[mine] = pool[dealt].view(len(mine), per_anchor)
     return partners
 
+def augment_kind(text):
+    """A normalised --augment as (kind, value): B for fixed and iid, s for randaugment, or None."""
+    kind, _, value = text.partition(":")
+    return kind, None if not value else float(value) if kind == "randaugment" else int(value)
 
 def make_training_set(args, train, num_classes, device):
-    """The training points of the chosen experiment, on the device."""
     images, clean = train
     labels = draw_labels(clean, num_classes, args.label_noise, args.seed)
     n = len(clean)
@@ -521,14 +319,34 @@ def make_training_set(args, train, num_classes, device):
             (args.seed, "per augmentation"))
     else:
         source, point_labels = torch.arange(n), labels
-    mode = {"full": "online", "iid": "none"}.get(kind, kind)
     to = lambda t: None if t is None else t.to(device)
-    return TrainingSet(images.to(device), to(source), to(point_labels), num_classes, mode,
-                       to(aug_id), stream=named_seed("fixed augmentations", args.seed, bits=32),
+    return TrainingSet(images.to(device), to(source), to(point_labels), num_classes,
+                       "none" if kind == "iid" else kind,  # the partners are shown as stored
+                       to(aug_id), stream=named_seed("fixed augmentations", args.seed),
                        strength=value if kind == "randaugment" else None)
+
 
 # ----------------------------------------------------------------------------- model
 
+def resnet18_stages(stem_stride):
+    """torchvision's ResNet18, CIFAR stem: a 3x3 conv (stride 1; 2 for 64x64), no max-pool."""
+    r = torchvision.models.resnet18(weights=None)
+    r.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False)
+    # as torchvision initialises its own convs (the default init would move the INIT baseline)
+    nn.init.kaiming_normal_(r.conv1.weight, mode="fan_out", nonlinearity="relu")
+    stem = ("stem", nn.Sequential(r.conv1, r.bn1, r.relu))
+    return [stem] + [(f"layer{i}", getattr(r, f"layer{i}")) for i in range(1, 5)], 512
+
+def vgg16_stages(stem_stride):
+    """torchvision's VGG16-BN, its convolutional stack cut after each of its five max-pools."""
+    features = torchvision.models.vgg16_bn(weights=None).features
+    features[0].stride = (stem_stride, stem_stride)
+    stages, start = [], 0
+    for i, layer in enumerate(features):
+        if isinstance(layer, nn.MaxPool2d):
+            stages.append((f"block{len(stages) + 1}", features[start:i + 1]))
+            start = i + 1
+    return stages, 512
 
 class Network(nn.Module):
     """Encoder stages -> global average pool (embedding) -> projector Linear-ReLU-Linear."""
@@ -557,37 +375,14 @@ class Network(nn.Module):
         taps["output"] = self.projector[2](taps["projector"])
         return taps["output"]
 
-
-def resnet18_stages(stem_stride):
-    """torchvision's ResNet18, CIFAR stem: a 3x3 conv (stride 1; 2 for 64x64), no max-pool."""
-    r = torchvision.models.resnet18(weights=None)
-    r.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False)
-    # as torchvision initialises its own convs (the default init would move the INIT baseline)
-    nn.init.kaiming_normal_(r.conv1.weight, mode="fan_out", nonlinearity="relu")
-    stem = ("stem", nn.Sequential(r.conv1, r.bn1, r.relu))
-    return [stem] + [(f"layer{i}", getattr(r, f"layer{i}")) for i in range(1, 5)], 512
-
-
-def vgg16_stages(stem_stride):
-    """torchvision's VGG16-BN, its convolutional stack cut after each of its five max-pools."""
-    features = torchvision.models.vgg16_bn(weights=None).features
-    features[0].stride = (stem_stride, stem_stride)
-    stages, start = [], 0
-    for i, layer in enumerate(features):
-        if isinstance(layer, nn.MaxPool2d):
-            stages.append((f"block{len(stages) + 1}", features[start:i + 1]))
-            start = i + 1
-    return stages, 512
-
-
 def build_model(args, num_classes, resolution):
     torch.manual_seed(args.seed)  # initialisation on the CPU: identical on every device
     stride = 1 if resolution <= 32 else 2  # the paper restores stride 2 for 64x64 Tiny ImageNet
     stages, dim = (vgg16_stages if args.arch == "vgg16" else resnet18_stages)(stride)
     return Network(stages, dim, args.projector_width, num_classes)
 
-# ----------------------------------------------------------------------------- training
 
+# ----------------------------------------------------------------------------- training step
 
 def step_uniforms(batch, online, mix, generator, device):
     """Every random number of one training step in one draw: per image, the online augmentation's
@@ -600,13 +395,18 @@ def step_uniforms(batch, online, mix, generator, device):
     mix_u = torch.cat([u[batch * per_image:], rows[:, -1]]) if mix else None
     return aug_u, mix_u
 
-
 def compute_loss(out, target, kind):
     out = out.float()  # the loss in float32, whatever the forward's precision
     return F.mse_loss(out, target) if kind == "mse" else F.cross_entropy(out, target)
 
+@dataclass(frozen=True)
+class StepSettings:  # fixed for the run
+    mixup_prob: float
+    loss: str  # "mse" (to the one-hot or mixed target) or "ce"
+    bf16: bool  # bf16 autocast of the forward
+    channels_last: bool  # NHWC convolutions: faster on CUDA only
 
-def step_loss(model, images, targets, aug_u, mix_u, mixup_prob, loss_kind, bf16, channels_last):
+def step_loss(model, images, targets, aug_u, mix_u, settings):
     """Augmentation, mixup, forward and loss of one step, from uint8 images and its uniforms: a
     pure function of tensors, so torch.compile(fullgraph=True) makes one graph of an eager step's
     thousand small operators (about 490 in the augmentation)."""
@@ -614,35 +414,34 @@ def step_loss(model, images, targets, aug_u, mix_u, mixup_prob, loss_kind, bf16,
     if aug_u is not None:
         x = apply_augment(x, augment_params(aug_u, x.shape[-2], x.shape[-1]))
     if mix_u is not None:
-        x, targets = mixup(x, targets, mixup_prob, mix_u)
-    if channels_last:
+        x, targets = mixup(x, targets, settings.mixup_prob, mix_u)
+    if settings.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=settings.bf16):
         out = model(x)
-    return compute_loss(out, targets, loss_kind)
+    return compute_loss(out, targets, settings.loss)
 
-
-def train_epoch(model, opt, data, gen, args, rt):
-    """One epoch over a fresh permutation of the points; the mean loss stays on the device."""
+def train_epoch(model, opt, data, gen, batch_size, step, settings):
+    """data.points_per_epoch points of a fresh permutation; the mean loss stays on the device."""
     dev = data.labels.device
     perm = torch.randperm(len(data), generator=gen, device=dev)
-    steps, size = data.epoch_size // args.batch_size, args.batch_size
+    steps = data.points_per_epoch // batch_size
     loss_sum = torch.zeros((), device=dev)
     for s in range(steps):
-        # every random number of the run comes from gen, in step order: a resumed run that
-        # restores gen draws exactly what the uninterrupted run would have drawn
-        aug_u, mix_u = step_uniforms(size, data.augment == "online", args.mixup > 0, gen, dev)
-        images, targets, aug_u = data.batch(perm[s * size:(s + 1) * size], aug_u)
-        loss = rt.step(model, images, targets, aug_u, mix_u, args.mixup, args.loss, rt.bf16,
-                       rt.channels_last)
+        # the step's random numbers come from gen (RandAugment's from torch's global generator),
+        # in step order: a resumed run restores both and draws what the uninterrupted run would
+        aug_u, mix_u = step_uniforms(batch_size, data.augment == "online",
+                                     settings.mixup_prob > 0, gen, dev)
+        images, targets, aug_u = data.batch(perm[s * batch_size:(s + 1) * batch_size], aug_u)
+        loss = step(model, images, targets, aug_u, mix_u, settings)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         loss_sum += loss.detach()
     return loss_sum / steps
 
-# ----------------------------------------------------------------------------- probes
 
+# ----------------------------------------------------------------------------- probes
 
 @contextlib.contextmanager
 def tf32_matmul(enabled):
@@ -658,7 +457,6 @@ def tf32_matmul(enabled):
     finally:
         setattr(matmul, key, before)
 
-
 def similarity_blocks(ref, queries, chunk=None, ref_chunk=None):
     """(start, block) for chunks of queries: float32 cosine similarities of the chunk against every
     reference row. The products are float32 whatever the features' dtype: fp16's spacing near 0.9
@@ -666,9 +464,9 @@ def similarity_blocks(ref, queries, chunk=None, ref_chunk=None):
     similarities would reorder neighbours. Only one chunk of the reference is cast to float32 at a
     time: no float32 copy of the whole matrix (13 GB for a 65,536-wide layer of 50,000 images)."""
     n, dim = ref.shape
-    ref_chunk = ref_chunk or max(1, (1 << 26) // dim)  # 2^26 floats: a 256 MB reference chunk
-    # 2^28 floats: similarity blocks of at most 1 GB; at most 4096 queries per block
-    chunk = chunk or max(1, min(4096, (1 << 28) // max(n, 1), (1 << 26) // dim))
+    ref_chunk = ref_chunk or max(1, KNN_REF_FLOATS // dim)
+    chunk = chunk or max(1, min(KNN_MAX_QUERIES, KNN_BLOCK_FLOATS // max(n, 1),
+                                KNN_REF_FLOATS // dim))  # the float32 queries: as a ref chunk
     parts = range(0, n, ref_chunk)
     norm = torch.cat([ref[a:a + ref_chunk].float().norm(dim=1) for a in parts])
     # only the references are normalised: 1/|q| scales a whole row and would not change its ranking
@@ -682,7 +480,6 @@ def similarity_blocks(ref, queries, chunk=None, ref_chunk=None):
                 block[:, a:a + ref_chunk] = q @ ref[a:a + ref_chunk].float().T
         yield start, block.mul_(inv_norm)
 
-
 def vote(sim, labels, k, num_classes):
     """Majority vote of the k most similar references; ties go to the smallest class (sklearn)."""
     idx = sim.topk(k, dim=1).indices
@@ -690,15 +487,13 @@ def vote(sim, labels, k, num_classes):
     votes.scatter_add_(1, labels[idx], torch.ones_like(idx, dtype=votes.dtype))
     return votes.argmax(1)
 
-
-def knn_predict(train_feats, train_labels, query_feats, k=20, chunk=None, ref_chunk=None):
+def knn_predict(train_feats, train_labels, query_feats, k=KNN_K, chunk=None, ref_chunk=None):
     """Cosine K-NN, uniform majority vote; memory is bounded by the chunks, not the matrices."""
     k, num_classes = min(k, train_feats.shape[0]), int(train_labels.max()) + 1
     return torch.cat([vote(sim, train_labels, k, num_classes) for _, sim in
                       similarity_blocks(train_feats, query_feats, chunk, ref_chunk)])
 
-
-def knn_noisy(feats, labels, k=20, groups=None, chunk=None, ref_chunk=None):
+def knn_noisy(feats, labels, k=KNN_K, groups=None, chunk=None, ref_chunk=None):
     """The noisy probe of training points against each other, from one pass over the similarities:
     leave-one-out predictions (no point votes for itself nor, given groups, for its group: other
     views of its image would vote its label) and self-inclusive ones (as scikit-learn)."""
@@ -712,10 +507,8 @@ def knn_noisy(feats, labels, k=20, groups=None, chunk=None, ref_chunk=None):
         loo.append(vote(sim.masked_fill_(same_group, -float("inf")), labels, loo_k, num_classes))
     return torch.cat(loo), torch.cat(own)
 
-
 def accuracy(pred, labels):
     return (pred == labels).float().mean().item()
-
 
 def normalized_invariance(h_aug1, h_aug2, h_clean):
     """Eq. 2 averaged over points: ||q(T1 x) - q(T2 x)||^2 / mean_{x' != x} ||q(x) - q(x')||^2.
@@ -726,7 +519,6 @@ def normalized_invariance(h_aug1, h_aug2, h_clean):
     pair_sum = m * sq - 2 * h_clean @ h_clean.sum(0) + sq.sum()
     numerator = (h_aug1 - h_aug2).pow(2).sum(1)
     return (numerator / (pair_sum / (m - 1)).clamp_min(1e-12)).mean().item()
-
 
 def linear_probe(train_f, train_y, test_f, test_y, steps=100, weight_decay=1e-4):
     """Test accuracy of an L-BFGS logistic regression on standardised features (Appendix A)."""
@@ -747,7 +539,6 @@ def linear_probe(train_f, train_y, test_f, test_y, steps=100, weight_decay=1e-4)
         opt.step(closure)
     return accuracy((xt @ W + b).argmax(1), test_y)
 
-
 def layer_outputs(model, x, bf16, channels_last):
     """Every probed layer's flattened output for float images x (the probes' forward pass)."""
     if channels_last:
@@ -757,26 +548,23 @@ def layer_outputs(model, x, bf16, channels_last):
         model(x, taps)
     return taps
 
-
 class Runtime:
-    """How every forward pass runs: the step, the probes and the K-NN in bf16 autocast with fp16
-    features (L2-normalised, so in [-1, 1], where fp16 has 3 more mantissa bits than bf16) or in
-    float32 throughout; compiled: torch.compile builds the step and the probes' forward."""
+    """How the probes run: in bf16 autocast with fp16 features (L2-normalised, so in [-1, 1],
+    where fp16 has 3 more mantissa bits than bf16) or in float32 throughout; compiled:
+    torch.compile builds their forward pass."""
 
     def __init__(self, device, bf16, compiled=False):
         self.device, self.bf16 = device, bf16
         self.channels_last = device.type == "cuda"  # NHWC convolutions are faster on CUDA only
         self.feature_dtype = torch.float16 if bf16 else torch.float32
-        self.step = torch.compile(step_loss, fullgraph=True) if compiled else step_loss
         self.forward = torch.compile(layer_outputs) if compiled else layer_outputs
-
 
 @torch.no_grad()
 def extract(model, count, load, layers, rt, normalize=True, batch=None):
     """Flattened features of `layers` for `count` images; load(a, b) returns float images a..b-1.
     L2-normalised in rt.feature_dtype for the K-NN probes, or raw float32 (normalize=False)."""
     dev = next(model.parameters()).device
-    batch = batch or (1024 if dev.type == "cuda" else 256)  # the stem's activations bound it
+    batch = batch or EXTRACT_BATCH["cuda" if dev.type == "cuda" else "cpu"]
     dtype = rt.feature_dtype if normalize else torch.float32
     out = {}
     for start in range(0, count, batch):
@@ -787,7 +575,6 @@ def extract(model, count, load, layers, rt, normalize=True, batch=None):
                 out[name] = torch.empty(count, f.shape[1], dtype=dtype, device=dev)
             out[name][start:start + len(f)] = f
     return out
-
 
 def layer_groups(dims, count, budget_bytes, bytes_per_value):
     """Split layers into groups whose features for `count` images fit the memory budget."""
@@ -800,12 +587,10 @@ def layer_groups(dims, count, budget_bytes, bytes_per_value):
         used += size
     return groups
 
-
-def probe_budget(device):
-    """Bytes the stored features of one group of layers may take: half of the GPU's free memory
-    (the other half is for the similarity blocks and the forward), or 4 GB on the CPU."""
-    return int(0.5 * torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else 4 << 30
-
+def probe_budget(device):  # bytes for the stored features of one group of layers
+    if device.type != "cuda":
+        return CPU_FEATURE_BYTES
+    return int(FEATURE_MEMORY_FRACTION * torch.cuda.mem_get_info(device)[0])
 
 @torch.no_grad()
 def layer_dims(model, resolution):
@@ -813,10 +598,8 @@ def layer_dims(model, resolution):
     taps = layer_outputs(model, x, False, False)  # shapes only: eager, float32
     return {name: taps[name].shape[1] for name in model.layer_names()}
 
-
 def from_uint8(images):
     return lambda a, b: images[a:b].float().div_(255)
-
 
 @dataclass
 class ProbeSet:
@@ -827,13 +610,13 @@ class ProbeSet:
     test_clean: torch.Tensor
     data: TrainingSet  # the training points, for the memorization probes
     clean_classes: int  # classes of the true labels (test_acc needs as many outputs)
-    mem_idx: torch.Tensor  # probed training points; None: they are the train_x images themselves
+    mem_idx: torch.Tensor  # the probed training points
+    mem_is_train: bool  # point mem_idx[i] shows image train_x[i] as stored: reuse its features
     mem_labels: torch.Tensor  # their training labels
     noisy_probe: bool  # False with one class per image: its noisy K-NN is undefined
     inv_x: torch.Tensor = None  # images of the invariance measure (None: not measured)
     inv_u1: torch.Tensor = None  # the uniforms of each image's two fixed augmentations
     inv_u2: torch.Tensor = None
-
 
 def invariance(model, ps, dims, rt):
     """Eq. 2 for every layer on a fixed image subset, under two fixed augmentations per image."""
@@ -849,7 +632,6 @@ def invariance(model, ps, dims, rt):
                     for name in group})
     return {name: out[name] for name in model.layer_names()}
 
-
 @torch.no_grad()
 def probe(model, ps, args, rt, linear):
     """Every layer's K-NN clean (clean training images -> test) and K-NN noisy (training points
@@ -859,19 +641,18 @@ def probe(model, ps, args, rt, linear):
     label never wins once its point is left out, and always wins when it is not."""
     model.eval()
     dims = layer_dims(model, ps.train_x.shape[-1])
-    mem_is_train = ps.mem_idx is None  # reuse the reference features for the memorization probes
     loads = {"train": (len(ps.train_x), from_uint8(ps.train_x)),
              "test": (len(ps.test_x), from_uint8(ps.test_x))}
-    if not mem_is_train:
+    if not ps.mem_is_train:
         loads["mem"] = (len(ps.mem_idx), lambda a, b: ps.data.view(ps.mem_idx[a:b]))
     count = sum(c for c, _ in loads.values())
     result = dict(train_acc=None, test_acc=None, knn_clean={}, knn_noisy={}, knn_noisy_self={})
-    mem_groups = None if mem_is_train else ps.data.source[ps.mem_idx]  # the image each point shows
+    mem_groups = ps.data.source[ps.mem_idx]  # the image each point shows
     # one forward pass per group of layers whose features fit in memory
     budget = probe_budget(ps.train_x.device)
     for group in layer_groups(dims, count, budget, rt.feature_dtype.itemsize):
         f = {key: extract(model, c, load, group, rt) for key, (c, load) in loads.items()}
-        mem = f["train"] if mem_is_train else f["mem"]
+        mem = f["train"] if ps.mem_is_train else f["mem"]
         for name in group:
             pred = knn_predict(f["train"][name], ps.train_clean, f["test"][name], args.knn_k)
             result["knn_clean"][name] = accuracy(pred, ps.test_clean)
@@ -895,7 +676,6 @@ def probe(model, ps, args, rt, linear):
     model.train()
     return result
 
-
 @torch.no_grad()
 def transfer_probe(model, sets, args, rt):
     """K-NN and linear probe of the embedding on other datasets (clean train -> clean test)."""
@@ -909,56 +689,133 @@ def transfer_probe(model, sets, args, rt):
     model.train()
     return out
 
-
-def subset(n, size, key, seed):
+def random_subset(n, size, key, seed):
     """A fixed random subset of range(n) (all of it when size is None or large enough), sorted."""
     if size is None or size >= n:
         return torch.arange(n)
     g = named_generator("cpu", "probe", key, seed)
     return torch.randperm(n, generator=g)[:size].sort().values
 
-
 def make_probe_set(args, train, test, data, clean_classes, device):
-    """Fixed subsets of clean training and test images, the memorization points (the training
-    points themselves, at most as many as the images) and the invariance images."""
-    train_idx = subset(len(train[0]), args.probe_size, "train", args.seed)
-    test_idx = subset(len(test[0]), args.probe_size, "test", args.seed)
-    mem_idx = None
-    if data.aug_id is None and torch.equal(data.source.cpu(), torch.arange(len(train[0]))):
-        mem_labels = data.labels[train_idx.to(device)]  # point i is image i
+    """Fixed subsets of clean training and test images, the memorization points (at most as many
+    as the images) and the invariance images."""
+    train_idx = random_subset(len(train[0]), args.probe_size, "train", args.seed)
+    test_idx = random_subset(len(test[0]), args.probe_size, "test", args.seed)
+    mem_is_train = data.aug_id is None and torch.equal(data.source.cpu(),
+                                                       torch.arange(len(train[0])))
+    if mem_is_train:  # point i is image i
+        mem_idx = train_idx.to(device)
     else:
         cap = min(len(train[0]), args.probe_size or len(train[0]))
-        mem_idx = subset(len(data), cap, "memorization", args.seed).to(device)
-        mem_labels = data.labels[mem_idx]
+        mem_idx = random_subset(len(data), cap, "memorization", args.seed).to(device)
     ps = ProbeSet(train[0][train_idx].to(device), train[1][train_idx].to(device),
                   test[0][test_idx].to(device), test[1][test_idx].to(device), data, clean_classes,
-                  mem_idx, mem_labels, noisy_probe=args.num_classes != "per-sample")
-    if args.invariance_size > 1:  # the measure compares each image with the others
-        inv_idx = subset(len(train[0]), args.invariance_size, "invariance", args.seed).to(device)
-        stream = named_seed("invariance", args.seed, bits=32)
-        ps.inv_x = train[0][inv_idx.cpu()].to(device)
+                  mem_idx, mem_is_train, data.labels[mem_idx],
+                  noisy_probe=args.num_classes != "per-sample")
+    if args.invariance_size:
+        inv_idx = random_subset(len(train[0]), args.invariance_size, "invariance", args.seed)
+        stream = named_seed("invariance", args.seed)  # hash_uniforms keeps its low 32 bits
+        ps.inv_x = train[0][inv_idx].to(device)
+        inv_idx = inv_idx.to(device)
         ps.inv_u1, ps.inv_u2 = (hash_uniforms(stream, inv_idx, torch.full_like(inv_idx, t),
                                               NUM_UNIFORMS) for t in (0, 1))
     return ps
 
+
+# ----------------------------------------------------------------------------- data, checkpoints
+
+def save_atomically(path, content):
+    """Text or a torch object to path.tmp, then renamed: a killed run never leaves half a file."""
+    if isinstance(content, str):
+        pathlib.Path(path + ".tmp").write_text(content)
+    else:
+        torch.save(content, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+def load_torchvision(name, root):
+    """CIFAR-10/100 or STL10: (train, test) of (uint8 images NCHW, int64 labels); downloads."""
+    cifar = "https://www.cs.toronto.edu/~kriz/cifar.html"
+    cls, pretty, folder, url = {
+        "cifar10": (torchvision.datasets.CIFAR10, "CIFAR-10", "cifar-10-batches-py", cifar),
+        "cifar100": (torchvision.datasets.CIFAR100, "CIFAR-100", "cifar-100-python", cifar),
+        "stl10": (torchvision.datasets.STL10, "STL10", "stl10_binary",
+                  "https://cs.stanford.edu/~acoates/stl10/")}[name]
+    splits = []
+    for split in ("train", "test"):
+        try:
+            ds = cls(root, download=True, **({"split": split} if name == "stl10" else
+                                             {"train": split == "train"}))
+        except Exception as e:
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise UserError(f"{pretty} not found in {os.path.join(root, folder)} and could not be "
+                            f"downloaded ({type(e).__name__}: {detail}); download it from {url} "
+                            f"and extract it into {root}/")
+        data = torch.as_tensor(ds.data)
+        data = data.permute(0, 3, 1, 2) if data.shape[-1] == 3 else data  # CIFAR stores NHWC
+        labels = torch.as_tensor(ds.targets if name != "stl10" else ds.labels, dtype=torch.long)
+        splits.append((data.contiguous(), labels))
+    return tuple(splits)
+
+def load_tinyimagenet(root):
+    """tiny-imagenet-200 (train/<wnid>/images, val/val_annotations.txt), decoded once into a
+    uint8 cache. The classes are the sorted wnids, the training images sorted by file name."""
+    url = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+    base = os.path.join(root, "tiny-imagenet-200")
+    cache = os.path.join(base, "uint8_cache.pt")
+    if os.path.exists(cache):
+        c = torch.load(cache, weights_only=True)
+        return (c["train_x"], c["train_y"]), (c["val_x"], c["val_y"])
+    if not os.path.isdir(base):
+        try:
+            torchvision.datasets.utils.download_and_extract_archive(url, root)
+        except Exception as e:
+            raise UserError(f"Tiny ImageNet not found in {base} and could not be downloaded "
+                            f"({type(e).__name__}); download {url} and unzip it into {root}/")
+    try:  # ImageFolder walks train/<wnid>/ down into its images/ folder, in sorted order
+        folder = torchvision.datasets.ImageFolder(os.path.join(base, "train"))
+        with open(os.path.join(base, "val", "val_annotations.txt")) as f:
+            val = [(os.path.join(base, "val", "images", parts[0]), folder.class_to_idx[parts[1]])
+                   for parts in (line.split("\t") for line in f if line.strip())]
+    except (OSError, KeyError) as e:
+        raise UserError(f"Tiny ImageNet in {base} is incomplete ({e}); expected the "
+                        "tiny-imagenet-200 archive layout")
+
+    def decode(items):
+        images = torch.empty(len(items), 3, 64, 64, dtype=torch.uint8)
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders
+            warnings.simplefilter("ignore", DeprecationWarning)
+            for n, (path, _) in enumerate(tqdm(items, desc="decoding Tiny ImageNet", leave=False)):
+                img = torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
+                resize = img.shape[-2:] != (64, 64)  # RGB mode: grayscale JPEGs get 3 channels
+                images[n] = v2.functional.resize(img, [64, 64], antialias=True) if resize else img
+        return images, torch.tensor([y for _, y in items], dtype=torch.long)
+
+    (tx, ty), (vx, vy) = decode(folder.samples), decode(val)
+    save_atomically(cache, {"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy})
+    return (tx, ty), (vx, vy)
+
+def load_dataset(name, root, resolution=None):
+    """((train images uint8 NCHW, labels), (test images, labels)) on the CPU, resized if asked."""
+    splits = load_tinyimagenet(root) if name == "tinyimagenet" else load_torchvision(name, root)
+    if resolution is None or splits[0][0].shape[-1] == resolution:
+        return splits
+    resize = lambda x: torch.cat([v2.functional.resize(c, [resolution, resolution], antialias=True)
+                                  for c in x.split(RESIZE_BATCH)])
+    return tuple((resize(x), y) for x, y in splits)
 
 def load_transfer(args, resolution, device):
     """The transfer datasets, resized to the training resolution and capped like the probes."""
     sets = {}
     for name in args.transfer:
         (tx, ty), (qx, qy) = load_dataset(name, args.data_dir, resolution)
-        train_idx = subset(len(tx), args.probe_size, ("transfer train", name), args.seed)
-        test_idx = subset(len(qx), args.probe_size, ("transfer test", name), args.seed)
+        train_idx = random_subset(len(tx), args.probe_size, ("transfer train", name), args.seed)
+        test_idx = random_subset(len(qx), args.probe_size, ("transfer test", name), args.seed)
         sets[name] = ((tx[train_idx].to(device), ty[train_idx].to(device)),
                       (qx[test_idx].to(device), qy[test_idx].to(device)))
     return sets
 
-# ----------------------------------------------------------------------------- checkpoint, report
-
-
-def write_text(path, text):
-    write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text(text))
-
+# config keys that may change between a run and its resumption
+RESUMABLE_KEYS = {"epochs", "device", "compile", "data_dir", "out_dir", "overwrite"}
 
 def load_checkpoint(path, config, overwrite):
     """The checkpoint to resume from, or None; refuses a corrupt one or one of another config."""
@@ -982,15 +839,9 @@ def load_checkpoint(path, config, overwrite):
                         "start over or use another --out-dir")
     return ckpt
 
-
-def save_checkpoint(path, state):
-    write_atomically(path, lambda tmp: torch.save(state, tmp))
-
-
 def rng_state(gen, device):
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return {"torch": torch.get_rng_state(), "gen": gen.get_state(), "cuda": cuda}
-
 
 def set_rng_state(state, gen, device):
     torch.set_rng_state(state["torch"])
@@ -998,12 +849,10 @@ def set_rng_state(state, gen, device):
     if state.get("cuda") is not None:  # load_checkpoint made sure the device type is the same
         torch.cuda.set_rng_state(state["cuda"], device)
 
-
 def script_sha256():
     """Which version of this file made a result, once it has been copied elsewhere."""
     with open(os.path.abspath(__file__), "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
-
 
 def format_eval(row):
     show = lambda v, fmt: "-" if v is None else format(v, fmt)
@@ -1020,8 +869,132 @@ def format_eval(row):
         lines.append(f"transfer {name}: knn {t['knn']:.3f}, linear {t['linear']:.3f}")
     return "\n".join(lines)
 
-# ----------------------------------------------------------------------------- main
 
+# ----------------------------------------------------------------------------- command line
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's exit status 2, without the usage block
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+def bounded(kind, low, high=math.inf):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}")
+        if value < low or value > high:
+            wanted = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        return value
+    return parse
+
+def dataset_list(text):
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names or any(n not in TRANSFER for n in names):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma list of {', '.join(TRANSFER)}, got {text!r}")
+    return names
+
+def augmentation(text):
+    """Normalised --augment: online, none, fixed:B, iid[:B], randaugment:s."""
+    kind, _, value = text.partition(":")
+    try:
+        if kind in ("online", "none") and not value:
+            return kind
+        if kind in ("fixed", "iid") and (value or kind == "iid"):
+            return f"{kind}:{bounded(int, 1)(value or str(IID_PARTNERS))}"
+        if kind == "randaugment" and value:
+            return f"{kind}:{bounded(float, 0, 1)(value):g}"
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}")
+    raise argparse.ArgumentTypeError(
+        f"expected online, none, fixed:B, iid[:B] or randaugment:s, got {text!r}")
+
+def build_parser():
+    p = OneLineParser(description="Random labels under augmentation, K-NN probes of every layer.")
+    count, rate, probability = bounded(int, 1), bounded(float, 0), bounded(float, 0, 1)
+    class_count = lambda text: text if text == "per-sample" else bounded(int, 2)(text)
+    image_count = lambda text: 0 if text == "0" else bounded(int, 2)(text)
+    g = p.add_argument_group("data and labels")
+    g.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10", help="training set")
+    g.add_argument("--data-dir", default="data", help="where datasets are (or get downloaded)")
+    g.add_argument("--label-noise", type=probability, default=1.0,
+                   help="randomize this fraction of the labels (0: clean labels; Figure 12)")
+    g.add_argument("--num-classes", type=class_count, default=None,
+                   help="random labels over C >= 2 classes, or 'per-sample' (Figure 8)")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", choices=["resnet18", "vgg16"], default="resnet18", help="encoder")
+    g.add_argument("--projector-width", type=count, default=PROJECTOR_WIDTH,
+                   help="hidden width W of the projector (Figure 7)")
+    g.add_argument("--loss", choices=["mse", "ce"], default="mse", help="MSE to one-hot, or CE")
+    g = p.add_argument_group("training points")
+    g.add_argument("--augment", type=augmentation, default="online",
+                   help="online: a fresh crop, flip, colour jitter and grayscale at every step; "
+                        "none; fixed:B: B draws per image, the same every epoch (Figure 5); "
+                        f"iid:B: B same-class images per anchor, unaugmented (Table 4, B = "
+                        f"{IID_PARTNERS}); randaugment:s: RandAugment at strength s (Figure 11)")
+    g.add_argument("--aug-labels", choices=["same", "random"], default="same",
+                   help="with fixed:B: views share their image's label, or each has its own")
+    g.add_argument("--subset", type=count, default=None,
+                   help="S class-balanced anchor images: alone, train on them only (Table 4's "
+                        f"baseline); with iid:B, its anchors (default {IID_ANCHORS})")
+    g.add_argument("--mixup", type=probability, default=None,
+                   help="probability of mixing a batch, lambda ~ Beta(1, 1) "
+                        f"(default {MIXUP_PROB}; 0 with fixed:B and iid:B)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=count, default=EPOCHS, help="training epochs")
+    g.add_argument("--batch-size", type=count, default=BATCH_SIZE,
+                   help="batch size (last partial batch dropped)")
+    g.add_argument("--lr", type=rate, default=LR, help="Adam; no schedule, no weight decay")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-every", type=count, default=EVAL_EVERY,
+                   help="epochs per probe and checkpoint")
+    g.add_argument("--knn-k", type=count, default=KNN_K, help="neighbours of the K-NN probes")
+    g.add_argument("--probe-size", type=count, default=None,
+                   help="cap on probed train and test images (default: all)")
+    g.add_argument("--invariance-size", type=image_count, default=INVARIANCE_IMAGES,
+                   help="images for the invariance measure, >= 2 (each is compared with the "
+                        "others), or 0 to skip it")
+    g.add_argument("--linear-probe", choices=["every", "final", "off"], default="every",
+                   help="linear probe of the embedding at every eval, at init and end, or never")
+    g.add_argument("--transfer", type=dataset_list, default=[],
+                   help="probe the embedding at init and end on these datasets (Figure 9)")
+    g = p.add_argument_group("system")
+    g.add_argument("--out-dir", default="runs/benign", help="config, log, results, checkpoint")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
+    g.add_argument("--seed", type=int, default=0, help="seed of labels, initialisation and order")
+    g.add_argument("--compile", action="store_true", help="torch.compile the step and the probes")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="bf16 autocast with fp16 probe features, or float32 (auto: bf16 on CUDA)")
+    g.add_argument("--overwrite", action="store_true", help="start over, discarding ckpt and logs")
+    return p
+
+def check_args(args):
+    """Checks argparse cannot make; fills the defaults that depend on other flags."""
+    try:
+        torch.empty(1, device=args.device)
+    except Exception as e:  # unknown or unavailable device
+        reason = str(e).strip().splitlines()[0]
+        raise UserError(f"--device {args.device} is not available ({reason})")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UserError(f"--out-dir {args.out_dir} exists and is not a directory")
+    kind, _ = augment_kind(args.augment)
+    if args.aug_labels == "random" and kind != "fixed":
+        raise UserError("--aug-labels random labels each fixed view: it needs --augment fixed:B")
+    classes = DATASETS[args.dataset][0]
+    if args.label_noise < 1 and args.num_classes not in (None, classes):
+        raise UserError(f"--label-noise keeps true labels: the random ones need {classes} classes")
+    if args.num_classes == "per-sample" and args.aug_labels == "random":
+        raise UserError("--aug-labels random is undefined with --num-classes per-sample")
+    if args.subset is not None and kind == "fixed":
+        raise UserError("--subset picks anchors for iid:B or Table 4's baseline, not for fixed:B")
+    args.subset = IID_ANCHORS if kind == "iid" and args.subset is None else args.subset
+    if args.precision == "auto":
+        args.precision = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
+    if args.mixup is None:  # mixing would make the n*B fixed points infinitely many (Section 5.1)
+        args.mixup = 0.0 if kind in ("fixed", "iid") else MIXUP_PROB
 
 def run(args):
     check_args(args)
@@ -1036,8 +1009,9 @@ def run(args):
     num_classes = len(train[1]) if args.num_classes == "per-sample" else \
         args.num_classes or clean_classes
     data = make_training_set(args, train, num_classes, device)
-    if args.batch_size > data.epoch_size:
-        raise UserError(f"--batch-size {args.batch_size} exceeds the {data.epoch_size} points")
+    if args.batch_size > data.points_per_epoch:
+        raise UserError(f"--batch-size {args.batch_size} exceeds the {data.points_per_epoch} "
+                        "points of an epoch")
     if args.knn_k >= min(len(train[0]), args.probe_size or len(train[0])):
         raise UserError(f"--knn-k {args.knn_k} needs more probed training images")
 
@@ -1045,7 +1019,7 @@ def run(args):
     for name in ("ckpt.pt", "log.jsonl", "results.json") if args.overwrite else ():
         with contextlib.suppress(FileNotFoundError):
             os.remove(out_path(name))
-    write_text(out_path("config.json"), json.dumps(config, indent=2))
+    save_atomically(out_path("config.json"), json.dumps(config, indent=2))
 
     probe_set = make_probe_set(args, train, test, data, clean_classes, device)
     model = build_model(args, num_classes, resolution).to(device)
@@ -1054,6 +1028,8 @@ def run(args):
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)  # one kernel per update
     gen = named_generator(device, "train", args.seed)
     rt = Runtime(device, bf16=args.precision == "bf16", compiled=args.compile)
+    step = torch.compile(step_loss, fullgraph=True) if args.compile else step_loss
+    settings = StepSettings(args.mixup, args.loss, rt.bf16, rt.channels_last)
     history, start = [], 1
     if ckpt:
         model.load_state_dict(ckpt["model"])
@@ -1072,8 +1048,8 @@ def run(args):
             row["transfer"] = transfer_probe(model, transfer_sets, args, rt)
         history.append(row)
         tqdm.write(format_eval(row))
-        write_text(out_path("log.jsonl"), "".join(json.dumps(r) + "\n" for r in history))
-        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+        save_atomically(out_path("log.jsonl"), "".join(json.dumps(r) + "\n" for r in history))
+        save_atomically(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                     "labels": data.labels.cpu(), "epoch": epoch,
                                     "rng": rng_state(gen, device), "config": config,
                                     "history": history})
@@ -1084,9 +1060,10 @@ def run(args):
     bar = tqdm(range(start, args.epochs + 1), initial=start - 1, total=args.epochs, desc="epochs")
     for epoch in bar:
         t0 = time.time()
-        loss = train_epoch(model, opt, data, gen, args, rt).item()  # one sync per epoch
+        loss = train_epoch(model, opt, data, gen, args.batch_size, step, settings)
+        loss = loss.item()  # one host sync per epoch
         seconds += time.time() - t0
-        images += (data.epoch_size // args.batch_size) * args.batch_size
+        images += (data.points_per_epoch // args.batch_size) * args.batch_size
         if not math.isfinite(loss):  # before any checkpoint of this epoch is written
             raise UserError(f"the training loss became {loss} at epoch {epoch}; stopped. The last "
                             f"good checkpoint, epoch {history[-1]['epoch']}, is in {ckpt_path}")
@@ -1099,12 +1076,11 @@ def run(args):
 
     init, final = history[0], history[-1]
     results = {"config": config, "script_sha256": script_sha256(), "init": init, "final": final}
-    write_text(out_path("results.json"), json.dumps(results, indent=2))
+    save_atomically(out_path("results.json"), json.dumps(results, indent=2))
     print(f"embedding K-NN (clean): init {init['knn_clean']['embedding']:.3f} -> final "
           f"{final['knn_clean']['embedding']:.3f}; memorization {final['train_acc']:.3f}")
     print(f"wrote {out_path('results.json')}")
     return results
-
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
@@ -1113,7 +1089,6 @@ def main(argv=None):
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
-
 
 if __name__ == "__main__":
     main()

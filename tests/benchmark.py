@@ -99,8 +99,9 @@ def cost_model(args, compile_step):
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     targets = torch.nn.functional.one_hot(torch.arange(8), 10).float()
     aug_u, mix_u = bm.step_uniforms(8, True, True, g, torch.device("cpu"))
+    settings = bm.StepSettings(0.8, "mse", bf16=False, channels_last=False)
     with OpCounter() as ops:
-        loss = bm.step_loss(small, images, targets, aug_u, mix_u, 0.8, "mse", False, False)
+        loss = bm.step_loss(small, images, targets, aug_u, mix_u, settings)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -113,17 +114,17 @@ def cost_model(args, compile_step):
         import torch._inductor.metrics as metrics
         metrics.reset()
         step = torch.compile(bm.step_loss, fullgraph=True)
-        step(small, images, targets, aug_u, mix_u, 0.8, "mse", False, False).backward()
+        step(small, images, targets, aug_u, mix_u, settings).backward()
         compiled = metrics.generated_kernel_count + extern + 1  # + the fused Adam kernel
 
     # the evaluation's peak memory at full size, from the script's own grouping and chunking (bf16)
     params = sum(p.numel() for p in model.parameters())
     state = 4 * params * 4  # float32 weights, gradients and Adam's two moments
-    budget = 0.5 * (H100_MEMORY - state)
+    budget = bm.FEATURE_MEMORY_FRACTION * (H100_MEMORY - state)
     groups = bm.layer_groups(dims, TRAIN + TEST, budget, 2)
     def knn_temp(d):  # similarity block, float32 query chunk, float32 reference chunk
-        chunk = max(1, min(4096, (1 << 28) // TRAIN, (1 << 26) // d))
-        return 4 * (chunk * TRAIN + chunk * d + max(1, (1 << 26) // d) * d)
+        chunk = max(1, min(bm.KNN_MAX_QUERIES, bm.KNN_BLOCK_FLOATS // TRAIN, bm.KNN_REF_FLOATS // d))
+        return 4 * (chunk * TRAIN + chunk * d + max(1, bm.KNN_REF_FLOATS // d) * d)
     taps = 1024 * sum(dims.values()) * 2 * 2  # one forward batch of 1024: bf16 taps and their float copy
     peak = state + max(sum(2 * (TRAIN + TEST) * dims[n] for n in gr) + max(knn_temp(dims[n]) for n in gr)
                        for gr in groups) + taps
@@ -212,12 +213,14 @@ def main():
     gen = torch.Generator(device=device).manual_seed(0)
 
     rt = bm.Runtime(device, bf16=device.type == "cuda", compiled=a.compile)
+    step_loss = torch.compile(bm.step_loss, fullgraph=True) if a.compile else bm.step_loss
+    settings = bm.StepSettings(0.8, "mse", rt.bf16, rt.channels_last)
 
     def full_step():
         idx = torch.randint(len(data), (bs,), generator=gen, device=device)
         aug_u, mix_u = bm.step_uniforms(bs, True, True, gen, device)
         images_b, yb, aug_u = data.batch(idx, aug_u)
-        loss = rt.step(model, images_b, yb, aug_u, mix_u, 0.8, "mse", rt.bf16, rt.channels_last)
+        loss = step_loss(model, images_b, yb, aug_u, mix_u, settings)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

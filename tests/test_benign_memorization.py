@@ -180,6 +180,18 @@ def test_mixup_lambda_is_uniform_and_mixes_with_probability_p():
     assert ks < 0.05 and mixed.min() < 0.02 and mixed.max() > 0.98
 
 
+def near_ties(ref, q, k, exclude_self=False, gap=2e-6):
+    """Fraction of queries whose k-th and (k+1)-th cosine similarities lie within `gap`: there the
+    probe's float32 similarities (about 1e-6 from float64 ones here) may rank the two neighbours
+    the other way, and the vote may differ."""
+    refn = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    sims = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ refn.T
+    if exclude_self:
+        np.fill_diagonal(sims, -np.inf)
+    top = -np.sort(-sims, axis=1)[:, k - 1:k + 1]
+    return np.mean(top[:, 0] - top[:, 1] < gap)
+
+
 def independent_probe(model, ps, k):
     """What probe() should report, from features extracted here layer by layer (float64 brute force)."""
     model.eval()
@@ -197,12 +209,14 @@ def independent_probe(model, ps, k):
             clean_inv = {}
             model(x, clean_inv)
     ytr, yte, ymem = (getattr(ps, key).numpy() for key in ("train_clean", "test_clean", "mem_labels"))
-    out = {"knn_clean": {}, "knn_noisy": {}, "knn_noisy_self": {}, "invariance": {}}
+    out = {"knn_clean": {}, "knn_noisy": {}, "knn_noisy_self": {}, "invariance": {}, "ties": {}}
     for name in model.layer_names():
         f, q = feats["train"][name].double().numpy(), feats["test"][name].double().numpy()
         out["knn_clean"][name] = (brute_knn(f, ytr, q, k) == yte).mean()
         out["knn_noisy"][name] = (brute_knn(f, ymem, f, k, exclude_self=True) == ymem).mean()
         out["knn_noisy_self"][name] = (brute_knn(f, ymem, f, k) == ymem).mean()
+        out["ties"][name] = {"knn_clean": near_ties(f, q, k), "knn_noisy": near_ties(f, f, k, True),
+                             "knn_noisy_self": near_ties(f, f, k)}
         if views:
             a1, a2, h = (v[name].double().numpy() for v in (views[0], views[1], clean_inv))
             m = len(h)
@@ -216,7 +230,9 @@ def independent_probe(model, ps, k):
 def assert_probe_matches(got, expected):
     for key in ("knn_clean", "knn_noisy", "knn_noisy_self"):
         for name, value in expected[key].items():
-            assert got[key][name] == pytest.approx(value, abs=1e-6), (key, name)
+            ties = expected["ties"][name][key]  # queries whose vote float32 may decide otherwise
+            assert ties < 0.1, (key, name)  # a few queries at most: the check still binds
+            assert got[key][name] == pytest.approx(value, abs=ties + 1e-6), (key, name)
     for name, value in expected["invariance"].items():
         assert got["invariance"][name] == pytest.approx(value, rel=1e-3), name
     assert got["train_acc"] == pytest.approx(expected["train_acc"])
@@ -276,6 +292,7 @@ def test_probe_at_init_matches_features_extracted_independently(cifar, patch_md5
     train, test = bm.load_dataset("cifar10", str(cifar))
     data = bm.make_training_set(args, train, 10, torch.device("cpu"))
     ps = bm.make_probe_set(args, train, test, data, 10, torch.device("cpu"))
+    assert ps.mem_is_train and torch.equal(ps.mem_idx, torch.arange(64))  # point i is image i
     model = bm.build_model(args, 10, 32)
     got = bm.probe(model, ps, args, CPU_FP32, linear=False)
     assert_probe_matches(got, independent_probe(model, ps, 3))
@@ -403,6 +420,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cifar, tmp_path, patch_md
     (["--mixup", "1.5"], "--mixup"),
     (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "--device"),
     (["--batch-size", "1000"], "--batch-size"),
+    (["--invariance-size", "1"], "--invariance-size"),  # one image has no other to compare with
 ])
 def test_bad_input_gives_one_line_error(args, fragment, cifar, tmp_path, patch_md5, capsys):
     err = main_error(bm, ["--data-dir", cifar, "--out-dir", tmp_path / "out", *args], capsys)
@@ -469,15 +487,33 @@ def test_checkpoint_from_another_device_type_is_refused_with_one_line(cifar, tmp
 
 def test_tinyimagenet_folder_layout_is_decoded_and_cached(tmp_path):
     from conftest import write_tinyimagenet
+    from torchvision.io import encode_png
     (x_tr, y_tr), (x_va, y_va) = write_tinyimagenet(str(tmp_path), classes=3, per_class=4, val_per_class=2)
+    base = tmp_path / "tiny-imagenet-200"
+    for wnid in sorted(os.listdir(base / "train")):  # as in the archive: not an image, ignored
+        (base / "train" / wnid / f"{wnid}_boxes.txt").write_text("x\t0\t0\t63\t63\n")
+    odd = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8)  # not 64x64: resized
+    (base / "train" / "n00000001" / "images" / "n00000001_99.png").write_bytes(encode_png(odd).numpy().tobytes())
     (tx, ty), (vx, vy) = bm.load_dataset("tinyimagenet", str(tmp_path))
-    assert tx.shape == (12, 3, 64, 64) and tx.dtype == torch.uint8 and vx.shape == (6, 3, 64, 64)
-    assert sorted(ty.tolist()) == sorted(y_tr.tolist()) and sorted(vy.tolist()) == sorted(y_va.tolist())
-    # JPEG is lossy: each decoded image is close to the image of its own class that was written
-    for img, label in zip(vx, vy):
+    assert tx.shape == (13, 3, 64, 64) and tx.dtype == torch.uint8 and vx.shape == (6, 3, 64, 64)
+    # classes in sorted wnid order, each class's images in sorted file name order
+    files = [(f, y) for y, wnid in enumerate(sorted(os.listdir(base / "train")))
+             for f in sorted(os.listdir(base / "train" / wnid / "images"))]
+    assert ty.tolist() == [y for _, y in files]
+    odd_at = [f for f, _ in files].index("n00000001_99.png")
+    expected = torch.nn.functional.interpolate(odd[None].float(), (64, 64), mode="bilinear", antialias=True)
+    assert (tx[odd_at].float() - expected[0].round().clamp(0, 255)).abs().max() <= 1
+    written = {f"n{y:08d}_{i}.JPEG": torch.tensor(x[:1] if i == 0 else x)  # image 0: grayscale
+               for i, (x, y) in enumerate(zip(x_tr, y_tr))}
+    for (f, _), img in zip(files, tx):  # JPEG is lossy: closest to the image written there
+        if f in written:
+            err = {g: (img.float() - x.float()).abs().mean() for g, x in written.items()}
+            assert min(err, key=err.get) == f
+    assert sorted(vy.tolist()) == sorted(y_va.tolist())
+    for img, label in zip(vx, vy):  # each decoded image is closest to the one of its own class
         err = [(img.float() - torch.tensor(x).float()).abs().mean() for x, y in zip(x_va, y_va)]
         assert y_va[int(np.argmin(err))] == label
-    assert (tmp_path / "tiny-imagenet-200" / "uint8_cache.pt").exists()
+    assert (base / "uint8_cache.pt").exists()
     (tx2, ty2), _ = bm.load_dataset("tinyimagenet", str(tmp_path))
     assert torch.equal(tx, tx2) and torch.equal(ty, ty2)
 
@@ -488,6 +524,13 @@ def parsed(*flags):
     args = bm.build_parser().parse_args(list(flags))
     bm.check_args(args)
     return args
+
+
+def test_named_seed_is_the_high_60_bits_as_in_the_other_scripts():
+    keys = ("labels", 0)
+    assert bm.named_seed(*keys) == int(hashlib.sha256(repr(keys).encode()).hexdigest()[:15], 16)
+    assert torch.equal(torch.rand(3, generator=bm.named_generator("cpu", *keys)),
+                       torch.rand(3, generator=torch.Generator().manual_seed(bm.named_seed(*keys))))
 
 
 def test_hash_uniforms_are_a_pure_function_of_the_keys():
@@ -555,7 +598,7 @@ def test_iid_augmentations_pair_anchors_with_same_class_images():
     assert len(partners.unique()) == 400  # 400 partners from 550 images: none is reused
     data = bm.make_training_set(parsed("--augment", "iid:8", "--subset", "50"),
                                 (torch.zeros(600, 3, 32, 32, dtype=torch.uint8), clean), 5, torch.device("cpu"))
-    assert data.augment == "none" and len(data) == 400 and data.epoch_size == 400
+    assert data.augment == "none" and len(data) == 400 and data.points_per_epoch == 400
     assert torch.equal(data.source.view(50, 8), partners)
     assert (data.labels.view(50, 8) == data.labels.view(50, 8)[:, :1]).all()  # the anchor's random label
     with pytest.raises(bm.UserError, match="class"):
@@ -592,7 +635,7 @@ def test_subset_alone_trains_the_same_anchors_without_partners():
     alone = bm.make_training_set(parsed("--subset", "50", "--augment", "none", "--mixup", "0"),
                                  (images, clean), 5, cpu)
     iid = bm.make_training_set(parsed("--augment", "iid:8", "--subset", "50"), (images, clean), 5, cpu)
-    assert len(alone) == 50 and alone.epoch_size == 50 and alone.augment == "none"
+    assert len(alone) == 50 and alone.points_per_epoch == 50 and alone.augment == "none"
     assert torch.equal(alone.source, bm.balanced_anchors(clean, 50, 0))
     assert torch.equal(alone.labels, bm.draw_labels(clean, 5, 1.0, 0)[alone.source])
     assert torch.equal(alone.labels.repeat_interleave(8), iid.labels)  # the anchors of the i.i.d. run
@@ -740,6 +783,7 @@ def test_finite_augmentations_run_and_memorization_uses_the_augmented_points(cif
     data = bm.make_training_set(args, train, 10, torch.device("cpu"))
     ps = bm.make_probe_set(args, train, test, data, 10, torch.device("cpu"))
     assert len(ps.mem_idx) == 64 and ps.mem_idx.max() < 256  # 64 of the n*B = 256 points
+    assert not ps.mem_is_train  # the points are views, probed through their own features
     assert torch.equal(ps.mem_labels, data.labels[ps.mem_idx])
 
 
@@ -758,6 +802,7 @@ def test_noisy_probe_leaves_out_every_view_of_the_query_image(cifar, patch_md5, 
     real = bm.knn_noisy
     monkeypatch.setattr(bm, "knn_noisy", lambda feats, labels, k, g=None: groups.append(g) or real(feats, labels, k, g))
     got = bm.probe(model, ps, args, CPU_FP32, linear=False)
+    assert ps.inv_x is None and "invariance" not in got  # --invariance-size 0 skips the measure
     assert len(groups) == 9 and all(torch.equal(g, source) for g in groups)  # one call per layer
     with torch.no_grad():
         taps = {}
@@ -824,12 +869,13 @@ def test_bad_combinations_give_one_line_error(args, fragment, cifar, tmp_path, p
 
 def test_augment_is_one_choice_of_training_points():
     """--augment names the training points; its value is normalised and split the same way."""
-    cases = {"full": ("full", None), "none": ("none", None), "fixed:16": ("fixed", 16),
+    cases = {"online": ("online", None), "none": ("none", None), "fixed:16": ("fixed", 16),
              "iid": ("iid", 50), "iid:8": ("iid", 8), "randaugment:0.50": ("randaugment", 0.5)}
     for text, expected in cases.items():
         assert bm.augment_kind(bm.augmentation(text)) == expected
     assert bm.augmentation("randaugment:0.50") == "randaugment:0.5"
-    for bad in ("fixed", "fixed:0", "fixed:1.5", "randaugment", "randaugment:2", "crop", "none:3"):
+    for bad in ("fixed", "fixed:0", "fixed:1.5", "randaugment", "randaugment:2", "crop", "none:3",
+                "full"):  # one name per mode: "full" is now "online"
         with pytest.raises(argparse.ArgumentTypeError):
             bm.augmentation(bad)
 
@@ -939,8 +985,8 @@ def test_compiled_step_is_one_graph_and_matches_eager():
     targets = torch.nn.functional.one_hot(torch.randint(10, (16,), generator=g), 10).float()
     aug_u, mix_u = bm.step_uniforms(16, True, True, g, torch.device("cpu"))
     mix_u[0] = 0.0  # make sure this batch is mixed
-    inputs = (model, images, targets, aug_u, mix_u, 0.8, "mse", False, False)
-    for args in (inputs, (model, images, targets, None, None, 0.0, "ce", False, False)):
+    inputs = (model, images, targets, aug_u, mix_u, bm.StepSettings(0.8, "mse", False, False))
+    for args in (inputs, (model, images, targets, None, None, bm.StepSettings(0.0, "ce", False, False))):
         explained = torch._dynamo.explain(bm.step_loss)(*args)
         assert explained.graph_break_count == 0 and explained.graph_count == 1
     grads = []
@@ -962,17 +1008,18 @@ def test_compiled_run_killed_after_a_checkpoint_ends_as_an_uninterrupted_one(
               "--knn-k", "5", "--invariance-size", "8", "--linear-probe", "off", "--compile",
               "--data-dir", str(cifar)]
     whole = bm.main(common + ["--out-dir", str(tmp_path / "whole")])
-    real_save, saves = bm.save_checkpoint, []
+    real_save, saves = bm.save_atomically, []
 
-    def save_then_die(path, state):  # the process dies right after the epoch-1 checkpoint
-        real_save(path, state)
-        saves.append(state["epoch"])
-        if state["epoch"] == 1:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(bm, "save_checkpoint", save_then_die)
+    def save_then_die(path, content):  # the process dies right after the epoch-1 checkpoint
+        real_save(path, content)
+        if path.endswith("ckpt.pt"):
+            saves.append(content["epoch"])
+            if content["epoch"] == 1:
+                raise KeyboardInterrupt
+    monkeypatch.setattr(bm, "save_atomically", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         bm.main(common + ["--out-dir", str(tmp_path / "cut")])
-    monkeypatch.setattr(bm, "save_checkpoint", real_save)
+    monkeypatch.setattr(bm, "save_atomically", real_save)
     assert saves == [0, 1]
     torch.manual_seed(12345)  # whatever happened in between
     resumed = bm.main(common + ["--out-dir", str(tmp_path / "cut")])
@@ -1011,8 +1058,8 @@ def test_channels_last_path_of_cuda_gives_the_same_step_and_features_on_the_cpu(
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
     targets = torch.nn.functional.one_hot(torch.randint(10, (8,), generator=g), 10).float()
     aug_u, mix_u = bm.step_uniforms(8, True, True, g, torch.device("cpu"))
-    plain = bm.step_loss(model, images, targets, aug_u, mix_u, 0.8, "mse", False, False)
-    last = bm.step_loss(nhwc, images, targets, aug_u, mix_u, 0.8, "mse", False, True)
+    plain = bm.step_loss(model, images, targets, aug_u, mix_u, bm.StepSettings(0.8, "mse", False, False))
+    last = bm.step_loss(nhwc, images, targets, aug_u, mix_u, bm.StepSettings(0.8, "mse", False, True))
     torch.testing.assert_close(last, plain, rtol=1e-5, atol=1e-6)
     x = images.float() / 255
     a = bm.layer_outputs(model.eval(), x, False, False)
