@@ -14,7 +14,7 @@ the operators of one, and each model's numbers are those it gives trained alone.
 
 Usage:
     python masc_decode.py --dataset mnist --model mlp --corruption 0.8
-    python masc_decode.py --dataset fashionmnist --model cnn --corruption 0,0.2,0.4,0.6,0.8,1 \
+    python masc_decode.py --dataset fashionmnist --model cnn --corruption 0,0.2,0.4,0.6,0.8,1 \\
         --runs 3
     python masc_decode.py --dataset cifar100 --model alexnet --corruption 0,0.4 \\
         --posthoc-corruption 0.2,0.4,0.6,0.8
@@ -40,213 +40,28 @@ import torchvision
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-# ----------------------------------------------------------------------------- config
+# ----------------------------------------------------------------------------- datasets, settings
 
-DATASETS = {  # classes, image shape, training accuracy at which the authors stop training
-    "mnist": (10, (1, 28, 28), 0.999), "fashionmnist": (10, (1, 28, 28), 0.991),
-    "cifar10": (10, (3, 32, 32), 1.0), "cifar100": (100, (3, 32, 32), 0.991),
-    "tinyimagenet": (200, (3, 64, 64), 0.999)}
+class Dataset(NamedTuple):
+    classes: int
+    shape: tuple  # of one image: (channels, height, width)
+    stop_acc: float  # the training accuracy at which the authors stop training
 
+DATASETS = {
+    "mnist": Dataset(10, (1, 28, 28), 0.999),
+    "fashionmnist": Dataset(10, (1, 28, 28), 0.991),
+    "cifar10": Dataset(10, (3, 32, 32), 1.0),
+    "cifar100": Dataset(100, (3, 32, 32), 0.991),
+    "tinyimagenet": Dataset(200, (3, 64, 64), 0.999),
+}
 
 def model_defaults(model, dataset):
-    """The authors' optimiser, learning rate and batch size per model (and dataset)."""
+    """The authors' optimizer, learning rate and batch size per model (and dataset)."""
     if model == "mlp":
         return "sgd", 1e-3, 32
     if model == "cnn":
-        return "adam", 2e-4, 128 if dataset in ("mnist", "fashionmnist") else 32
-    return "adam", 1e-4, 500 if dataset == "tinyimagenet" else 128
-
-
-class UserError(Exception):
-    """Bad input or missing data: reported as one line, never a traceback."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's exit status 2, without the usage block
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
-
-
-def bounded(kind, low, high=math.inf, open_low=False):
-    """An argparse type: a number of `kind` in [low, high], or (low, high] with open_low."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}")
-        if value < low or value > high or (open_low and value == low):
-            wanted = f"{'>' if open_low else '>='} {low}" if high == math.inf else \
-                f"in {'(' if open_low else '['}{low}, {high}]"
-            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
-        return value
-    return parse
-
-
-def number_list(text):
-    """Comma list of numbers in [0, 1]."""
-    values = [bounded(float, 0, 1)(v) for v in text.split(",") if v.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
-    return values
-
-
-positive_int, positive_float = bounded(int, 1), bounded(float, 0, open_low=True)
-fraction = bounded(float, 0, 1, open_low=True)  # of the variance, or a training accuracy
-
-
-def build_parser():
-    p = OneLineParser(description="Corrupted labels, MASC of every layer, relabel and retrain.")
-    g = p.add_argument_group("experiment")
-    g.add_argument("--dataset", choices=sorted(DATASETS), default="mnist", help="training dataset")
-    g.add_argument("--model", choices=["mlp", "cnn", "alexnet"], default="mlp",
-                   help="architecture (REFERENCE: MLP, CNN, AlexNet)")
-    g.add_argument("--corruption", type=number_list, default=[0.8],
-                   help="corruption degree p, or a comma list of them")
-    g.add_argument("--runs", type=positive_int, default=1, help="runs per degree (seed + run)")
-    g.add_argument("--train-size", type=positive_int, default=None,
-                   help="train on N class-balanced training images (drawn from --seed)")
-    g.add_argument("--posthoc-corruption", type=number_list, default=[],
-                   help="latent memorization: degrees applied after training the p=0 model")
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=positive_int, default=500, help="maximum training epochs")
-    g.add_argument("--stop-acc", type=fraction, default=None,
-                   help="stop at this training accuracy (default: the authors', 1.0 for the MLP)")
-    g.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
-                   help="default: the authors' per model (SGD for the MLP, Adam otherwise)")
-    g.add_argument("--lr", type=positive_float, default=None, help="default: per model")
-    g.add_argument("--batch-size", type=positive_int, default=None, help="default: per model")
-    g.add_argument("--save-every", type=positive_int, default=10, help="epochs per checkpoint")
-    g.add_argument("--models-at-once", type=positive_int, default=None,
-                   help="models trained together as one stacked model (default: all; 1 on a CPU)")
-    g.add_argument("--decode-every", type=positive_int, default=None,
-                   help="every E epochs, record each model's best MASC test accuracy")
-    g = p.add_argument_group("decoding")
-    g.add_argument("--variance", type=fraction, default=0.99, help="explained by each subspace")
-    g.add_argument("--no-retrain", action="store_true", help="skip relabelling and retraining")
-    g.add_argument("--retrain-epochs", type=positive_int, default=30, help="at most")
-    g.add_argument("--patience", type=bounded(int, 0), default=3,
-                   help="of the retraining; 0: no early stopping, keep the last epoch (Figure 31)")
-    g = p.add_argument_group("system")
-    g.add_argument("--data-dir", default="data", help="where datasets are (or get downloaded)")
-    g.add_argument("--out-dir", default="runs/masc", help="config.json, results.json, models/")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device")
-    g.add_argument("--seed", type=int, default=0, help="base seed; run r uses seed + r")
-    g.add_argument("--overwrite", action="store_true", help="retrain models of other settings")
-    return p
-
-
-def check_args(args):
-    """Checks argparse cannot make; fills the defaults that depend on other flags."""
-    try:
-        torch.empty(1, device=args.device)
-    except Exception as e:  # unknown or unavailable device
-        reason = str(e).strip().splitlines()[0]
-        raise UserError(f"--device {args.device} is not available ({reason})")
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise UserError(f"--out-dir {args.out_dir} exists and is not a directory")
-    args.num_classes, shape, stop = DATASETS[args.dataset]
-    if args.model == "alexnet" and shape[1:] not in ((32, 32), (64, 64)):
-        raise UserError("--model alexnet needs 32x32 or 64x64 images (cifar10, cifar100, "
-                        f"tinyimagenet), not {args.dataset}")
-    if args.posthoc_corruption and 0.0 not in args.corruption:
-        raise UserError("--posthoc-corruption decodes the p=0 model: add 0 to --corruption")
-    optimizer, lr, batch_size = model_defaults(args.model, args.dataset)
-    args.optimizer = args.optimizer or optimizer
-    args.lr, args.batch_size = args.lr or lr, args.batch_size or batch_size
-    args.stop_acc = args.stop_acc or (1.0 if args.model == "mlp" else stop)
-    # on a CPU, stacked models train no faster than one after another (see convolutions_for)
-    every_model = len(args.corruption) * args.runs
-    args.models_at_once = args.models_at_once or (1 if torch.device(args.device).type == "cpu"
-                                                 else every_model)
-
-
-def named_generator(device, *keys):
-    """A torch.Generator seeded from named keys, so independent streams never share a sequence."""
-    seed = int(hashlib.sha256(repr(keys).encode()).hexdigest()[:15], 16)
-    return torch.Generator(device=device).manual_seed(seed)
-
-# ----------------------------------------------------------------------------- data
-
-
-def write_atomically(path, write):
-    """write(path + ".tmp"), then rename it: an interrupted run never leaves half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    write(path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def write_json(path, obj):
-    write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=2)))
-
-
-def load_torchvision(name, root):
-    """(train images uint8 NCHW, labels), (test images, labels), downloaded when missing."""
-    files = "(the four *-ubyte.gz files)"
-    cls, folder, url = {
-        "mnist": (torchvision.datasets.MNIST, "MNIST/raw",
-                  f"https://ossci-datasets.s3.amazonaws.com/mnist/ {files}"),
-        "fashionmnist": (torchvision.datasets.FashionMNIST, "FashionMNIST/raw",
-                         f"http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/ {files}"),
-        "cifar10": (torchvision.datasets.CIFAR10, "cifar-10-batches-py",
-                    "https://www.cs.toronto.edu/~kriz/cifar.html"),
-        "cifar100": (torchvision.datasets.CIFAR100, "cifar-100-python",
-                     "https://www.cs.toronto.edu/~kriz/cifar.html"),
-    }[name]
-    out = []
-    for train in (True, False):
-        try:
-            ds = cls(root, train=train, download=True)
-        except Exception as e:
-            where = os.path.join(root, folder)
-            raise UserError(f"{name} not found in {where} and could not be downloaded "
-                            f"({type(e).__name__}); download it from {url} and put it in {where}")
-        x = torch.as_tensor(ds.data)
-        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # NHW, NHWC -> NCHW
-        out.append((x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long)))
-    return out
-
-
-def load_tinyimagenet(root):
-    """tiny-imagenet-200 (train/<wnid>/images, val/val_annotations.txt), cached as uint8."""
-    url = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
-    base = os.path.join(root, "tiny-imagenet-200")
-    cache = os.path.join(base, "uint8_cache.pt")
-    if os.path.exists(cache):
-        c = torch.load(cache, weights_only=True)
-        return (c["train_x"], c["train_y"]), (c["val_x"], c["val_y"])
-    if not os.path.isdir(base):
-        try:
-            torchvision.datasets.utils.download_and_extract_archive(url, root)
-        except Exception as e:
-            raise UserError(f"tinyimagenet not found in {base} and could not be downloaded "
-                            f"({type(e).__name__}); download {url} and unzip it into {root}/")
-    try:
-        with open(os.path.join(base, "wnids.txt")) as f:
-            index = {w: i for i, w in enumerate(sorted(ln.strip() for ln in f if ln.strip()))}
-        train = [(os.path.join(base, "train", w, "images", name), i) for w, i in index.items()
-                 for name in sorted(os.listdir(os.path.join(base, "train", w, "images")))]
-        with open(os.path.join(base, "val", "val_annotations.txt")) as f:
-            val = [(os.path.join(base, "val", "images", parts[0]), index[parts[1]])
-                   for parts in (line.split("\t") for line in f if line.strip())]
-    except (OSError, KeyError) as e:
-        raise UserError(f"Tiny ImageNet in {base} is incomplete ({e}); expected the "
-                        "tiny-imagenet-200 archive layout")
-
-    def decode(items):  # once: later runs read the cache
-        images = torch.empty(len(items), 3, 64, 64, dtype=torch.uint8)
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders
-            warnings.simplefilter("ignore", DeprecationWarning)
-            for n, (path, _) in enumerate(tqdm(items, desc="decoding Tiny ImageNet", leave=False)):
-                img = torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
-                images[n] = v2.functional.resize(img, [64, 64])
-        return images, torch.tensor([y for _, y in items], dtype=torch.long)
-
-    (tx, ty), (vx, vy) = decode(train), decode(val)
-    saved = {"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy}
-    write_atomically(cache, lambda tmp: torch.save(saved, tmp))
-    return (tx, ty), (vx, vy)
-
+        return "adam", 2e-4, (128 if dataset in ("mnist", "fashionmnist") else 32)
+    return "adam", 1e-4, (500 if dataset == "tinyimagenet" else 128)
 
 @dataclass
 class Data:
@@ -256,27 +71,15 @@ class Data:
     test_x: torch.Tensor
     test_y: torch.Tensor
 
+class UserError(Exception):
+    """Bad input or missing data: reported as one line, never a traceback."""
 
-def preprocess(images):
-    """ToTensor + Normalize(0.5, 0.5) per channel: uint8 [0, 255] -> float [-1, 1]."""
-    return images.float().div_(127.5).sub_(1)
+# ----------------------------------------------------------------------------- corrupting labels
 
-
-def balanced_subset(labels, size, seed):
-    """Sorted indices of `size` random training images, size // K per class and one more for size
-    mod K random classes: the same subset for every degree and run of a command."""
-    g = named_generator("cpu", "train-size", seed)
-    counts = torch.bincount(labels)
-    if size > len(counts) * counts.min().item():
-        raise UserError(f"--train-size {size} exceeds {len(counts)} classes x "
-                        f"{counts.min().item()} images of the smallest class")
-    order = torch.randperm(len(labels), generator=g)
-    by_class = order[torch.argsort(labels[order], stable=True)]  # by class, random within each
-    rank = torch.arange(len(labels)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-    class_order = torch.randperm(len(counts), generator=g)  # which classes get the remainder
-    key = rank * len(counts) + class_order[labels[by_class]]
-    return by_class[torch.argsort(key)[:size]].sort().values
-
+def named_generator(device, *keys):
+    """A torch.Generator seeded from named keys, so independent streams never share a sequence."""
+    seed = int(hashlib.sha256(repr(keys).encode()).hexdigest()[:15], 16)
+    return torch.Generator(device=device).manual_seed(seed)
 
 def corrupt_labels(targets, p, num_classes, seed):
     """With probability p, replace a label by a uniform draw over all classes (it may stay the
@@ -287,77 +90,17 @@ def corrupt_labels(targets, p, num_classes, seed):
     draw = torch.randint(num_classes, targets.shape, generator=g)
     return torch.where(replace, draw, targets.cpu()).to(targets.device)
 
-# ----------------------------------------------------------------------------- MASC
-
-
-def subspace_rank(eigenvalues, variance, inner=1):
-    """Smallest r whose leading eigenvalues (sorted descending) explain `variance` of their sum,
-    capped at those above the rounding floor of a float32 product summed over `inner` terms
-    (about trace * sqrt(inner) * eps): below it an eigenvalue is rounding, not a direction."""
-    ev = eigenvalues.double().clamp_min(0)
-    cum = ev.cumsum(0)
-    if len(ev) == 0 or cum[-1] == 0:
-        return 0
-    r = int((cum < variance * cum[-1]).sum().item()) + 1
-    floor = cum[-1] * math.sqrt(inner) * torch.finfo(torch.float32).eps
-    return min(r, int((ev > floor).sum().item()))
-
-
-def class_basis(X, variance):
-    """Orthonormal basis (D, r) of the principal subspace of [X; -X]: top eigenvectors of X^T X.
-    Products run in float32 on the device; the small symmetric eigenproblem in float64, because
-    float32 eigenvectors mix near-equal eigenvalues at the variance cut and change predictions.
-    With fewer samples than dimensions the n x n Gram matrix X X^T is decomposed instead (its
-    eigenvectors u map to principal directions X^T u / s): no D x D matrix is formed."""
-    n, D = X.shape
-    if n == 0:
-        return X.new_zeros(D, 0)
-    gram = n < D
-    ev, vec = torch.linalg.eigh((X @ X.T if gram else X.T @ X).double())
-    ev, vec = ev.flip(0), vec.flip(1)
-    r = subspace_rank(ev, variance, inner=D if gram else n)
-    if not gram:
-        return vec[:, :r].to(X.dtype)
-    return (X.T @ vec[:, :r].to(X.dtype)) / ev[:r].sqrt().to(X.dtype)
-
-
-def fit_subspaces(feats, labels, num_classes, variance=0.99):
-    """An orthonormal basis (D, r_k) per class of the +-symmetrised layer outputs (Algorithms 2-3);
-    a class with no samples, or only all-zero ones, gets an empty one (D, 0), never predicted."""
-    feats = feats.float()
-    return [class_basis(feats[labels == k], variance) for k in range(num_classes)]
-
-
-def masc_predict(bases, feats, chunk=8192):
-    """Per row, the class whose subspace makes the smallest angle with it (Algorithm 1), or -1 for
-    an all-zero row. cos^2(angle) = ||V_k^T x||^2 / ||x||^2 for an orthonormal basis V_k: one
-    matmul against the concatenated bases scores every class, `chunk` rows at a time (8192 rows of
-    a 4096-wide layer against 4096 basis columns: 128 MB per product)."""
-    feats = feats.float()
-    dims = torch.tensor([b.shape[1] for b in bases], device=feats.device)
-    owner = torch.repeat_interleave(torch.arange(len(bases), device=feats.device), dims)
-    stacked = torch.cat(bases, 1) if len(owner) else feats.new_zeros(feats.shape[1], 0)
-    preds = []
-    for start in range(0, len(feats), chunk):
-        x = feats[start:start + chunk]
-        energy = torch.zeros(len(x), len(bases), device=x.device)
-        energy.index_add_(1, owner, (x @ stacked).pow(2))
-        norm2 = x.pow(2).sum(1)
-        cos2 = energy / norm2.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
-        cos2[:, dims == 0] = -1  # empty classes never win
-        pred = cos2.argmax(1)
-        preds.append(torch.where((norm2 > 0) & (dims > 0).any(), pred, torch.full_like(pred, -1)))
-    return torch.cat(preds)
-
 # ----------------------------------------------------------------------------- models
 # Every model returns its logits and, given a dict `taps`, fills it with the probed layers.
 
+def preprocess(images):
+    """ToTensor + Normalize(0.5, 0.5) per channel: uint8 [0, 255] -> float [-1, 1]."""
+    return images.float().div_(127.5).sub_(1)
 
 def tap(taps, name, x):
     if taps is not None:
         taps[name] = x
     return x
-
 
 def fc_relu(x, layers, taps):
     """Linear + ReLU layers, probed after each ReLU as fc1, fc2, ..."""
@@ -365,10 +108,8 @@ def fc_relu(x, layers, taps):
         x = tap(taps, f"fc{i + 1}", F.relu(layer(x)))
     return x
 
-
 class MLP(nn.Module):
     """input -> FC128 -> FC512 -> FC2048 -> FC2048 -> K, ReLU after each hidden layer."""
-
     def __init__(self, in_dim, num_classes):
         super().__init__()
         widths = [in_dim, 128, 512, 2048, 2048]
@@ -379,14 +120,11 @@ class MLP(nn.Module):
         x = tap(taps, "input", x.flatten(1))
         return self.out(fc_relu(x, self.hidden, taps))
 
-
 def conv_relu(c_in, c_out, kernel, **kwargs):
     return [nn.Conv2d(c_in, c_out, kernel, **kwargs), nn.ReLU()]
 
-
 class CNN(nn.Module):
     """conv16 x2, pool, conv32 x2, pool, conv64 x2, pool, FC250 x3, Linear(250, K) without bias."""
-
     def __init__(self, shape, num_classes):
         super().__init__()
         layers, c = [], shape[0]
@@ -404,10 +142,8 @@ class CNN(nn.Module):
         x = tap(taps, "flatten", self.features(x).flatten(1))
         return self.out(fc_relu(x, self.fc, taps))
 
-
 class AlexNet(nn.Module):
     """The authors' small-image AlexNet: 5 convolutions to a 256-d flatten, 4096, 4096, K."""
-
     def __init__(self, shape, num_classes):
         super().__init__()
         if shape[1] == 32:  # CIFAR-100
@@ -426,110 +162,26 @@ class AlexNet(nn.Module):
         x = tap(taps, "flatten", self.features(x).flatten(1))
         return self.out(fc_relu(x, self.fc, taps))
 
-
 def build_model(name, shape, num_classes, seed):
     torch.manual_seed(seed)  # initialised on the CPU: the same weights on every device
     if name == "mlp":
         return MLP(shape[0] * shape[1] * shape[2], num_classes)
     return CNN(shape, num_classes) if name == "cnn" else AlexNet(shape, num_classes)
 
-# ----------------------------------------------------------------------------- decoding a model
-
-
-@torch.no_grad()
-def predict_and_probe(model, images, probe=True, batch=1024):
-    """One pass over the images: the model's predicted class per image and, with probe, every
-    probed layer's outputs (dict name -> (N, D) float32 on the device). 1024 images at a time
-    bound the activations (AlexNet: 1024 x 4096 floats per layer)."""
-    model.eval()
-    preds, parts = [], {}
-    for start in range(0, len(images), batch):
-        taps = {} if probe else None
-        preds.append(model(preprocess(images[start:start + batch]), taps).argmax(1))
-        for name, f in (taps or {}).items():
-            parts.setdefault(name, []).append(f.float())
-    model.train()
-    return torch.cat(preds), {name: torch.cat(chunks) for name, chunks in parts.items()}
-
-
-def accuracy(pred, labels):
-    return (pred == labels).float().mean().item()
-
-
-class Predictions(NamedTuple):
-    """A layer's MASC predictions for every training and every test image."""
-    train: torch.Tensor
-    test: torch.Tensor
-
-
-def decode_layers(model, data, y_corrupt, args, desc):
-    """MASC of every layer with corrupted- and true-label subspaces: report rows, predictions
-    (layer -> kind -> Predictions), and the model's (predictions, features) on train and test."""
-    (train_pred, train_f), (test_pred, test_f) = (predict_and_probe(model, images)
-                                                  for images in (data.train_x, data.test_x))
-    y_true, y_test, K = data.train_y, data.test_y, args.num_classes
-    rows, preds = [], {}
-    for name in tqdm(train_f, desc=desc, leave=False):
-        bases = {kind: fit_subspaces(train_f[name], labels, K, args.variance)
-                 for kind, labels in (("corrupt", y_corrupt), ("true", y_true))}
-        preds[name] = {kind: Predictions(*(masc_predict(b, f[name]) for f in (train_f, test_f)))
-                       for kind, b in bases.items()}
-        corrupt, true = preds[name]["corrupt"], preds[name]["true"]
-        rows.append(dict(
-            name=name, dim=train_f[name].shape[1],
-            corrupt_subspaces=dict(train_corrupt=accuracy(corrupt.train, y_corrupt),
-                                   train_true=accuracy(corrupt.train, y_true),
-                                   test=accuracy(corrupt.test, y_test),
-                                   dims=[b.shape[1] for b in bases["corrupt"]]),
-            true_subspaces=dict(train_true=accuracy(true.train, y_true),
-                                test=accuracy(true.test, y_test),
-                                dims=[b.shape[1] for b in bases["true"]])))
-    return rows, preds, (train_pred, train_f), (test_pred, test_f)
-
-
-def best_layers(rows):
-    """The layer with the best MASC test accuracy and that accuracy, per kind of subspaces."""
-    best = max(rows, key=lambda r: r["corrupt_subspaces"]["test"])
-    best_true = max(rows, key=lambda r: r["true_subspaces"]["test"])
-    return dict(layer=best["name"], masc_test=best["corrupt_subspaces"]["test"],
-                layer_true=best_true["name"], masc_test_true=best_true["true_subspaces"]["test"])
-
-# ----------------------------------------------------------------------------- batched training
+# ----------------------------------------------------------------------------- stacked training
 # Each parameter gets a leading model dimension and the architecture runs under torch.func.vmap:
 # a model trained alone is the same code with one model in the stack.
 
-
 @dataclass(eq=False)
 class Job:
-    """One model in training: its weights, labels, batch order, optimizer state and history."""
-    name: str  # for messages: "p=0.4 run 1", or "retrain (1, 'corrupt')"
+    name: str  # for messages: "p=0.4 run 1", "retrain p=0.4 run 1 (true subspaces)"
     state: dict  # parameter name -> tensor
     labels: torch.Tensor  # the labels it is trained on
     gen: torch.Generator  # its batch order
     opt: dict = field(default_factory=dict)  # {"step": int, "buffers": {name: {slot: tensor}}}
     history: dict = field(default_factory=lambda: {"train_acc": [], "test_acc": []})
 
-
-@dataclass(eq=False, kw_only=True)
-class Memorizing(Job):
-    """A model trained on corrupted labels, checkpointed as it goes."""
-    path: str  # its finished checkpoint (see in_progress_path)
-    key: dict  # the settings its checkpoint must match
-
-
-@dataclass(eq=False, kw_only=True)
-class Retraining(Job):
-    """A memorized model trained further on a relabelling (Section 3.3)."""
-    val_idx: torch.Tensor  # the 20% of the test set it early-stops on
-    eval_idx: torch.Tensor  # the 80% it is reported on
-    report: dict  # the results.json entry it completes
-    best_val: float = -1.0  # the best validation accuracy so far,
-    best_state: dict = None  # the weights that reached it,
-    best_epoch: int = 0  # and their epoch
-
-
 OPTIMIZER_SLOTS = {"sgd": ("momentum",), "adam": ("exp_avg", "exp_avg_sq")}  # per parameter
-
 
 class Stack:
     """Jobs at one optimizer step as one model, parameters and buffers stacked on a leading model
@@ -551,7 +203,7 @@ class Stack:
 
     @torch.no_grad()
     def predictions(self, images, batch=2048):
-        """Every model's predicted class for every image: (M, N)."""
+        """(models, images)."""
         return torch.cat([self.logits(preprocess(images[i:i + batch]), same_batch=True).argmax(-1)
                           for i in range(0, len(images), batch)], 1)
 
@@ -572,28 +224,26 @@ class Stack:
         self.adopt_layout(grads)
         self.step_count += 1
         t = self.step_count
-        for name, p in self.params.items():
+        for name, param in self.params.items():
             g, buf = grads[name], self.buffers[name]
             if self.kind == "sgd":  # a fresh buffer is zero, so the first step's momentum is g
-                p.add_(buf["momentum"].mul_(0.9).add_(g), alpha=-self.lr)
+                param.add_(buf["momentum"].mul_(0.9).add_(g), alpha=-self.lr)
                 continue
             buf["exp_avg"].lerp_(g, 0.1)
             buf["exp_avg_sq"].mul_(0.999).addcmul_(g, g, value=0.001)
             denom = (buf["exp_avg_sq"].sqrt() / (1 - 0.999 ** t) ** 0.5).add_(1e-8)
-            p.addcdiv_(buf["exp_avg"], denom, value=-self.lr / (1 - 0.9 ** t))
+            param.addcdiv_(buf["exp_avg"], denom, value=-self.lr / (1 - 0.9 ** t))
 
     def write_back(self, jobs):
         for i, job in enumerate(jobs):
-            job.state = {n: p[i].detach().clone() for n, p in self.params.items()}
+            job.state = {n: stacked[i].detach().clone() for n, stacked in self.params.items()}
             buffers = {n: {s: b[i].clone() for s, b in slots.items()}
                        for n, slots in self.buffers.items()}
             job.opt = {"step": self.step_count, "buffers": buffers}
 
-
 def train_epoch(stack, images, labels, batch_size, gens):
     """One pass of every model over the images (last partial batch included), each in its own order
-    on its own labels (M, N): the running training accuracy per model. A NaN or infinite loss
-    stops the run before any checkpoint is written."""
+    on its own labels (M, N): the running training accuracy per model."""
     M, N = labels.shape
     order = torch.stack([torch.randperm(N, generator=g, device=images.device) for g in gens])
     correct, loss_sum = torch.zeros(2, M, device=images.device)
@@ -609,19 +259,18 @@ def train_epoch(stack, images, labels, batch_size, gens):
         stack.step(dict(zip(stack.params, grads)))
         correct += (out.argmax(-1) == y).sum(1)
         loss_sum += loss.detach()
-    if not torch.isfinite(loss_sum).all():  # one host sync per epoch, not one per step
+    # one host sync per epoch, not one per step; raised before the caller writes a checkpoint
+    if not torch.isfinite(loss_sum).all():
         raise UserError(f"the training loss became {loss_sum.tolist()}; stopped, keeping the last "
                         "checkpoint in its models/ folder")
     return (correct / N).tolist()
 
-
 @contextlib.contextmanager
 def convolutions_for(device, stacking):
-    """On the CPU, oneDNN's grouped convolution (a stack of M models) sums weight gradients in
-    another order than its plain one (a model alone). A command that stacks models runs ATen's
-    convolution, which computes a grouped one as plain ones, so a model's numbers do not depend on
-    what it is stacked with (tested). ATen's is about 9x slower than oneDNN for the CNN
-    (measured), so a CPU command trains one model at a time with oneDNN by default."""
+    """On the CPU, oneDNN's grouped convolution (a stack of models) sums weight gradients in
+    another order than its plain one (a model alone); ATen's computes a grouped one as plain ones,
+    so a stacked model's numbers equal its numbers alone (tested). ATen's is about 9x slower for
+    the CNN (measured), so a CPU command trains one model at a time with oneDNN by default."""
     if device.type != "cpu" or not stacking:
         yield
         return
@@ -629,7 +278,6 @@ def convolutions_for(device, stacking):
         warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
         with torch.backends.mkldnn.flags(enabled=False):
             yield
-
 
 def train_together(jobs, template, data, args, after_epoch, desc):
     """Epochs of all unfinished jobs, --models-at-once at a time. after_epoch(job, train_acc,
@@ -660,16 +308,311 @@ def train_together(jobs, template, data, args, after_epoch, desc):
         active = [j for j in active if j not in finished]
     bar.close()
 
+# ----------------------------------------------------------------------------- MASC
+
+def subspace_rank(eigenvalues, variance, inner=1):
+    """Smallest r whose leading eigenvalues (sorted descending) explain `variance` of their sum,
+    capped at those above the rounding floor of a float32 product summed over `inner` terms
+    (about trace * sqrt(inner) * eps): below it an eigenvalue is rounding, not a direction."""
+    ev = eigenvalues.double().clamp_min(0)
+    cum = ev.cumsum(0)
+    if len(ev) == 0 or cum[-1] == 0:
+        return 0
+    r = int((cum < variance * cum[-1]).sum().item()) + 1
+    floor = cum[-1] * math.sqrt(inner) * torch.finfo(torch.float32).eps
+    return min(r, int((ev > floor).sum().item()))
+
+def class_basis(X, variance):
+    """Orthonormal basis (D, r) of the principal subspace of [X; -X]: top eigenvectors of X^T X.
+    Products run in float32 on the device; the small symmetric eigenproblem in float64, because
+    float32 eigenvectors mix near-equal eigenvalues at the variance cut and change predictions.
+    With fewer samples than dimensions the n x n Gram matrix X X^T is decomposed instead (its
+    eigenvectors u map to principal directions X^T u / s): no D x D matrix is formed."""
+    n, D = X.shape
+    if n == 0:
+        return X.new_zeros(D, 0)
+    gram = n < D
+    ev, vec = torch.linalg.eigh((X @ X.T if gram else X.T @ X).double())
+    ev, vec = ev.flip(0), vec.flip(1)
+    r = subspace_rank(ev, variance, inner=D if gram else n)
+    if not gram:
+        return vec[:, :r].to(X.dtype)
+    return (X.T @ vec[:, :r].to(X.dtype)) / ev[:r].sqrt().to(X.dtype)
+
+def fit_subspaces(feats, labels, num_classes, variance=0.99):
+    """An orthonormal basis (D, r_k) per class of the +-symmetrised layer outputs (Algorithms 2-3);
+    a class with no samples, or only all-zero ones, gets an empty one (D, 0), never predicted."""
+    feats = feats.float()
+    return [class_basis(feats[labels == k], variance) for k in range(num_classes)]
+
+def masc_predict(bases, feats, chunk=8192):
+    """Per row, the class whose subspace makes the smallest angle with it (Algorithm 1), or -1 for
+    an all-zero row. cos^2(angle) = ||V_k^T x||^2 / ||x||^2 for an orthonormal basis V_k: one
+    matmul against the concatenated bases scores every class, `chunk` rows at a time (8192 rows of
+    a 4096-wide layer against 4096 basis columns: 128 MB per product)."""
+    feats = feats.float()
+    dims = torch.tensor([b.shape[1] for b in bases], device=feats.device)
+    owner = torch.repeat_interleave(torch.arange(len(bases), device=feats.device), dims)
+    stacked = torch.cat(bases, 1) if len(owner) else feats.new_zeros(feats.shape[1], 0)
+    preds = []
+    for start in range(0, len(feats), chunk):
+        x = feats[start:start + chunk]
+        energy = torch.zeros(len(x), len(bases), device=x.device)
+        energy.index_add_(1, owner, (x @ stacked).pow(2))
+        norm2 = x.pow(2).sum(1)
+        cos2 = energy / norm2.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
+        cos2[:, dims == 0] = -1  # empty classes never win
+        pred = cos2.argmax(1)
+        preds.append(torch.where((norm2 > 0) & (dims > 0).any(), pred, torch.full_like(pred, -1)))
+    return torch.cat(preds)
+
+# ----------------------------------------------------------------------------- decoding a model
+
+class Predictions(NamedTuple):
+    """A layer's MASC predictions for every training and every test image."""
+    train: torch.Tensor
+    test: torch.Tensor
+
+def accuracy(pred, labels):
+    return (pred == labels).float().mean().item()
+
+@torch.no_grad()
+def predict_and_probe(model, images, probe=True, batch=1024):
+    """The model's predicted classes and, with probe, every probed layer's outputs (name -> (N, D)
+    float32). 1024 images at a time bound the activations (AlexNet: 1024 x 4096 per layer)."""
+    model.eval()
+    preds, parts = [], {}
+    for start in range(0, len(images), batch):
+        taps = {} if probe else None
+        preds.append(model(preprocess(images[start:start + batch]), taps).argmax(1))
+        for name, f in (taps or {}).items():
+            parts.setdefault(name, []).append(f.float())
+    model.train()
+    return torch.cat(preds), {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+def decode_layers(model, data, y_corrupt, args, desc):
+    """MASC of every layer with corrupted- and true-label subspaces: report rows, predictions
+    (layer -> kind -> Predictions), and the model's (predictions, features) on train and test."""
+    (train_pred, train_f), (test_pred, test_f) = (predict_and_probe(model, images)
+                                                  for images in (data.train_x, data.test_x))
+    y_true, y_test, K = data.train_y, data.test_y, args.num_classes
+    rows, preds = [], {}
+    for name in tqdm(train_f, desc=desc, leave=False):
+        bases = {kind: fit_subspaces(train_f[name], labels, K, args.variance)
+                 for kind, labels in (("corrupt", y_corrupt), ("true", y_true))}
+        preds[name] = {kind: Predictions(*(masc_predict(b, f[name]) for f in (train_f, test_f)))
+                       for kind, b in bases.items()}
+        corrupt, true = preds[name]["corrupt"], preds[name]["true"]
+        rows.append(dict(
+            name=name, dim=train_f[name].shape[1],
+            corrupt_subspaces=dict(train_corrupt=accuracy(corrupt.train, y_corrupt),
+                                   train_true=accuracy(corrupt.train, y_true),
+                                   test=accuracy(corrupt.test, y_test),
+                                   dims=[b.shape[1] for b in bases["corrupt"]]),
+            true_subspaces=dict(train_true=accuracy(true.train, y_true),
+                                test=accuracy(true.test, y_test),
+                                dims=[b.shape[1] for b in bases["true"]])))
+    return rows, preds, (train_pred, train_f), (test_pred, test_f)
+
+def best_layers(rows):
+    """The layer with the best MASC test accuracy and that accuracy, per kind of subspaces."""
+    best = max(rows, key=lambda r: r["corrupt_subspaces"]["test"])
+    best_true = max(rows, key=lambda r: r["true_subspaces"]["test"])
+    return dict(layer=best["name"], masc_test=best["corrupt_subspaces"]["test"],
+                layer_true=best_true["name"], masc_test_true=best_true["true_subspaces"]["test"])
+
+# ----------------------------------------------------------------------------- relabel, retrain
+
+def relabel(test_pred, data, y_corrupt, preds, seed):
+    """Section 3.3 up to retraining: split the test set 80/20; per subspace kind, the layer whose
+    MASC is best on the 20% relabels every training image (rows MASC cannot place keep theirs).
+    test_pred: the model's test predictions. Returns the report, new labels per kind, the split."""
+    y_true, y_test, n_test = data.train_y, data.test_y, len(data.test_y)
+    perm = torch.randperm(n_test, generator=named_generator("cpu", "split", seed))
+    perm = perm.to(y_test.device)
+    val_idx, eval_idx = perm[:n_test // 5], perm[n_test // 5:]  # the paper's 20% / 80%
+    wrong = y_corrupt != y_true
+    out = dict(val_size=len(val_idx), test_size=len(eval_idx),
+               before_test=accuracy(test_pred[eval_idx], y_test[eval_idx]))
+    new_labels = {}
+    for kind in ("corrupt", "true"):
+        on_val = lambda name: accuracy(preds[name][kind].test[val_idx], y_test[val_idx])
+        best = max(preds, key=on_val)
+        chosen = preds[best][kind]
+        labels = torch.where(chosen.train >= 0, chosen.train, y_corrupt)  # -1 rows keep theirs
+        fixed = accuracy(labels[wrong], y_true[wrong]) if wrong.any() else None
+        clean = ~wrong
+        broken = (labels[clean] != y_true[clean]).float().mean().item() if clean.any() else None
+        out[f"{kind}_subspaces"] = dict(
+            layer=best, masc_test=accuracy(chosen.test[eval_idx], y_test[eval_idx]),
+            relabel_correct=accuracy(labels, y_true), corrupt_correct=accuracy(y_corrupt, y_true),
+            fixed=fixed, broken=broken)
+        new_labels[kind] = labels
+    return out, new_labels, val_idx, eval_idx
+
+@dataclass(eq=False, kw_only=True)
+class Retraining(Job):
+    """A memorized model trained further on a relabelling (Section 3.3)."""
+    val_idx: torch.Tensor  # the 20% of the test set it early-stops on
+    eval_idx: torch.Tensor  # the 80% it is reported on
+    report: dict  # the results.json entry it completes
+    best_val: float = -1.0  # the best validation accuracy so far,
+    best_state: dict = None  # the weights that reached it,
+    best_epoch: int = 0  # and their epoch
+
+def retrain_all(jobs, template, data, args):
+    """Section 3.3's retrainings, together: from the memorized weights with a fresh optimizer,
+    early-stopped on the job's 20% of the test set (--patience 0: all --retrain-epochs, keep the
+    last, as Figure 31). Reports the 80% part's accuracy of the kept and every epoch's weights."""
+    def after_epoch(job, acc, pred):
+        val = accuracy(pred[job.val_idx], data.test_y[job.val_idx])
+        job.history["train_acc"].append(acc)
+        job.history["val_acc"].append(val)
+        job.history["test_acc"].append(accuracy(pred[job.eval_idx], data.test_y[job.eval_idx]))
+        epochs = len(job.history["train_acc"])
+        if args.patience == 0 or val > job.best_val:
+            job.best_val, job.best_state, job.best_epoch = val, job.state, epochs
+        waited_enough = args.patience > 0 and epochs - job.best_epoch >= args.patience
+        return waited_enough or epochs >= args.retrain_epochs
+
+    train_together(jobs, template, data, args, after_epoch, "retrain")
+    for job in jobs:
+        job.report.update(after_test=job.history["test_acc"][job.best_epoch - 1],
+                          epochs=len(job.history["train_acc"]), kept_epoch=job.best_epoch,
+                          test_per_epoch=job.history["test_acc"],
+                          val_per_epoch=job.history["val_acc"])
+
+# ----------------------------------------------------------------------------- controls
+
+def latent_memorization(train_f, test_f, data, args, seed):
+    """MASC of the p=0 model from labels corrupted after training (paper, supplement 6)."""
+    out = []
+    for q in args.posthoc_corruption:
+        y_q = corrupt_labels(data.train_y, q, args.num_classes, ("posthoc", seed, q))
+        layers = []
+        for name in train_f:
+            bases = fit_subspaces(train_f[name], y_q, args.num_classes, args.variance)
+            pred = masc_predict(bases, train_f[name])
+            layers.append(dict(name=name, train_corrupt=accuracy(pred, y_q),
+                               train_true=accuracy(pred, data.train_y),
+                               test=accuracy(masc_predict(bases, test_f[name]), data.test_y)))
+        out.append(dict(corruption=q, fraction_changed=1 - accuracy(y_q, data.train_y),
+                        layers=layers))
+    return out
+
+def init_control(data, y_corrupt, args, seed):
+    """MASC on the same architecture at its random initialisation (the paper's control)."""
+    model = build_model(args.model, DATASETS[args.dataset].shape, args.num_classes, seed)
+    rows = decode_layers(model.to(data.train_x.device), data, y_corrupt, args, "MASC at init")[0]
+    return [dict(name=r["name"], corrupt_subspaces=dict(test=r["corrupt_subspaces"]["test"]),
+                 true_subspaces=dict(test=r["true_subspaces"]["test"])) for r in rows]
+
+# ----------------------------------------------------------------------------- datasets
+
+def save_atomically(path, obj):
+    """JSON for a .json path, else torch.save, via path.tmp: a killed run leaves no half file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if path.endswith(".json"):
+        pathlib.Path(path + ".tmp").write_text(json.dumps(obj, indent=2))
+    else:
+        torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+def load_torchvision(name, root):
+    """(train images uint8 NCHW, labels), (test images, labels), downloaded when missing."""
+    files, cifar = "(the four *-ubyte.gz files)", "https://www.cs.toronto.edu/~kriz/cifar.html"
+    cls, folder, url = {
+        "mnist": (torchvision.datasets.MNIST, "MNIST/raw",
+                  f"https://ossci-datasets.s3.amazonaws.com/mnist/ {files}"),
+        "fashionmnist": (torchvision.datasets.FashionMNIST, "FashionMNIST/raw",
+                         f"http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/ {files}"),
+        "cifar10": (torchvision.datasets.CIFAR10, "cifar-10-batches-py", cifar),
+        "cifar100": (torchvision.datasets.CIFAR100, "cifar-100-python", cifar),
+    }[name]
+    out = []
+    for train in (True, False):
+        try:
+            ds = cls(root, train=train, download=True)
+        except Exception as e:
+            where = os.path.join(root, folder)
+            raise UserError(f"{name} not found in {where} and could not be downloaded "
+                            f"({type(e).__name__}); download it from {url} and put it in {where}")
+        x = torch.as_tensor(ds.data)
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # NHW, NHWC -> NCHW
+        out.append((x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long)))
+    return out
+
+def load_tinyimagenet(root):
+    """tiny-imagenet-200 (train/<wnid>/images, val/val_annotations.txt), decoded once into a
+    uint8 cache. The classes are the sorted wnids, the training images sorted by file name."""
+    url = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+    base = os.path.join(root, "tiny-imagenet-200")
+    cache = os.path.join(base, "uint8_cache.pt")
+    if os.path.exists(cache):
+        c = torch.load(cache, weights_only=True)
+        return (c["train_x"], c["train_y"]), (c["val_x"], c["val_y"])
+    if not os.path.isdir(base):
+        try:
+            torchvision.datasets.utils.download_and_extract_archive(url, root)
+        except Exception as e:
+            raise UserError(f"tinyimagenet not found in {base} and could not be downloaded "
+                            f"({type(e).__name__}); download {url} and unzip it into {root}/")
+    try:  # ImageFolder walks train/<wnid>/ down into its images/ folder, in sorted order
+        train = torchvision.datasets.ImageFolder(os.path.join(base, "train"))
+        with open(os.path.join(base, "val", "val_annotations.txt")) as f:
+            val = [(os.path.join(base, "val", "images", parts[0]), train.class_to_idx[parts[1]])
+                   for parts in (line.split("\t") for line in f if line.strip())]
+    except (OSError, KeyError) as e:
+        raise UserError(f"Tiny ImageNet in {base} is incomplete ({e}); expected the "
+                        "tiny-imagenet-200 archive layout")
+
+    def decode(items):
+        images = torch.empty(len(items), 3, 64, 64, dtype=torch.uint8)
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders
+            warnings.simplefilter("ignore", DeprecationWarning)
+            for n, (path, _) in enumerate(tqdm(items, desc="decoding Tiny ImageNet", leave=False)):
+                img = torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
+                if img.shape[-2:] != (64, 64):  # RGB mode: grayscale JPEGs already have 3 channels
+                    img = v2.functional.resize(img, [64, 64], antialias=True)
+                images[n] = img
+        return images, torch.tensor([y for _, y in items], dtype=torch.long)
+
+    (tx, ty), (vx, vy) = decode(train.samples), decode(val)
+    save_atomically(cache, {"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy})
+    return (tx, ty), (vx, vy)
+
+def balanced_subset(labels, size, seed):
+    """Sorted indices of `size` random training images, size // K per class and one more for size
+    mod K random classes: the same subset for every degree and run of a command."""
+    g = named_generator("cpu", "train-size", seed)
+    counts = torch.bincount(labels)
+    if size > len(counts) * counts.min().item():
+        raise UserError(f"--train-size {size} exceeds {len(counts)} classes x "
+                        f"{counts.min().item()} images of the smallest class")
+    order = torch.randperm(len(labels), generator=g)
+    by_class = order[torch.argsort(labels[order], stable=True)]  # by class, random within each
+    rank = torch.arange(len(labels)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    class_order = torch.randperm(len(counts), generator=g)  # which classes get the remainder
+    key = rank * len(counts) + class_order[labels[by_class]]
+    return by_class[torch.argsort(key)[:size]].sort().values
+
+def load_data(args):
+    (train_x, train_y), (test_x, test_y) = (
+        load_tinyimagenet(args.data_dir) if args.dataset == "tinyimagenet"
+        else load_torchvision(args.dataset, args.data_dir))
+    if args.train_size:
+        keep = balanced_subset(train_y, args.train_size, args.seed)
+        train_x, train_y = train_x[keep], train_y[keep]
+    return Data(*(t.to(args.device) for t in (train_x, train_y, test_x, test_y)))
+
 # ----------------------------------------------------------------------------- checkpoints
 
 CHECKPOINT_KEYS = ("dataset", "model", "optimizer", "lr", "batch_size", "epochs", "stop_acc",
                    "seed", "train_size")
 
-
 def in_progress_path(path):
     """Where a model still in training is checkpointed: models/p0.4_run1.partial.pt."""
     return path[:-len(".pt")] + ".partial.pt"
-
 
 def load_model_checkpoint(path, key, overwrite, device):
     """The checkpoint (on device) if made with key; None if absent, or other and overwrite."""
@@ -689,22 +632,78 @@ def load_model_checkpoint(path, key, overwrite, device):
     raise UserError(f"{path} was trained with other settings ({diff}); pass --overwrite or use "
                     "another --out-dir")
 
-
-def save_checkpoint(path, obj):
-    write_atomically(path, lambda tmp: torch.save(obj, tmp))
-
-
 def model_from(template, state):
     model = copy.deepcopy(template)
     model.load_state_dict(state)
     return model
 
-# ----------------------------------------------------------------------------- memorize, retrain
+# ----------------------------------------------------------------------------- report
 
+def text_table(lines):
+    widths = [max(len(line[j]) for line in lines) for j in range(len(lines[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in lines)
+
+def dynamics_table(runs):
+    """With --decode-every: per model, the epoch and value of the MASC peak (corrupted and true
+    subspaces) and of the model's own test accuracy (what early stopping would keep)."""
+    lines = [["p", "run", "MASC peak (corrupt subsp.)", "MASC peak (true subsp.)", "model peak"]]
+    for r in (r for r in runs if r["history"].get("decode")):
+        decoded = r["history"]["decode"]
+        peak = lambda key: max(decoded, key=lambda d: d[key])
+        c, t = peak("masc_test"), peak("masc_test_true")
+        lines.append([f"{r['corruption']:g}", str(r["run"]),
+                      f"{c['masc_test']:.3f} at epoch {c['epoch']}",
+                      f"{t['masc_test_true']:.3f} at epoch {t['epoch']}",
+                      f"{r['early_stop_test_acc']:.3f} at epoch {r['early_stop_epoch']}"])
+    return text_table(lines)
+
+def best_of_mean_curve(runs, kind):
+    """The authors' aggregation for Table 1: average each layer's MASC test accuracy over the runs,
+    then take the best layer. Ours (the other columns) averages each run's best layer."""
+    per_layer = zip(*(r["layers"] for r in runs))
+    return max(sum(layer[kind]["test"] for layer in same) / len(runs) for same in per_layer)
+
+def summary_table(runs, corruptions):
+    """Per corruption degree, mean [min, max] over runs, shaped like the paper's Table 1."""
+    def stat(values):  # of the values that exist
+        values = [v for v in values if v is not None]
+        mean = f"{sum(values) / len(values):.3f}" if values else "-"
+        return mean if len(values) < 2 else f"{mean} [{min(values):.3f},{max(values):.3f}]"
+    retrained = lambda kind: lambda r: r["retrain"] and r["retrain"][kind]["after_test"]
+    cols = [("model test", lambda r: r["model_acc"]["test"]),
+            ("MASC test (corrupt subsp.)", lambda r: r["best_masc_test"]),
+            ("improvement %", lambda r: r["improvement_pct"]),
+            ("MASC test (true subsp.)", lambda r: r["best_masc_test_true"]),
+            ("early-stop test", lambda r: r["early_stop_test_acc"]),
+            ("retrained (corrupt)", retrained("corrupt_subspaces")),
+            ("retrained (true)", retrained("true_subspaces"))]
+    lines = [["p", "best layer"] + [c for c, _ in cols] + ["authors' aggregation (corrupt/true)"]]
+    for p in corruptions:
+        rows = [r for r in runs if r["corruption"] == p]
+        if rows:
+            layers = "/".join(sorted({r["best_layer"] for r in rows}))
+            authors = "/".join(f"{best_of_mean_curve(rows, kind):.3f}"
+                               for kind in ("corrupt_subspaces", "true_subspaces"))
+            lines.append([f"{p:g}", layers] + [stat([f(r) for r in rows]) for _, f in cols]
+                         + [authors])
+    return text_table(lines)
+
+def script_sha256():
+    """Which version of this file made a result, once it has been copied elsewhere."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+# ----------------------------------------------------------------------------- the experiment
+
+@dataclass(eq=False, kw_only=True)
+class Memorizing(Job):
+    """A model trained on corrupted labels, checkpointed as it goes."""
+    path: str  # its finished checkpoint (see in_progress_path)
+    key: dict  # the settings its checkpoint must match
 
 def memorization_job(p, run, template, data, args):
     """(model, labels, history) of a finished (p, run) model, else its Job, fresh or resumed."""
-    dev, shape, K = data.train_x.device, DATASETS[args.dataset][1], args.num_classes
+    dev, shape, K = data.train_x.device, DATASETS[args.dataset].shape, args.num_classes
     seed = args.seed + run
     path = os.path.join(args.out_dir, "models", f"p{p:g}_run{run}.pt")
     key = {k: getattr(args, k) for k in CHECKPOINT_KEYS} | {"corruption": p, "run": run}
@@ -725,7 +724,6 @@ def memorization_job(p, run, template, data, args):
         job.gen.set_state(resumed["gen"].cpu())  # a generator's state is a CPU byte tensor
         tqdm.write(f"{job.name}: resuming from epoch {len(job.history['train_acc'])}")
     return job
-
 
 def memorize(specs, template, data, args):
     """Train the model of every (p, run) in specs, all together, to --stop-acc or --epochs; reuse
@@ -753,11 +751,11 @@ def memorize(specs, template, data, args):
             tqdm.write(f"{job.name}: training accuracy {acc:.4f} {how} --stop-acc "
                        f"{args.stop_acc:g} at epoch {epoch}; stopped")
             # the finished model replaces its in-progress checkpoint; a later command reuses it
-            save_checkpoint(job.path, {"key": job.key, "model": job.state,
+            save_atomically(job.path, {"key": job.key, "model": job.state,
                                        "labels": job.labels.cpu(), "history": history})
             pathlib.Path(in_progress_path(job.path)).unlink(missing_ok=True)
         elif epoch % args.save_every == 0:  # all a resumed model needs to continue exactly
-            save_checkpoint(in_progress_path(job.path),
+            save_atomically(in_progress_path(job.path),
                             {"key": job.key, "model": job.state, "optimizer": job.opt,
                              "gen": job.gen.get_state(), "history": history})
         return finished
@@ -766,87 +764,6 @@ def memorize(specs, template, data, args):
     for spec, job in jobs.items():
         out[spec] = (model_from(template, job.state), job.labels, job.history)
     return out
-
-
-def retrain_all(jobs, template, data, args):
-    """Section 3.3's retrainings, together: from the memorized weights with a fresh optimizer,
-    early-stopped on the job's 20% of the test set (--patience; 0 runs every --retrain-epochs
-    epoch and keeps the last weights, as Figure 31). Each job's report gets the accuracy on the
-    80% part of the weights it keeps, and of every epoch's weights."""
-    def after_epoch(job, acc, pred):
-        val = accuracy(pred[job.val_idx], data.test_y[job.val_idx])
-        job.history["train_acc"].append(acc)
-        job.history["val_acc"].append(val)
-        job.history["test_acc"].append(accuracy(pred[job.eval_idx], data.test_y[job.eval_idx]))
-        epochs = len(job.history["train_acc"])
-        if args.patience == 0 or val > job.best_val:
-            job.best_val, job.best_state, job.best_epoch = val, job.state, epochs
-        waited_enough = args.patience > 0 and epochs - job.best_epoch >= args.patience
-        return waited_enough or epochs >= args.retrain_epochs
-
-    train_together(jobs, template, data, args, after_epoch, "retrain")
-    for job in jobs:
-        job.report.update(after_test=job.history["test_acc"][job.best_epoch - 1],
-                          epochs=len(job.history["train_acc"]), kept_epoch=job.best_epoch,
-                          test_per_epoch=job.history["test_acc"],
-                          val_per_epoch=job.history["val_acc"])
-
-# ----------------------------------------------------------------------------- relabel, controls
-
-
-def latent_memorization(train_f, test_f, data, args, seed):
-    """MASC of the p=0 model from labels corrupted after training (paper, supplement 6)."""
-    out = []
-    for q in args.posthoc_corruption:
-        y_q = corrupt_labels(data.train_y, q, args.num_classes, ("posthoc", seed, q))
-        layers = []
-        for name in train_f:
-            bases = fit_subspaces(train_f[name], y_q, args.num_classes, args.variance)
-            pred = masc_predict(bases, train_f[name])
-            layers.append(dict(name=name, train_corrupt=accuracy(pred, y_q),
-                               train_true=accuracy(pred, data.train_y),
-                               test=accuracy(masc_predict(bases, test_f[name]), data.test_y)))
-        out.append(dict(corruption=q, fraction_changed=1 - accuracy(y_q, data.train_y),
-                        layers=layers))
-    return out
-
-
-def relabel(test_pred, data, y_corrupt, preds, seed):
-    """Section 3.3 up to retraining: split the test set 80/20; per subspace kind, the layer whose
-    MASC is best on the 20% relabels every training image (rows MASC cannot place keep theirs).
-    test_pred: the model's test predictions. Returns the report, new labels per kind, the split."""
-    y_true, y_test, n_test = data.train_y, data.test_y, len(data.test_y)
-    perm = torch.randperm(n_test, generator=named_generator("cpu", "split", seed))
-    perm = perm.to(y_test.device)
-    val_idx, eval_idx = perm[:n_test // 5], perm[n_test // 5:]  # the paper's 20% / 80%
-    wrong = y_corrupt != y_true
-    out = dict(val_size=len(val_idx), test_size=len(eval_idx),
-               before_test=accuracy(test_pred[eval_idx], y_test[eval_idx]))
-    new_labels = {}
-    for kind in ("corrupt", "true"):
-        on_val = lambda name: accuracy(preds[name][kind].test[val_idx], y_test[val_idx])
-        best = max(preds, key=on_val)
-        chosen = preds[best][kind]
-        labels = torch.where(chosen.train >= 0, chosen.train, y_corrupt)  # -1 rows keep theirs
-        out[f"{kind}_subspaces"] = dict(
-            layer=best, masc_test=accuracy(chosen.test[eval_idx], y_test[eval_idx]),
-            relabel_correct=accuracy(labels, y_true), corrupt_correct=accuracy(y_corrupt, y_true),
-            fixed=accuracy(labels[wrong], y_true[wrong]) if wrong.any() else None,
-            broken=(labels[~wrong] != y_true[~wrong]).float().mean().item() if (~wrong).any()
-            else None)
-        new_labels[kind] = labels
-    return out, new_labels, val_idx, eval_idx
-
-
-def init_control(data, y_corrupt, args, seed):
-    """MASC on the same architecture at its random initialisation (the paper's control)."""
-    model = build_model(args.model, DATASETS[args.dataset][1], args.num_classes, seed)
-    rows = decode_layers(model.to(data.train_x.device), data, y_corrupt, args, "MASC at init")[0]
-    return [dict(name=r["name"], corrupt_subspaces=dict(test=r["corrupt_subspaces"]["test"]),
-                 true_subspaces=dict(test=r["true_subspaces"]["test"])) for r in rows]
-
-# ----------------------------------------------------------------------------- runs and report
-
 
 def decode_run(args, data, p, run, model, y_corrupt, history):
     """Decode every layer of a memorized model, the controls, and the relabelling: one entry of
@@ -889,84 +806,109 @@ def decode_run(args, data, p, run, model, y_corrupt, history):
                 val_idx=val_idx, eval_idx=eval_idx, report=entry["retrain"][f"{kind}_subspaces"]))
     return entry, retrainings
 
+# ----------------------------------------------------------------------------- command line
 
-def text_table(lines):
-    widths = [max(len(line[j]) for line in lines) for j in range(len(lines[0]))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in lines)
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's exit status 2, without the usage block
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
 
+def bounded(kind, low, high=math.inf, open_low=False):
+    """An argparse type: a number of `kind` in [low, high], or (low, high] with open_low."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}")
+        if value < low or value > high or (open_low and value == low):
+            wanted = f"{'>' if open_low else '>='} {low}" if high == math.inf else \
+                f"in {'(' if open_low else '['}{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        return value
+    return parse
 
-def dynamics_table(runs):
-    """With --decode-every: per model, the epoch and value of the MASC peak (corrupted and true
-    subspaces) and of the model's own test accuracy (what early stopping would keep)."""
-    lines = [["p", "run", "MASC peak (corrupt subsp.)", "MASC peak (true subsp.)", "model peak"]]
-    for r in (r for r in runs if r["history"].get("decode")):
-        decoded = r["history"]["decode"]
-        peak = lambda key: max(decoded, key=lambda d: d[key])
-        c, t = peak("masc_test"), peak("masc_test_true")
-        lines.append([f"{r['corruption']:g}", str(r["run"]),
-                      f"{c['masc_test']:.3f} at epoch {c['epoch']}",
-                      f"{t['masc_test_true']:.3f} at epoch {t['epoch']}",
-                      f"{r['early_stop_test_acc']:.3f} at epoch {r['early_stop_epoch']}"])
-    return text_table(lines)
+def number_list(text):
+    values = [bounded(float, 0, 1)(v) for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    return values
 
+positive_int, positive_float = bounded(int, 1), bounded(float, 0, open_low=True)
+fraction = bounded(float, 0, 1, open_low=True)  # of the variance, or a training accuracy
 
-def best_of_mean_curve(runs, kind):
-    """The authors' aggregation for Table 1: average each layer's MASC test accuracy over the runs,
-    then take the best layer. Ours (the other columns) averages each run's best layer."""
-    per_layer = zip(*(r["layers"] for r in runs))
-    return max(sum(layer[kind]["test"] for layer in same) / len(runs) for same in per_layer)
+def build_parser():
+    p = OneLineParser(description="Corrupted labels, MASC of every layer, relabel and retrain.")
+    g = p.add_argument_group("experiment")
+    g.add_argument("--dataset", choices=sorted(DATASETS), default="mnist", help="training dataset")
+    g.add_argument("--model", choices=["mlp", "cnn", "alexnet"], default="mlp",
+                   help="architecture (REFERENCE: MLP, CNN, AlexNet)")
+    g.add_argument("--corruption", type=number_list, default=[0.8],
+                   help="corruption degree p, or a comma list of them")
+    g.add_argument("--runs", type=positive_int, default=1, help="runs per degree (seed + run)")
+    g.add_argument("--train-size", type=positive_int, default=None,
+                   help="train on N class-balanced training images (drawn from --seed)")
+    g.add_argument("--posthoc-corruption", type=number_list, default=[],
+                   help="latent memorization: degrees applied after training the p=0 model")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=positive_int, default=500, help="maximum training epochs")
+    g.add_argument("--stop-acc", type=fraction, default=None,
+                   help="stop at this training accuracy (default: the authors', 1.0 for the MLP)")
+    g.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
+                   help="default: the authors' per model (SGD for the MLP, Adam otherwise)")
+    g.add_argument("--lr", type=positive_float, default=None, help="default: per model")
+    g.add_argument("--batch-size", type=positive_int, default=None, help="default: per model")
+    g.add_argument("--save-every", type=positive_int, default=10, help="epochs per checkpoint")
+    g.add_argument("--models-at-once", type=positive_int, default=None,
+                   help="models trained together as one stacked model (default: all; 1 on a CPU)")
+    g.add_argument("--decode-every", type=positive_int, default=None,
+                   help="every E epochs, record each model's best MASC test accuracy")
+    g = p.add_argument_group("decoding")
+    g.add_argument("--variance", type=fraction, default=0.99, help="explained by each subspace")
+    g.add_argument("--no-retrain", action="store_true", help="skip relabelling and retraining")
+    g.add_argument("--retrain-epochs", type=positive_int, default=30, help="at most")
+    g.add_argument("--patience", type=bounded(int, 0), default=3,
+                   help="of the retraining; 0: no early stopping, keep the last epoch (Figure 31)")
+    g = p.add_argument_group("system")
+    g.add_argument("--data-dir", default="data", help="where datasets are (or get downloaded)")
+    g.add_argument("--out-dir", default="runs/masc", help="config.json, results.json, models/")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
+    g.add_argument("--seed", type=int, default=0, help="base seed; run r uses seed + r")
+    g.add_argument("--overwrite", action="store_true", help="retrain models of other settings")
+    return p
 
-
-def summary_table(runs, corruptions):
-    """Per corruption degree, mean [min, max] over runs, shaped like the paper's Table 1."""
-    def stat(values):  # of the values that exist
-        values = [v for v in values if v is not None]
-        mean = f"{sum(values) / len(values):.3f}" if values else "-"
-        return mean if len(values) < 2 else f"{mean} [{min(values):.3f},{max(values):.3f}]"
-    retrained = lambda kind: lambda r: r["retrain"] and r["retrain"][kind]["after_test"]
-    cols = [("model test", lambda r: r["model_acc"]["test"]),
-            ("MASC test (corrupt subsp.)", lambda r: r["best_masc_test"]),
-            ("improvement %", lambda r: r["improvement_pct"]),
-            ("MASC test (true subsp.)", lambda r: r["best_masc_test_true"]),
-            ("early-stop test", lambda r: r["early_stop_test_acc"]),
-            ("retrained (corrupt)", retrained("corrupt_subspaces")),
-            ("retrained (true)", retrained("true_subspaces"))]
-    lines = [["p", "best layer"] + [c for c, _ in cols] + ["authors' aggregation (corrupt/true)"]]
-    for p in corruptions:
-        rows = [r for r in runs if r["corruption"] == p]
-        if rows:
-            layers = "/".join(sorted({r["best_layer"] for r in rows}))
-            authors = "/".join(f"{best_of_mean_curve(rows, kind):.3f}"
-                               for kind in ("corrupt_subspaces", "true_subspaces"))
-            lines.append([f"{p:g}", layers] + [stat([f(r) for r in rows]) for _, f in cols]
-                         + [authors])
-    return text_table(lines)
-
-
-def script_sha256():
-    """Which version of this file made a result, once it has been copied elsewhere."""
-    with open(os.path.abspath(__file__), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def load_data(args):
-    """The dataset on the device, the training set cut to --train-size if asked."""
-    (tx, ty), (qx, qy) = (load_tinyimagenet(args.data_dir) if args.dataset == "tinyimagenet"
-                          else load_torchvision(args.dataset, args.data_dir))
-    if args.train_size:
-        keep = balanced_subset(ty, args.train_size, args.seed)
-        tx, ty = tx[keep], ty[keep]
-    return Data(*(t.to(args.device) for t in (tx, ty, qx, qy)))
-
+def check_args(args):
+    """Checks argparse cannot make; fills the defaults that depend on other flags."""
+    try:
+        torch.empty(1, device=args.device)
+    except Exception as e:  # unknown or unavailable device
+        reason = str(e).strip().splitlines()[0]
+        raise UserError(f"--device {args.device} is not available ({reason})")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UserError(f"--out-dir {args.out_dir} exists and is not a directory")
+    dataset = DATASETS[args.dataset]
+    args.num_classes = dataset.classes
+    if args.model == "alexnet" and dataset.shape[1:] not in ((32, 32), (64, 64)):
+        raise UserError("--model alexnet needs 32x32 or 64x64 images (cifar10, cifar100, "
+                        f"tinyimagenet), not {args.dataset}")
+    if args.posthoc_corruption and 0.0 not in args.corruption:
+        raise UserError("--posthoc-corruption decodes the p=0 model: add 0 to --corruption")
+    optimizer, lr, batch_size = model_defaults(args.model, args.dataset)
+    args.optimizer = args.optimizer or optimizer
+    args.lr, args.batch_size = args.lr or lr, args.batch_size or batch_size
+    args.stop_acc = args.stop_acc or (1.0 if args.model == "mlp" else dataset.stop_acc)
+    # on a CPU, stacked models train no faster than one after another (see convolutions_for)
+    cpu = torch.device(args.device).type == "cpu"
+    args.models_at_once = args.models_at_once or (1 if cpu else len(args.corruption) * args.runs)
 
 def run(args):
     check_args(args)
     data = load_data(args)
-    write_json(os.path.join(args.out_dir, "config.json"), vars(args))
+    save_atomically(os.path.join(args.out_dir, "config.json"), vars(args))
     results = {"config": vars(args), "script_sha256": script_sha256(), "runs": []}
     t0 = time.time()
     specs = [(p, r) for p in args.corruption for r in range(args.runs)]
-    shape = DATASETS[args.dataset][1]
+    shape = DATASETS[args.dataset].shape
     template = build_model(args.model, shape, args.num_classes, args.seed).to(args.device)
     memorized = memorize(specs, template, data, args)
     retrainings = []
@@ -974,10 +916,10 @@ def run(args):
         entry, retrain = decode_run(args, data, p, r, *memorized[p, r])
         results["runs"].append(entry)
         retrainings += retrain
-        write_json(os.path.join(args.out_dir, "results.json"), results)
+        save_atomically(os.path.join(args.out_dir, "results.json"), results)
     retrain_all(retrainings, template, data, args)
     results["seconds"] = round(time.time() - t0, 1)
-    write_json(os.path.join(args.out_dir, "results.json"), results)
+    save_atomically(os.path.join(args.out_dir, "results.json"), results)
     print(f"{args.model}-{args.dataset}, {args.runs} run(s) per degree, {results['seconds']} s on "
           f"{args.device}")
     print(summary_table(results["runs"], args.corruption))
@@ -986,7 +928,6 @@ def run(args):
     print(f"wrote {os.path.join(args.out_dir, 'results.json')}")
     return results
 
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
@@ -994,7 +935,6 @@ def main(argv=None):
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
-
 
 if __name__ == "__main__":
     main()
