@@ -14,9 +14,6 @@ Usage:
     python benign_memorization.py --dataset cifar10 --epochs 5000            # the paper's setting
     python benign_memorization.py --dataset cifar10 --augment none --mixup 0 # malign control
     python benign_memorization.py --augment fixed:16 --aug-labels random     # Figure 5
-
-Reading order: constants; the method as a run uses it (labels, augmentation, mixup, training
-points, model, training step, probes); data and checkpoints; the command line and main().
 """
 import argparse
 import contextlib
@@ -75,15 +72,13 @@ class UserError(Exception):
 def named_seed(*keys):  # the high 60 bits of a sha256, as the other two scripts
     return int(hashlib.sha256(repr(keys).encode()).hexdigest()[:15], 16)
 
-def named_generator(device, *keys):
-    """A torch.Generator seeded from named keys, so independent streams never share a sequence."""
+def named_generator(device, *keys):  # independent streams never share a sequence
     return torch.Generator(device=device).manual_seed(named_seed(*keys))
 
 
 # ----------------------------------------------------------------------------- labels
 
-def draw_labels(clean, num_classes, noise, seed):
-    """A random fraction `noise` of labels drawn anew, uniformly (per-sample: one per image)."""
+def draw_labels(clean, num_classes, noise, seed):  # a fraction `noise` redrawn, uniformly
     g = named_generator("cpu", "labels", seed)
     if num_classes == "per-sample":
         return torch.randperm(len(clean), generator=g)
@@ -104,8 +99,7 @@ CROP_TRIES = 10  # torchvision's RandomResizedCrop tries 10 boxes before its cen
 NUM_UNIFORMS = 2 * CROP_TRIES + 2 + 1 + 1 + 4 + 4 + 1
 MASK32 = 0xFFFFFFFF  # the fixed augmentations' hash works on 32-bit values held in int64
 
-def augment_params(u, height, width, scale=CROP_SCALE, ratio=CROP_RATIO):
-    """Per-image augmentation parameters from uniforms u of shape (B, NUM_UNIFORMS)."""
+def augment_params(u, height, width, scale=CROP_SCALE, ratio=CROP_RATIO):  # u: (B, NUM_UNIFORMS)
     t = CROP_TRIES
     area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, :t])
     log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, t:2 * t]
@@ -131,9 +125,8 @@ def augment_params(u, height, width, scale=CROP_SCALE, ratio=CROP_RATIO):
                 hue=-HUE + 2 * HUE * v[:, 5], order=v[:, 6:10].argsort(1), gray=v[:, 10] < GRAY_P)
 
 def crop_grid(p, height, width):
-    """Sampling grid that crops box p and resizes it to height x width (bilinear), flipping if
-    asked. Source pixel coordinates follow F.interpolate(align_corners=False) applied to the crop,
-    clamped to the crop, so the result equals torchvision's resized_crop."""
+    """Grid that crops box p, resizes it to height x width (bilinear) and flips if asked. Source
+    coordinates as F.interpolate(align_corners=False) on the crop, clamped to it: torchvision's."""
     def axis(start, size, out):
         pos = (torch.arange(out, device=start.device) + 0.5) * (size[:, None] / out) - 0.5
         pos = pos.clamp_min(0).minimum(size[:, None] - 1) + start[:, None]
@@ -146,8 +139,7 @@ def crop_grid(p, height, width):
 def grayscale(x):
     return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # ITU-R 601 luma
 
-def shift_hue(x, shift):
-    """Rotate the hue of RGB images x (B, 3, H, W) in [0, 1] by shift (B,) turns, through HSV."""
+def shift_hue(x, shift):  # rotate the hue of RGB x in [0, 1] by shift (B,) turns, via HSV
     r, g, b = x.unbind(1)
     v, _ = x.max(1)
     c = v - x.min(1).values
@@ -159,8 +151,7 @@ def shift_hue(x, shift):
     k = (torch.stack([5 + 6 * h, 3 + 6 * h, 1 + 6 * h], 1)) % 6
     return v.unsqueeze(1) * (1 - s.unsqueeze(1) * (torch.minimum(k, 4 - k).clamp(0, 1)))
 
-def color_jitter(x, p):
-    """Brightness, contrast, saturation, hue: each image in its own order, as torchvision."""
+def color_jitter(x, p):  # the four operations in each image's own order, as torchvision
     per_image = lambda mask: mask[:, None, None, None]
     for stage in range(4):
         order = p["order"][:, stage]
@@ -176,15 +167,13 @@ def color_jitter(x, p):
         x = torch.where(per_image(op == 3), shift_hue(x, p["hue"]), x)
     return x
 
-def apply_augment(x, p):
-    """Float images x in [0, 1]: crop, resize and flip in one grid_sample, jitter, grayscale."""
+def apply_augment(x, p):  # float images x in [0, 1]; crop, resize and flip in one grid_sample
     x = F.grid_sample(x, crop_grid(p, x.shape[-2], x.shape[-1]), mode="bilinear",
                       padding_mode="border", align_corners=False)
     x = color_jitter(x, p)
     return torch.where(p["gray"][:, None, None, None], grayscale(x).expand_as(x), x)
 
-def mix32(x, m=MASK32):
-    """An integer hash of 32-bit values held in int64 (products stay below 2^63)."""
+def mix32(x, m=MASK32):  # a hash of 32-bit values in int64 (products stay below 2^63)
     x = ((x >> 16) ^ x) * 0x45D9F3B & m
     x = ((x >> 16) ^ x) * 0x45D9F3B & m
     return (x >> 16) ^ x
@@ -192,17 +181,15 @@ def mix32(x, m=MASK32):
 def hash_uniforms(stream, image, aug, count):
     """Uniforms in [0, 1) that are a pure function of (stream, image index, augmentation index):
     the parameters of fixed augmentation `aug` of image `image`, whatever B or the batch is."""
-    m = MASK32
-    h = mix32((image.long() & m) ^ (stream & m))
-    h = mix32((h * 0x27D4EB2D + (aug.long() & m)) & m)
+    h = mix32((image.long() & MASK32) ^ (stream & MASK32))
+    h = mix32((h * 0x27D4EB2D + (aug.long() & MASK32)) & MASK32)
     j = torch.arange(1, count + 1, device=image.device)
-    u = mix32((h.unsqueeze(1) * 0x27D4EB2D + j * 0x165667B1) & m)
+    u = mix32((h.unsqueeze(1) * 0x27D4EB2D + j * 0x165667B1) & MASK32)
     return (u >> 8).float() / (1 << 24)  # 24 random bits: exact in float32
 
 def rand_augment(images, strength, group=8):
-    """RandAugment at strength s on uint8 images, as the authors: num_ops = int(10s // 3 + 1),
-    magnitude min(int(100s), 99) of 100 bins. torchvision draws once per call: each group of 8
-    consecutive images of the shuffled batch gets its own draw."""
+    """RandAugment at strength s on uint8 images, as the authors. torchvision draws once per call:
+    each group of 8 consecutive images of the shuffled batch gets its own draw."""
     t = v2.RandAugment(num_ops=int(10 * strength // 3 + 1), magnitude=min(int(100 * strength), 99),
                        num_magnitude_bins=100)
     return torch.cat([t(chunk) for chunk in images.split(group)])
@@ -241,17 +228,15 @@ class TrainingSet:
     def fixed_uniforms(self, idx):
         return hash_uniforms(self.stream, self.source[idx], self.aug_id[idx], NUM_UNIFORMS)
 
-    def view(self, idx):
-        """Points idx as the network must fit them: fixed augmentation if any, else unaugmented."""
+    def view(self, idx):  # as the network must fit them: fixed augmentation if any, else none
         x = self.images[self.source[idx]].float().div_(255)
         if self.aug_id is not None:
             x = apply_augment(x, augment_params(self.fixed_uniforms(idx), *x.shape[-2:]))
         return x
 
     def batch(self, idx, online_uniforms=None):
-        """A training batch before augmentation and mixup: uint8 images, one-hot targets, and the
-        uniforms of the augmentation the step must apply (the fresh online_uniforms, the fixed
-        augmentations' own, or None). RandAugment runs here, eagerly, on uint8 images."""
+        """uint8 images, one-hot targets and the uniforms of the augmentation the step applies.
+        RandAugment runs here, eagerly, on uint8 images."""
         images = self.images[self.source[idx]]
         targets = F.one_hot(self.labels[idx], self.num_classes).float()
         if self.augment == "randaugment":
@@ -293,8 +278,7 @@ def iid_partners(clean, anchors, per_anchor, seed):
         partners[mine] = pool[dealt].view(len(mine), per_anchor)
     return partners
 
-def augment_kind(text):
-    """A normalised --augment as (kind, value): B for fixed and iid, s for randaugment, or None."""
+def augment_kind(text):  # (kind, value): B for fixed and iid, s for randaugment, or None
     kind, _, value = text.partition(":")
     return kind, None if not value else float(value) if kind == "randaugment" else int(value)
 
@@ -304,12 +288,11 @@ def make_training_set(args, train, num_classes, device):
     n = len(clean)
     kind, value = augment_kind(args.augment)
     aug_id = None
+    anchors = balanced_anchors(clean, args.subset, args.seed) if args.subset else None
     if kind == "iid":  # Table 4: B same-class partner images stand in for an anchor's views
-        anchors = balanced_anchors(clean, args.subset, args.seed)
         partners = iid_partners(clean, anchors, value, args.seed)
         source, point_labels = partners.flatten(), labels[anchors].repeat_interleave(value)
     elif args.subset:  # Table 4 without i.i.d. augmentations: the same anchors alone
-        anchors = balanced_anchors(clean, args.subset, args.seed)
         source, point_labels = anchors, labels[anchors]
     elif kind == "fixed":  # Figure 5: point i*B + b is fixed augmentation b of image i
         source = torch.arange(n).repeat_interleave(value)
@@ -328,8 +311,7 @@ def make_training_set(args, train, num_classes, device):
 
 # ----------------------------------------------------------------------------- model
 
-def resnet18_stages(stem_stride):
-    """torchvision's ResNet18, CIFAR stem: a 3x3 conv (stride 1; 2 for 64x64), no max-pool."""
+def resnet18_stages(stem_stride):  # CIFAR stem: a 3x3 conv (stride 1; 2 for 64x64), no max-pool
     r = torchvision.models.resnet18(weights=None)
     r.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False)
     # as torchvision initialises its own convs (the default init would move the INIT baseline)
@@ -337,8 +319,7 @@ def resnet18_stages(stem_stride):
     stem = ("stem", nn.Sequential(r.conv1, r.bn1, r.relu))
     return [stem] + [(f"layer{i}", getattr(r, f"layer{i}")) for i in range(1, 5)], 512
 
-def vgg16_stages(stem_stride):
-    """torchvision's VGG16-BN, its convolutional stack cut after each of its five max-pools."""
+def vgg16_stages(stem_stride):  # VGG16-BN's conv stack, cut after each of its five max-pools
     features = torchvision.models.vgg16_bn(weights=None).features
     features[0].stride = (stem_stride, stem_stride)
     stages, start = [], 0
@@ -348,9 +329,7 @@ def vgg16_stages(stem_stride):
             start = i + 1
     return stages, 512
 
-class Network(nn.Module):
-    """Encoder stages -> global average pool (embedding) -> projector Linear-ReLU-Linear."""
-
+class Network(nn.Module):  # stages -> average pool (embedding) -> projector Linear-ReLU-Linear
     def __init__(self, stages, embed_dim, width, num_classes):
         super().__init__()
         self.stages = nn.ModuleDict(stages)
@@ -360,8 +339,7 @@ class Network(nn.Module):
     def layer_names(self):
         return ["input", *self.stages, "embedding", "projector", "output"]
 
-    def forward(self, x, taps=None):
-        """The C-dim output; if taps is a dict, it receives every probed layer, flattened."""
+    def forward(self, x, taps=None):  # the C-dim output; a dict taps receives every layer, flat
         if taps is not None:
             taps["input"] = x.flatten(1)
         for name, stage in self.stages.items():
@@ -421,8 +399,7 @@ def step_loss(model, images, targets, aug_u, mix_u, settings):
         out = model(x)
     return compute_loss(out, targets, settings.loss)
 
-def train_epoch(model, opt, data, gen, batch_size, step, settings):
-    """data.points_per_epoch points of a fresh permutation; the mean loss stays on the device."""
+def train_epoch(model, opt, data, gen, batch_size, step, settings):  # mean loss stays on device
     dev = data.labels.device
     perm = torch.randperm(len(data), generator=gen, device=dev)
     steps = data.points_per_epoch // batch_size
@@ -480,8 +457,7 @@ def similarity_blocks(ref, queries, chunk=None, ref_chunk=None):
                 block[:, a:a + ref_chunk] = q @ ref[a:a + ref_chunk].float().T
         yield start, block.mul_(inv_norm)
 
-def vote(sim, labels, k, num_classes):
-    """Majority vote of the k most similar references; ties go to the smallest class (sklearn)."""
+def vote(sim, labels, k, num_classes):  # top-k majority; ties go to the smallest class (sklearn)
     idx = sim.topk(k, dim=1).indices
     votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
     votes.scatter_add_(1, labels[idx], torch.ones_like(idx, dtype=votes.dtype))
@@ -539,8 +515,7 @@ def linear_probe(train_f, train_y, test_f, test_y, steps=100, weight_decay=1e-4)
         opt.step(closure)
     return accuracy((xt @ W + b).argmax(1), test_y)
 
-def layer_outputs(model, x, bf16, channels_last):
-    """Every probed layer's flattened output for float images x (the probes' forward pass)."""
+def layer_outputs(model, x, bf16, channels_last):  # the probes' forward pass
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     taps = {}
@@ -602,8 +577,7 @@ def from_uint8(images):
     return lambda a, b: images[a:b].float().div_(255)
 
 @dataclass
-class ProbeSet:
-    """What the probes look at, fixed for the whole run."""
+class ProbeSet:  # what the probes look at, fixed for the whole run
     train_x: torch.Tensor  # clean training images (uint8): the K-NN's labelled references
     train_clean: torch.Tensor  # their true labels
     test_x: torch.Tensor  # test images: the K-NN's queries
@@ -618,8 +592,7 @@ class ProbeSet:
     inv_u1: torch.Tensor = None  # the uniforms of each image's two fixed augmentations
     inv_u2: torch.Tensor = None
 
-def invariance(model, ps, dims, rt):
-    """Eq. 2 for every layer on a fixed image subset, under two fixed augmentations per image."""
+def invariance(model, ps, dims, rt):  # Eq. 2, every layer, two fixed augmentations per image
     x = ps.inv_x
     view = lambda u: lambda a, b: apply_augment(x[a:b].float().div_(255),
                                                 augment_params(u[a:b], x.shape[-2], x.shape[-1]))
@@ -634,11 +607,10 @@ def invariance(model, ps, dims, rt):
 
 @torch.no_grad()
 def probe(model, ps, args, rt, linear):
-    """Every layer's K-NN clean (clean training images -> test) and K-NN noisy (training points
-    with their training labels, leave-one-out: no point votes for any view of its own image; and
-    self-inclusive, as scikit-learn), the network's train and test accuracy, the embedding's linear
-    probe if asked, and invariance. With one class per image the noisy probes are null: a unique
-    label never wins once its point is left out, and always wins when it is not."""
+    """Every layer's K-NN clean (clean training images -> test) and K-NN noisy (training points,
+    their training labels), the network's train and test accuracy, the embedding's linear probe if
+    asked, and invariance. With one class per image the noisy probes are null: a unique label
+    never wins once its point is left out, and always wins when it is not."""
     model.eval()
     dims = layer_dims(model, ps.train_x.shape[-1])
     loads = {"train": (len(ps.train_x), from_uint8(ps.train_x)),
@@ -648,7 +620,6 @@ def probe(model, ps, args, rt, linear):
     count = sum(c for c, _ in loads.values())
     result = dict(train_acc=None, test_acc=None, knn_clean={}, knn_noisy={}, knn_noisy_self={})
     mem_groups = ps.data.source[ps.mem_idx]  # the image each point shows
-    # one forward pass per group of layers whose features fit in memory
     budget = probe_budget(ps.train_x.device)
     for group in layer_groups(dims, count, budget, rt.feature_dtype.itemsize):
         f = {key: extract(model, c, load, group, rt) for key, (c, load) in loads.items()}
@@ -662,9 +633,8 @@ def probe(model, ps, args, rt, linear):
                 result["knn_noisy_self"][name] = accuracy(own, ps.mem_labels)
             if name == "output":  # normalising does not move the argmax
                 result["train_acc"] = accuracy(mem[name].float().argmax(1), ps.mem_labels)
-                same_classes = mem[name].shape[1] == ps.clean_classes
-                result["test_acc"] = accuracy(f["test"][name].float().argmax(1), ps.test_clean) \
-                    if same_classes else None
+                if mem[name].shape[1] == ps.clean_classes:
+                    result["test_acc"] = accuracy(f["test"][name].float().argmax(1), ps.test_clean)
             if name == "embedding" and linear:
                 result["linear_probe"] = linear_probe(f["train"][name], ps.train_clean,
                                                       f["test"][name], ps.test_clean)
@@ -677,8 +647,7 @@ def probe(model, ps, args, rt, linear):
     return result
 
 @torch.no_grad()
-def transfer_probe(model, sets, args, rt):
-    """K-NN and linear probe of the embedding on other datasets (clean train -> clean test)."""
+def transfer_probe(model, sets, args, rt):  # the embedding's K-NN and linear probe on `sets`
     model.eval()
     out = {}
     for name, ((tx, ty), (qx, qy)) in sets.items():
@@ -689,29 +658,23 @@ def transfer_probe(model, sets, args, rt):
     model.train()
     return out
 
-def random_subset(n, size, key, seed):
-    """A fixed random subset of range(n) (all of it when size is None or large enough), sorted."""
+def random_subset(n, size, key, seed):  # fixed and sorted; all of range(n) if size is None or >= n
     if size is None or size >= n:
         return torch.arange(n)
     g = named_generator("cpu", "probe", key, seed)
     return torch.randperm(n, generator=g)[:size].sort().values
 
 def make_probe_set(args, train, test, data, clean_classes, device):
-    """Fixed subsets of clean training and test images, the memorization points (at most as many
-    as the images) and the invariance images."""
     train_idx = random_subset(len(train[0]), args.probe_size, "train", args.seed)
     test_idx = random_subset(len(test[0]), args.probe_size, "test", args.seed)
     mem_is_train = data.aug_id is None and torch.equal(data.source.cpu(),
                                                        torch.arange(len(train[0])))
-    if mem_is_train:  # point i is image i
-        mem_idx = train_idx.to(device)
-    else:
-        cap = min(len(train[0]), args.probe_size or len(train[0]))
-        mem_idx = random_subset(len(data), cap, "memorization", args.seed).to(device)
+    cap = min(len(train[0]), args.probe_size or len(train[0]))
+    mem_idx = random_subset(len(data), cap, "memorization", args.seed)
+    mem_idx = (train_idx if mem_is_train else mem_idx).to(device)  # mem_is_train: i is image i
     ps = ProbeSet(train[0][train_idx].to(device), train[1][train_idx].to(device),
                   test[0][test_idx].to(device), test[1][test_idx].to(device), data, clean_classes,
-                  mem_idx, mem_is_train, data.labels[mem_idx],
-                  noisy_probe=args.num_classes != "per-sample")
+                  mem_idx, mem_is_train, data.labels[mem_idx], args.num_classes != "per-sample")
     if args.invariance_size:
         inv_idx = random_subset(len(train[0]), args.invariance_size, "invariance", args.seed)
         stream = named_seed("invariance", args.seed)  # hash_uniforms keeps its low 32 bits
@@ -724,16 +687,14 @@ def make_probe_set(args, train, test, data, clean_classes, device):
 
 # ----------------------------------------------------------------------------- data, checkpoints
 
-def save_atomically(path, content):
-    """Text or a torch object to path.tmp, then renamed: a killed run never leaves half a file."""
+def save_atomically(path, content):  # via path.tmp: a killed run never leaves half a file
     if isinstance(content, str):
         pathlib.Path(path + ".tmp").write_text(content)
     else:
         torch.save(content, path + ".tmp")
     os.replace(path + ".tmp", path)
 
-def load_torchvision(name, root):
-    """CIFAR-10/100 or STL10: (train, test) of (uint8 images NCHW, int64 labels); downloads."""
+def load_torchvision(name, root):  # CIFAR-10/100, STL10: (train, test), each (uint8 NCHW, labels)
     cifar = "https://www.cs.toronto.edu/~kriz/cifar.html"
     cls, pretty, folder, url = {
         "cifar10": (torchvision.datasets.CIFAR10, "CIFAR-10", "cifar-10-batches-py", cifar),
@@ -794,8 +755,7 @@ def load_tinyimagenet(root):
     save_atomically(cache, {"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy})
     return (tx, ty), (vx, vy)
 
-def load_dataset(name, root, resolution=None):
-    """((train images uint8 NCHW, labels), (test images, labels)) on the CPU, resized if asked."""
+def load_dataset(name, root, resolution=None):  # as load_torchvision's, resized if asked
     splits = load_tinyimagenet(root) if name == "tinyimagenet" else load_torchvision(name, root)
     if resolution is None or splits[0][0].shape[-1] == resolution:
         return splits
@@ -803,8 +763,7 @@ def load_dataset(name, root, resolution=None):
                                   for c in x.split(RESIZE_BATCH)])
     return tuple((resize(x), y) for x, y in splits)
 
-def load_transfer(args, resolution, device):
-    """The transfer datasets, resized to the training resolution and capped like the probes."""
+def load_transfer(args, resolution, device):  # resized to the training size, capped as the probes
     sets = {}
     for name in args.transfer:
         (tx, ty), (qx, qy) = load_dataset(name, args.data_dir, resolution)
@@ -839,18 +798,7 @@ def load_checkpoint(path, config, overwrite):
                         "start over or use another --out-dir")
     return ckpt
 
-def rng_state(gen, device):
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return {"torch": torch.get_rng_state(), "gen": gen.get_state(), "cuda": cuda}
-
-def set_rng_state(state, gen, device):
-    torch.set_rng_state(state["torch"])
-    gen.set_state(state["gen"])
-    if state.get("cuda") is not None:  # load_checkpoint made sure the device type is the same
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-def script_sha256():
-    """Which version of this file made a result, once it has been copied elsewhere."""
+def script_sha256():  # which version of this file made a result, once copied elsewhere
     with open(os.path.abspath(__file__), "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
@@ -896,8 +844,7 @@ def dataset_list(text):
             f"expected a comma list of {', '.join(TRANSFER)}, got {text!r}")
     return names
 
-def augmentation(text):
-    """Normalised --augment: online, none, fixed:B, iid[:B], randaugment:s."""
+def augmentation(text):  # --augment, normalised
     kind, _, value = text.partition(":")
     try:
         if kind in ("online", "none") and not value:
@@ -971,8 +918,7 @@ def build_parser():
     g.add_argument("--overwrite", action="store_true", help="start over, discarding ckpt and logs")
     return p
 
-def check_args(args):
-    """Checks argparse cannot make; fills the defaults that depend on other flags."""
+def check_args(args):  # checks argparse cannot make; defaults that depend on other flags
     try:
         torch.empty(1, device=args.device)
     except Exception as e:  # unknown or unavailable device
@@ -1034,12 +980,14 @@ def run(args):
     if ckpt:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"], gen, device)
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        gen.set_state(ckpt["rng"]["gen"])
+        if ckpt["rng"]["cuda"] is not None:  # load_checkpoint checked the device type is the same
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         history, start = ckpt["history"], ckpt["epoch"] + 1
         print(f"resuming {args.out_dir} from epoch {ckpt['epoch']}")
 
-    def evaluate(epoch, loss, img_per_s):
-        """Probe, log, and checkpoint: a resumed run restarts from the last evaluation."""
+    def evaluate(epoch, loss, img_per_s):  # probe, log, checkpoint (where a resume restarts)
         ends = epoch in (0, args.epochs)
         linear = args.linear_probe == "every" or (args.linear_probe == "final" and ends)
         row = {"epoch": epoch, "loss": loss, "img_per_s": img_per_s,
@@ -1049,10 +997,11 @@ def run(args):
         history.append(row)
         tqdm.write(format_eval(row))
         save_atomically(out_path("log.jsonl"), "".join(json.dumps(r) + "\n" for r in history))
+        cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        rng = {"torch": torch.get_rng_state(), "gen": gen.get_state(), "cuda": cuda_rng}
         save_atomically(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                    "labels": data.labels.cpu(), "epoch": epoch,
-                                    "rng": rng_state(gen, device), "config": config,
-                                    "history": history})
+                                    "labels": data.labels.cpu(), "epoch": epoch, "rng": rng,
+                                    "config": config, "history": history})
 
     if not history:
         evaluate(0, None, None)
