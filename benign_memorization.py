@@ -955,6 +955,10 @@ def run(args):
     num_classes = len(train[1]) if args.num_classes == "per-sample" else \
         args.num_classes or clean_classes
     data = make_training_set(args, train, num_classes, device)
+    if ckpt and not torch.equal(ckpt["labels"], data.labels.cpu()):  # same config, other streams
+        raise UserError(f"{ckpt_path} was trained on other random labels (an earlier version of "
+                        "this script drew them differently); finish it with that version, or pass "
+                        "--overwrite to start over")
     if args.batch_size > data.points_per_epoch:
         raise UserError(f"--batch-size {args.batch_size} exceeds the {data.points_per_epoch} "
                         "points of an epoch")

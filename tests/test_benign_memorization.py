@@ -471,6 +471,22 @@ def test_checkpoint_from_another_config_is_refused_unless_overwrite(cifar, tmp_p
     assert results["config"]["lr"] == 0.1
 
 
+def test_checkpoint_with_other_random_labels_is_refused_before_anything_is_written(cifar, tmp_path,
+                                                                                 patch_md5, capsys):
+    """A run begun by an earlier version (which drew the labels from other bits of the hash) has
+    the same config: its saved labels tell it apart, and the run directory is left as it was."""
+    out = tmp_path / "run"
+    args = ARGS + ["--device", "cpu", "--data-dir", str(cifar), "--out-dir", str(out)]
+    bm.main(args + ["--epochs", "1"])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["labels"] = (ckpt["labels"] + 1) % 10
+    torch.save(ckpt, out / "ckpt.pt")
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    err = main_error(bm, args + ["--epochs", "2"], capsys)
+    assert "other random labels" in err and "--overwrite" in err
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
 def test_checkpoint_from_another_device_type_is_refused_with_one_line(cifar, tmp_path, patch_md5, capsys):
     """A CUDA generator's state (16 bytes: seed and offset) cannot be set on a CPU generator."""
     out = tmp_path / "run"
