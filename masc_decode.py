@@ -103,13 +103,11 @@ def tap(taps, name, x):
     return x
 
 def fc_relu(x, layers, taps):
-    """Linear + ReLU layers, probed after each ReLU as fc1, fc2, ..."""
     for i, layer in enumerate(layers):
         x = tap(taps, f"fc{i + 1}", F.relu(layer(x)))
     return x
 
 class MLP(nn.Module):
-    """input -> FC128 -> FC512 -> FC2048 -> FC2048 -> K, ReLU after each hidden layer."""
     def __init__(self, in_dim, num_classes):
         super().__init__()
         widths = [in_dim, 128, 512, 2048, 2048]
@@ -124,7 +122,6 @@ def conv_relu(c_in, c_out, kernel, **kwargs):
     return [nn.Conv2d(c_in, c_out, kernel, **kwargs), nn.ReLU()]
 
 class CNN(nn.Module):
-    """conv16 x2, pool, conv32 x2, pool, conv64 x2, pool, FC250 x3, Linear(250, K) without bias."""
     def __init__(self, shape, num_classes):
         super().__init__()
         layers, c = [], shape[0]
@@ -207,21 +204,18 @@ class Stack:
         return torch.cat([self.logits(preprocess(images[i:i + batch]), same_batch=True).argmax(-1)
                           for i in range(0, len(images), batch)], 1)
 
-    def adopt_layout(self, grads):
-        """Store each parameter and its buffers in its gradient's memory layout (vmap's weight
-        gradients come transposed), so that in-place updates stream through memory (measured: half
-        the time of a stacked step on the CPU)."""
+    @torch.no_grad()
+    def step(self, grads):
+        """One update of every model from grads (name -> stacked gradient), in place. Each
+        parameter and its buffers first take its gradient's memory layout (vmap's weight gradients
+        come transposed), so that in-place updates stream through memory (measured: half the time
+        of a stacked step on the CPU)."""
         for name, g in grads.items():
             if self.params[name].stride() != g.stride():
                 like = lambda t: torch.empty_strided(g.shape, g.stride(), dtype=t.dtype,
                                                      device=t.device).copy_(t)
                 self.params[name] = like(self.params[name].detach()).requires_grad_()
                 self.buffers[name] = {slot: like(b) for slot, b in self.buffers[name].items()}
-
-    @torch.no_grad()
-    def step(self, grads):
-        """One update of every model from grads (name -> stacked gradient), in place."""
-        self.adopt_layout(grads)
         self.step_count += 1
         t = self.step_count
         for name, param in self.params.items():
@@ -310,31 +304,24 @@ def train_together(jobs, template, data, args, after_epoch, desc):
 
 # ----------------------------------------------------------------------------- MASC
 
-def subspace_rank(eigenvalues, variance, inner=1):
-    """Smallest r whose leading eigenvalues (sorted descending) explain `variance` of their sum,
-    capped at those above the rounding floor of a float32 product summed over `inner` terms
-    (about trace * sqrt(inner) * eps): below it an eigenvalue is rounding, not a direction."""
-    ev = eigenvalues.double().clamp_min(0)
-    cum = ev.cumsum(0)
-    if len(ev) == 0 or cum[-1] == 0:
-        return 0
-    r = int((cum < variance * cum[-1]).sum().item()) + 1
-    floor = cum[-1] * math.sqrt(inner) * torch.finfo(torch.float32).eps
-    return min(r, int((ev > floor).sum().item()))
-
 def class_basis(X, variance):
     """Orthonormal basis (D, r) of the principal subspace of [X; -X]: top eigenvectors of X^T X.
     Products run in float32 on the device; the small symmetric eigenproblem in float64, because
     float32 eigenvectors mix near-equal eigenvalues at the variance cut and change predictions.
     With fewer samples than dimensions the n x n Gram matrix X X^T is decomposed instead (its
-    eigenvectors u map to principal directions X^T u / s): no D x D matrix is formed."""
+    eigenvectors u map to principal directions X^T u / s): no D x D matrix is formed.
+    The rank r is the smallest whose leading eigenvalues explain `variance` of their sum, capped at
+    those above the rounding floor of a float32 product summed over `inner` terms (about
+    trace * sqrt(inner) * eps): below it an eigenvalue is rounding, not a direction."""
     n, D = X.shape
     if n == 0:
         return X.new_zeros(D, 0)
     gram = n < D
     ev, vec = torch.linalg.eigh((X @ X.T if gram else X.T @ X).double())
-    ev, vec = ev.flip(0), vec.flip(1)
-    r = subspace_rank(ev, variance, inner=D if gram else n)
+    ev, vec = ev.flip(0).clamp_min(0), vec.flip(1)
+    cum, inner = ev.cumsum(0), D if gram else n
+    floor = cum[-1] * math.sqrt(inner) * torch.finfo(torch.float32).eps  # 0 for all-zero rows
+    r = min(int((cum < variance * cum[-1]).sum()) + 1, int((ev > floor).sum()))
     if not gram:
         return vec[:, :r].to(X.dtype)
     return (X.T @ vec[:, :r].to(X.dtype)) / ev[:r].sqrt().to(X.dtype)
@@ -342,8 +329,7 @@ def class_basis(X, variance):
 def fit_subspaces(feats, labels, num_classes, variance=0.99):
     """An orthonormal basis (D, r_k) per class of the +-symmetrised layer outputs (Algorithms 2-3);
     a class with no samples, or only all-zero ones, gets an empty one (D, 0), never predicted."""
-    feats = feats.float()
-    return [class_basis(feats[labels == k], variance) for k in range(num_classes)]
+    return [class_basis(feats[labels == k].float(), variance) for k in range(num_classes)]
 
 def masc_predict(bases, feats, chunk=8192):
     """Per row, the class whose subspace makes the smallest angle with it (Algorithm 1), or -1 for
@@ -368,8 +354,7 @@ def masc_predict(bases, feats, chunk=8192):
 
 # ----------------------------------------------------------------------------- decoding a model
 
-class Predictions(NamedTuple):
-    """A layer's MASC predictions for every training and every test image."""
+class Predictions(NamedTuple):  # a layer's MASC predictions for every image
     train: torch.Tensor
     test: torch.Tensor
 
@@ -380,14 +365,12 @@ def accuracy(pred, labels):
 def predict_and_probe(model, images, probe=True, batch=1024):
     """The model's predicted classes and, with probe, every probed layer's outputs (name -> (N, D)
     float32). 1024 images at a time bound the activations (AlexNet: 1024 x 4096 per layer)."""
-    model.eval()
     preds, parts = [], {}
     for start in range(0, len(images), batch):
         taps = {} if probe else None
         preds.append(model(preprocess(images[start:start + batch]), taps).argmax(1))
         for name, f in (taps or {}).items():
             parts.setdefault(name, []).append(f.float())
-    model.train()
     return torch.cat(preds), {name: torch.cat(chunks) for name, chunks in parts.items()}
 
 def decode_layers(model, data, y_corrupt, args, desc):
@@ -415,7 +398,6 @@ def decode_layers(model, data, y_corrupt, args, desc):
     return rows, preds, (train_pred, train_f), (test_pred, test_f)
 
 def best_layers(rows):
-    """The layer with the best MASC test accuracy and that accuracy, per kind of subspaces."""
     best = max(rows, key=lambda r: r["corrupt_subspaces"]["test"])
     best_true = max(rows, key=lambda r: r["true_subspaces"]["test"])
     return dict(layer=best["name"], masc_test=best["corrupt_subspaces"]["test"],
@@ -451,14 +433,12 @@ def relabel(test_pred, data, y_corrupt, preds, seed):
     return out, new_labels, val_idx, eval_idx
 
 @dataclass(eq=False, kw_only=True)
-class Retraining(Job):
-    """A memorized model trained further on a relabelling (Section 3.3)."""
+class Retraining(Job):  # a memorized model trained further on a relabelling (Section 3.3)
     val_idx: torch.Tensor  # the 20% of the test set it early-stops on
     eval_idx: torch.Tensor  # the 80% it is reported on
     report: dict  # the results.json entry it completes
     best_val: float = -1.0  # the best validation accuracy so far,
-    best_state: dict = None  # the weights that reached it,
-    best_epoch: int = 0  # and their epoch
+    best_epoch: int = 0  # and the epoch whose weights reached it: the ones reported
 
 def retrain_all(jobs, template, data, args):
     """Section 3.3's retrainings, together: from the memorized weights with a fresh optimizer,
@@ -467,11 +447,11 @@ def retrain_all(jobs, template, data, args):
     def after_epoch(job, acc, pred):
         val = accuracy(pred[job.val_idx], data.test_y[job.val_idx])
         job.history["train_acc"].append(acc)
-        job.history["val_acc"].append(val)
+        job.history.setdefault("val_acc", []).append(val)
         job.history["test_acc"].append(accuracy(pred[job.eval_idx], data.test_y[job.eval_idx]))
         epochs = len(job.history["train_acc"])
         if args.patience == 0 or val > job.best_val:
-            job.best_val, job.best_state, job.best_epoch = val, job.state, epochs
+            job.best_val, job.best_epoch = val, epochs
         waited_enough = args.patience > 0 and epochs - job.best_epoch >= args.patience
         return waited_enough or epochs >= args.retrain_epochs
 
@@ -696,8 +676,7 @@ def script_sha256():
 # ----------------------------------------------------------------------------- the experiment
 
 @dataclass(eq=False, kw_only=True)
-class Memorizing(Job):
-    """A model trained on corrupted labels, checkpointed as it goes."""
+class Memorizing(Job):  # a model trained on corrupted labels, checkpointed as it goes
     path: str  # its finished checkpoint (see in_progress_path)
     key: dict  # the settings its checkpoint must match
 
@@ -727,8 +706,7 @@ def memorization_job(p, run, template, data, args):
 
 def memorize(specs, template, data, args):
     """Train the model of every (p, run) in specs, all together, to --stop-acc or --epochs; reuse
-    finished checkpoints, resume in-progress ones (saved every --save-every epochs), record the
-    best MASC every --decode-every epochs. Returns {(p, run): (model, labels, history)}."""
+    finished checkpoints, resume in-progress ones. Returns {(p, run): (model, labels, history)}."""
     out = {spec: memorization_job(*spec, template, data, args) for spec in specs}
     jobs = {spec: job for spec, job in out.items() if isinstance(job, Memorizing)}  # rest: reused
 
@@ -787,8 +765,7 @@ def decode_run(args, data, p, run, model, y_corrupt, history):
                  improvement_pct=gain(masc), best_layer_true=best["layer_true"],
                  best_masc_test_true=masc_true, improvement_pct_true=gain(masc_true),
                  early_stop_test_acc=max(test_acc),
-                 early_stop_epoch=1 + max(range(len(test_acc)), key=test_acc.__getitem__),
-                 history=history)
+                 early_stop_epoch=1 + test_acc.index(max(test_acc)), history=history)
     posthoc = p == 0 and args.posthoc_corruption
     entry["posthoc"] = latent_memorization(train_f, test_f, data, args, seed) if posthoc else None
     del train_f, test_f  # the features of every layer: free them before the init control's
@@ -802,7 +779,6 @@ def decode_run(args, data, p, run, model, y_corrupt, history):
             retrainings.append(Retraining(
                 f"retrain p={p:g} run {run} ({kind} subspaces)", state, new_labels[kind],
                 named_generator(data.train_x.device, "retrain", (seed, kind)),
-                history={"train_acc": [], "val_acc": [], "test_acc": []},
                 val_idx=val_idx, eval_idx=eval_idx, report=entry["retrain"][f"{kind}_subspaces"]))
     return entry, retrainings
 
@@ -861,7 +837,7 @@ def build_parser():
     g.add_argument("--models-at-once", type=positive_int, default=None,
                    help="models trained together as one stacked model (default: all; 1 on a CPU)")
     g.add_argument("--decode-every", type=positive_int, default=None,
-                   help="every E epochs, record each model's best MASC test accuracy")
+                   help="every E epochs, record each model's MASC test accuracy per layer")
     g = p.add_argument_group("decoding")
     g.add_argument("--variance", type=fraction, default=0.99, help="explained by each subspace")
     g.add_argument("--no-retrain", action="store_true", help="skip relabelling and retraining")
