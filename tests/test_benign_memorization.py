@@ -241,7 +241,7 @@ def assert_probe_matches(got, expected):
 # ----------------------------------------------------------------------------- end to end
 
 RESNET_LAYERS = ["input", "stem", "layer1", "layer2", "layer3", "layer4", "embedding", "projector", "output"]
-ARGS = ["--epochs", "3", "--eval-every", "1", "--batch-size", "32", "--projector-width", "64", "--knn-k", "5",
+ARGS = ["--device", "cpu", "--epochs", "3", "--eval-every", "1", "--batch-size", "32", "--projector-width", "64", "--knn-k", "5",
         "--invariance-size", "16"]
 
 
@@ -356,7 +356,7 @@ def test_label_noise_and_clean_labels_reach_the_run(flags, noise, cifar, tmp_pat
 
 
 def test_cross_entropy_and_clean_labels_run(cifar, tmp_path, patch_md5):
-    results = bm.main(["--epochs", "1", "--batch-size", "32", "--projector-width", "32", "--knn-k", "5", "--loss", "ce",
+    results = bm.main(["--device", "cpu", "--epochs", "1", "--batch-size", "32", "--projector-width", "32", "--knn-k", "5", "--loss", "ce",
                        "--label-noise", "0", "--augment", "none", "--mixup", "0",
                        "--data-dir", str(cifar), "--out-dir", str(tmp_path)])
     assert math.isfinite(results["final"]["loss"])
@@ -369,7 +369,7 @@ def strip_timing(rows):
 def test_killed_run_resumes_to_the_same_result(cifar, tmp_path):
     """SIGKILL right after the epoch-2 checkpoint, run the same command again: the same metrics as an
     uninterrupted run, exactly."""
-    args = ["--epochs", "4", "--eval-every", "1", "--batch-size", "32", "--projector-width", "64", "--knn-k", "5",
+    args = ["--device", "cpu", "--epochs", "4", "--eval-every", "1", "--batch-size", "32", "--projector-width", "64", "--knn-k", "5",
             "--invariance-size", "16", "--data-dir", str(cifar)]
     whole = run_script("benign_memorization.py", *args, "--out-dir", tmp_path / "whole", patch_md5=True)
     assert whole.returncode == 0, whole.stderr
@@ -423,27 +423,27 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cifar, tmp_path, patch_md
     (["--invariance-size", "1"], "--invariance-size"),  # one image has no other to compare with
 ])
 def test_bad_input_gives_one_line_error(args, fragment, cifar, tmp_path, patch_md5, capsys):
-    err = main_error(bm, ["--data-dir", cifar, "--out-dir", tmp_path / "out", *args], capsys)
+    err = main_error(bm, ["--device", "cpu", "--data-dir", cifar, "--out-dir", tmp_path / "out", *args], capsys)
     assert fragment in err
     assert not (tmp_path / "out").exists()
 
 
 def test_bad_input_from_the_command_line(cifar, tmp_path):
-    proc = run_script("benign_memorization.py", "--epochs", "0", "--out-dir", tmp_path / "out")
+    proc = run_script("benign_memorization.py", "--device", "cpu", "--epochs", "0", "--out-dir", tmp_path / "out")
     assert_one_line_error(proc, "--epochs")
 
 
 def test_out_dir_that_is_a_file(cifar, tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
-    assert_one_line_error(run_script("benign_memorization.py", "--out-dir", f, patch_md5=True), "--out-dir")
+    assert_one_line_error(run_script("benign_memorization.py", "--device", "cpu", "--out-dir", f, patch_md5=True), "--out-dir")
 
 
 def test_missing_data_offline_names_dataset_and_folder(tmp_path):
-    proc = run_script("benign_memorization.py", "--data-dir", tmp_path / "nodata", "--out-dir", tmp_path / "out")
+    proc = run_script("benign_memorization.py", "--device", "cpu", "--data-dir", tmp_path / "nodata", "--out-dir", tmp_path / "out")
     assert_one_line_error(proc, "CIFAR-10", str(tmp_path / "nodata"))
     assert not (tmp_path / "out").exists()
-    proc = run_script("benign_memorization.py", "--dataset", "tinyimagenet", "--data-dir", tmp_path / "nodata",
+    proc = run_script("benign_memorization.py", "--device", "cpu", "--dataset", "tinyimagenet", "--data-dir", tmp_path / "nodata",
                       "--out-dir", tmp_path / "out")
     assert_one_line_error(proc, "Tiny ImageNet", str(tmp_path / "nodata"))
 
@@ -769,7 +769,7 @@ def test_projector_widths_of_figure_7_build_and_run(width):
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 
-SMALL = ["--epochs", "1", "--batch-size", "32", "--projector-width", "32", "--knn-k", "5", "--invariance-size", "8"]
+SMALL = ["--device", "cpu", "--epochs", "1", "--batch-size", "32", "--projector-width", "32", "--knn-k", "5", "--invariance-size", "8"]
 
 
 def test_vgg_with_transfer_probes_every_block(cifar, tmp_path, patch_md5):
@@ -1020,7 +1020,8 @@ def test_compiled_step_is_one_graph_and_matches_eager():
 def test_compiled_run_killed_after_a_checkpoint_ends_as_an_uninterrupted_one(
         cifar, tmp_path, patch_md5, monkeypatch):
     monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
-    common = ["--epochs", "3", "--eval-every", "1", "--batch-size", "32", "--projector-width", "16",
+    common = ["--device", "cpu", "--epochs", "3", "--eval-every", "1", "--batch-size", "32",
+              "--projector-width", "16",
               "--knn-k", "5", "--invariance-size", "8", "--linear-probe", "off", "--compile",
               "--data-dir", str(cifar)]
     whole = bm.main(common + ["--out-dir", str(tmp_path / "whole")])
