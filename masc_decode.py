@@ -304,6 +304,21 @@ def train_together(jobs, template, data, args, after_epoch, desc):
 
 # ----------------------------------------------------------------------------- MASC
 
+@contextlib.contextmanager
+def ieee_float32():
+    """Products in IEEE float32 here, whatever the program asked (TF32 on CUDA, via
+    torch.set_float32_matmul_precision or a backend flag, keeps 10 of float32's 23 mantissa bits):
+    the rank floor below assumes float32 rounding."""
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    before = [b.fp32_precision for b in backends]
+    for b in backends:
+        b.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for b, value in zip(backends, before):
+            b.fp32_precision = value
+
 def class_basis(X, variance):
     """Orthonormal basis (D, r) of the principal subspace of [X; -X]: top eigenvectors of X^T X.
     Products run in float32 on the device; the small symmetric eigenproblem in float64, because
@@ -317,14 +332,16 @@ def class_basis(X, variance):
     if n == 0:
         return X.new_zeros(D, 0)
     gram = n < D
-    ev, vec = torch.linalg.eigh((X @ X.T if gram else X.T @ X).double())
+    with ieee_float32():
+        ev, vec = torch.linalg.eigh((X @ X.T if gram else X.T @ X).double())
     ev, vec = ev.flip(0).clamp_min(0), vec.flip(1)
     cum, inner = ev.cumsum(0), D if gram else n
     floor = cum[-1] * math.sqrt(inner) * torch.finfo(torch.float32).eps  # 0 for all-zero rows
     r = min(int((cum < variance * cum[-1]).sum()) + 1, int((ev > floor).sum()))
     if not gram:
         return vec[:, :r].to(X.dtype)
-    return (X.T @ vec[:, :r].to(X.dtype)) / ev[:r].sqrt().to(X.dtype)
+    with ieee_float32():
+        return (X.T @ vec[:, :r].to(X.dtype)) / ev[:r].sqrt().to(X.dtype)
 
 def fit_subspaces(feats, labels, num_classes, variance=0.99):
     """An orthonormal basis (D, r_k) per class of the +-symmetrised layer outputs (Algorithms 2-3);
@@ -335,16 +352,19 @@ def masc_predict(bases, feats, chunk=8192):
     """Per row, the class whose subspace makes the smallest angle with it (Algorithm 1), or -1 for
     an all-zero row. cos^2(angle) = ||V_k^T x||^2 / ||x||^2 for an orthonormal basis V_k: one
     matmul against the concatenated bases scores every class, `chunk` rows at a time (8192 rows of
-    a 4096-wide layer against 4096 basis columns: 128 MB per product)."""
+    a 4096-wide layer against 4096 basis columns: 128 MB per product). Each class's squares are
+    summed by a product with a one-hot owner matrix, not index_add_, whose CUDA atomics add in a
+    varying order: the same features give the same predictions on every run."""
     feats = feats.float()
     dims = torch.tensor([b.shape[1] for b in bases], device=feats.device)
     owner = torch.repeat_interleave(torch.arange(len(bases), device=feats.device), dims)
+    owner = F.one_hot(owner, len(bases)).float()  # (columns, classes)
     stacked = torch.cat(bases, 1) if len(owner) else feats.new_zeros(feats.shape[1], 0)
     preds = []
     for start in range(0, len(feats), chunk):
         x = feats[start:start + chunk]
-        energy = torch.zeros(len(x), len(bases), device=x.device)
-        energy.index_add_(1, owner, (x @ stacked).pow(2))
+        with ieee_float32():
+            energy = (x @ stacked).pow(2) @ owner
         norm2 = x.pow(2).sum(1)
         cos2 = energy / norm2.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
         cos2[:, dims == 0] = -1  # empty classes never win
@@ -855,6 +875,10 @@ def build_parser():
 
 def check_args(args):
     """Checks argparse cannot make; fills the defaults that depend on other flags."""
+    tf32_forced = os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "0") not in ("", "0")
+    if tf32_forced and args.device.startswith("cuda"):  # no flag can undo it
+        raise UserError("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE makes every CUDA product TF32, which "
+                        "MASC's float32 rank floor does not allow: unset it")
     try:
         torch.empty(1, device=args.device)
     except Exception as e:  # unknown or unavailable device
@@ -877,8 +901,16 @@ def check_args(args):
     cpu = torch.device(args.device).type == "cpu"
     args.models_at_once = args.models_at_once or (1 if cpu else len(args.corruption) * args.runs)
 
+def set_cuda_flags(device):
+    """Kernels on the chosen GPU; cuDNN's fastest algorithms for the epochs' repeated shapes."""
+    if device.type == "cuda":
+        if device.index is not None:
+            torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+
 def run(args):
     check_args(args)
+    set_cuda_flags(torch.device(args.device))
     data = load_data(args)
     save_atomically(os.path.join(args.out_dir, "config.json"), vars(args))
     results = {"config": vars(args), "script_sha256": script_sha256(), "runs": []}

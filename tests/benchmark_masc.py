@@ -6,6 +6,7 @@ ReLU features with class structure, and whether both give the same predictions.
     python tests/benchmark_masc.py      # CPU sizes; on a GPU it also times a 4096-wide layer of 50,000 images
     python tests/benchmark_masc.py --quick   # one tiny setting, to check that it runs
     python tests/benchmark_masc.py --training   # only the training row
+    python tests/benchmark_masc.py --device cpu # on the CPU even where a GPU is visible
 
 Then the training of a Table 1 row: 18 MLP-MNIST-shaped models (6 degrees x 3 runs, batch 32),
 stacked in one model vs one after another, per epoch (timed over a few steps, scaled to 1,875),
@@ -124,6 +125,8 @@ def training_row(arch, models, steps, device):
 def main():
     quick = "--quick" in sys.argv  # one tiny setting: checks that the benchmark runs
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "--device" in sys.argv:  # e.g. --device cpu
+        device = sys.argv[sys.argv.index("--device") + 1]
     if "--training" in sys.argv:
         training_row("mlp", 18, 20, device)
         training_row("cnn", 18, 10, device)

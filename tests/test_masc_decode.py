@@ -344,7 +344,7 @@ def test_missing_data_offline_names_dataset_and_folder(tmp_path):
 
 def test_benchmark_runs_quick():
     """tests/benchmark_masc.py is not collected; this keeps it in step with the script's API."""
-    proc = run_script("tests/benchmark_masc.py", "--quick")
+    proc = run_script("tests/benchmark_masc.py", "--quick", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert lines[-3].endswith("1.0000")  # the same predictions as the authors' approach
@@ -651,8 +651,8 @@ def test_train_size_draws_a_class_balanced_subset(mnist, tmp_path, capsys):
 
 
 def test_partial_checkpoint_of_the_unbatched_version_is_refused_in_one_line(mnist, tmp_path, capsys):
-    args = [str(a) for a in ["--corruption", "0.5", "--epochs", "3", "--no-retrain", "--data-dir", mnist,
-                             "--out-dir", tmp_path]]
+    args = [str(a) for a in CPU + ["--corruption", "0.5", "--epochs", "3", "--no-retrain",
+                                   "--data-dir", mnist, "--out-dir", tmp_path]]
     config = m.build_parser().parse_args(args)
     m.check_args(config)
     model = m.build_model("mlp", (1, 28, 28), 10, 0)
@@ -662,8 +662,69 @@ def test_partial_checkpoint_of_the_unbatched_version_is_refused_in_one_line(mnis
            "gen": torch.Generator().get_state()}
     (tmp_path / "models").mkdir()
     torch.save(old, tmp_path / "models" / "p0.5_run0.partial.pt")
-    err = main_error(m, CPU + args, capsys)
+    err = main_error(m, args, capsys)
     assert "older version" in err and "--overwrite" in err
     del old["optimizer"]  # a checkpoint without optimizer state is refused the same way
     torch.save(old, tmp_path / "models" / "p0.5_run0.partial.pt")
     assert "older version" in main_error(m, CPU + args, capsys)
+
+# ----------------------------------------------------------------------------- CUDA paths, on the CPU
+
+
+def index_add_predict(bases, feats):
+    """masc_predict as it was: each class's squared projections summed by index_add_ (whose CUDA
+    atomics add in a varying order)."""
+    dims = torch.tensor([b.shape[1] for b in bases])
+    owner = torch.repeat_interleave(torch.arange(len(bases)), dims)
+    energy = torch.zeros(len(feats), len(bases))
+    energy.index_add_(1, owner, (feats @ torch.cat(bases, 1)).pow(2))
+    return (energy / feats.pow(2).sum(1, keepdim=True)).argmax(1)
+
+
+def test_one_hot_sum_of_masc_predict_gives_the_index_add_predictions():
+    g = torch.Generator().manual_seed(0)
+    scale = torch.logspace(0, -3, 256)  # a decaying spectrum, as trained layers have
+    feats = torch.relu(torch.randn(3000, 256, generator=g) * scale)
+    labels = torch.randint(10, (3000,), generator=g)
+    bases = m.fit_subspaces(feats[:2000], labels[:2000], 10)
+    queries = feats[2000:]
+    assert torch.equal(m.masc_predict(bases, queries), index_add_predict(bases, queries))
+    assert torch.equal(m.masc_predict(bases, queries, chunk=7), m.masc_predict(bases, queries))
+
+
+def test_masc_products_are_ieee_float32_whatever_the_program_asked_and_flags_come_back(monkeypatch):
+    matmul = torch.backends.cuda.matmul
+    for backend in (matmul, torch.backends.mkldnn.matmul):
+        monkeypatch.setattr(backend, "fp32_precision", "tf32")  # as a program asking for TF32
+    seen = []
+    real_eigh = torch.linalg.eigh
+
+    def eigh(a):  # inside class_basis's products
+        seen.append((matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision))
+        return real_eigh(a)
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    feats = torch.randn(40, 8)
+    bases = m.fit_subspaces(feats, torch.arange(40) % 2, 2)
+    assert seen == [("ieee", "ieee")] * 2
+    assert matmul.fp32_precision == "tf32" == torch.backends.mkldnn.matmul.fp32_precision
+    assert m.masc_predict(bases, feats).shape == (40,)
+    assert matmul.fp32_precision == "tf32"
+
+
+def test_cuda_settings_choose_the_gpu_and_cudnn_benchmark(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    m.set_cuda_flags(torch.device("cpu"))
+    assert chosen == [] and not torch.backends.cudnn.benchmark
+    m.set_cuda_flags(torch.device("cuda"))  # the current GPU: nothing to choose
+    assert chosen == [] and torch.backends.cudnn.benchmark
+    m.set_cuda_flags(torch.device("cuda:1"))
+    assert chosen == [torch.device("cuda:1")]
+
+
+def test_a_forced_tf32_environment_is_refused_on_cuda_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1")
+    err = main_error(m, ["--device", "cuda", "--out-dir", tmp_path / "out"], capsys)
+    assert "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE" in err
+    assert not (tmp_path / "out").exists()
