@@ -8,12 +8,13 @@ Throughput of benign_memorization.py's training step and probes, on synthetic CI
 (b) the full training step: uint8 gather, batched augmentation, mixup, forward, backward, Adam;
 (c) the usual pipeline: torchvision per-image transforms in a DataLoader with one worker per core,
     feeding the same model;
-(d) one full layer-wise K-NN probe (all nine layers, clean and noisy).
+(d) one full layer-wise K-NN probe (all nine layers, clean and noisy), after one warm-up probe.
 Then a cost model on paper for the full-size run (CIFAR-10, ResNet18, projector 65,536, batch 256):
 FLOPs from torch.utils.flop_counter on the meta device, operators per step counted with a dispatch
-mode (eager) and from inductor (--compile), the evaluation's peak memory from the script's own
-grouping and chunking, and the time these imply on one H100 at a stated utilisation: estimated,
-not measured.
+mode (eager) and from inductor (--compile), the bytes that the operators other than convolutions
+and matmuls read and write (and Adam's), the host time of launching eager operators, the
+evaluation's peak memory from the script's own grouping and chunking, and the time these imply on
+one H100 at a stated utilisation: estimated, not measured.
 Not collected by pytest (no test_ prefix).
 """
 import argparse
@@ -57,6 +58,9 @@ def timed(fn, steps, warmup, device):
 H100_BF16_FLOPS = 989e12  # bf16 tensor cores: the training step and the probes' forward
 H100_TF32_FLOPS = 495e12  # tf32 tensor cores: the K-NN products of fp16 features, exact in TF32
 H100_MEMORY = 80e9
+H100_BANDWIDTH = 3.35e12  # HBM3 bytes/s
+BANDWIDTH_UTILISATION = 0.7  # elementwise kernels and Adam stream memory at about this fraction
+HOST_SECONDS_PER_OP = 5e-6  # host time to launch one eager operator (typical, not measured here)
 STEP_UTILISATION = 0.35  # small 32x32 convolutions at batch 256 keep tensor cores far from peak
 GEMM_UTILISATION = 0.6  # the K-NN's large matrix products
 TRAIN, TEST, INVARIANCE, EPOCHS, EVAL_EVERY = 50000, 10000, 1000, 5000, 50
@@ -74,14 +78,36 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+GEMMS = ("convolution", "convolution_backward", "mm", "addmm", "bmm")
+
+
+class ByteCounter(TorchDispatchMode):
+    """Bytes read and written by the operators other than convolutions and matmuls (batch norm,
+    ReLU, residual adds, pooling, casts, the loss): the memory-bound part of a step, unfused."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.__name__.split(".")[0] not in GEMMS and not getattr(func, "is_view", False):
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs, out))
+            self.bytes += sum(t.numel() * t.element_size() for t in leaves
+                              if isinstance(t, torch.Tensor))
+        return out
+
+
 def cost_model(args, compile_step):
     """FLOPs, operators and memory of the full-size run, and the time they imply on one H100."""
     bs, width = 256, args.projector_width
     model = bm.build_model(args, 10, 32).to("meta")
     x, y = torch.rand(bs, 3, 32, 32, device="meta"), torch.rand(bs, 10, device="meta")
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, ByteCounter() as moved:
         bm.compute_loss(model(x), y, "mse").backward()
     train_image = counter.get_total_flops() / bs
+    # float32 on the meta device; bf16 autocast halves the activations' bytes (an approximation)
+    model_bytes = moved.bytes / 2
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.eval()(x, {})
     forward_image = counter.get_total_flops() / bs
@@ -107,8 +133,9 @@ def cost_model(args, compile_step):
         opt.step()
     extern = sum(op.split(".")[0] in ("convolution", "convolution_backward", "mm", "addmm", "bmm")
                  for op in ops.ops)
-    with OpCounter() as aug_ops:
+    with OpCounter() as aug_ops, ByteCounter() as aug_moved:
         bm.apply_augment(images.float() / 255, bm.augment_params(aug_u, 32, 32))
+    aug_bytes = aug_moved.bytes / 8 * bs  # per image, float32 (it runs outside autocast)
     compiled = None
     if compile_step:  # inductor's fused kernels for the whole step, plus the convolutions and matmuls
         import torch._inductor.metrics as metrics
@@ -129,7 +156,15 @@ def cost_model(args, compile_step):
     peak = state + max(sum(2 * (TRAIN + TEST) * dims[n] for n in gr) + max(knn_temp(dims[n]) for n in gr)
                        for gr in groups) + taps
 
-    epoch_s = epoch / (H100_BF16_FLOPS * STEP_UTILISATION)
+    compute_s = epoch / (H100_BF16_FLOPS * STEP_UTILISATION)
+    adam_bytes = 28 * params  # fused Adam reads weight, gradient, two moments; writes three
+    memory_s = steps * (model_bytes + aug_bytes + adam_bytes) / (H100_BANDWIDTH * BANDWIDTH_UTILISATION)
+    host_s = steps * len(ops.ops) * HOST_SECONDS_PER_OP
+    # compiled: fusion removes part of the unfused traffic (at most all but Adam's), no host bound;
+    # eager: the GPU's time or the host's launches, whichever is longer
+    epoch_low, epoch_high = compute_s + steps * adam_bytes / (H100_BANDWIDTH * BANDWIDTH_UTILISATION), compute_s + memory_s
+    eager_s = max(epoch_high, host_s)
+    epoch_s = epoch_high
     eval_s = forward / (H100_BF16_FLOPS * STEP_UTILISATION) + knn / (H100_TF32_FLOPS * GEMM_UTILISATION)
     evals = EPOCHS // EVAL_EVERY + 1
     print("\ncost model on paper (full size: CIFAR-10 50,000/10,000 images, ResNet18, projector "
@@ -144,6 +179,16 @@ def cost_model(args, compile_step):
           "matmuls + one fused Adam)" if compiled else "run with --compile"))
     print(f"evaluation peak memory: {peak / 1e9:.1f} GB ({len(groups)} layer groups within half of "
           f"the free memory of an 80 GB GPU; model and optimizer {state / 1e9:.2f} GB)")
+    print(f"memory traffic per step outside convolutions and matmuls (unfused, bf16 activations): "
+          f"model {model_bytes / 1e9:.1f} GB, augmentation {aug_bytes / 1e9:.2f} GB, Adam "
+          f"{adam_bytes / 1e9:.2f} GB; at {BANDWIDTH_UTILISATION:.0%} of {H100_BANDWIDTH / 1e12:.2f} TB/s "
+          f"{memory_s / steps * 1e3:.2f} ms, against {compute_s / steps * 1e3:.2f} ms of arithmetic")
+    print(f"host time per eager step at {HOST_SECONDS_PER_OP * 1e6:.0f} us per operator: "
+          f"{host_s / steps * 1e3:.2f} ms")
+    print(f"estimated, not measured, epoch on one H100: compiled {epoch_low:.2f}-{epoch_high:.2f} s "
+          f"(arithmetic + Adam, up to + all unfused traffic), eager {eager_s:.2f} s; 5000 epochs "
+          f"with {evals} evaluations {(EPOCHS * epoch_low + evals * eval_s) / 3600:.1f}-"
+          f"{(EPOCHS * epoch_high + evals * eval_s) / 3600:.1f} h compiled")
     print(f"estimated, not measured, on one H100 SXM (bf16 {H100_BF16_FLOPS / 1e12:.0f} TFLOPS at "
           f"{STEP_UTILISATION:.0%}, tf32 {H100_TF32_FLOPS / 1e12:.0f} TFLOPS at {GEMM_UTILISATION:.0%}): "
           f"epoch {epoch_s:.2f} s, evaluation {eval_s:.1f} s, {EPOCHS} epochs with {evals} "
@@ -256,11 +301,8 @@ def main():
     train, test = fake(n_tr), fake(n_te)
     probe_data = bm.TrainingSet(train[0].to(device), torch.arange(n_tr, device=device), train[1].to(device), 10, "online")
     probe_set = bm.make_probe_set(args, train, test, probe_data, 10, device)
-    sync(device)
-    t0 = time.perf_counter()
-    bm.probe(model, probe_set, args, rt, linear=True)
-    sync(device)
-    t_d = time.perf_counter() - t0
+    t_d = timed(lambda: bm.probe(model, probe_set, args, rt, linear=True), 1, 1, device)  # warmed up:
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None  # compiled once
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     rate = lambda t: bs / t
@@ -271,7 +313,8 @@ def main():
     print(f"(b) full training step          {rate(t_b):10.0f} img/s   (b)/(a) = {t_a / t_b:.2f}")
     print(f"(c) DataLoader, {a.workers:2d} workers     {rate(t_c):10.0f} img/s   (b)/(c) = {t_c / t_b:.2f}")
     print(f"augmentation alone: batched {rate(t_aug):.0f} img/s, torchvision per image {rate(t_aug_tv):.0f} img/s (one process)")
-    print(f"(d) layer-wise probe {n_tr}/{n_te}: {t_d:.1f} s")
+    print(f"(d) layer-wise probe {n_tr}/{n_te}: {t_d:.1f} s (after one warm-up probe)"
+          + (f"; peak memory {peak / 1e9:.1f} GB" if peak else ""))
     print(f"CIFAR-10 epoch at (b): {epoch:.1f} s; 5000 epochs: {5000 * epoch / 3600:.1f} h")
     cost_model(args, a.compile)
 
