@@ -154,6 +154,17 @@ def _replace_then_die(src, dst):
             os.kill(os.getpid(), signal.SIGKILL)
 os.replace = _replace_then_die
 """
+# As on a machine with a GPU: every --device defaults to "cuda" (the scripts' default wherever
+# torch.cuda.is_available()), so a test that does not name its device fails here as it would there.
+_CUDA_DEFAULT = """
+import argparse
+_add_argument = argparse._ActionsContainer.add_argument
+def _cuda_default(self, *names, **kwargs):
+    if "--device" in names:
+        kwargs["default"] = "cuda"
+    return _add_argument(self, *names, **kwargs)
+argparse._ActionsContainer.add_argument = _cuda_default
+"""
 _RUN = """
 import runpy, sys
 sys.argv = sys.argv[1:]
@@ -164,7 +175,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def run_script(script, *args, patch_md5=False, kill_after=None, timeout=600, cwd=None):
     """Run one of the repository's scripts as a user would, offline; optionally with torchvision's
     md5 check patched, and killed by SIGKILL after kill_after = (file name, N) writes of that file."""
-    prelude = _OFFLINE + (_MD5 if patch_md5 else "")
+    prelude = _OFFLINE + _CUDA_DEFAULT + (_MD5 if patch_md5 else "")
     if kill_after:
         prelude += _KILL.format(name=kill_after[0], count=kill_after[1])
     cmd = [sys.executable, "-c", prelude + _RUN, os.path.join(REPO, script), *map(str, args)]
@@ -181,6 +192,19 @@ def offline(monkeypatch):
         raise OSError("the tests run offline")
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
+
+
+@pytest.fixture(autouse=True)
+def device_defaults_to_cuda(monkeypatch):
+    """In-process too: the parsers built during a test default to --device cuda (see above)."""
+    import argparse
+    add_argument = argparse._ActionsContainer.add_argument
+
+    def cuda_default(self, *names, **kwargs):
+        if "--device" in names:
+            kwargs["default"] = "cuda"
+        return add_argument(self, *names, **kwargs)
+    monkeypatch.setattr(argparse._ActionsContainer, "add_argument", cuda_default)
 
 
 def assert_one_line_error(proc, *fragments):

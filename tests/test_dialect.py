@@ -12,7 +12,7 @@ import torch
 import benign_memorization as bm
 import masc_decode as m
 import toy_capacity as toy
-from conftest import REPO, main_error
+from conftest import REPO, main_error, run_script
 
 SCRIPTS = {"benign_memorization.py": bm, "masc_decode.py": m, "toy_capacity.py": toy}
 
@@ -54,3 +54,17 @@ def test_results_name_the_script_that_made_them(tmp_path):
     assert saved["script_sha256"] == script_sha256("toy_capacity.py") and saved["cells"] == results
     assert m.script_sha256() == script_sha256("masc_decode.py")
     assert bm.script_sha256() == script_sha256("benign_memorization.py")
+
+
+def test_every_device_default_is_cuda_in_the_suite_as_on_a_gpu_machine(tmp_path):
+    """conftest makes --device default to cuda in every parser a test builds, in-process and in a
+    subprocess: a test that left its device to the default would fail here as it would with a GPU
+    (CUDA unavailable) or run on CUDA there, so the suite means the same on both machines."""
+    modules = [module.__name__ for module in SCRIPTS.values()]
+    assert [m.build_parser().parse_args([]).device for m in SCRIPTS.values()] == ["cuda"] * 3
+    probe = tmp_path / "probe.py"
+    probe.write_text(f"import sys; sys.path.insert(0, {REPO!r})\n"
+                     f"for name in {modules!r}:\n"
+                     "    print(__import__(name).build_parser().parse_args([]).device)\n")
+    proc = run_script(str(probe))
+    assert proc.returncode == 0 and proc.stdout.split() == ["cuda"] * 3, proc.stderr

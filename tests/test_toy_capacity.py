@@ -185,7 +185,7 @@ def test_augs_flag_reads_online_as_none():
 
 
 def test_bad_input_from_the_command_line(tmp_path):
-    proc = run_script("toy_capacity.py", "--n", "0", "--out-dir", tmp_path / "out")
+    proc = run_script("toy_capacity.py", "--device", "cpu", "--n", "0", "--out-dir", tmp_path / "out")
     assert_one_line_error(proc, "--n")
 
 
