@@ -1,0 +1,32 @@
+"""tests/gpu_check.py keeps working: its smallest form passes on the CPU, a check that finds a
+fault makes it exit non-zero, and a missing GPU is one line and exit status 2."""
+import torch
+
+import benign_memorization as bm
+import gpu_check
+
+
+def test_smallest_form_passes_every_check(capsys):
+    status = gpu_check.main(["--device", "cpu", "--smallest"])
+    out = capsys.readouterr().out
+    last = out.strip().splitlines()[-1]
+    passed, _, total = last.split()[:3]
+    assert status == 0 and passed == total == str(11), out
+    assert last.endswith("checks passed") and "FAIL" not in out, out
+
+
+def test_a_failing_check_exits_non_zero(capsys, monkeypatch):
+    # a K-NN that always answers class 0: the fp16-against-float64 agreement check must catch it
+    monkeypatch.setattr(bm, "knn_predict", lambda ref, labels, queries, *args, **kwargs:
+                        torch.zeros(len(queries), dtype=torch.long, device=queries.device))
+    status = gpu_check.main(["--device", "cpu", "--smallest", "--only", "knn-fp16"])
+    out = capsys.readouterr().out
+    assert status == 1, out
+    assert "FAIL" in out and out.strip().splitlines()[-1] == "0 of 1 checks passed", out
+
+
+def test_without_cuda_the_default_device_is_one_line_and_status_2(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this project's machines
+    assert gpu_check.main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--device cpu" in err, err
