@@ -55,8 +55,7 @@ def timed(fn, steps, warmup, device):
 
 
 # One H100 SXM5 80 GB, from NVIDIA's datasheet (dense, no sparsity), and the utilisations assumed
-H100_BF16_FLOPS = 989e12  # bf16 tensor cores: the training step and the probes' forward
-H100_TF32_FLOPS = 495e12  # tf32 tensor cores: the K-NN products of fp16 features, exact in TF32
+H100_BF16_FLOPS = 989e12  # bf16/fp16 tensor cores: the step, the probes, the K-NN's fp16 products
 H100_MEMORY = 80e9
 H100_BANDWIDTH = 3.35e12  # HBM3 bytes/s
 BANDWIDTH_UTILISATION = 0.7  # elementwise kernels and Adam stream memory at about this fraction
@@ -165,7 +164,7 @@ def cost_model(args, compile_step):
     epoch_low, epoch_high = compute_s + steps * adam_bytes / (H100_BANDWIDTH * BANDWIDTH_UTILISATION), compute_s + memory_s
     eager_s = max(epoch_high, host_s)
     epoch_s = epoch_high
-    eval_s = forward / (H100_BF16_FLOPS * STEP_UTILISATION) + knn / (H100_TF32_FLOPS * GEMM_UTILISATION)
+    eval_s = forward / (H100_BF16_FLOPS * STEP_UTILISATION) + knn / (H100_BF16_FLOPS * GEMM_UTILISATION)
     evals = EPOCHS // EVAL_EVERY + 1
     print("\ncost model on paper (full size: CIFAR-10 50,000/10,000 images, ResNet18, projector "
           f"{width}, batch {bs})")
@@ -190,7 +189,7 @@ def cost_model(args, compile_step):
           f"with {evals} evaluations {(EPOCHS * epoch_low + evals * eval_s) / 3600:.1f}-"
           f"{(EPOCHS * epoch_high + evals * eval_s) / 3600:.1f} h compiled")
     print(f"estimated, not measured, on one H100 SXM (bf16 {H100_BF16_FLOPS / 1e12:.0f} TFLOPS at "
-          f"{STEP_UTILISATION:.0%}, tf32 {H100_TF32_FLOPS / 1e12:.0f} TFLOPS at {GEMM_UTILISATION:.0%}): "
+          f"{STEP_UTILISATION:.0%}, the K-NN's fp16 products at {GEMM_UTILISATION:.0%}): "
           f"epoch {epoch_s:.2f} s, evaluation {eval_s:.1f} s, {EPOCHS} epochs with {evals} "
           f"evaluations {(EPOCHS * epoch_s + evals * eval_s) / 3600:.1f} h")
 
