@@ -825,9 +825,8 @@ def set_cuda_flags(device, fp32):
     if device.index is not None:
         torch.cuda.set_device(device)
     torch.backends.cudnn.benchmark = True
-    if fp32:
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
+    if fp32:  # the legacy switches: the per-operator ones would break later legacy reads
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 
 def script_sha256():  # which version of this file made a result, once copied elsewhere
     with open(os.path.abspath(__file__), "rb") as f:
@@ -950,6 +949,10 @@ def build_parser():
     return p
 
 def check_args(args):  # checks argparse cannot make; defaults that depend on other flags
+    tf32_forced = os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "0") not in ("", "0")
+    if tf32_forced and args.precision == "fp32" and args.device.startswith("cuda"):
+        raise UserError("--precision fp32 runs IEEE float32, which "
+                        "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE (TF32 whatever the flags) forbids")
     try:
         torch.empty(1, device=args.device)
     except Exception as e:  # unknown or unavailable device
@@ -975,6 +978,7 @@ def check_args(args):  # checks argparse cannot make; defaults that depend on ot
 
 def run(args):
     check_args(args)
+    set_cuda_flags(torch.device(args.device), fp32=args.precision == "fp32")
     config = dict(vars(args))
     out_path = lambda name: os.path.join(args.out_dir, name)
     ckpt_path = out_path("ckpt.pt")
@@ -996,7 +1000,8 @@ def run(args):
     if args.knn_k >= min(len(train[0]), args.probe_size or len(train[0])):
         raise UserError(f"--knn-k {args.knn_k} needs more probed training images")
     size = checkpoint_bytes(args, num_classes, resolution)
-    free = free_bytes(args.out_dir) + (os.path.getsize(ckpt_path) if ckpt else 0)
+    free = free_bytes(args.out_dir) + (os.path.getsize(ckpt_path) if os.path.exists(ckpt_path)
+                                       else 0)  # replaced, or removed by --overwrite
     if free < 2 * size:  # the atomic write holds the old checkpoint and the new one
         raise UserError(f"a checkpoint of this model takes {size / 1e9:.2f} GB and writing it "
                         f"needs twice that; the disk of {args.out_dir} has "
@@ -1008,7 +1013,6 @@ def run(args):
             os.remove(out_path(name))
     save_atomically(out_path("config.json"), json.dumps(config, indent=2))
 
-    set_cuda_flags(device, fp32=args.precision == "fp32")
     probe_set = make_probe_set(args, train, test, data, clean_classes, device)
     model = build_model(args, num_classes, resolution).to(device)
     if device.type == "cuda":

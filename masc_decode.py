@@ -311,13 +311,19 @@ def ieee_float32():
     the rank floor below assumes float32 rounding."""
     backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
     before = [b.fp32_precision for b in backends]
-    for b in backends:
-        b.fp32_precision = "ieee"
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the program set the per-backend switches apart from the global one
+        legacy = None
+    torch.set_float32_matmul_precision("highest")  # sets both kinds of switch: IEEE everywhere
     try:
         yield
     finally:
-        for b, value in zip(backends, before):
-            b.fp32_precision = value
+        if legacy:
+            torch.set_float32_matmul_precision(legacy)
+        else:
+            for b, value in zip(backends, before):
+                b.fp32_precision = value
 
 def class_basis(X, variance):
     """Orthonormal basis (D, r) of the principal subspace of [X; -X]: top eigenvectors of X^T X.

@@ -300,6 +300,8 @@ def main():
     train, test = fake(n_tr), fake(n_te)
     probe_data = bm.TrainingSet(train[0].to(device), torch.arange(n_tr, device=device), train[1].to(device), 10, "online")
     probe_set = bm.make_probe_set(args, train, test, probe_data, 10, device)
+    if device.type == "cuda":  # the probes' own peak, not the training steps' above
+        torch.cuda.reset_peak_memory_stats(device)
     t_d = timed(lambda: bm.probe(model, probe_set, args, rt, linear=True), 1, 1, device)  # warmed up:
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None  # compiled once
 

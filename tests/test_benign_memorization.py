@@ -1075,19 +1075,28 @@ def test_channels_last_path_of_cuda_gives_the_same_step_and_features_on_the_cpu(
 
 
 def test_cuda_settings_choose_the_gpu_cudnn_benchmark_and_ieee_float32_for_fp32(monkeypatch):
-    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     chosen = []
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    monkeypatch.setattr(conv, "fp32_precision", "tf32")  # cuDNN's default
-    monkeypatch.setattr(matmul, "fp32_precision", "tf32")
+    monkeypatch.setattr(cudnn, "benchmark", False)
+    monkeypatch.setattr(cudnn, "allow_tf32", True)  # cuDNN's default
+    monkeypatch.setattr(matmul, "allow_tf32", True)
     bm.set_cuda_flags(torch.device("cpu"), fp32=True)
-    assert chosen == [] and not torch.backends.cudnn.benchmark and conv.fp32_precision == "tf32"
+    assert chosen == [] and not cudnn.benchmark and cudnn.allow_tf32
     bm.set_cuda_flags(torch.device("cuda"), fp32=False)  # bf16 leaves cuDNN's default alone
-    assert chosen == [] and torch.backends.cudnn.benchmark and conv.fp32_precision == "tf32"
+    assert chosen == [] and cudnn.benchmark and cudnn.allow_tf32
+    assert cudnn.conv.fp32_precision == "tf32"
     bm.set_cuda_flags(torch.device("cuda:1"), fp32=True)
     assert chosen == [torch.device("cuda:1")]
-    assert conv.fp32_precision == "ieee" and matmul.fp32_precision == "ieee"
+    assert not cudnn.allow_tf32 and not matmul.allow_tf32  # legacy reads still work (inductor's)
+    assert cudnn.conv.fp32_precision != "tf32" and matmul.fp32_precision == "ieee"
+
+
+def test_a_forced_tf32_environment_is_refused_for_fp32_on_cuda(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1")
+    err = main_error(bm, ["--device", "cuda", "--precision", "fp32", "--out-dir",
+                          tmp_path / "out"], capsys)
+    assert "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE" in err and not (tmp_path / "out").exists()
 
 
 def test_probe_budget_counts_memory_cached_by_pytorch_as_free(monkeypatch):

@@ -666,7 +666,7 @@ def test_partial_checkpoint_of_the_unbatched_version_is_refused_in_one_line(mnis
     assert "older version" in err and "--overwrite" in err
     del old["optimizer"]  # a checkpoint without optimizer state is refused the same way
     torch.save(old, tmp_path / "models" / "p0.5_run0.partial.pt")
-    assert "older version" in main_error(m, CPU + args, capsys)
+    assert "older version" in main_error(m, args, capsys)
 
 # ----------------------------------------------------------------------------- CUDA paths, on the CPU
 
@@ -703,12 +703,32 @@ def test_masc_products_are_ieee_float32_whatever_the_program_asked_and_flags_com
         seen.append((matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision))
         return real_eigh(a)
     monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    real_matmul = torch.Tensor.__matmul__
+
+    def matmul_spy(a, b):  # every product of masc_predict
+        seen.append((matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision))
+        return real_matmul(a, b)
     feats = torch.randn(40, 8)
     bases = m.fit_subspaces(feats, torch.arange(40) % 2, 2)
     assert seen == [("ieee", "ieee")] * 2
     assert matmul.fp32_precision == "tf32" == torch.backends.mkldnn.matmul.fp32_precision
+    seen.clear()
+    monkeypatch.setattr(torch.Tensor, "__matmul__", matmul_spy)
     assert m.masc_predict(bases, feats).shape == (40,)
+    assert seen and set(seen) == {("ieee", "ieee")}
     assert matmul.fp32_precision == "tf32"
+
+
+def test_ieee_float32_restores_a_global_precision_without_mixing_the_switches():
+    torch.set_float32_matmul_precision("high")  # as a program asking for TF32 the legacy way
+    try:
+        with m.ieee_float32():
+            assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cuda.matmul.allow_tf32  # the legacy read still works
+    finally:
+        torch.set_float32_matmul_precision("highest")
 
 
 def test_cuda_settings_choose_the_gpu_and_cudnn_benchmark(monkeypatch):
