@@ -55,8 +55,7 @@ DATASETS = {
     "tinyimagenet": Dataset(200, (3, 64, 64), 0.999),
 }
 
-def model_defaults(model, dataset):
-    """The authors' optimizer, learning rate and batch size per model (and dataset)."""
+def model_defaults(model, dataset):  # the authors' optimizer, learning rate and batch size
     if model == "mlp":
         return "sgd", 1e-3, 32
     if model == "cnn":
@@ -64,8 +63,7 @@ def model_defaults(model, dataset):
     return "adam", 1e-4, (500 if dataset == "tinyimagenet" else 128)
 
 @dataclass
-class Data:
-    """A dataset on the device: uint8 images (N, C, H, W) and int64 labels."""
+class Data:  # a dataset on the device: uint8 images (N, C, H, W) and int64 labels
     train_x: torch.Tensor
     train_y: torch.Tensor  # the true labels
     test_x: torch.Tensor
@@ -76,8 +74,7 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------- corrupting labels
 
-def named_generator(device, *keys):
-    """A torch.Generator seeded from named keys, so independent streams never share a sequence."""
+def named_generator(device, *keys):  # independent streams never share a sequence
     seed = int(hashlib.sha256(repr(keys).encode()).hexdigest()[:15], 16)
     return torch.Generator(device=device).manual_seed(seed)
 
@@ -93,8 +90,7 @@ def corrupt_labels(targets, p, num_classes, seed):
 # ----------------------------------------------------------------------------- models
 # Every model returns its logits and, given a dict `taps`, fills it with the probed layers.
 
-def preprocess(images):
-    """ToTensor + Normalize(0.5, 0.5) per channel: uint8 [0, 255] -> float [-1, 1]."""
+def preprocess(images):  # ToTensor + Normalize(0.5, 0.5): uint8 [0, 255] -> float [-1, 1]
     return images.float().div_(127.5).sub_(1)
 
 def tap(taps, name, x):
@@ -139,8 +135,7 @@ class CNN(nn.Module):
         x = tap(taps, "flatten", self.features(x).flatten(1))
         return self.out(fc_relu(x, self.fc, taps))
 
-class AlexNet(nn.Module):
-    """The authors' small-image AlexNet: 5 convolutions to a 256-d flatten, 4096, 4096, K."""
+class AlexNet(nn.Module):  # the authors' small-image AlexNet: 5 convolutions, 256, 4096, 4096
     def __init__(self, shape, num_classes):
         super().__init__()
         if shape[1] == 32:  # CIFAR-100
@@ -199,17 +194,15 @@ class Stack:
         return torch.vmap(one_model, in_dims=(0, None if same_batch else 0))(self.params, x)
 
     @torch.no_grad()
-    def predictions(self, images, batch=2048):
-        """(models, images)."""
+    def predictions(self, images, batch=2048):  # (models, images)
         return torch.cat([self.logits(preprocess(images[i:i + batch]), same_batch=True).argmax(-1)
                           for i in range(0, len(images), batch)], 1)
 
     @torch.no_grad()
-    def step(self, grads):
-        """One update of every model from grads (name -> stacked gradient), in place. Each
-        parameter and its buffers first take its gradient's memory layout (vmap's weight gradients
-        come transposed), so that in-place updates stream through memory (measured: half the time
-        of a stacked step on the CPU)."""
+    def step(self, grads):  # name -> stacked gradient
+        """Update every model in place. Each parameter and its buffers first take its gradient's
+        layout (vmap's weight gradients come transposed), so that in-place updates stream through
+        memory (measured: half the time of a stacked step on the CPU)."""
         for name, g in grads.items():
             if self.params[name].stride() != g.stride():
                 like = lambda t: torch.empty_strided(g.shape, g.stride(), dtype=t.dtype,
@@ -616,8 +609,7 @@ def load_data(args):
 CHECKPOINT_KEYS = ("dataset", "model", "optimizer", "lr", "batch_size", "epochs", "stop_acc",
                    "seed", "train_size")
 
-def in_progress_path(path):
-    """Where a model still in training is checkpointed: models/p0.4_run1.partial.pt."""
+def in_progress_path(path):  # a model still in training: models/p0.4_run1.partial.pt
     return path[:-len(".pt")] + ".partial.pt"
 
 def load_model_checkpoint(path, key, overwrite, device):
@@ -694,8 +686,7 @@ def summary_table(runs, corruptions):
                          + [authors])
     return text_table(lines)
 
-def script_sha256():
-    """Which version of this file made a result, once it has been copied elsewhere."""
+def script_sha256():  # which version of this file made a result, once copied elsewhere
     with open(os.path.abspath(__file__), "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
@@ -842,8 +833,7 @@ def build_parser():
     p = OneLineParser(description="Corrupted labels, MASC of every layer, relabel and retrain.")
     g = p.add_argument_group("experiment")
     g.add_argument("--dataset", choices=sorted(DATASETS), default="mnist", help="training dataset")
-    g.add_argument("--model", choices=["mlp", "cnn", "alexnet"], default="mlp",
-                   help="architecture (REFERENCE: MLP, CNN, AlexNet)")
+    g.add_argument("--model", choices=["mlp", "cnn", "alexnet"], default="mlp", help="network")
     g.add_argument("--corruption", type=number_list, default=[0.8],
                    help="corruption degree p, or a comma list of them")
     g.add_argument("--runs", type=positive_int, default=1, help="runs per degree (seed + run)")
@@ -874,13 +864,12 @@ def build_parser():
     g.add_argument("--data-dir", default="data", help="where datasets are (or get downloaded)")
     g.add_argument("--out-dir", default="runs/masc", help="config.json, results.json, models/")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device")
+                   help="torch device: cuda, cuda:N or cpu")
     g.add_argument("--seed", type=int, default=0, help="base seed; run r uses seed + r")
     g.add_argument("--overwrite", action="store_true", help="retrain models of other settings")
     return p
 
-def check_args(args):
-    """Checks argparse cannot make; fills the defaults that depend on other flags."""
+def check_args(args):  # checks argparse cannot make; defaults that depend on other flags
     tf32_forced = os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "0") not in ("", "0")
     if tf32_forced and args.device.startswith("cuda"):  # no flag can undo it
         raise UserError("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE makes every CUDA product TF32, which "
@@ -907,8 +896,7 @@ def check_args(args):
     cpu = torch.device(args.device).type == "cpu"
     args.models_at_once = args.models_at_once or (1 if cpu else len(args.corruption) * args.runs)
 
-def set_cuda_flags(device):
-    """Kernels on the chosen GPU; cuDNN's fastest algorithms for the epochs' repeated shapes."""
+def set_cuda_flags(device):  # cuDNN's fastest algorithms for the epochs' repeated shapes
     if device.type == "cuda":
         if device.index is not None:
             torch.cuda.set_device(device)
