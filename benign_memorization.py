@@ -1,14 +1,11 @@
 """
 Benign memorization (Anagnostidis et al., "The Curious Case of Benign Memorization", ICLR 2023):
-train a ResNet18 (or VGG16) encoder + MLP projector on entirely random labels under heavy
-augmentation and mixup, and probe every layer with K-NN against the clean and the random labels.
-With augmentation the projector memorizes the random labels while the encoder learns features
-whose K-NN probe beats the same probe at initialisation (benign); without, the encoder falls below
-it (malign). Flags cover the paper's other experiments (the README's table).
-
-The dataset lives on the device as uint8; augmentation is batched with per-image random
-parameters; bf16 autocast and channels_last on CUDA. Every evaluation writes a checkpoint
-atomically, and the same command resumes from it with every random state restored.
+train a ResNet18 (or VGG16) encoder + MLP projector on random labels under heavy augmentation and
+mixup; probe every layer with K-NN against the clean and the random labels. With augmentation the
+projector memorizes the labels while the encoder's K-NN probe beats its value at initialisation
+(benign); without, it falls below (malign). Flags cover the paper's other experiments (README).
+Images stay on the device as uint8, augmented in batches with per-image parameters; bf16 and
+channels_last on CUDA. Each evaluation checkpoints atomically; the same command resumes exactly.
 
 Usage:
     python benign_memorization.py --dataset cifar10 --epochs 5000            # the paper's setting
@@ -90,9 +87,8 @@ def draw_labels(clean, num_classes, noise, seed):  # a fraction `noise` redrawn,
 
 
 # ----------------------------------------------------------------------------- augmentation
-# Per image, as torchvision's RandomResizedCrop, RandomHorizontalFlip, RandomApply([ColorJitter])
-# and RandomGrayscale with the constants above, but batched: every random choice of an image is a
-# function of its own NUM_UNIFORMS uniforms.
+# Per image as torchvision's RandomResizedCrop, RandomHorizontalFlip, RandomApply([ColorJitter]),
+# RandomGrayscale, but batched: an image's random choices are functions of its own uniforms.
 
 CROP_TRIES = 10  # torchvision's RandomResizedCrop tries 10 boxes before its central fallback
 # an image's uniforms: an area and a ratio per crop try; top, left; flip; jitter on; the four
@@ -109,8 +105,7 @@ def augment_params(u, height, width, scale=CROP_SCALE, ratio=CROP_RATIO):  # u: 
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = ok.int().argmax(1, keepdim=True)  # the first try that fits, as torchvision's loop
     w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
-    # no try fits: torchvision's fallback, the largest central crop with a ratio inside the range
-    in_ratio = width / height
+    in_ratio = width / height  # none fits: torchvision's fallback, largest central crop in range
     fw = width if in_ratio <= ratio[1] else round(height * ratio[1])
     fh = height if in_ratio >= ratio[0] else round(width / ratio[0])
     any_ok = ok.any(1)
@@ -125,9 +120,8 @@ def augment_params(u, height, width, scale=CROP_SCALE, ratio=CROP_RATIO):  # u: 
                 contrast=factor(v[:, 3], CONTRAST), saturation=factor(v[:, 4], SATURATION),
                 hue=-HUE + 2 * HUE * v[:, 5], order=v[:, 6:10].argsort(1), gray=v[:, 10] < GRAY_P)
 
-def crop_grid(p, height, width):
-    """Grid that crops box p, resizes it to height x width (bilinear) and flips if asked. Source
-    coordinates as F.interpolate(align_corners=False) on the crop, clamped to it: torchvision's."""
+def crop_grid(p, height, width):  # crop box p, resize to height x width (bilinear), flip if asked
+    """Sampled as F.interpolate(align_corners=False) on the crop, clamped to it: torchvision's."""
     def axis(start, size, out):
         pos = (torch.arange(out, device=start.device) + 0.5) * (size[:, None] / out) - 0.5
         pos = pos.clamp_min(0).minimum(size[:, None] - 1) + start[:, None]
@@ -179,18 +173,15 @@ def mix32(x, m=MASK32):  # a hash of 32-bit values in int64 (products stay below
     x = ((x >> 16) ^ x) * 0x45D9F3B & m
     return (x >> 16) ^ x
 
-def hash_uniforms(stream, image, aug, count):
-    """Uniforms in [0, 1) that are a pure function of (stream, image index, augmentation index):
-    the parameters of fixed augmentation `aug` of image `image`, whatever B or the batch is."""
+def hash_uniforms(stream, image, aug, count):  # the same whatever the batch or its order
+    """Uniforms in [0, 1) of fixed augmentation `aug` of `image`: a pure function of the keys."""
     h = mix32((image.long() & MASK32) ^ (stream & MASK32))
     h = mix32((h * 0x27D4EB2D + (aug.long() & MASK32)) & MASK32)
     j = torch.arange(1, count + 1, device=image.device)
     u = mix32((h.unsqueeze(1) * 0x27D4EB2D + j * 0x165667B1) & MASK32)
     return (u >> 8).float() / (1 << 24)  # 24 random bits: exact in float32
 
-def rand_augment(images, strength, group=8):
-    """RandAugment at strength s on uint8 images, as the authors. torchvision draws once per call:
-    each group of 8 consecutive images of the shuffled batch gets its own draw."""
+def rand_augment(images, strength, group=8):  # the authors' RandAugment: one draw per group
     t = v2.RandAugment(num_ops=int(10 * strength // 3 + 1), magnitude=min(int(100 * strength), 99),
                        num_magnitude_bins=100)
     return torch.cat([t(chunk) for chunk in images.split(group)])
@@ -199,9 +190,8 @@ def rand_augment(images, strength, group=8):
 # ----------------------------------------------------------------------------- mixup
 
 def mixup(x, y, prob, u):
-    """With probability prob, mix x and y with a permutation of themselves by one lambda. u: the
-    coin, lambda (Beta(1, 1) is uniform), a sort key per image (argsort: the partners). An unmixed
-    batch takes lambda = 1: no host sync, no data-dependent branch."""
+    """With probability prob, mix x and y with a permutation of themselves. u: the coin, lambda
+    (Beta(1, 1) is uniform), a sort key per image. Unmixed takes lambda = 1: no sync, no branch."""
     lam = torch.where(u[0] < prob, u[1], torch.ones_like(u[1]))
     perm = u[2:].argsort()
     return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
@@ -210,17 +200,15 @@ def mixup(x, y, prob, u):
 # ----------------------------------------------------------------------------- training points
 
 class TrainingSet:
-    """The points the network is trained on: point m is image source[m] with label labels[m], seen
-    through `augment`: "online" (a fresh draw at every access), "fixed" (fixed augmentation
-    aug_id[m]), "randaugment" (at `strength`) or "none"."""
+    """Point m is image source[m] with label labels[m], seen through `augment`: "online" (drawn
+    afresh at each access), "fixed" (view aug_id[m]), "randaugment" (at `strength`) or "none"."""
 
     def __init__(self, images, source, labels, classes, augment, aug_id=None, stream=0,
                  strength=None):
         self.images, self.source, self.labels, self.num_classes = images, source, labels, classes
         self.augment, self.aug_id, self.stream, self.strength = augment, aug_id, stream, strength
-        # An epoch trains on as many points as there are images (drawn from a fresh permutation
-        # of all the points), not on every point: n*B fixed or S*B i.i.d. points keep the step
-        # budget of the n images (Section 5.1); fewer points than images (--subset) are one pass
+        # An epoch is as many points as images (or all, if fewer), from a fresh permutation: n*B
+        # fixed or S*B i.i.d. points keep the step budget of the n images (Section 5.1)
         self.points_per_epoch = min(len(source), len(images))
 
     def __len__(self):
@@ -235,9 +223,8 @@ class TrainingSet:
             x = apply_augment(x, augment_params(self.fixed_uniforms(idx), *x.shape[-2:]))
         return x
 
-    def batch(self, idx, online_uniforms=None):
-        """uint8 images, one-hot targets and the uniforms of the augmentation the step applies.
-        RandAugment runs here, eagerly, on uint8 images."""
+    def batch(self, idx, online_uniforms=None):  # RandAugment runs here: eager, on uint8 images
+        """uint8 images, one-hot targets and the uniforms of the augmentation the step applies."""
         images = self.images[self.source[idx]]
         targets = F.one_hot(self.labels[idx], self.num_classes).float()
         if self.augment == "randaugment":
@@ -262,9 +249,8 @@ def balanced_anchors(clean, count, seed):
     return by_class[torch.argsort(key)[:count]]
 
 def iid_partners(clean, anchors, per_anchor, seed):
-    """Table 4: per anchor, `per_anchor` non-anchor training images of its true class, (S, B).
-    Each class's shuffled pool is dealt out cyclically: an image serves floor or ceil(m B / pool)
-    anchors (one where the pool allows), and an anchor's B partners are distinct."""
+    """Table 4: per anchor, B = per_anchor distinct non-anchor images of its class, (S, B), dealt
+    cyclically from the class's shuffled pool: an image serves floor/ceil(m B / pool) anchors."""
     g = named_generator("cpu", "iid", seed)
     is_anchor = torch.isin(torch.arange(len(clean)), anchors)
     partners = torch.empty(len(anchors), per_anchor, dtype=torch.long)
@@ -297,16 +283,14 @@ def make_training_set(args, train, num_classes, device):
         source, point_labels = anchors, labels[anchors]
     elif kind == "fixed":  # Figure 5: point i*B + b is fixed augmentation b of image i
         source = torch.arange(n).repeat_interleave(value)
-        aug_id = torch.arange(value).repeat(n)
+        aug_id = torch.arange(value, device=device).repeat(n)
         point_labels = labels[source] if args.aug_labels == "same" else draw_labels(
-            torch.zeros(len(source), dtype=torch.long), num_classes, 1.0,
-            (args.seed, "per augmentation"))
+            torch.zeros_like(source), num_classes, 1.0, (args.seed, "per augmentation"))
     else:
         source, point_labels = torch.arange(n), labels
-    to = lambda t: None if t is None else t.to(device)
-    return TrainingSet(images.to(device), to(source), to(point_labels), num_classes,
-                       "none" if kind == "iid" else kind,  # the partners are shown as stored
-                       to(aug_id), stream=named_seed("fixed augmentations", args.seed),
+    return TrainingSet(images.to(device), source.to(device), point_labels.to(device), num_classes,
+                       "none" if kind == "iid" else kind, aug_id,  # iid: partners as stored
+                       stream=named_seed("fixed augmentations", args.seed),
                        strength=value if kind == "randaugment" else None)
 
 
@@ -364,9 +348,8 @@ def build_model(args, num_classes, resolution):
 # ----------------------------------------------------------------------------- training step
 
 def step_uniforms(batch, online, mix, generator, device):
-    """Every random number of one training step in one draw: per image, the online augmentation's
-    uniforms and a partner key for mixup; per batch, mixup's coin and lambda. Drawn outside the
-    (compiled) step, so the step is a pure function and a resumed run draws the same numbers."""
+    """A step's random numbers in one draw (per image: online augmentation, mixup partner key; per
+    batch: mixup's coin, lambda), outside the compiled step: a resumed run draws the same."""
     per_image = NUM_UNIFORMS * online + mix
     u = torch.rand(batch * per_image + 2 * mix, generator=generator, device=device)
     rows = u[:batch * per_image].view(batch, per_image)
@@ -386,9 +369,8 @@ class StepSettings:  # fixed for the run
     channels_last: bool  # NHWC convolutions: faster on CUDA only
 
 def step_loss(model, images, targets, aug_u, mix_u, settings):
-    """Augmentation, mixup, forward and loss of one step, from uint8 images and its uniforms: a
-    pure function of tensors, so torch.compile(fullgraph=True) makes one graph of an eager step's
-    thousand small operators (about 490 in the augmentation)."""
+    """Augmentation, mixup, forward, loss: a pure function of tensors, so torch.compile makes one
+    graph of an eager step's thousand small operators (about 490 in the augmentation)."""
     x = images.float() / 255
     if aug_u is not None:
         x = apply_augment(x, augment_params(aug_u, x.shape[-2], x.shape[-1]))
@@ -400,14 +382,13 @@ def step_loss(model, images, targets, aug_u, mix_u, settings):
         out = model(x)
     return compute_loss(out, targets, settings.loss)
 
-def train_epoch(model, opt, data, gen, batch_size, step, settings):  # mean loss stays on device
+def train_epoch(model, opt, data, gen, batch_size, step, settings):  # no host sync: loss on device
     dev = data.labels.device
     perm = torch.randperm(len(data), generator=gen, device=dev)
     steps = data.points_per_epoch // batch_size
     loss_sum = torch.zeros((), device=dev)
     for s in range(steps):
-        # the step's random numbers come from gen (RandAugment's from torch's global generator),
-        # in step order: a resumed run restores both and draws what the uninterrupted run would
+        # gen and torch's global generator (RandAugment's) draw in step order: resumes are exact
         aug_u, mix_u = step_uniforms(batch_size, data.augment == "online",
                                      settings.mixup_prob > 0, gen, dev)
         images, targets, aug_u = data.batch(perm[s * batch_size:(s + 1) * batch_size], aug_u)
@@ -425,21 +406,17 @@ def mm_out_float32(device):  # torch.mm(fp16, fp16, out_dtype=torch.float32): CU
     return device.type == "cuda"
 
 def similarity_blocks(ref, queries, chunk=None, ref_chunk=None):
-    """(start, block) for chunks of queries: float32 cosine similarities of the chunk against every
-    reference row. The products are float32 whatever the features' dtype: fp16's spacing near 0.9
-    (4.9e-4) is wider than the usual gap between the 20th and 21st neighbour (about 1e-4), so fp16
-    similarities would reorder neighbours. Only one chunk of the reference is cast to float32 at a
-    time: no float32 copy of the whole matrix (13 GB for a 65,536-wide layer of 50,000 images).
-    On CUDA, fp16 features multiply straight into float32 on fp16 tensor cores (products of fp16
-    values are exact in float32): no cast, 6.6 TB less memory traffic per evaluation."""
+    """(start, block): float32 cosine similarities of each chunk of queries to every reference row:
+    fp16's spacing near 0.9 (4.9e-4) exceeds the usual gap between the 20th and 21st neighbours
+    (about 1e-4). One reference chunk is cast at a time (no 13 GB float32 copy of 50,000 x 65,536);
+    CUDA multiplies fp16 straight into float32 (exact): 6.6 TB less traffic per evaluation."""
     n, dim = ref.shape
     ref_chunk = ref_chunk or max(1, KNN_REF_FLOATS // dim)
     chunk = chunk or max(1, min(KNN_MAX_QUERIES, KNN_BLOCK_FLOATS // max(n, 1),
                                 KNN_REF_FLOATS // dim))  # the float32 queries: as a ref chunk
     parts = range(0, n, ref_chunk)
     norm = torch.cat([ref[a:a + ref_chunk].float().norm(dim=1) for a in parts])
-    # only the references are normalised: 1/|q| scales a whole row and would not change its ranking
-    inv_norm = norm.clamp_min(1e-12).reciprocal()
+    inv_norm = norm.clamp_min(1e-12).reciprocal()  # not the queries': 1/|q| keeps a row's order
     half = ref.dtype == queries.dtype and ref.dtype in (torch.float16, torch.bfloat16)
     direct = half and mm_out_float32(ref.device)
     for start in range(0, queries.shape[0], chunk):
@@ -465,9 +442,8 @@ def knn_predict(train_feats, train_labels, query_feats, k=KNN_K, chunk=None, ref
                       similarity_blocks(train_feats, query_feats, chunk, ref_chunk)])
 
 def knn_noisy(feats, labels, k=KNN_K, groups=None, chunk=None, ref_chunk=None):
-    """The noisy probe of training points against each other, from one pass over the similarities:
-    leave-one-out predictions (no point votes for itself nor, given groups, for its group: other
-    views of its image would vote its label) and self-inclusive ones (as scikit-learn)."""
+    """Training points against each other: leave-one-out predictions (no point votes for its group:
+    other views of its image would vote its label) and self-inclusive ones, as scikit-learn's."""
     n, num_classes = feats.shape[0], int(labels.max()) + 1
     groups = torch.arange(n, device=feats.device) if groups is None else groups  # one per point
     loo_k = min(k, n - int(groups.unique(return_counts=True)[1].max()))  # the points left to vote
@@ -482,14 +458,13 @@ def accuracy(pred, labels):
     return (pred == labels).float().mean().item()
 
 def normalized_invariance(h_aug1, h_aug2, h_clean):
-    """Eq. 2 averaged over points: ||q(T1 x) - q(T2 x)||^2 / mean_{x' != x} ||q(x) - q(x')||^2.
-    The denominator of point i uses sum_j ||q_i - q_j||^2 = m ||q_i||^2 - 2 q_i . sum_j q_j +
-    sum_j ||q_j||^2, exact and O(m D). A map constant on the points gives 0 (as its numerator)."""
+    """Eq. 2 averaged over points: ||q(T1 x) - q(T2 x)||^2 / mean_{x' != x} ||q(x) - q(x')||^2, via
+    sum_j ||q_i - q_j||^2 = m ||q_i||^2 - 2 q_i . sum_j q_j + sum_j ||q_j||^2: exact, O(m D)."""
     m = h_clean.shape[0]
     sq = h_clean.pow(2).sum(1)
     pair_sum = m * sq - 2 * h_clean @ h_clean.sum(0) + sq.sum()
     numerator = (h_aug1 - h_aug2).pow(2).sum(1)
-    return (numerator / (pair_sum / (m - 1)).clamp_min(1e-12)).mean().item()
+    return (numerator / (pair_sum / (m - 1)).clamp_min(1e-12)).mean().item()  # a constant map: 0
 
 def linear_probe(train_f, train_y, test_f, test_y, steps=100, weight_decay=1e-4):
     """Test accuracy of an L-BFGS logistic regression on standardised features (Appendix A)."""
@@ -519,9 +494,8 @@ def layer_outputs(model, x, bf16, channels_last):  # the probes' forward pass
     return taps
 
 class Runtime:
-    """How the probes run: in bf16 autocast with fp16 features (L2-normalised, so in [-1, 1],
-    where fp16 has 3 more mantissa bits than bf16) or in float32 throughout; compiled:
-    torch.compile builds their forward pass."""
+    """How the probes run: bf16 autocast with fp16 features (L2-normalised, so in [-1, 1], where
+    fp16 has 3 more mantissa bits than bf16) or float32 throughout; optionally torch.compile'd."""
 
     def __init__(self, device, bf16, compiled=False):
         self.device, self.bf16, self.compiled = device, bf16, compiled
@@ -551,8 +525,7 @@ def extract(model, count, load, layers, rt, normalize=True, batch=None):
             out[name][start:start + size] = f
     return out
 
-def layer_groups(dims, count, budget_bytes, bytes_per_value):
-    """Split layers into groups whose features for `count` images fit the memory budget."""
+def layer_groups(dims, count, budget_bytes, bytes_per_value):  # each group's features in budget
     groups, used = [[]], 0
     for name, dim in dims.items():
         size = dim * count * bytes_per_value
@@ -609,10 +582,9 @@ def invariance(model, ps, dims, rt):  # Eq. 2, every layer, two fixed augmentati
 
 @torch.no_grad()
 def probe(model, ps, args, rt, linear):
-    """Every layer's K-NN clean (clean training images -> test) and K-NN noisy (training points,
-    their training labels), the network's train and test accuracy, the embedding's linear probe if
-    asked, and invariance. With one class per image the noisy probes are null: a unique label
-    never wins once its point is left out, and always wins when it is not."""
+    """Every layer's K-NN clean (clean training images -> test) and noisy (training points, their
+    labels); train and test accuracy; linear probe if asked; invariance. Noisy probes are null
+    with one class per image: a unique label never wins with its point left out, always with it."""
     model.eval()
     dims = layer_dims(model, ps.train_x.shape[-1])
     loads = {"train": (len(ps.train_x), from_uint8(ps.train_x)),
@@ -680,8 +652,7 @@ def make_probe_set(args, train, test, data, clean_classes, device):
     if args.invariance_size:
         inv_idx = random_subset(len(train[0]), args.invariance_size, "invariance", args.seed)
         stream = named_seed("invariance", args.seed)  # hash_uniforms keeps its low 32 bits
-        ps.inv_x = train[0][inv_idx].to(device)
-        inv_idx = inv_idx.to(device)
+        ps.inv_x, inv_idx = train[0][inv_idx].to(device), inv_idx.to(device)
         ps.inv_u1, ps.inv_u2 = (hash_uniforms(stream, inv_idx, torch.full_like(inv_idx, t),
                                               NUM_UNIFORMS) for t in (0, 1))
     return ps
@@ -794,8 +765,7 @@ def load_transfer(args, resolution, device):  # resized to the training size, ca
 # config keys that may change between a run and its resumption
 RESUMABLE_KEYS = {"epochs", "device", "compile", "data_dir", "out_dir", "overwrite"}
 
-def load_checkpoint(path, config, overwrite):
-    """The checkpoint to resume from, or None; refuses a corrupt one or one of another config."""
+def load_checkpoint(path, config, overwrite):  # None: start afresh. Refuses a corrupt one
     if not os.path.exists(path) or overwrite:
         return None
     try:
@@ -817,9 +787,7 @@ def load_checkpoint(path, config, overwrite):
     return ckpt
 
 def set_cuda_flags(device, fp32):
-    """Kernels (compiled ones too) on the chosen GPU; cuDNN's fastest algorithms for the fixed
-    shapes of every step; with --precision fp32, convolutions and products in IEEE float32 (cuDNN's
-    convolutions default to TF32)."""
+    """The chosen GPU (compiled kernels too); cuDNN autotuning; fp32: no TF32 (cuDNN's default)."""
     if device.type != "cuda":
         return
     if device.index is not None:
@@ -898,7 +866,7 @@ def build_parser():
     g.add_argument("--data-dir", default="data", help="where datasets are (or get downloaded)")
     g.add_argument("--label-noise", type=probability, default=1.0,
                    help="randomize this fraction of the labels (0: clean labels; Figure 12)")
-    g.add_argument("--num-classes", type=class_count, default=None,
+    g.add_argument("--num-classes", type=class_count,
                    help="random labels over C >= 2 classes, or 'per-sample' (Figure 8)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=["resnet18", "vgg16"], default="resnet18", help="encoder")
@@ -913,10 +881,10 @@ def build_parser():
                         f"{IID_PARTNERS}); randaugment:s: RandAugment at strength s (Figure 11)")
     g.add_argument("--aug-labels", choices=["same", "random"], default="same",
                    help="with fixed:B: views share their image's label, or each has its own")
-    g.add_argument("--subset", type=count, default=None,
+    g.add_argument("--subset", type=count,
                    help="S class-balanced anchor images: alone, train on them only (Table 4's "
                         f"baseline); with iid:B, its anchors (default {IID_ANCHORS})")
-    g.add_argument("--mixup", type=probability, default=None,
+    g.add_argument("--mixup", type=probability,
                    help="probability of mixing a batch, lambda ~ Beta(1, 1) "
                         f"(default {MIXUP_PROB}; 0 with fixed:B and iid:B)")
     g = p.add_argument_group("training")
@@ -928,11 +896,9 @@ def build_parser():
     g.add_argument("--eval-every", type=count, default=EVAL_EVERY,
                    help="epochs per probe and checkpoint")
     g.add_argument("--knn-k", type=count, default=KNN_K, help="neighbours of the K-NN probes")
-    g.add_argument("--probe-size", type=count, default=None,
-                   help="cap on probed train and test images (default: all)")
+    g.add_argument("--probe-size", type=count, help="probed train and test images (default: all)")
     g.add_argument("--invariance-size", type=image_count, default=INVARIANCE_IMAGES,
-                   help="images for the invariance measure, >= 2 (each is compared with the "
-                        "others), or 0 to skip it")
+                   help="invariance images: >= 2 (each is compared with the others), 0 to skip")
     g.add_argument("--linear-probe", choices=["every", "final", "off"], default="every",
                    help="linear probe of the embedding at every eval, at init and end, or never")
     g.add_argument("--transfer", type=dataset_list, default=[],
@@ -1055,8 +1021,7 @@ def run(args):
     bar = tqdm(range(start, args.epochs + 1), initial=start - 1, total=args.epochs, desc="epochs")
     for epoch in bar:
         t0 = time.time()
-        loss = train_epoch(model, opt, data, gen, args.batch_size, step, settings)
-        loss = loss.item()  # one host sync per epoch
+        loss = train_epoch(model, opt, data, gen, args.batch_size, step, settings).item()
         if not (args.compile and epoch == start):  # whose time is mostly compiling the step
             seconds += time.time() - t0
             images += (data.points_per_epoch // args.batch_size) * args.batch_size
