@@ -896,7 +896,7 @@ def check_args(args):  # checks argparse cannot make; defaults that depend on ot
     cpu = torch.device(args.device).type == "cpu"
     args.models_at_once = args.models_at_once or (1 if cpu else len(args.corruption) * args.runs)
 
-def set_cuda_flags(device):  # cuDNN's fastest algorithms for the epochs' repeated shapes
+def set_cuda_flags(device):  # the chosen GPU; cuDNN's fastest algorithms for repeated shapes
     if device.type == "cuda":
         if device.index is not None:
             torch.cuda.set_device(device)
