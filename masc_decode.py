@@ -205,8 +205,7 @@ class Stack:
         memory (measured: half the time of a stacked step on the CPU)."""
         for name, g in grads.items():
             if self.params[name].stride() != g.stride():
-                like = lambda t: torch.empty_strided(g.shape, g.stride(), dtype=t.dtype,
-                                                     device=t.device).copy_(t)
+                like = lambda t: torch.empty_like(g).copy_(t)  # keeps g's strides
                 self.params[name] = like(self.params[name].detach()).requires_grad_()
                 self.buffers[name] = {slot: like(b) for slot, b in self.buffers[name].items()}
         self.step_count += 1
@@ -299,9 +298,8 @@ def train_together(jobs, template, data, args, after_epoch, desc):
 
 @contextlib.contextmanager
 def ieee_float32():
-    """Products in IEEE float32 here, whatever the program asked (TF32 on CUDA, via
-    torch.set_float32_matmul_precision or a backend flag, keeps 10 of float32's 23 mantissa bits):
-    the rank floor below assumes float32 rounding."""
+    """IEEE float32 products, whatever the program asked (TF32 keeps 10 of float32's 23 mantissa
+    bits): the rank floor below assumes float32 rounding."""
     backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
     before = [b.fp32_precision for b in backends]
     try:
@@ -319,14 +317,12 @@ def ieee_float32():
                 b.fp32_precision = value
 
 def class_basis(X, variance):
-    """Orthonormal basis (D, r) of the principal subspace of [X; -X]: top eigenvectors of X^T X.
-    Products run in float32 on the device; the small symmetric eigenproblem in float64, because
-    float32 eigenvectors mix near-equal eigenvalues at the variance cut and change predictions.
-    With fewer samples than dimensions the n x n Gram matrix X X^T is decomposed instead (its
-    eigenvectors u map to principal directions X^T u / s): no D x D matrix is formed.
-    The rank r is the smallest whose leading eigenvalues explain `variance` of their sum, capped at
-    those above the rounding floor of a float32 product summed over `inner` terms (about
-    trace * sqrt(inner) * eps): below it an eigenvalue is rounding, not a direction."""
+    """Orthonormal basis (D, r) of the principal subspace of [X; -X]: top eigenvectors of X^T X,
+    or, with fewer samples than dimensions, of the Gram matrix X X^T (u maps to X^T u / s: no D x D
+    matrix). The eigenproblem runs in float64: float32 eigenvectors mix near-equal eigenvalues at
+    the variance cut and change predictions. r: the fewest leading eigenvalues that explain
+    `variance` of their sum, capped at those above the rounding floor of a float32 product over
+    `inner` terms (trace * sqrt(inner) * eps): below it, an eigenvalue is rounding."""
     n, D = X.shape
     if n == 0:
         return X.new_zeros(D, 0)
@@ -349,11 +345,9 @@ def fit_subspaces(feats, labels, num_classes, variance=0.99):
 
 def masc_predict(bases, feats, chunk=8192):
     """Per row, the class whose subspace makes the smallest angle with it (Algorithm 1), or -1 for
-    an all-zero row. cos^2(angle) = ||V_k^T x||^2 / ||x||^2 for an orthonormal basis V_k: one
-    matmul against the concatenated bases scores every class, `chunk` rows at a time (8192 rows of
-    a 4096-wide layer against 4096 basis columns: 128 MB per product). Each class's squares are
-    summed by a product with a one-hot owner matrix, not index_add_, whose CUDA atomics add in a
-    varying order: the same features give the same predictions on every run."""
+    an all-zero row: cos^2 = ||V_k^T x||^2 / ||x||^2, one product with the concatenated bases per
+    `chunk` rows (8192 x 4096 floats: 128 MB). Each class's squares are summed by a product with a
+    one-hot owner matrix, not index_add_, whose CUDA atomics add in a varying order."""
     feats = feats.float()
     dims = torch.tensor([b.shape[1] for b in bases], device=feats.device)
     owner = torch.repeat_interleave(torch.arange(len(bases), device=feats.device), dims)
@@ -508,8 +502,7 @@ def init_control(data, y_corrupt, args, seed):
 
 # ----------------------------------------------------------------------------- datasets
 
-def save_atomically(path, obj):
-    """JSON for a .json path, else torch.save, via path.tmp: a killed run leaves no half file."""
+def save_atomically(path, obj):  # JSON or torch.save, via path.tmp: a kill leaves no half file
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     if path.endswith(".json"):
         pathlib.Path(path + ".tmp").write_text(json.dumps(obj, indent=2))
@@ -517,8 +510,7 @@ def save_atomically(path, obj):
         torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
 
-def load_torchvision(name, root):
-    """(train images uint8 NCHW, labels), (test images, labels), downloaded when missing."""
+def load_torchvision(name, root):  # (train uint8 NCHW, labels), (test ...), downloaded if missing
     files, cifar = "(the four *-ubyte.gz files)", "https://www.cs.toronto.edu/~kriz/cifar.html"
     cls, folder, url = {
         "mnist": (torchvision.datasets.MNIST, "MNIST/raw",
@@ -571,9 +563,8 @@ def load_tinyimagenet(root):
             warnings.simplefilter("ignore", DeprecationWarning)
             for n, (path, _) in enumerate(tqdm(items, desc="decoding Tiny ImageNet", leave=False)):
                 img = torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
-                if img.shape[-2:] != (64, 64):  # RGB mode: grayscale JPEGs already have 3 channels
-                    img = v2.functional.resize(img, [64, 64], antialias=True)
-                images[n] = img
+                resize = img.shape[-2:] != (64, 64)  # RGB mode: grayscale JPEGs get 3 channels
+                images[n] = v2.functional.resize(img, [64, 64], antialias=True) if resize else img
         return images, torch.tensor([y for _, y in items], dtype=torch.long)
 
     (tx, ty), (vx, vy) = decode(train.samples), decode(val)
@@ -806,8 +797,7 @@ class OneLineParser(argparse.ArgumentParser):
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
 
-def bounded(kind, low, high=math.inf, open_low=False):
-    """An argparse type: a number of `kind` in [low, high], or (low, high] with open_low."""
+def bounded(kind, low, high=math.inf, open_low=False):  # in [low, high], or (low, high]
     def parse(text):
         try:
             value = kind(text)
