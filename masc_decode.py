@@ -249,7 +249,7 @@ def train_epoch(stack, images, labels, batch_size, gens):
     if not torch.isfinite(loss_sum).all():
         raise UserError(f"the training loss became {loss_sum.tolist()}; stopped, keeping the last "
                         "checkpoint in its models/ folder")
-    return (correct / N).tolist()
+    return (correct.double() / N).tolist()  # float32(0.991) < 0.991 would miss that threshold
 
 @contextlib.contextmanager
 def convolutions_for(device, stacking):
@@ -540,7 +540,11 @@ def load_tinyimagenet(root):
     base = os.path.join(root, "tiny-imagenet-200")
     cache = os.path.join(base, "uint8_cache.pt")
     if os.path.exists(cache):
-        c = torch.load(cache, weights_only=True)
+        try:
+            c = torch.load(cache, weights_only=True)
+        except Exception as e:
+            raise UserError(f"{cache} is unreadable ({type(e).__name__}); delete it to decode "
+                            "the images again")
         return (c["train_x"], c["train_y"]), (c["val_x"], c["val_y"])
     if not os.path.isdir(base):
         try:
@@ -548,14 +552,6 @@ def load_tinyimagenet(root):
         except Exception as e:
             raise UserError(f"tinyimagenet not found in {base} and could not be downloaded "
                             f"({type(e).__name__}); download {url} and unzip it into {root}/")
-    try:  # ImageFolder walks train/<wnid>/ down into its images/ folder, in sorted order
-        train = torchvision.datasets.ImageFolder(os.path.join(base, "train"))
-        with open(os.path.join(base, "val", "val_annotations.txt")) as f:
-            val = [(os.path.join(base, "val", "images", parts[0]), train.class_to_idx[parts[1]])
-                   for parts in (line.split("\t") for line in f if line.strip())]
-    except (OSError, KeyError) as e:
-        raise UserError(f"Tiny ImageNet in {base} is incomplete ({e}); expected the "
-                        "tiny-imagenet-200 archive layout")
 
     def decode(items):
         images = torch.empty(len(items), 3, 64, 64, dtype=torch.uint8)
@@ -567,7 +563,16 @@ def load_tinyimagenet(root):
                 images[n] = v2.functional.resize(img, [64, 64], antialias=True) if resize else img
         return images, torch.tensor([y for _, y in items], dtype=torch.long)
 
-    (tx, ty), (vx, vy) = decode(train.samples), decode(val)
+    try:  # ImageFolder walks train/<wnid>/ down into its images/ folder, in sorted order
+        train = torchvision.datasets.ImageFolder(os.path.join(base, "train"))
+        with open(os.path.join(base, "val", "val_annotations.txt")) as f:
+            val = [(os.path.join(base, "val", "images", parts[0]), train.class_to_idx[parts[1]])
+                   for parts in (line.split("\t") for line in f if line.strip())]
+        (tx, ty), (vx, vy) = decode(train.samples), decode(val)
+    except (OSError, KeyError, RuntimeError) as e:  # RuntimeError: an image missing or unreadable
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"Tiny ImageNet in {base} is incomplete ({reason}); expected the "
+                        "tiny-imagenet-200 archive layout")
     save_atomically(cache, {"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy})
     return (tx, ty), (vx, vy)
 
@@ -666,13 +671,17 @@ def summary_table(runs, corruptions):
             ("early-stop test", lambda r: r["early_stop_test_acc"]),
             ("retrained (corrupt)", retrained("corrupt_subspaces")),
             ("retrained (true)", retrained("true_subspaces"))]
-    lines = [["p", "best layer"] + [c for c, _ in cols] + ["authors' aggregation (corrupt/true)"]]
+    lines = [["p", "best layer"] + [c for c, _ in cols]
+             + ["authors' aggregation (corrupt/true, improvement %)"]]
     for p in corruptions:
         rows = [r for r in runs if r["corruption"] == p]
         if rows:
             layers = "/".join(sorted({r["best_layer"] for r in rows}))
-            authors = "/".join(f"{best_of_mean_curve(rows, kind):.3f}"
-                               for kind in ("corrupt_subspaces", "true_subspaces"))
+            corrupt, true = (best_of_mean_curve(rows, kind)
+                             for kind in ("corrupt_subspaces", "true_subspaces"))
+            model = sum(r["model_acc"]["test"] for r in rows) / len(rows)  # Table 1: of the means
+            gain = f"{100 * (corrupt / model - 1):.1f}" if model > 0 else "-"
+            authors = f"{corrupt:.3f}/{true:.3f}, {gain}"
             lines.append([f"{p:g}", layers] + [stat([f(r) for r in rows]) for _, f in cols]
                          + [authors])
     return text_table(lines)
@@ -706,16 +715,20 @@ def memorization_job(p, run, template, data, args):
         if "buffers" not in resumed.get("optimizer", {}):  # the unbatched one saved torch.optim's
             raise UserError(f"{in_progress_path(path)} is from an older version of this script; "
                             "move it away or pass --overwrite to train that model again")
+        was = resumed.get("device", dev.type)
+        if was != dev.type:  # a CPU generator cannot continue a CUDA one's batch order, nor back
+            raise UserError(f"{in_progress_path(path)} was written on {was}: resume it with "
+                            f"--device {was}, or pass --overwrite to train that model again")
         job.state, job.opt = resumed["model"], resumed["optimizer"]
         job.history = resumed["history"]
         job.gen.set_state(resumed["gen"].cpu())  # a generator's state is a CPU byte tensor
         tqdm.write(f"{job.name}: resuming from epoch {len(job.history['train_acc'])}")
     return job
 
-def memorize(specs, template, data, args):
-    """Train the model of every (p, run) in specs, all together, to --stop-acc or --epochs; reuse
-    finished checkpoints, resume in-progress ones. Returns {(p, run): (model, labels, history)}."""
-    out = {spec: memorization_job(*spec, template, data, args) for spec in specs}
+def memorize(out, template, data, args):
+    """Train every job of {(p, run): memorization_job(...)} together, to --stop-acc or --epochs.
+    Returns {(p, run): (model, labels, history)}."""
+    out = dict(out)
     jobs = {spec: job for spec, job in out.items() if isinstance(job, Memorizing)}  # rest: reused
 
     def after_epoch(job, acc, pred):
@@ -743,7 +756,8 @@ def memorize(specs, template, data, args):
         elif epoch % args.save_every == 0:  # all a resumed model needs to continue exactly
             save_atomically(in_progress_path(job.path),
                             {"key": job.key, "model": job.state, "optimizer": job.opt,
-                             "gen": job.gen.get_state(), "history": history})
+                             "gen": job.gen.get_state(), "device": job.gen.device.type,
+                             "history": history})
         return finished
 
     train_together(list(jobs.values()), template, data, args, after_epoch, "memorize")
@@ -803,7 +817,7 @@ def bounded(kind, low, high=math.inf, open_low=False):  # in [low, high], or (lo
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}")
-        if value < low or value > high or (open_low and value == low):
+        if not low <= value <= high or (open_low and value == low):  # NaN is neither
             wanted = f"{'>' if open_low else '>='} {low}" if high == math.inf else \
                 f"in {'(' if open_low else '['}{low}, {high}]"
             raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
@@ -855,7 +869,8 @@ def build_parser():
     g.add_argument("--out-dir", default="runs/masc", help="config.json, results.json, models/")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device: cuda, cuda:N or cpu")
-    g.add_argument("--seed", type=int, default=0, help="base seed; run r uses seed + r")
+    g.add_argument("--seed", type=bounded(int, 0, 2**63 - 1), default=0,
+                   help="base seed; run r uses seed + r")
     g.add_argument("--overwrite", action="store_true", help="retrain models of other settings")
     return p
 
@@ -869,8 +884,15 @@ def check_args(args):  # checks argparse cannot make; defaults that depend on ot
     except Exception as e:  # unknown or unavailable device
         reason = str(e).strip().splitlines()[0]
         raise UserError(f"--device {args.device} is not available ({reason})")
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise UserError(f"--out-dir {args.out_dir} exists and is not a directory")
+    if torch.device(args.device).type not in ("cpu", "cuda"):
+        raise UserError(f"--device {args.device}: this script runs on cpu or cuda")
+    existing = os.path.abspath(args.out_dir)
+    while not os.path.exists(existing):  # the part of the path that exists must be a folder
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--out-dir {args.out_dir}: {existing} exists and is not a directory")
+    if len({f"{p:g}" for p in args.corruption}) < len(args.corruption):  # one file per degree
+        raise UserError(f"--corruption repeats a degree (to 6 digits): {args.corruption}")
     dataset = DATASETS[args.dataset]
     args.num_classes = dataset.classes
     if args.model == "alexnet" and dataset.shape[1:] not in ((32, 32), (64, 64)):
@@ -896,13 +918,15 @@ def run(args):
     check_args(args)
     set_cuda_flags(torch.device(args.device))
     data = load_data(args)
-    save_atomically(os.path.join(args.out_dir, "config.json"), vars(args))
-    results = {"config": vars(args), "script_sha256": script_sha256(), "runs": []}
     t0 = time.time()
     specs = [(p, r) for p in args.corruption for r in range(args.runs)]
     shape = DATASETS[args.dataset].shape
     template = build_model(args.model, shape, args.num_classes, args.seed).to(args.device)
-    memorized = memorize(specs, template, data, args)
+    jobs = {spec: memorization_job(*spec, template, data, args) for spec in specs}
+    # written once every checkpoint was accepted: a refused command leaves the folder as it was
+    save_atomically(os.path.join(args.out_dir, "config.json"), vars(args))
+    results = {"config": vars(args), "script_sha256": script_sha256(), "runs": []}
+    memorized = memorize(jobs, template, data, args)
     retrainings = []
     for p, r in specs:
         entry, retrain = decode_run(args, data, p, r, *memorized[p, r])
