@@ -713,7 +713,11 @@ def load_tinyimagenet(root):
     base = os.path.join(root, "tiny-imagenet-200")
     cache = os.path.join(base, "uint8_cache.pt")
     if os.path.exists(cache):
-        c = torch.load(cache, weights_only=True)
+        try:
+            c = torch.load(cache, weights_only=True)
+        except Exception as e:
+            raise UserError(f"{cache} is unreadable ({type(e).__name__}); delete it to decode "
+                            "the images again")
         return (c["train_x"], c["train_y"]), (c["val_x"], c["val_y"])
     if not os.path.isdir(base):
         try:
@@ -721,14 +725,6 @@ def load_tinyimagenet(root):
         except Exception as e:
             raise UserError(f"Tiny ImageNet not found in {base} and could not be downloaded "
                             f"({type(e).__name__}); download {url} and unzip it into {root}/")
-    try:  # ImageFolder walks train/<wnid>/ down into its images/ folder, in sorted order
-        folder = torchvision.datasets.ImageFolder(os.path.join(base, "train"))
-        with open(os.path.join(base, "val", "val_annotations.txt")) as f:
-            val = [(os.path.join(base, "val", "images", parts[0]), folder.class_to_idx[parts[1]])
-                   for parts in (line.split("\t") for line in f if line.strip())]
-    except (OSError, KeyError) as e:
-        raise UserError(f"Tiny ImageNet in {base} is incomplete ({e}); expected the "
-                        "tiny-imagenet-200 archive layout")
 
     def decode(items):
         images = torch.empty(len(items), 3, 64, 64, dtype=torch.uint8)
@@ -740,7 +736,16 @@ def load_tinyimagenet(root):
                 images[n] = v2.functional.resize(img, [64, 64], antialias=True) if resize else img
         return images, torch.tensor([y for _, y in items], dtype=torch.long)
 
-    (tx, ty), (vx, vy) = decode(folder.samples), decode(val)
+    try:  # ImageFolder walks train/<wnid>/ down into its images/ folder, in sorted order
+        folder = torchvision.datasets.ImageFolder(os.path.join(base, "train"))
+        with open(os.path.join(base, "val", "val_annotations.txt")) as f:
+            val = [(os.path.join(base, "val", "images", parts[0]), folder.class_to_idx[parts[1]])
+                   for parts in (line.split("\t") for line in f if line.strip())]
+        (tx, ty), (vx, vy) = decode(folder.samples), decode(val)
+    except (OSError, KeyError, RuntimeError) as e:  # RuntimeError: an image missing or unreadable
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"Tiny ImageNet in {base} is incomplete ({reason}); expected the "
+                        "tiny-imagenet-200 archive layout")
     save_atomically(cache, {"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy})
     return (tx, ty), (vx, vy)
 
@@ -765,6 +770,14 @@ def load_transfer(args, resolution, device):  # resized to the training size, ca
 # config keys that may change between a run and its resumption
 RESUMABLE_KEYS = {"epochs", "device", "compile", "data_dir", "out_dir", "overwrite"}
 
+def refuse_other_config(saved, config, what):
+    diff = sorted(k for k in set(saved) | set(config)
+                  if k not in RESUMABLE_KEYS and saved.get(k) != config.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in diff[:3])
+        raise UserError(f"{what} was made with another config ({shown}); pass --overwrite to "
+                        "start over or use another --out-dir")
+
 def load_checkpoint(path, config, overwrite):  # None: start afresh. Refuses a corrupt one
     if not os.path.exists(path) or overwrite:
         return None
@@ -778,12 +791,10 @@ def load_checkpoint(path, config, overwrite):  # None: start afresh. Refuses a c
     if was != now:  # a CPU generator's state cannot continue a CUDA one's sequence, nor back
         raise UserError(f"{path} was written on {was}: its random state cannot continue on {now}; "
                         f"resume with --device {saved['device']} or start over with --overwrite")
-    diff = sorted(k for k in set(saved) | set(config)
-                  if k not in RESUMABLE_KEYS and saved.get(k) != config.get(k))
-    if diff:
-        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in diff[:3])
-        raise UserError(f"{path} was made with another config ({shown}); pass --overwrite to "
-                        "start over or use another --out-dir")
+    refuse_other_config(saved, config, path)
+    if ckpt["epoch"] > config["epochs"]:  # --epochs may extend a run, not cut it short
+        raise UserError(f"{path} is at epoch {ckpt['epoch']}, beyond --epochs {config['epochs']}; "
+                        "raise --epochs, or pass --overwrite to start over")
     return ckpt
 
 def set_cuda_flags(device, fp32):
@@ -829,7 +840,7 @@ def bounded(kind, low, high=math.inf):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}")
-        if value < low or value > high:
+        if not low <= value <= high:  # NaN is neither
             wanted = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
             raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
         return value
@@ -907,7 +918,8 @@ def build_parser():
     g.add_argument("--out-dir", default="runs/benign", help="config, log, results, checkpoint")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device")
-    g.add_argument("--seed", type=int, default=0, help="seed of labels, initialisation and order")
+    g.add_argument("--seed", type=bounded(int, 0, 2**63 - 1), default=0,
+                   help="seed of labels, initialisation and order")
     g.add_argument("--compile", action="store_true", help="torch.compile the step and the probes")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="bf16 autocast with fp16 probe features, or float32 (auto: bf16 on CUDA)")
@@ -924,11 +936,19 @@ def check_args(args):  # checks argparse cannot make; defaults that depend on ot
     except Exception as e:  # unknown or unavailable device
         reason = str(e).strip().splitlines()[0]
         raise UserError(f"--device {args.device} is not available ({reason})")
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise UserError(f"--out-dir {args.out_dir} exists and is not a directory")
+    if torch.device(args.device).type not in ("cpu", "cuda"):
+        raise UserError(f"--device {args.device}: this script runs on cpu or cuda")
+    existing = os.path.abspath(args.out_dir)
+    while not os.path.exists(existing):  # the part of the path that exists must be a folder
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--out-dir {args.out_dir}: {existing} exists and is not a directory")
     kind, _ = augment_kind(args.augment)
     if args.aug_labels == "random" and kind != "fixed":
         raise UserError("--aug-labels random labels each fixed view: it needs --augment fixed:B")
+    if args.aug_labels == "random" and args.label_noise < 1:
+        raise UserError("--aug-labels random draws every view's label at random: it ignores "
+                        "--label-noise, which must stay 1")
     classes = DATASETS[args.dataset][0]
     if args.label_noise < 1 and args.num_classes not in (None, classes):
         raise UserError(f"--label-noise keeps true labels: the random ones need {classes} classes")
@@ -949,6 +969,9 @@ def run(args):
     out_path = lambda name: os.path.join(args.out_dir, name)
     ckpt_path = out_path("ckpt.pt")
     ckpt = load_checkpoint(ckpt_path, config, args.overwrite)
+    if not ckpt and not args.overwrite and os.path.exists(out_path("config.json")):
+        with open(out_path("config.json")) as f:  # killed before its first checkpoint, or deleted
+            refuse_other_config(json.load(f), config, out_path("config.json"))
     device = torch.device(args.device)
     clean_classes, resolution = DATASETS[args.dataset]
     train, test = load_dataset(args.dataset, args.data_dir)

@@ -422,6 +422,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cifar, tmp_path, patch_md
     (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "--device"),
     (["--batch-size", "1000"], "--batch-size"),
     (["--invariance-size", "1"], "--invariance-size"),  # one image has no other to compare with
+    (["--mixup", "nan"], "--mixup"),  # NaN fails every comparison, so a bound let it through
+    (["--seed", str(2**64)], "--seed"),  # torch.manual_seed overflowed with a traceback
+    (["--device", "meta"], "cpu or cuda"),  # torch.empty works on meta, training does not
+    (["--augment", "fixed:2", "--aug-labels", "random", "--label-noise", "0.5"], "--label-noise"),
 ])
 def test_bad_input_gives_one_line_error(args, fragment, cifar, tmp_path, patch_md5, capsys):
     err = main_error(bm, ["--device", "cpu", "--data-dir", cifar, "--out-dir", tmp_path / "out", *args], capsys)
@@ -470,6 +474,28 @@ def test_checkpoint_from_another_config_is_refused_unless_overwrite(cifar, tmp_p
     assert (out / "ckpt.pt").read_bytes() == before
     results = bm.main(ARGS + ["--epochs", "1", "--lr", "0.1", "--overwrite", "--data-dir", str(cifar), "--out-dir", str(out)])
     assert results["config"]["lr"] == 0.1
+
+
+def test_lower_epochs_and_another_config_without_checkpoint_are_refused(cifar, tmp_path, patch_md5, capsys):
+    """--epochs may extend a run, not cut it; with ckpt.pt gone, config.json still guards the folder."""
+    out = tmp_path / "run"
+    args = ARGS + ["--data-dir", str(cifar), "--out-dir", str(out)]
+    bm.main(args + ["--epochs", "2"])
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    err = main_error(bm, args + ["--epochs", "1"], capsys)
+    assert "beyond --epochs 1" in err and "epoch 2" in err
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    os.remove(out / "ckpt.pt")
+    del before["ckpt.pt"]
+    err = main_error(bm, args + ["--epochs", "2", "--lr", "0.1"], capsys)
+    assert "config.json" in err and "lr" in err and "--overwrite" in err
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
+def test_out_dir_below_a_file_gives_one_line_error(cifar, tmp_path, patch_md5, capsys):
+    (tmp_path / "afile").write_text("")
+    err = main_error(bm, ARGS + ["--data-dir", cifar, "--out-dir", tmp_path / "afile" / "run"], capsys)
+    assert "afile" in err and "not a directory" in err
 
 
 def test_checkpoint_with_other_random_labels_is_refused_before_anything_is_written(cifar, tmp_path,
@@ -533,6 +559,13 @@ def test_tinyimagenet_folder_layout_is_decoded_and_cached(tmp_path):
     assert (base / "uint8_cache.pt").exists()
     (tx2, ty2), _ = bm.load_dataset("tinyimagenet", str(tmp_path))
     assert torch.equal(tx, tx2) and torch.equal(ty, ty2)
+    (base / "uint8_cache.pt").write_bytes(b"half a file")  # a corrupt cache: one line, not a trace
+    with pytest.raises(bm.UserError, match="uint8_cache.pt is unreadable"):
+        bm.load_dataset("tinyimagenet", str(tmp_path))
+    os.remove(base / "uint8_cache.pt")
+    os.remove(base / "val" / "images" / "val_0.JPEG")  # listed in val_annotations.txt, missing
+    with pytest.raises(bm.UserError, match="incomplete"):
+        bm.load_dataset("tinyimagenet", str(tmp_path))
 
 # ----------------------------------------------------------------------------- the paper's other experiments
 
