@@ -53,13 +53,11 @@ class Config:
     fit_views: int = 8  # online cells: fresh augmentations per point when measuring the fit
 
 
-def augs_label(augs):
-    """B as --augs, results.json and the random streams' names spell it (None is "online")."""
+def augs_label(augs):  # B as --augs, results.json and the streams' names spell it (None: online)
     return "online" if augs is None else augs
 
 
-def named_generator(device, *keys):
-    """A torch.Generator seeded from named keys, so independent streams never share a sequence."""
+def named_generator(device, *keys):  # independent streams never share a sequence
     seed = int(hashlib.sha256(repr(keys).encode()).hexdigest()[:15], 16)
     return torch.Generator(device=device).manual_seed(seed)
 
@@ -250,15 +248,13 @@ def phase_table(results, ns, augs):
     return "\n".join("  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in lines)
 
 
-def write_json(path, obj):
-    """Write to a temporary file, then rename: a reader never sees half a file."""
+def write_json(path, obj):  # via a temporary file and a rename: never half a file
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(path + ".tmp", path)
 
 
-def script_sha256():
-    """Which version of this file made a result, once it has been copied elsewhere."""
+def script_sha256():  # which version of this file made a result, once copied elsewhere
     with open(os.path.abspath(__file__), "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
@@ -311,15 +307,19 @@ def build_parser():
     return p
 
 
-def check_args(args):
-    """Checks argparse cannot make, before anything is written."""
+def check_args(args):  # checks argparse cannot make, before anything is written
     try:
         torch.empty(1, device=args.device)
     except Exception as e:  # unknown or unavailable device
         reason = str(e).strip().splitlines()[0]
         raise UserError(f"--device {args.device} is not available ({reason})")
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise UserError(f"--out-dir {args.out_dir} exists and is not a directory")
+    if torch.device(args.device).type not in ("cpu", "cuda"):
+        raise UserError(f"--device {args.device}: this script runs on cpu or cuda")
+    existing = os.path.abspath(args.out_dir)
+    while not os.path.exists(existing):  # the part of the path that exists must be a folder
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--out-dir {args.out_dir}: {existing} exists and is not a directory")
 
 
 def main(argv=None):

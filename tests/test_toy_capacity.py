@@ -171,11 +171,18 @@ def test_cells_do_not_depend_on_the_rest_of_the_grid(tmp_path):
     (["--capacity", "0"], "--capacity"),
     (["--signal-dim", "4"], "unrecognized"),  # the world's constants are not flags
     (["--device", "nosuchdevice"], "--device"),
+    (["--device", "meta"], "cpu or cuda"),  # torch.empty works on meta, training does not
 ])
 def test_bad_input_gives_one_line_error(args, fragment, tmp_path, capsys):
     err = main_error(toy, [*args, "--out-dir", tmp_path / "out"], capsys)
     assert fragment in err
     assert not (tmp_path / "out").exists()
+
+
+def test_out_dir_below_a_file_gives_one_line_error(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    err = main_error(toy, ["--device", "cpu", "--out-dir", tmp_path / "afile" / "sub"], capsys)
+    assert "afile" in err and "not a directory" in err
 
 
 def test_augs_flag_reads_online_as_none():
