@@ -1,5 +1,6 @@
 """tests/gpu_check.py keeps working: its smallest form passes on the CPU, a check that finds a
 fault makes it exit non-zero, and a missing GPU is one line and exit status 2."""
+import pytest
 import torch
 
 import benign_memorization as bm
@@ -30,3 +31,10 @@ def test_without_cuda_the_default_device_is_one_line_and_status_2(capsys, monkey
     assert gpu_check.main([]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--device cpu" in err, err
+
+
+def test_a_refused_in_process_run_fails_its_check_instead_of_ending_the_self_check():
+    """bm.main exits on bad input (a full disk, say); SystemExit is no Exception, so it ended the
+    whole self-check without its summary line."""
+    with pytest.raises(RuntimeError, match="--epochs"):
+        gpu_check.benign_in_process(["--device", "cpu", "--epochs", "0"])
