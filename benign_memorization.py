@@ -778,6 +778,16 @@ def refuse_other_config(saved, config, what):
         raise UserError(f"{what} was made with another config ({shown}); pass --overwrite to "
                         "start over or use another --out-dir")
 
+def read_config(path):
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        saved = None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} is unreadable; move it away or pass --overwrite to start over")
+    return saved
+
 def load_checkpoint(path, config, overwrite):  # None: start afresh. Refuses a corrupt one
     if not os.path.exists(path) or overwrite:
         return None
@@ -918,7 +928,7 @@ def build_parser():
     g.add_argument("--out-dir", default="runs/benign", help="config, log, results, checkpoint")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device")
-    g.add_argument("--seed", type=bounded(int, 0, 2**63 - 1), default=0,
+    g.add_argument("--seed", type=bounded(int, -2**63, 2**63 - 1), default=0,
                    help="seed of labels, initialisation and order")
     g.add_argument("--compile", action="store_true", help="torch.compile the step and the probes")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -970,8 +980,8 @@ def run(args):
     ckpt_path = out_path("ckpt.pt")
     ckpt = load_checkpoint(ckpt_path, config, args.overwrite)
     if not ckpt and not args.overwrite and os.path.exists(out_path("config.json")):
-        with open(out_path("config.json")) as f:  # killed before its first checkpoint, or deleted
-            refuse_other_config(json.load(f), config, out_path("config.json"))
+        # killed before its first checkpoint, or the checkpoint deleted: config.json still guards
+        refuse_other_config(read_config(out_path("config.json")), config, out_path("config.json"))
     device = torch.device(args.device)
     clean_classes, resolution = DATASETS[args.dataset]
     train, test = load_dataset(args.dataset, args.data_dir)

@@ -626,6 +626,15 @@ def load_model_checkpoint(path, key, overwrite, device):
     raise UserError(f"{path} was trained with other settings ({diff}); pass --overwrite or use "
                     "another --out-dir")
 
+def resume_problem(ckpt, device):  # why an in-progress checkpoint cannot continue here, if so
+    if "buffers" not in ckpt.get("optimizer", {}):  # the unbatched version saved torch.optim's
+        return "is from an older version of this script: move it away"
+    cpu = ckpt["gen"].numel() == torch.Generator().get_state().numel()
+    was = ckpt.get("device") or ("cpu" if cpu else "cuda")  # files without it: by the state's size
+    if was != device.type:  # a CPU generator cannot continue a CUDA one's batch order, nor back
+        return f"was written on {was}: resume it with --device {was}"
+    return None
+
 def model_from(template, state):
     model = copy.deepcopy(template)
     model.load_state_dict(state)
@@ -711,14 +720,11 @@ def memorization_job(p, run, template, data, args):
     job = Memorizing(f"p={p:g} run {run}", initial, corrupt_labels(data.train_y, p, K, seed),
                      named_generator(dev, "order", seed), path=path, key=key)
     resumed = load_model_checkpoint(in_progress_path(path), key, args.overwrite, dev)
-    if resumed:
-        if "buffers" not in resumed.get("optimizer", {}):  # the unbatched one saved torch.optim's
-            raise UserError(f"{in_progress_path(path)} is from an older version of this script; "
-                            "move it away or pass --overwrite to train that model again")
-        was = resumed.get("device", dev.type)
-        if was != dev.type:  # a CPU generator cannot continue a CUDA one's batch order, nor back
-            raise UserError(f"{in_progress_path(path)} was written on {was}: resume it with "
-                            f"--device {was}, or pass --overwrite to train that model again")
+    problem = resumed and resume_problem(resumed, dev)
+    if problem and not args.overwrite:  # with it, the model trains afresh
+        raise UserError(f"{in_progress_path(path)} {problem}; or pass --overwrite to train that "
+                        "model again")
+    if resumed and not problem:
         job.state, job.opt = resumed["model"], resumed["optimizer"]
         job.history = resumed["history"]
         job.gen.set_state(resumed["gen"].cpu())  # a generator's state is a CPU byte tensor
@@ -869,7 +875,7 @@ def build_parser():
     g.add_argument("--out-dir", default="runs/masc", help="config.json, results.json, models/")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device: cuda, cuda:N or cpu")
-    g.add_argument("--seed", type=bounded(int, 0, 2**63 - 1), default=0,
+    g.add_argument("--seed", type=bounded(int, -2**63, 2**63 - 1), default=0,
                    help="base seed; run r uses seed + r")
     g.add_argument("--overwrite", action="store_true", help="retrain models of other settings")
     return p

@@ -423,7 +423,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cifar, tmp_path, patch_md
     (["--batch-size", "1000"], "--batch-size"),
     (["--invariance-size", "1"], "--invariance-size"),  # one image has no other to compare with
     (["--mixup", "nan"], "--mixup"),  # NaN fails every comparison, so a bound let it through
-    (["--seed", str(2**64)], "--seed"),  # torch.manual_seed overflowed with a traceback
+    (["--seed", str(2**63)], "--seed"),  # torch.manual_seed overflowed with a traceback
     (["--device", "meta"], "cpu or cuda"),  # torch.empty works on meta, training does not
     (["--augment", "fixed:2", "--aug-labels", "random", "--label-noise", "0.5"], "--label-noise"),
 ])
@@ -432,6 +432,11 @@ def test_bad_input_gives_one_line_error(args, fragment, cifar, tmp_path, patch_m
     assert fragment in err
     assert not (tmp_path / "out").exists()
 
+
+
+def test_seed_takes_the_int64_range():  # negative seeds ran before the bound; 2**63 overflows
+    for seed in (-2**63, -1, 2**63 - 1):
+        assert bm.build_parser().parse_args(["--seed", str(seed)]).seed == seed
 
 def test_bad_input_from_the_command_line(cifar, tmp_path):
     proc = run_script("benign_memorization.py", "--device", "cpu", "--epochs", "0", "--out-dir", tmp_path / "out")
@@ -490,6 +495,10 @@ def test_lower_epochs_and_another_config_without_checkpoint_are_refused(cifar, t
     err = main_error(bm, args + ["--epochs", "2", "--lr", "0.1"], capsys)
     assert "config.json" in err and "lr" in err and "--overwrite" in err
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    (out / "config.json").write_bytes(b"\xff not json")  # one line, not a traceback
+    assert "unreadable" in main_error(bm, args + ["--epochs", "2", "--lr", "0.1"], capsys)
+    (out / "config.json").write_bytes(before["config.json"])
+    assert bm.main(args + ["--epochs", "1"])["final"]["epoch"] == 1  # the same config starts afresh
 
 
 def test_out_dir_below_a_file_gives_one_line_error(cifar, tmp_path, patch_md5, capsys):

@@ -339,7 +339,7 @@ def test_incomplete_tinyimagenet_gives_one_line_error(tmp_path, capsys):
     (["--variance", "nan"], "--variance"),  # NaN fails every comparison, so a bound let it through
     (["--corruption", "nan"], "--corruption"),
     (["--stop-acc", "nan"], "--stop-acc"),
-    (["--seed", str(2**64)], "--seed"),  # torch.manual_seed overflowed with a traceback
+    (["--seed", str(2**63)], "--seed"),  # torch.manual_seed overflowed with a traceback
     (["--device", "meta"], "cpu or cuda"),  # torch.empty works on meta, training does not
     (["--corruption", "0.4,0.4"], "repeats"),  # one model file per degree: decoded twice before
 ])
@@ -364,6 +364,11 @@ def test_a_refused_command_leaves_config_json_as_it_was(mnist, tmp_path, capsys)
     assert "other settings" in err
     assert (tmp_path / "config.json").read_bytes() == before  # still the settings that ran
 
+
+
+def test_seed_takes_the_int64_range():  # negative seeds ran before the bound; 2**63 overflows
+    for seed in (-2**63, -1, 2**63 - 1):
+        assert m.build_parser().parse_args(["--seed", str(seed)]).seed == seed
 
 def test_missing_data_offline_names_dataset_and_folder(tmp_path):
     proc = run_script("masc_decode.py", *CPU, "--data-dir", tmp_path / "none", "--out-dir", tmp_path / "out")
@@ -700,6 +705,7 @@ def test_partial_checkpoint_of_the_unbatched_version_is_refused_in_one_line(mnis
     del old["optimizer"]  # a checkpoint without optimizer state is refused the same way
     torch.save(old, tmp_path / "models" / "p0.5_run0.partial.pt")
     assert "older version" in main_error(m, args, capsys)
+    assert m.main(args + ["--overwrite"])["runs"][0]["epochs_trained"] == 3  # trained afresh
 
 def test_partial_checkpoint_from_another_device_type_is_refused_in_one_line(mnist, tmp_path, capsys):
     """A CUDA generator's state cannot continue on the CPU (set_state raised a traceback)."""
@@ -716,6 +722,11 @@ def test_partial_checkpoint_from_another_device_type_is_refused_in_one_line(mnis
     torch.save(partial, tmp_path / "models" / "p0.5_run0.partial.pt")
     err = main_error(m, args, capsys)
     assert "written on cuda" in err and "--device cuda" in err and "--overwrite" in err
+    del partial["device"]  # as the previous version wrote it: told by its generator state's size
+    torch.save(partial, tmp_path / "models" / "p0.5_run0.partial.pt")
+    assert "written on cuda" in main_error(m, args, capsys)
+    result = m.main(args + ["--overwrite"])  # trains that model afresh instead
+    assert result["runs"][0]["epochs_trained"] == 3
 
 
 def test_training_accuracy_is_the_exact_fraction_of_correct_images():
