@@ -131,7 +131,8 @@ def test_augmentation_frequencies_and_crop_ranges():
     assert (p["top"] >= 0).all() and (p["top"] + p["height"] <= 32).all()
     assert (p["left"] >= 0).all() and (p["left"] + p["width"] <= 32).all()
     for key, lo, hi in (("brightness", 0.2, 1.8), ("contrast", 0.2, 1.8), ("saturation", 0.2, 1.8), ("hue", -0.2, 0.2)):
-        assert p[key].min() >= lo and p[key].max() <= hi
+        assert lo <= p[key].min() < lo + 0.01 and hi - 0.01 < p[key].max() <= hi  # the whole range
+        assert p[key].mean().item() == pytest.approx((lo + hi) / 2, abs=0.01)  # uniform over it
     assert torch.equal(p["order"].sort(1).values, torch.arange(4).expand(n, 4))  # a permutation per image
     # the crop distribution matches torchvision's own sampler
     torch.manual_seed(0)
@@ -140,6 +141,22 @@ def test_augmentation_frequencies_and_crop_ranges():
     tv_area = tv[:, 2] * tv[:, 3] / 1024
     assert area.mean().item() == pytest.approx(tv_area.mean().item(), abs=0.01)
     assert area.std().item() == pytest.approx(tv_area.std().item(), abs=0.01)
+    quantiles = torch.tensor([0.1, 0.5, 0.9])
+    tv_ratio = tv[:, 3] / tv[:, 2]  # get_params returns top, left, height, width
+    torch.testing.assert_close(ratio.float().quantile(quantiles), tv_ratio.quantile(quantiles), atol=0.03, rtol=0)
+
+
+def test_crop_falls_back_to_torchvisions_central_crop_when_no_try_fits():
+    u = torch.rand(2, bm.NUM_UNIFORMS, generator=torch.Generator().manual_seed(4))
+    u[:, :2 * bm.CROP_TRIES] = 1.0  # every try: the whole area at ratio 4/3, 36 x 27 > 40 x 24
+    p = bm.augment_params(u, 24, 40)
+    # torchvision's fallback on a 24 x 40 image (all of its tries fail with scale 1, ratio 4/3)
+    top, left, h, w = RandomResizedCrop.get_params(torch.empty(3, 24, 40), [1.0, 1.0], [4 / 3, 4 / 3])
+    assert (top, left, h, w) == (0, 4, 24, 32)  # by hand: width 24 * 4/3, centred
+    for key, value in (("top", top), ("left", left), ("height", h), ("width", w)):
+        assert p[key].tolist() == [value, value], key
+    x = torch.rand(2, 3, 24, 40, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(bm.apply_augment(x, p), reference_augment(x, p), atol=1e-5, rtol=0)
 
 # ----------------------------------------------------------------------------- labels and mixup
 
@@ -286,13 +303,17 @@ def test_end_to_end_results_hold_every_layer(cifar, tmp_path, patch_md5):
     assert all(v > 0 for v in expected["invariance"].values())
 
 
-def test_probe_at_init_matches_features_extracted_independently(cifar, patch_md5):
+@pytest.mark.parametrize("probe_size", [None, 40])  # 40 of the 64 training images: a random subset
+def test_probe_at_init_matches_features_extracted_independently(probe_size, cifar, patch_md5):
     args = parsed("--projector-width", "16", "--knn-k", "3", "--invariance-size", "12",
-                  "--linear-probe", "off", "--data-dir", str(cifar))
+                  "--linear-probe", "off", "--data-dir", str(cifar),
+                  *([] if probe_size is None else ["--probe-size", str(probe_size)]))
     train, test = bm.load_dataset("cifar10", str(cifar))
     data = bm.make_training_set(args, train, 10, torch.device("cpu"))
     ps = bm.make_probe_set(args, train, test, data, 10, torch.device("cpu"))
-    assert ps.mem_is_train and torch.equal(ps.mem_idx, torch.arange(64))  # point i is image i
+    assert ps.mem_is_train and len(ps.train_x) == (probe_size or 64)
+    # point i is image i: the memorization probe looks at the probed training images themselves
+    assert torch.equal(train[0][ps.mem_idx], ps.train_x) and torch.equal(ps.mem_labels, data.labels[ps.mem_idx])
     model = bm.build_model(args, 10, 32)
     got = bm.probe(model, ps, args, CPU_FP32, linear=False)
     assert_probe_matches(got, independent_probe(model, ps, 3))
@@ -317,9 +338,15 @@ def test_training_step_gets_augmented_images_and_targets_mixed_with_one_lambda(
     def loss(out, target, kind):
         seen["loss"].append(target)
         return real_loss(out, target, kind)
+    real_batch = bm.TrainingSet.batch
+
+    def batch(self, idx, online_uniforms=None):
+        seen.setdefault("idx", []).append(idx)
+        return real_batch(self, idx, online_uniforms)
     monkeypatch.setattr(bm, "mixup", mix)
     monkeypatch.setattr(bm.Network, "forward", forward)
     monkeypatch.setattr(bm, "compute_loss", loss)
+    monkeypatch.setattr(bm.TrainingSet, "batch", batch)
     bm.main(SMALL + ["--epochs", "3", "--eval-every", "3", "--linear-probe", "off", "--invariance-size", "0",
                      "--data-dir", str(cifar), "--out-dir", str(tmp_path)])
     assert len(seen["mix"]) == len(seen["forward"]) == len(seen["loss"]) == 6  # 3 epochs x 2 steps
@@ -327,11 +354,11 @@ def test_training_step_gets_augmented_images_and_targets_mixed_with_one_lambda(
     clean_images = bm.load_dataset("cifar10", str(cifar))[0][0].float().flatten(1) / 255
     exact = dict(compute_mode="donot_use_mm_for_euclid_dist")  # no |a|^2 + |b|^2 - 2ab cancellation
     mixed = 0
-    for (x, y, xm, ym), fed, target in zip(seen["mix"], seen["forward"], seen["loss"]):
+    for (x, y, xm, ym), fed, target, idx in zip(seen["mix"], seen["forward"], seen["loss"], seen["idx"]):
         assert torch.equal(fed, xm) and torch.equal(target, ym)  # the step trains on mixup's output
         # the images were augmented: none is a training image as stored
         assert torch.cdist(x.flatten(1), clean_images, **exact).min() > 1e-3
-        assert torch.equal(y.sum(1), torch.ones(32)) and torch.isin(y.argmax(1), labels).all()
+        assert torch.equal(y.sum(1), torch.ones(32)) and torch.equal(y.argmax(1), labels[idx])
         own = ym.gather(1, y.argmax(1, keepdim=True)).squeeze(1)  # lam, or 1 where partners agree
         lam = own.min().item()
         if lam == 1:
@@ -355,11 +382,37 @@ def test_label_noise_and_clean_labels_reach_the_run(flags, noise, cifar, tmp_pat
     assert changed == 0 if noise == 0 else 0.2 < changed < 0.7
 
 
-def test_cross_entropy_and_clean_labels_run(cifar, tmp_path, patch_md5):
-    results = bm.main(["--device", "cpu", "--epochs", "1", "--batch-size", "32", "--projector-width", "32", "--knn-k", "5", "--loss", "ce",
-                       "--label-noise", "0", "--augment", "none", "--mixup", "0",
-                       "--data-dir", str(cifar), "--out-dir", str(tmp_path)])
-    assert math.isfinite(results["final"]["loss"])
+@pytest.mark.parametrize("augment", [["--augment", "none"], ["--augment", "iid:2", "--subset", "10"]])
+def test_unaugmented_points_and_cross_entropy_reach_the_step(augment, cifar, tmp_path, patch_md5, monkeypatch):
+    """--augment none (the malign control) and iid:B (partners as stored) feed stored images, each
+    with its own label; --loss ce trains on cross-entropy, recomputed here."""
+    seen = []
+    real_forward, real_loss = bm.Network.forward, bm.compute_loss
+
+    def forward(self, x, taps=None):
+        out = real_forward(self, x, taps)
+        if taps is None:  # the training step (probes pass a dict)
+            seen.append([x, out])
+        return out
+
+    def loss(out, target, kind):
+        value = real_loss(out, target, kind)
+        seen[-1] += [target, value]
+        return value
+    monkeypatch.setattr(bm.Network, "forward", forward)
+    monkeypatch.setattr(bm, "compute_loss", loss)
+    results = bm.main(["--device", "cpu", "--epochs", "1", "--batch-size", "8", "--projector-width", "32",
+                       "--knn-k", "5", "--loss", "ce", "--label-noise", "0", "--mixup", "0", "--linear-probe", "off",
+                       "--invariance-size", "0", *augment, "--data-dir", str(cifar), "--out-dir", str(tmp_path)])
+    assert math.isfinite(results["final"]["loss"]) and seen
+    images, clean = bm.load_dataset("cifar10", str(cifar))[0]
+    exact = dict(compute_mode="donot_use_mm_for_euclid_dist")
+    for x, out, target, value in seen:
+        dist, image = torch.cdist(x.flatten(1), images.float().flatten(1) / 255, **exact).min(1)
+        assert dist.max() == 0  # every fed image is a training image as stored
+        if augment[1] == "none":  # clean labels: each image with its own (iid: its anchor's)
+            assert torch.equal(target.argmax(1), clean[image])
+        torch.testing.assert_close(value, torch.nn.functional.cross_entropy(out.float(), target))
 
 
 def strip_timing(rows):
@@ -805,6 +858,19 @@ def test_rand_augment_draws_once_per_group_of_eight():
     assert len({g[0].numpy().tobytes() for g in groups}) > 1  # groups draw independently
 
 
+@pytest.mark.parametrize("strength,ops,magnitude", [(0.5, 2, 50), (1.0, 4, 99)])  # README: int(10s // 3) + 1 ops,
+def test_rand_augment_strength_sets_ops_and_magnitude(strength, ops, magnitude, monkeypatch):  # min(100s, 99)
+    made = []
+    real = bm.v2.RandAugment
+
+    def spy(**kwargs):
+        made.append(kwargs)
+        return real(**kwargs)
+    monkeypatch.setattr(bm.v2, "RandAugment", spy)
+    bm.rand_augment(torch.zeros(8, 3, 32, 32, dtype=torch.uint8), strength)
+    assert made and all(k["num_ops"] == ops and k["magnitude"] == magnitude for k in made)
+
+
 @pytest.mark.parametrize("width", [64, 65536])
 def test_projector_widths_of_figure_7_build_and_run(width):
     model = bm.build_model(parsed("--projector-width", str(width)), 10, 32)
@@ -831,6 +897,23 @@ def test_vgg_with_transfer_probes_every_block(cifar, tmp_path, patch_md5):
         assert all(0 <= v <= 1 for t in row["transfer"].values() for v in t.values())
     train, _ = bm.load_dataset("stl10", str(tmp_path), 32)
     assert train[0].shape == (30, 3, 32, 32)  # STL10 resized to the training resolution
+    # the final numbers, recomputed: the trained embedding in eval mode, brute-force K-NN, and the
+    # linear probe fitted on the transfer set's train split and scored on its test split
+    args = parsed(*SMALL, "--arch", "vgg16", "--transfer", "cifar100,stl10", "--data-dir", str(tmp_path))
+    model = bm.build_model(args, 10, 32)
+    model.load_state_dict(torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["model"])
+    model.eval()
+    for name, ((tx, ty), (qx, qy)) in bm.load_transfer(args, 32, torch.device("cpu")).items():
+        with torch.no_grad():
+            ft, fq = ({} for _ in range(2))
+            model(tx.float() / 255, ft)
+            model(qx.float() / 255, fq)
+        ft, fq = ft["embedding"].double().numpy(), fq["embedding"].double().numpy()
+        knn = (brute_knn(ft, ty.numpy(), fq, 5) == qy.numpy()).mean()
+        got = res["final"]["transfer"][name]
+        assert got["knn"] == pytest.approx(knn, abs=near_ties(ft, fq, 5) + 1e-6), name
+        unit = lambda f: torch.nn.functional.normalize(torch.tensor(f).float(), dim=1)  # as probed
+        assert got["linear"] == pytest.approx(bm.linear_probe(unit(ft), ty, unit(fq), qy)), name
 
 
 def test_finite_augmentations_run_and_memorization_uses_the_augmented_points(cifar, tmp_path, patch_md5):

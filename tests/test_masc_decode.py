@@ -48,23 +48,26 @@ def reference_predict(bases, points):
     return np.array(preds)
 
 
-def subspace_data(rng, num_classes, dim, per_class, rank, noise=0.01):
-    """Each class lives near its own random `rank`-dim subspace with decaying energies."""
+def subspace_data(rng, num_classes, dim, per_class, rank, noise=0.01, draw_rng=None):
+    """Each class lives near its own random `rank`-dim subspace with decaying energies. With
+    draw_rng the points are drawn from it, the subspaces still from rng (new points, same classes)."""
+    draw_rng = draw_rng or rng
     xs, ys = [], []
     for k in range(num_classes):
         Q = np.linalg.qr(rng.normal(size=(dim, rank)))[0]
-        coef = rng.normal(size=(per_class, rank)) * (2.0 ** -np.arange(rank))
-        xs.append(coef @ Q.T + noise * rng.normal(size=(per_class, dim)))
+        coef = draw_rng.normal(size=(per_class, rank)) * (2.0 ** -np.arange(rank))
+        xs.append(coef @ Q.T + noise * draw_rng.normal(size=(per_class, dim)))
         ys.append(np.full(per_class, k))
     return np.vstack(xs), np.concatenate(ys)
 
 
 @pytest.mark.parametrize("dim,per_class", [(40, 12), (12, 60)])  # Gram route (n < D) and covariance route
 def test_masc_matches_float64_reference(dim, per_class):
-    rng = np.random.default_rng(0)
-    train, y = subspace_data(rng, 4, dim, per_class, rank=3)
-    test, ty = subspace_data(np.random.default_rng(0), 4, dim, per_class, rank=3)  # same subspaces, new draws
-    test = test + 0.05 * rng.normal(size=test.shape)
+    classes = lambda: np.random.default_rng(0)  # the same class subspaces for train and test
+    train, y = subspace_data(classes(), 4, dim, per_class, rank=3, draw_rng=np.random.default_rng(1))
+    test, ty = subspace_data(classes(), 4, dim, per_class, rank=3, draw_rng=np.random.default_rng(2))
+    assert not np.isclose(train, test).all()  # new points
+    test = test + 0.05 * np.random.default_rng(3).normal(size=test.shape)
     ref = reference_fit(train, y, 4, 0.99)
     ours = m.fit_subspaces(torch.tensor(train, dtype=torch.float32), torch.tensor(y), 4, 0.99)
     for a, b in zip(ref, ours):
@@ -240,6 +243,22 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path):
     ref = reference_predict(reference_fit(X, ckpt["labels"].numpy(), 10, 0.99), Q)
     assert p5["layers"][0]["corrupt_subspaces"]["test"] == pytest.approx((ref == qy.numpy()).mean())
     assert p5["fraction_changed"] == pytest.approx((ckpt["labels"] != ty).float().mean().item())
+    train_pred = m.predict_and_probe(net, tx, probe=False)[0]  # memorization, and of the truth
+    assert p5["model_acc"]["train_corrupt"] == pytest.approx((train_pred == ckpt["labels"]).float().mean().item())
+    assert p5["model_acc"]["train_true"] == pytest.approx((train_pred == ty).float().mean().item())
+    on_train = reference_predict(reference_fit(X, ckpt["labels"].numpy(), 10, 0.99), X)
+    assert p5["layers"][0]["corrupt_subspaces"]["train_corrupt"] == pytest.approx((on_train == ckpt["labels"].numpy()).mean())
+    assert p5["layers"][0]["corrupt_subspaces"]["train_true"] == pytest.approx((on_train == ty.numpy()).mean())
+    true_ref = reference_predict(reference_fit(X, ty.numpy(), 10, 0.99), Q)
+    assert p5["layers"][0]["true_subspaces"]["test"] == pytest.approx((true_ref == qy.numpy()).mean())
+    # Supplement 6: the p = 0 model's input layer decoded from labels corrupted after training
+    y_q = m.corrupt_labels(ty, 0.5, 10, ("posthoc", 0, 0.5))
+    post = p0["posthoc"][0]
+    assert post["fraction_changed"] == pytest.approx((y_q != ty).float().mean().item())
+    assert 0.3 < post["fraction_changed"] < 0.6  # p - p/K = 0.45 in expectation
+    fitted = reference_fit(X, y_q.numpy(), 10, 0.99)
+    assert post["layers"][0]["train_corrupt"] == pytest.approx((reference_predict(fitted, X) == y_q.numpy()).mean())
+    assert post["layers"][0]["test"] == pytest.approx((reference_predict(fitted, Q) == qy.numpy()).mean())
 
     # the same command again reuses both checkpoints instead of retraining
     stamps = {f: os.path.getmtime(out / "models" / f) for f in os.listdir(out / "models")}
