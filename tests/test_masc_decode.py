@@ -707,17 +707,24 @@ def test_train_size_draws_a_class_balanced_subset(mnist, tmp_path, capsys):
     assert "--train-size" in err and not (tmp_path / "big").exists()
 
 
-def test_partial_checkpoint_of_the_unbatched_version_is_refused_in_one_line(mnist, tmp_path, capsys):
+def partial_checkpoint_setup(mnist, tmp_path):
+    """The p=0.5 command's arguments, and an in-progress checkpoint of its model that matches its
+    settings (the caller sets its optimizer, generator and device fields)."""
     args = [str(a) for a in CPU + ["--corruption", "0.5", "--epochs", "3", "--no-retrain",
                                    "--data-dir", mnist, "--out-dir", tmp_path]]
     config = m.build_parser().parse_args(args)
     m.check_args(config)
     model = m.build_model("mlp", (1, 28, 28), 10, 0)
-    old = {"key": {k: getattr(config, k) for k in m.CHECKPOINT_KEYS} | {"corruption": 0.5, "run": 0},
-           "model": model.state_dict(), "history": {"train_acc": [0.1], "test_acc": [0.1]},
-           "optimizer": torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9).state_dict(),
-           "gen": torch.Generator().get_state()}
+    partial = {"key": {k: getattr(config, k) for k in m.CHECKPOINT_KEYS} | {"corruption": 0.5, "run": 0},
+               "model": model.state_dict(), "history": {"train_acc": [0.1], "test_acc": [0.1]}}
     (tmp_path / "models").mkdir()
+    return args, model, partial
+
+
+def test_partial_checkpoint_of_the_unbatched_version_is_refused_in_one_line(mnist, tmp_path, capsys):
+    args, model, old = partial_checkpoint_setup(mnist, tmp_path)
+    old.update(optimizer=torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9).state_dict(),
+               gen=torch.Generator().get_state())
     torch.save(old, tmp_path / "models" / "p0.5_run0.partial.pt")
     err = main_error(m, args, capsys)
     assert "older version" in err and "--overwrite" in err
@@ -726,18 +733,12 @@ def test_partial_checkpoint_of_the_unbatched_version_is_refused_in_one_line(mnis
     assert "older version" in main_error(m, args, capsys)
     assert m.main(args + ["--overwrite"])["runs"][0]["epochs_trained"] == 3  # trained afresh
 
+
 def test_partial_checkpoint_from_another_device_type_is_refused_in_one_line(mnist, tmp_path, capsys):
     """A CUDA generator's state cannot continue on the CPU (set_state raised a traceback)."""
-    args = [str(a) for a in CPU + ["--corruption", "0.5", "--epochs", "3", "--no-retrain",
-                                   "--data-dir", mnist, "--out-dir", tmp_path]]
-    config = m.build_parser().parse_args(args)
-    m.check_args(config)
-    model = m.build_model("mlp", (1, 28, 28), 10, 0)
-    partial = {"key": {k: getattr(config, k) for k in m.CHECKPOINT_KEYS} | {"corruption": 0.5, "run": 0},
-               "model": model.state_dict(), "history": {"train_acc": [0.1], "test_acc": [0.1]},
-               "optimizer": {"step": 1, "buffers": {}}, "gen": torch.zeros(16, dtype=torch.uint8),
-               "device": "cuda"}
-    (tmp_path / "models").mkdir()
+    args, _, partial = partial_checkpoint_setup(mnist, tmp_path)
+    partial.update(optimizer={"step": 1, "buffers": {}}, gen=torch.zeros(16, dtype=torch.uint8),
+                   device="cuda")
     torch.save(partial, tmp_path / "models" / "p0.5_run0.partial.pt")
     err = main_error(m, args, capsys)
     assert "written on cuda" in err and "--device cuda" in err and "--overwrite" in err
