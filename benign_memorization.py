@@ -67,6 +67,10 @@ RESIZE_BATCH = 1024  # images resized at a time: no float copy of a whole transf
 class UserError(Exception):
     """Bad input or missing data: reported as one line, never a traceback."""
 
+def first_line(error):  # an exception's message for a one-line error, or its type if it has none
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
 def named_seed(*keys):  # the high 60 bits of a sha256, as the other two scripts
     return int(hashlib.sha256(repr(keys).encode()).hexdigest()[:15], 16)
 
@@ -662,6 +666,7 @@ def make_probe_set(args, train, test, data, clean_classes, device):
 
 def save_atomically(path, content):  # via path.tmp: a killed run never leaves half a file
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         if isinstance(content, str):
             pathlib.Path(path + ".tmp").write_text(content)
         else:
@@ -670,8 +675,7 @@ def save_atomically(path, content):  # via path.tmp: a killed run never leaves h
     except (OSError, RuntimeError) as e:  # a full disk (torch.save's is a RuntimeError)
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not write {path} ({reason}); the previous one is intact")
+        raise UserError(f"could not write {path} ({first_line(e)}); any previous version is intact")
 
 def checkpoint_bytes(args, num_classes, resolution):  # float32 weights and Adam's two moments
     with torch.device("meta"):  # shapes only: Figure 8's per-sample model is 13 GB of weights
@@ -696,9 +700,8 @@ def load_torchvision(name, root):  # CIFAR-10/100, STL10: (train, test), each (u
             ds = cls(root, download=True, **({"split": split} if name == "stl10" else
                                              {"train": split == "train"}))
         except Exception as e:
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise UserError(f"{pretty} not found in {os.path.join(root, folder)} and could not be "
-                            f"downloaded ({type(e).__name__}: {detail}); download it from {url} "
+                            f"downloaded ({type(e).__name__}: {first_line(e)}); download it from {url} "
                             f"and extract it into {root}/")
         data = torch.as_tensor(ds.data)
         data = data.permute(0, 3, 1, 2) if data.shape[-1] == 3 else data  # CIFAR stores NHWC
@@ -743,8 +746,7 @@ def load_tinyimagenet(root):
                    for parts in (line.split("\t") for line in f if line.strip())]
         (tx, ty), (vx, vy) = decode(folder.samples), decode(val)
     except (OSError, KeyError, RuntimeError) as e:  # RuntimeError: an image missing or unreadable
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"Tiny ImageNet in {base} is incomplete ({reason}); expected the "
+        raise UserError(f"Tiny ImageNet in {base} is incomplete ({first_line(e)}); expected the "
                         "tiny-imagenet-200 archive layout")
     save_atomically(cache, {"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy})
     return (tx, ty), (vx, vy)
@@ -944,8 +946,7 @@ def check_args(args):  # checks argparse cannot make; defaults that depend on ot
     try:
         torch.empty(1, device=args.device)
     except Exception as e:  # unknown or unavailable device
-        reason = str(e).strip().splitlines()[0]
-        raise UserError(f"--device {args.device} is not available ({reason})")
+        raise UserError(f"--device {args.device} is not available ({first_line(e)})")
     if torch.device(args.device).type not in ("cpu", "cuda"):
         raise UserError(f"--device {args.device}: this script runs on cpu or cuda")
     existing = os.path.abspath(args.out_dir)
@@ -1006,7 +1007,6 @@ def run(args):
                         f"needs twice that; the disk of {args.out_dir} has "
                         f"{free / 1e9:.2f} GB free")
 
-    os.makedirs(args.out_dir, exist_ok=True)
     for name in ("ckpt.pt", "log.jsonl", "results.json") if args.overwrite else ():
         with contextlib.suppress(FileNotFoundError):
             os.remove(out_path(name))

@@ -72,6 +72,10 @@ class Data:  # a dataset on the device: uint8 images (N, C, H, W) and int64 labe
 class UserError(Exception):
     """Bad input or missing data: reported as one line, never a traceback."""
 
+def first_line(error):  # an exception's message for a one-line error, or its type if it has none
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
 # ----------------------------------------------------------------------------- corrupting labels
 
 def named_generator(device, *keys):  # independent streams never share a sequence
@@ -186,7 +190,7 @@ class Stack:
         buffer = lambda j, n, s: j.opt["buffers"][n][s] if j.opt else torch.zeros_like(j.state[n])
         self.buffers = {n: {s: torch.stack([buffer(j, n, s) for j in jobs])
                             for s in OPTIMIZER_SLOTS[optimizer]} for n in names}
-        self.step_count = jobs[0].opt.get("step", 0)  # the same for all (see train_together)
+        self.step_count = jobs[0].opt.get("step", 0)  # the same for all (see train_pass)
 
     def logits(self, x, same_batch=False):
         """Every model's logits: x is (M, b, ...), or with same_batch one (b, ...) for all."""
@@ -265,34 +269,39 @@ def convolutions_for(device, stacking):
         with torch.backends.mkldnn.flags(enabled=False):
             yield
 
+def train_pass(active, template, data, args, after_epoch):
+    """One epoch of every active job, --models-at-once at a time. after_epoch(job, train_acc,
+    test_predictions) records the epoch and says whether the job is finished; returns those."""
+    # one stack per optimizer step count: models resumed at different epochs train apart
+    by_step = {}
+    for job in active:
+        by_step.setdefault(job.opt.get("step", 0), []).append(job)
+    groups = [same[i:i + args.models_at_once] for same in by_step.values()
+              for i in range(0, len(same), args.models_at_once)]
+    finished = []
+    for group in groups:
+        # restacked every epoch: the jobs hold the state, so finished ones simply drop out
+        stack = Stack(template, group, args.optimizer, args.lr)
+        labels = torch.stack([j.labels for j in group])
+        with convolutions_for(data.train_x.device, args.models_at_once > 1):
+            accs = train_epoch(stack, data.train_x, labels, args.batch_size,
+                               [j.gen for j in group])
+        preds = stack.predictions(data.test_x)
+        stack.write_back(group)
+        finished += [job for job, acc, pred in zip(group, accs, preds)
+                     if after_epoch(job, acc, pred)]
+    return finished
+
 def train_together(jobs, template, data, args, after_epoch, desc):
-    """Epochs of all unfinished jobs, --models-at-once at a time. after_epoch(job, train_acc,
-    test_predictions) records the epoch and says whether the job is finished."""
+    """Epochs of all unfinished jobs until after_epoch has finished every one."""
     active = list(jobs)
-    bar = tqdm(desc=desc, unit="epoch", leave=False)
-    while active:  # one epoch of every unfinished job per pass
-        # one stack per optimizer step count: models resumed at different epochs train apart
-        by_step = {}
-        for job in active:
-            by_step.setdefault(job.opt.get("step", 0), []).append(job)
-        groups = [same[i:i + args.models_at_once] for same in by_step.values()
-                  for i in range(0, len(same), args.models_at_once)]
-        finished = []
-        for group in groups:
-            # restacked every epoch: the jobs hold the state, so finished ones simply drop out
-            stack = Stack(template, group, args.optimizer, args.lr)
-            labels = torch.stack([j.labels for j in group])
-            with convolutions_for(data.train_x.device, args.models_at_once > 1):
-                accs = train_epoch(stack, data.train_x, labels, args.batch_size,
-                                   [j.gen for j in group])
-            preds = stack.predictions(data.test_x)
-            stack.write_back(group)
-            finished += [job for job, acc, pred in zip(group, accs, preds)
-                         if after_epoch(job, acc, pred)]
-        bar.update()
-        bar.set_postfix(models=len(active))
-        active = [j for j in active if j not in finished]
-    bar.close()
+    # closed on an error too, so that an error's line does not continue the bar's
+    with tqdm(desc=desc, unit="epoch", leave=False) as bar:
+        while active:
+            finished = train_pass(active, template, data, args, after_epoch)
+            bar.update()
+            bar.set_postfix(models=len(active))
+            active = [j for j in active if j not in finished]
 
 # ----------------------------------------------------------------------------- MASC
 
@@ -503,12 +512,17 @@ def init_control(data, y_corrupt, args, seed):
 # ----------------------------------------------------------------------------- datasets
 
 def save_atomically(path, obj):  # JSON or torch.save, via path.tmp: a kill leaves no half file
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    if path.endswith(".json"):
-        pathlib.Path(path + ".tmp").write_text(json.dumps(obj, indent=2))
-    else:
-        torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if path.endswith(".json"):
+            pathlib.Path(path + ".tmp").write_text(json.dumps(obj, indent=2))
+        else:
+            torch.save(obj, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # a full disk (torch.save's is a RuntimeError)
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise UserError(f"could not write {path} ({first_line(e)}); any previous version is intact")
 
 def load_torchvision(name, root):  # (train uint8 NCHW, labels), (test ...), downloaded if missing
     files, cifar = "(the four *-ubyte.gz files)", "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -570,8 +584,7 @@ def load_tinyimagenet(root):
                    for parts in (line.split("\t") for line in f if line.strip())]
         (tx, ty), (vx, vy) = decode(train.samples), decode(val)
     except (OSError, KeyError, RuntimeError) as e:  # RuntimeError: an image missing or unreadable
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"Tiny ImageNet in {base} is incomplete ({reason}); expected the "
+        raise UserError(f"Tiny ImageNet in {base} is incomplete ({first_line(e)}); expected the "
                         "tiny-imagenet-200 archive layout")
     save_atomically(cache, {"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy})
     return (tx, ty), (vx, vy)
@@ -888,8 +901,7 @@ def check_args(args):  # checks argparse cannot make; defaults that depend on ot
     try:
         torch.empty(1, device=args.device)
     except Exception as e:  # unknown or unavailable device
-        reason = str(e).strip().splitlines()[0]
-        raise UserError(f"--device {args.device} is not available ({reason})")
+        raise UserError(f"--device {args.device} is not available ({first_line(e)})")
     if torch.device(args.device).type not in ("cpu", "cuda"):
         raise UserError(f"--device {args.device}: this script runs on cpu or cuda")
     existing = os.path.abspath(args.out_dir)

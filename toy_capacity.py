@@ -311,7 +311,7 @@ def check_args(args):  # checks argparse cannot make, before anything is written
     try:
         torch.empty(1, device=args.device)
     except Exception as e:  # unknown or unavailable device
-        reason = str(e).strip().splitlines()[0]
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--device {args.device} is not available ({reason})")
     if torch.device(args.device).type not in ("cpu", "cuda"):
         raise UserError(f"--device {args.device}: this script runs on cpu or cuda")
@@ -326,18 +326,18 @@ def main(argv=None):
     args = Config(**vars(build_parser().parse_args(argv)))
     try:
         check_args(args)
-    except UserError as e:
+        config = dict(asdict(args), augs=[augs_label(b) for b in args.augs])
+        os.makedirs(args.out_dir, exist_ok=True)
+        write_json(os.path.join(args.out_dir, "config.json"), config)
+        t0 = time.time()
+        results = run_sweep(args)
+        seconds = time.time() - t0
+        write_json(os.path.join(args.out_dir, "results.json"),
+                   {"config": config, "script_sha256": script_sha256(),
+                    "seconds": round(seconds, 1), "cells": results})
+    except (UserError, OSError) as e:  # OSError: --out-dir cannot be written (a full disk, say)
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
-    config = dict(asdict(args), augs=[augs_label(b) for b in args.augs])
-    os.makedirs(args.out_dir, exist_ok=True)
-    write_json(os.path.join(args.out_dir, "config.json"), config)
-    t0 = time.time()
-    results = run_sweep(args)
-    seconds = time.time() - t0
-    write_json(os.path.join(args.out_dir, "results.json"),
-               {"config": config, "script_sha256": script_sha256(), "seconds": round(seconds, 1),
-                "cells": results})
     print(f"{len(results)} cells, {args.steps} steps, {seconds:.1f} s on {args.device}")
     print("K-NN gain over INIT on unseen test points (mean±std over seeds), "
           "fit = accuracy on the random labels")

@@ -12,7 +12,7 @@ import torch
 import benign_memorization as bm
 import masc_decode as m
 import toy_capacity as toy
-from conftest import REPO, main_error, run_script
+from conftest import REPO, main_error, run_script, write_cifar, write_mnist
 
 SCRIPTS = {"benign_memorization.py": bm, "masc_decode.py": m, "toy_capacity.py": toy}
 
@@ -68,3 +68,49 @@ def test_every_device_default_is_cuda_in_the_suite_as_on_a_gpu_machine(tmp_path)
                      "    print(__import__(name).build_parser().parse_args([]).device)\n")
     proc = run_script(str(probe))
     assert proc.returncode == 0 and proc.stdout.split() == ["cuda"] * 3, proc.stderr
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_an_exception_without_a_message_still_gives_one_line(name, tmp_path, monkeypatch, capsys):
+    """A device whose allocation fails with an empty message indexed splitlines()[0] of nothing:
+    an IndexError traceback instead of the one-line error."""
+    module, real_empty = SCRIPTS[name], torch.empty
+
+    def empty(*shape, device=None, **kwargs):
+        if device is not None and str(device) == "cpu:7":
+            raise RuntimeError()
+        return real_empty(*shape, device=device, **kwargs)
+    monkeypatch.setattr(torch, "empty", empty)
+    err = main_error(module, ["--device", "cpu:7", "--out-dir", tmp_path / "run"], capsys)
+    assert err == "error: --device cpu:7 is not available (RuntimeError)"
+    assert not (tmp_path / "run").exists()
+
+
+def unwritable_run(name, tmp_path):  # arguments that reach the first write into --out-dir
+    if name == "toy_capacity.py":
+        return ["--n", "4", "--augs", "1", "--seeds", "0", "--steps", "1"]
+    data = tmp_path / "data"
+    if name == "masc_decode.py":
+        write_mnist(str(data), "MNIST", n_train=40, n_test=20)
+        return ["--train-size", "20", "--epochs", "1", "--data-dir", data]
+    write_cifar(str(data), "cifar10", n_train=40, n_test=20)
+    return ["--epochs", "1", "--batch-size", "16", "--projector-width", "8", "--knn-k", "3",
+            "--invariance-size", "0", "--data-dir", data]
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_an_out_dir_that_cannot_be_made_gives_one_line(name, tmp_path, monkeypatch, capsys,
+                                                       patch_md5):
+    """os.makedirs of --out-dir fails (no permission, a read-only disk): one line naming the
+    folder's problem, not a traceback."""
+    out, real_makedirs = tmp_path / "run", os.makedirs
+
+    def makedirs(path, *args, **kwargs):
+        if os.path.abspath(path).startswith(str(out)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_makedirs(path, *args, **kwargs)
+    monkeypatch.setattr(os, "makedirs", makedirs)
+    err = main_error(SCRIPTS[name], unwritable_run(name, tmp_path) + [
+        "--device", "cpu", "--out-dir", out], capsys)
+    assert "Permission denied" in err and str(out) in err, err
+    assert not out.exists()

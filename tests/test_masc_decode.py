@@ -294,6 +294,30 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(mnist, tmp_path, monkeypat
     assert not (tmp_path / "models" / "p0.5_run0.pt").exists()
 
 
+def test_a_failed_checkpoint_write_ends_with_an_error_and_leaves_the_last_one(
+        mnist, tmp_path, monkeypatch, capsys):
+    real_save, writes = torch.save, []
+
+    def save(obj, path):  # the second checkpoint finds the disk full, half-way
+        writes.append(path)
+        if len(writes) == 2:
+            with open(path, "wb") as f:
+                f.write(b"half a checkpoint")
+            raise RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")
+        real_save(obj, path)
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(SystemExit) as exit_info:
+        cpu_main(["--corruption", "0.5", "--epochs", "5", "--save-every", "1", "--no-retrain",
+                  "--data-dir", str(mnist), "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]  # after the progress bar
+    assert "Traceback" not in err and last.startswith("error: could not write"), err
+    assert "p0.5_run0.partial.pt" in last and "intact" in last
+    assert sorted(os.listdir(tmp_path / "models")) == ["p0.5_run0.partial.pt"]  # no .tmp left
+    saved = torch.load(tmp_path / "models" / "p0.5_run0.partial.pt", weights_only=True)
+    assert len(saved["history"]["train_acc"]) == 1  # the first epoch's, as written
+
 def test_cnn_on_cifar_files(tmp_path, patch_md5):
     write_cifar(str(tmp_path), "cifar10", n_train=60, n_test=30)
     res = cpu_main(["--dataset", "cifar10", "--model", "cnn", "--corruption", "0.4", "--epochs", "1", "--no-retrain",
