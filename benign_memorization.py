@@ -675,7 +675,8 @@ def save_atomically(path, content):  # via path.tmp: a killed run never leaves h
     except (OSError, RuntimeError) as e:  # a full disk (torch.save's is a RuntimeError)
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
-        raise UserError(f"could not write {path} ({first_line(e)}); any previous version is intact")
+        raise UserError(f"could not write {path} ({first_line(e)}); "
+                        "any previous version is intact")
 
 def checkpoint_bytes(args, num_classes, resolution):  # float32 weights and Adam's two moments
     with torch.device("meta"):  # shapes only: Figure 8's per-sample model is 13 GB of weights
@@ -701,8 +702,8 @@ def load_torchvision(name, root):  # CIFAR-10/100, STL10: (train, test), each (u
                                              {"train": split == "train"}))
         except Exception as e:
             raise UserError(f"{pretty} not found in {os.path.join(root, folder)} and could not be "
-                            f"downloaded ({type(e).__name__}: {first_line(e)}); download it from {url} "
-                            f"and extract it into {root}/")
+                            f"downloaded ({type(e).__name__}: {first_line(e)}); download it "
+                            f"from {url} and extract it into {root}/")
         data = torch.as_tensor(ds.data)
         data = data.permute(0, 3, 1, 2) if data.shape[-1] == 3 else data  # CIFAR stores NHWC
         labels = torch.as_tensor(ds.targets if name != "stl10" else ds.labels, dtype=torch.long)

@@ -522,7 +522,8 @@ def save_atomically(path, obj):  # JSON or torch.save, via path.tmp: a kill leav
     except (OSError, RuntimeError) as e:  # a full disk (torch.save's is a RuntimeError)
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
-        raise UserError(f"could not write {path} ({first_line(e)}); any previous version is intact")
+        raise UserError(f"could not write {path} ({first_line(e)}); "
+                        "any previous version is intact")
 
 def load_torchvision(name, root):  # (train uint8 NCHW, labels), (test ...), downloaded if missing
     files, cifar = "(the four *-ubyte.gz files)", "https://www.cs.toronto.edu/~kriz/cifar.html"

@@ -114,3 +114,10 @@ def test_an_out_dir_that_cannot_be_made_gives_one_line(name, tmp_path, monkeypat
         "--device", "cpu", "--out-dir", out], capsys)
     assert "Permission denied" in err and str(out) in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_every_line_of_a_script_is_under_100_characters(name):
+    with open(os.path.join(REPO, name)) as f:
+        long = [n for n, line in enumerate(f, 1) if len(line.rstrip("\n")) >= 100]
+    assert not long, f"{name}: lines {long}"
