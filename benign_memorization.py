@@ -386,6 +386,9 @@ def step_loss(model, images, targets, aug_u, mix_u, settings):
         out = model(x)
     return compute_loss(out, targets, settings.loss)
 
+def finite_weights(model):  # the loss comes before each step: the last one shows in the weights
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
+
 def train_epoch(model, opt, data, gen, batch_size, step, settings):  # no host sync: loss on device
     dev = data.labels.device
     perm = torch.randperm(len(data), generator=gen, device=dev)
@@ -603,6 +606,9 @@ def probe(model, ps, args, rt, linear):
         f = {key: extract(model, c, load, group, rt) for key, (c, load) in loads.items()}
         mem = f["train"] if ps.mem_is_train else f["mem"]
         for name in group:
+            if not all(torch.isfinite(part[name]).all() for part in f.values()):
+                raise UserError(f"the {name} layer's outputs are not finite: the model diverged "
+                                "(try a lower --lr); stopped before its checkpoint")
             pred = knn_predict(f["train"][name], ps.train_clean, f["test"][name], args.knn_k)
             result["knn_clean"][name] = accuracy(pred, ps.test_clean)
             if ps.noisy_probe:
@@ -701,9 +707,10 @@ def load_torchvision(name, root):  # CIFAR-10/100, STL10: (train, test), each (u
             ds = cls(root, download=True, **({"split": split} if name == "stl10" else
                                              {"train": split == "train"}))
         except Exception as e:
-            raise UserError(f"{pretty} not found in {os.path.join(root, folder)} and could not be "
-                            f"downloaded ({type(e).__name__}: {first_line(e)}); download it "
-                            f"from {url} and extract it into {root}/")
+            raise UserError(f"{pretty} in {os.path.join(root, folder)} is missing or damaged and "
+                            f"could not be downloaded ({type(e).__name__}: {first_line(e)}); "
+                            f"download it from {url} and extract it into "
+                            f"{os.path.abspath(root)}/")
         data = torch.as_tensor(ds.data)
         data = data.permute(0, 3, 1, 2) if data.shape[-1] == 3 else data  # CIFAR stores NHWC
         labels = torch.as_tensor(ds.targets if name != "stl10" else ds.labels, dtype=torch.long)
@@ -719,10 +726,10 @@ def load_tinyimagenet(root):
     if os.path.exists(cache):
         try:
             c = torch.load(cache, weights_only=True)
+            return (c["train_x"], c["train_y"]), (c["val_x"], c["val_y"])
         except Exception as e:
             raise UserError(f"{cache} is unreadable ({type(e).__name__}); delete it to decode "
                             "the images again")
-        return (c["train_x"], c["train_y"]), (c["val_x"], c["val_y"])
     if not os.path.isdir(base):
         try:
             torchvision.datasets.utils.download_and_extract_archive(url, root)
@@ -746,10 +753,13 @@ def load_tinyimagenet(root):
             val = [(os.path.join(base, "val", "images", parts[0]), folder.class_to_idx[parts[1]])
                    for parts in (line.split("\t") for line in f if line.strip())]
         (tx, ty), (vx, vy) = decode(folder.samples), decode(val)
-    except (OSError, KeyError, RuntimeError) as e:  # RuntimeError: an image missing or unreadable
+    except (OSError, KeyError, IndexError, RuntimeError) as e:  # RuntimeError: a bad image
         raise UserError(f"Tiny ImageNet in {base} is incomplete ({first_line(e)}); expected the "
                         "tiny-imagenet-200 archive layout")
-    save_atomically(cache, {"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy})
+    try:
+        save_atomically(cache, {"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy})
+    except UserError as e:  # a read-only dataset folder (shared storage): not fatal
+        tqdm.write(f"warning: {e}; the images are decoded again next time", file=sys.stderr)
     return (tx, ty), (vx, vy)
 
 def load_dataset(name, root, resolution=None):  # as load_torchvision's, resized if asked
@@ -797,6 +807,9 @@ def load_checkpoint(path, config, overwrite):  # None: start afresh. Refuses a c
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         saved = ckpt["config"]
+        missing = {"model", "optimizer", "labels", "epoch", "rng", "history"} - set(ckpt)
+        if missing:
+            raise KeyError(", ".join(sorted(missing)))
     except Exception as e:
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); it was left "
                         "untouched: move it away or pass --overwrite to start over")
@@ -853,7 +866,8 @@ def bounded(kind, low, high=math.inf):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}")
-        if not low <= value <= high:  # NaN is neither
+        finite = kind is int or math.isfinite(value)  # inf is no flag's meaning
+        if not (finite and low <= value <= high):  # NaN fails every comparison
             wanted = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
             raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
         return value
@@ -882,9 +896,10 @@ def augmentation(text):  # --augment, normalised
 
 def build_parser():
     p = OneLineParser(description="Random labels under augmentation, K-NN probes of every layer.")
-    count, rate, probability = bounded(int, 1), bounded(float, 0), bounded(float, 0, 1)
-    class_count = lambda text: text if text == "per-sample" else bounded(int, 2)(text)
-    image_count = lambda text: 0 if text == "0" else bounded(int, 2)(text)
+    largest = 2**63 - 1  # an int64: counts become tensor sizes
+    count, rate, probability = bounded(int, 1, largest), bounded(float, 0), bounded(float, 0, 1)
+    class_count = lambda text: text if text == "per-sample" else bounded(int, 2, largest)(text)
+    image_count = lambda text: 0 if text == "0" else bounded(int, 2, largest)(text)
     g = p.add_argument_group("data and labels")
     g.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10", help="training set")
     g.add_argument("--data-dir", default="data", help="where datasets are (or get downloaded)")
@@ -992,9 +1007,9 @@ def run(args):
         args.num_classes or clean_classes
     data = make_training_set(args, train, num_classes, device)
     if ckpt and not torch.equal(ckpt["labels"], data.labels.cpu()):  # same config, other streams
-        raise UserError(f"{ckpt_path} was trained on other random labels (an earlier version of "
-                        "this script drew them differently); finish it with that version, or pass "
-                        "--overwrite to start over")
+        raise UserError(f"{ckpt_path} was trained on other random labels (another dataset, or "
+                        "an earlier version of this script, which drew them differently: "
+                        "finish it with that version); pass --overwrite to start over")
     if args.batch_size > data.points_per_epoch:
         raise UserError(f"--batch-size {args.batch_size} exceeds the {data.points_per_epoch} "
                         "points of an epoch")
@@ -1009,8 +1024,12 @@ def run(args):
                         f"{free / 1e9:.2f} GB free")
 
     for name in ("ckpt.pt", "log.jsonl", "results.json") if args.overwrite else ():
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.remove(out_path(name))
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # no permission
+            raise UserError(f"--overwrite could not remove {out_path(name)} ({first_line(e)})")
     save_atomically(out_path("config.json"), json.dumps(config, indent=2))
 
     probe_set = make_probe_set(args, train, test, data, clean_classes, device)
@@ -1059,8 +1078,10 @@ def run(args):
         if not (args.compile and epoch == start):  # whose time is mostly compiling the step
             seconds += time.time() - t0
             images += (data.points_per_epoch // args.batch_size) * args.batch_size
-        if not math.isfinite(loss):  # before any checkpoint of this epoch is written
-            raise UserError(f"the training loss became {loss} at epoch {epoch}; stopped. The last "
+        if not math.isfinite(loss) or not finite_weights(model):  # before this epoch's checkpoint
+            what = f"training loss became {loss}" if not math.isfinite(loss) else \
+                "weights became nan or inf"
+            raise UserError(f"the {what} at epoch {epoch}; stopped (try a lower --lr). The last "
                             f"good checkpoint, epoch {history[-1]['epoch']}, is in {ckpt_path}")
         losses.append(loss)
         img_per_s = images / seconds if seconds else None
@@ -1085,6 +1106,11 @@ def main(argv=None):
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: no traceback, and how to go on
+        again = "the same command without --overwrite" if args.overwrite else "the same command"
+        sys.stderr.write(f"\ninterrupted: {again} resumes from the last evaluation's "
+                         "checkpoint\n")
+        sys.exit(130)
 
 if __name__ == "__main__":
     main()

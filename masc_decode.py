@@ -233,7 +233,8 @@ class Stack:
 
 def train_epoch(stack, images, labels, batch_size, gens):
     """One pass of every model over the images (last partial batch included), each in its own order
-    on its own labels (M, N): the running training accuracy per model."""
+    on its own labels (M, N): per model, the running training accuracy and whether its loss and
+    weights stayed finite."""
     M, N = labels.shape
     order = torch.stack([torch.randperm(N, generator=g, device=images.device) for g in gens])
     correct, loss_sum = torch.zeros(2, M, device=images.device)
@@ -249,11 +250,11 @@ def train_epoch(stack, images, labels, batch_size, gens):
         stack.step(dict(zip(stack.params, grads)))
         correct += (out.argmax(-1) == y).sum(1)
         loss_sum += loss.detach()
-    # one host sync per epoch, not one per step; raised before the caller writes a checkpoint
-    if not torch.isfinite(loss_sum).all():
-        raise UserError(f"the training loss became {loss_sum.tolist()}; stopped, keeping the last "
-                        "checkpoint in its models/ folder")
-    return (correct.double() / N).tolist()  # float32(0.991) < 0.991 would miss that threshold
+    finite = torch.isfinite(loss_sum)
+    for param in stack.params.values():  # the epoch's last update shows only in the weights
+        finite &= torch.isfinite(param.detach().flatten(1)).all(1)
+    # host syncs once per epoch, not per step; float32(0.991) < 0.991 would miss that threshold
+    return (correct.double() / N).tolist(), finite.tolist()
 
 @contextlib.contextmanager
 def convolutions_for(device, stacking):
@@ -271,7 +272,8 @@ def convolutions_for(device, stacking):
 
 def train_pass(active, template, data, args, after_epoch):
     """One epoch of every active job, --models-at-once at a time. after_epoch(job, train_acc,
-    test_predictions) records the epoch and says whether the job is finished; returns those."""
+    test_predictions) records the epoch and says whether the job is finished. Returns the
+    finished jobs."""
     # one stack per optimizer step count: models resumed at different epochs train apart
     by_step = {}
     for job in active:
@@ -284,8 +286,13 @@ def train_pass(active, template, data, args, after_epoch):
         stack = Stack(template, group, args.optimizer, args.lr)
         labels = torch.stack([j.labels for j in group])
         with convolutions_for(data.train_x.device, args.models_at_once > 1):
-            accs = train_epoch(stack, data.train_x, labels, args.batch_size,
-                               [j.gen for j in group])
+            accs, finite = train_epoch(stack, data.train_x, labels, args.batch_size,
+                                       [j.gen for j in group])
+        if not all(finite):  # before after_epoch writes a checkpoint of this epoch
+            names = ", ".join(job.name for job, ok in zip(group, finite) if not ok)
+            raise UserError(f"the loss or the weights of {names} became nan or inf (try a lower "
+                            "--lr); stopped: a model memorizing keeps its last checkpoint, a "
+                            "retraining starts again from its memorized model")
         preds = stack.predictions(data.test_x)
         stack.write_back(group)
         finished += [job for job, acc, pred in zip(group, accs, preds)
@@ -337,7 +344,11 @@ def class_basis(X, variance):
         return X.new_zeros(D, 0)
     gram = n < D
     with ieee_float32():
-        ev, vec = torch.linalg.eigh((X @ X.T if gram else X.T @ X).double())
+        product = (X @ X.T if gram else X.T @ X).double()
+        if not torch.isfinite(product).all():  # a diverged model's outputs, or their squares
+            raise UserError("a layer's outputs are too large or not finite for MASC: the model "
+                            "diverged (try a lower --lr)")
+        ev, vec = torch.linalg.eigh(product)
     ev, vec = ev.flip(0).clamp_min(0), vec.flip(1)
     cum, inner = ev.cumsum(0), D if gram else n
     floor = cum[-1] * math.sqrt(inner) * torch.finfo(torch.float32).eps  # 0 for all-zero rows
@@ -541,8 +552,9 @@ def load_torchvision(name, root):  # (train uint8 NCHW, labels), (test ...), dow
             ds = cls(root, train=train, download=True)
         except Exception as e:
             where = os.path.join(root, folder)
-            raise UserError(f"{name} not found in {where} and could not be downloaded "
-                            f"({type(e).__name__}); download it from {url} and put it in {where}")
+            raise UserError(f"{name} in {where} is missing or damaged and could not be downloaded "
+                            f"({type(e).__name__}: {first_line(e)}); download it from {url} and "
+                            f"put it in {where}")
         x = torch.as_tensor(ds.data)
         x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # NHW, NHWC -> NCHW
         out.append((x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long)))
@@ -557,10 +569,10 @@ def load_tinyimagenet(root):
     if os.path.exists(cache):
         try:
             c = torch.load(cache, weights_only=True)
+            return (c["train_x"], c["train_y"]), (c["val_x"], c["val_y"])
         except Exception as e:
             raise UserError(f"{cache} is unreadable ({type(e).__name__}); delete it to decode "
                             "the images again")
-        return (c["train_x"], c["train_y"]), (c["val_x"], c["val_y"])
     if not os.path.isdir(base):
         try:
             torchvision.datasets.utils.download_and_extract_archive(url, root)
@@ -584,10 +596,13 @@ def load_tinyimagenet(root):
             val = [(os.path.join(base, "val", "images", parts[0]), train.class_to_idx[parts[1]])
                    for parts in (line.split("\t") for line in f if line.strip())]
         (tx, ty), (vx, vy) = decode(train.samples), decode(val)
-    except (OSError, KeyError, RuntimeError) as e:  # RuntimeError: an image missing or unreadable
+    except (OSError, KeyError, IndexError, RuntimeError) as e:  # RuntimeError: a bad image
         raise UserError(f"Tiny ImageNet in {base} is incomplete ({first_line(e)}); expected the "
                         "tiny-imagenet-200 archive layout")
-    save_atomically(cache, {"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy})
+    try:
+        save_atomically(cache, {"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy})
+    except UserError as e:  # a read-only dataset folder (shared storage): not fatal
+        tqdm.write(f"warning: {e}; the images are decoded again next time", file=sys.stderr)
     return (tx, ty), (vx, vy)
 
 def balanced_subset(labels, size, seed):
@@ -617,7 +632,15 @@ def load_data(args):
 # ----------------------------------------------------------------------------- checkpoints
 
 CHECKPOINT_KEYS = ("dataset", "model", "optimizer", "lr", "batch_size", "epochs", "stop_acc",
-                   "seed", "train_size")
+                   "seed", "train_size", "decode_every")
+
+def checkpoint_key(args, p, run, labels, test_labels):
+    """What a saved model must match to be reused: its settings and the labels it was trained and
+    tested on (another --data-dir's differ). --decode-every's dynamics are recorded in training."""
+    both = torch.cat([labels, test_labels]).cpu().numpy().tobytes()
+    return {k: getattr(args, k) for k in CHECKPOINT_KEYS} | {
+        "corruption": p, "run": run, "labels_sha256": hashlib.sha256(both).hexdigest()[:16],
+        "decode_variance": args.variance if args.decode_every else None}
 
 def in_progress_path(path):  # a model still in training: models/p0.4_run1.partial.pt
     return path[:-len(".pt")] + ".partial.pt"
@@ -629,7 +652,13 @@ def load_model_checkpoint(path, key, overwrite, device):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
         saved_key = ckpt["key"]
+        partial = path.endswith(".partial.pt")
+        missing = {"model", "history", "gen" if partial else "labels"} - set(ckpt)
+        if missing:
+            raise KeyError(", ".join(sorted(missing)))
     except Exception as e:
+        if overwrite:  # trained again
+            return None
         raise UserError(f"{path} is unreadable ({type(e).__name__}); move it away or --overwrite")
     if saved_key == key:
         return ckpt
@@ -648,6 +677,31 @@ def resume_problem(ckpt, device):  # why an in-progress checkpoint cannot contin
     if was != device.type:  # a CPU generator cannot continue a CUDA one's batch order, nor back
         return f"was written on {was}: resume it with --device {was}"
     return None
+
+def keep_other_results(out_dir, config):
+    """A command writes its own results.json; another command's (other degrees, other decoding
+    flags) is first renamed results.<k>.json, so that no finished result is lost."""
+    path = os.path.join(out_dir, "results.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            earlier = json.load(f)["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        earlier = None
+    # where and how it ran, not what it computed
+    ignored = ("device", "data_dir", "out_dir", "overwrite", "models_at_once", "save_every")
+    if isinstance(earlier, dict) and all(earlier.get(k) == v for k, v in config.items()
+                                         if k not in ignored):
+        return  # the same command, resumed or run again
+    k = 1
+    while os.path.exists(os.path.join(out_dir, f"results.{k}.json")):
+        k += 1
+    try:
+        os.replace(path, os.path.join(out_dir, f"results.{k}.json"))
+    except OSError as e:
+        raise UserError(f"could not keep {path} as results.{k}.json ({first_line(e)})")
+    tqdm.write(f"kept the results.json of another command as results.{k}.json")
 
 def model_from(template, state):
     model = copy.deepcopy(template)
@@ -725,14 +779,15 @@ def memorization_job(p, run, template, data, args):
     dev, shape, K = data.train_x.device, DATASETS[args.dataset].shape, args.num_classes
     seed = args.seed + run
     path = os.path.join(args.out_dir, "models", f"p{p:g}_run{run}.pt")
-    key = {k: getattr(args, k) for k in CHECKPOINT_KEYS} | {"corruption": p, "run": run}
+    labels = corrupt_labels(data.train_y, p, K, seed)
+    key = checkpoint_key(args, p, run, labels, data.test_y)
     done = load_model_checkpoint(path, key, args.overwrite, dev)
     if done:
         tqdm.write(f"p={p:g} run {run}: reusing {path}")
         return model_from(template, done["model"]), done["labels"], done["history"]
     initial = build_model(args.model, shape, K, seed).to(dev).state_dict()
-    job = Memorizing(f"p={p:g} run {run}", initial, corrupt_labels(data.train_y, p, K, seed),
-                     named_generator(dev, "order", seed), path=path, key=key)
+    job = Memorizing(f"p={p:g} run {run}", initial, labels, named_generator(dev, "order", seed),
+                     path=path, key=key)
     resumed = load_model_checkpoint(in_progress_path(path), key, args.overwrite, dev)
     problem = resumed and resume_problem(resumed, dev)
     if problem and not args.overwrite:  # with it, the model trains afresh
@@ -837,7 +892,8 @@ def bounded(kind, low, high=math.inf, open_low=False):  # in [low, high], or (lo
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}")
-        if not low <= value <= high or (open_low and value == low):  # NaN is neither
+        finite = kind is int or math.isfinite(value)  # inf is no flag's meaning
+        if not (finite and low <= value <= high) or (open_low and value == low):  # and NaN fails
             wanted = f"{'>' if open_low else '>='} {low}" if high == math.inf else \
                 f"in {'(' if open_low else '['}{low}, {high}]"
             raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
@@ -943,6 +999,7 @@ def run(args):
     template = build_model(args.model, shape, args.num_classes, args.seed).to(args.device)
     jobs = {spec: memorization_job(*spec, template, data, args) for spec in specs}
     # written once every checkpoint was accepted: a refused command leaves the folder as it was
+    keep_other_results(args.out_dir, vars(args))
     save_atomically(os.path.join(args.out_dir, "config.json"), vars(args))
     results = {"config": vars(args), "script_sha256": script_sha256(), "runs": []}
     memorized = memorize(jobs, template, data, args)
@@ -970,6 +1027,10 @@ def main(argv=None):
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: no traceback, and how to go on
+        sys.stderr.write("\ninterrupted: the same command reuses the finished models and resumes "
+                         "the others from their last checkpoints\n")
+        sys.exit(130)
 
 if __name__ == "__main__":
     main()

@@ -38,6 +38,7 @@ class Config:
     capacity: int = 64  # projector prototypes K: its hard-assignment limit fits at most K points
     steps: int = 2000  # SGD steps
     out_dir: str = "runs/toy"
+    overwrite: bool = False  # replace the results of another config in out_dir
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     # Constants: Appendix E gives the setting's structure, not these values.
     dim: int = 64  # input dimension d
@@ -248,6 +249,20 @@ def phase_table(results, ns, augs):
     return "\n".join("  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in lines)
 
 
+def config_of(args):  # as config.json holds it
+    return dict(asdict(args), augs=[augs_label(b) for b in args.augs])
+
+
+def same_sweep(config, path):  # False if the config.json at path is another sweep's, or unreadable
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        ignored = ("device", "out_dir", "overwrite")  # where it ran and wrote, not what
+        return all(saved[k] == v for k, v in config.items() if k not in ignored)
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+
+
 def write_json(path, obj):  # via a temporary file and a rename: never half a file
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
@@ -278,6 +293,8 @@ def int_list(text, minimum=1, words=()):  # words: {word: the value it stands fo
     if not values or any(isinstance(v, int) and v < minimum for v in values):
         wanted = " or ".join([f"integers >= {minimum}", *map(repr, words)])
         raise argparse.ArgumentTypeError(f"expected a comma list of {wanted}, got {text!r}")
+    if len(set(values)) < len(values):  # a repeated cell is no second sample
+        raise argparse.ArgumentTypeError(f"{text!r} repeats a value")
     return values
 
 
@@ -304,6 +321,8 @@ def build_parser():
     g = p.add_argument_group("system")
     g.add_argument("--out-dir", default=d.out_dir, help="where config.json and results.json go")
     g.add_argument("--device", default=d.device, help="torch device")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the results of another config in --out-dir")
     return p
 
 
@@ -320,18 +339,22 @@ def check_args(args):  # checks argparse cannot make, before anything is written
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise UserError(f"--out-dir {args.out_dir}: {existing} exists and is not a directory")
+    saved = os.path.join(args.out_dir, "config.json")
+    if os.path.exists(saved) and not args.overwrite and not same_sweep(config_of(args), saved):
+        raise UserError(f"{saved} is another run's (a benign or masc run, or other flags); pass "
+                        "--overwrite to replace its results or use another --out-dir")
 
 
 def main(argv=None):
     args = Config(**vars(build_parser().parse_args(argv)))
     try:
         check_args(args)
-        config = dict(asdict(args), augs=[augs_label(b) for b in args.augs])
-        os.makedirs(args.out_dir, exist_ok=True)
-        write_json(os.path.join(args.out_dir, "config.json"), config)
+        config = config_of(args)
         t0 = time.time()
         results = run_sweep(args)
         seconds = time.time() - t0
+        os.makedirs(args.out_dir, exist_ok=True)  # written together, after the sweep
+        write_json(os.path.join(args.out_dir, "config.json"), config)
         write_json(os.path.join(args.out_dir, "results.json"),
                    {"config": config, "script_sha256": script_sha256(),
                     "seconds": round(seconds, 1), "cells": results})

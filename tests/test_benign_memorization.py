@@ -464,6 +464,39 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cifar, tmp_path, patch_md
     assert "nan" in err.lower() and "epoch 3" in err and "epoch 2" in err
     assert torch.load(out / "ckpt.pt", weights_only=True)["epoch"] == 2
 
+
+def diverge_at_epoch(monkeypatch, epoch, value):
+    """After that epoch's last step, the stem's weights become `value`: the epoch's losses, all
+    computed before their steps, stay finite."""
+    real, calls = bm.train_epoch, {"n": 0}
+
+    def train_epoch(model, *args):
+        loss = real(model, *args)
+        calls["n"] += 1
+        if calls["n"] == epoch:
+            with torch.no_grad():
+                next(model.parameters()).fill_(value)
+        return loss
+    monkeypatch.setattr(bm, "train_epoch", train_epoch)
+
+
+@pytest.mark.parametrize("value,fragment", [(float("inf"), "weights became nan or inf at epoch 2"),
+                                            (3e38, "stem layer's outputs are not finite")])
+def test_weights_ruined_by_an_epochs_last_step_never_reach_a_checkpoint(
+        value, fragment, cifar, tmp_path, patch_md5, monkeypatch, capsys):
+    """Infinite weights were saved as "the last good checkpoint"; huge finite ones (3e38: their
+    products overflow) crashed the linear probe with a traceback."""
+    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
+    diverge_at_epoch(monkeypatch, 2, value)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        bm.main(ARGS + ["--epochs", "3", "--data-dir", str(cifar), "--out-dir", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 1 and fragment in err and "--lr" in err, err
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -475,8 +508,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cifar, tmp_path, patch_md
     (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "--device"),
     (["--batch-size", "1000"], "--batch-size"),
     (["--invariance-size", "1"], "--invariance-size"),  # one image has no other to compare with
+    (["--lr", "inf"], "--lr"),  # accepted before, and trained to NaN
     (["--mixup", "nan"], "--mixup"),  # NaN fails every comparison, so a bound let it through
     (["--seed", str(2**63)], "--seed"),  # torch.manual_seed overflowed with a traceback
+    (["--seed", "1" + "0" * 400], "--seed"),  # too large for a float: isfinite overflowed
+    (["--projector-width", str(2**63)], "--projector-width"),  # so did torch.empty
+    (["--num-classes", str(2**63)], "--num-classes"),
     (["--device", "meta"], "cpu or cuda"),  # torch.empty works on meta, training does not
     (["--augment", "fixed:2", "--aug-labels", "random", "--label-noise", "0.5"], "--label-noise"),
 ])
@@ -521,6 +558,31 @@ def test_corrupt_checkpoint_is_refused_and_left_untouched(cifar, tmp_path):
     assert (out / "ckpt.pt").read_bytes() == b"not a checkpoint"
     assert (out / "log.jsonl").read_text() == "precious\n"
 
+
+def test_a_checkpoint_missing_a_field_is_refused_as_unreadable(cifar, tmp_path, patch_md5, capsys):
+    out = tmp_path / "run"
+    bm.main(ARGS + ["--epochs", "1", "--data-dir", str(cifar), "--out-dir", str(out)])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    del ckpt["labels"]  # a KeyError traceback once the labels were compared
+    torch.save(ckpt, out / "ckpt.pt")
+    before = (out / "ckpt.pt").read_bytes()
+    err = main_error(bm, ARGS + ["--epochs", "1", "--data-dir", cifar, "--out-dir", out], capsys)
+    assert "unreadable (KeyError)" in err and (out / "ckpt.pt").read_bytes() == before
+
+
+def test_overwrite_that_cannot_remove_the_old_run_says_so_in_one_line(
+        cifar, tmp_path, patch_md5, monkeypatch, capsys):
+    out = tmp_path / "run"
+    bm.main(ARGS + ["--epochs", "1", "--data-dir", str(cifar), "--out-dir", str(out)])
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+
+    def remove(path):  # a folder the user may read but not write
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(os, "remove", remove)
+    err = main_error(bm, ARGS + ["--epochs", "1", "--overwrite", "--data-dir", cifar,
+                                 "--out-dir", out], capsys)
+    assert "--overwrite could not remove" in err and "Permission denied" in err
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 def test_checkpoint_from_another_config_is_refused_unless_overwrite(cifar, tmp_path, patch_md5):
     out = tmp_path / "run"
@@ -1164,7 +1226,7 @@ def test_compiled_run_killed_after_a_checkpoint_ends_as_an_uninterrupted_one(
             if content["epoch"] == 1:
                 raise KeyboardInterrupt
     monkeypatch.setattr(bm, "save_atomically", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="130"):  # main's exit on Ctrl-C
         bm.main(common + ["--out-dir", str(tmp_path / "cut")])
     monkeypatch.setattr(bm, "save_atomically", real_save)
     assert saves == [0, 1]

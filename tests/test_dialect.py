@@ -12,7 +12,7 @@ import torch
 import benign_memorization as bm
 import masc_decode as m
 import toy_capacity as toy
-from conftest import REPO, main_error, run_script, write_cifar, write_mnist
+from conftest import REPO, main_error, run_script, write_cifar, write_mnist, write_tinyimagenet
 
 SCRIPTS = {"benign_memorization.py": bm, "masc_decode.py": m, "toy_capacity.py": toy}
 
@@ -121,3 +121,52 @@ def test_every_line_of_a_script_is_under_100_characters(name):
     with open(os.path.join(REPO, name)) as f:
         long = [n for n, line in enumerate(f, 1) if len(line.rstrip("\n")) >= 100]
     assert not long, f"{name}: lines {long}"
+
+
+@pytest.mark.parametrize("name", ["benign_memorization.py", "masc_decode.py"])
+def test_tiny_imagenet_on_a_read_only_data_dir_loads_without_a_cache(name, tmp_path,
+                                                                     monkeypatch, capsys):
+    """Shared dataset storage is often read-only: its cache cannot be written, which ended the
+    run in a traceback; the images are used without it (and decoded again next time)."""
+    module, real_save = SCRIPTS[name], torch.save
+    write_tinyimagenet(str(tmp_path))
+    cache = tmp_path / "tiny-imagenet-200" / "uint8_cache.pt"
+
+    def save(obj, path):
+        if str(path).startswith(str(cache)):
+            raise OSError(30, "Read-only file system", str(path))
+        return real_save(obj, path)
+    monkeypatch.setattr(torch, "save", save)
+    uncached = module.load_tinyimagenet(str(tmp_path))
+    assert "warning: could not write" in capsys.readouterr().err and not cache.exists()
+    monkeypatch.setattr(torch, "save", real_save)
+    cached = module.load_tinyimagenet(str(tmp_path))
+    assert cache.exists() and not cache.with_suffix(".pt.tmp").exists()
+    assert all(torch.equal(a, b) for a, b in zip(sum(uncached, ()), sum(cached, ())))
+
+
+@pytest.mark.parametrize("name", ["benign_memorization.py", "masc_decode.py"])
+def test_ctrl_c_says_how_to_resume_instead_of_a_traceback(name, tmp_path, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(SCRIPTS[name], "run", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        SCRIPTS[name].main(["--device", "cpu", "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 130  # as a shell reports SIGINT
+    assert capsys.readouterr().err.strip().startswith("interrupted: the same command")
+
+
+@pytest.mark.parametrize("name", ["benign_memorization.py", "masc_decode.py"])
+def test_a_damaged_tiny_imagenet_annotation_or_cache_gives_one_line(name, tmp_path, monkeypatch):
+    """A truncated val_annotations.txt line (IndexError) and a cache without its tensors
+    (KeyError) ended in tracebacks."""
+    module = SCRIPTS[name]
+    write_tinyimagenet(str(tmp_path))
+    base = tmp_path / "tiny-imagenet-200"
+    with open(base / "val" / "val_annotations.txt", "a") as f:
+        f.write("val_99.JPEG")
+    with pytest.raises(module.UserError, match="incomplete"):
+        module.load_tinyimagenet(str(tmp_path))
+    torch.save({"train_x": torch.zeros(1)}, base / "uint8_cache.pt")
+    with pytest.raises(module.UserError, match="unreadable"):
+        module.load_tinyimagenet(str(tmp_path))

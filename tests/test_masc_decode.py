@@ -287,12 +287,38 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(mnist, tmp_path, monkeypat
     with pytest.raises(SystemExit) as exit_info:
         cpu_main(["--corruption", "0.5", "--epochs", "5", "--save-every", "1", "--no-retrain",
                 "--data-dir", str(mnist), "--out-dir", str(tmp_path)])
-    assert exit_info.value.code != 0 and "nan" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code != 0 and "nan" in err and "p=0.5 run 0" in err
     saved = torch.load(tmp_path / "models" / "p0.5_run0.partial.pt", weights_only=True)
     assert len(saved["history"]["train_acc"]) == 2  # the last good epoch
     assert all(torch.isfinite(v).all() for v in saved["model"].values())
     assert not (tmp_path / "models" / "p0.5_run0.pt").exists()
 
+
+def test_weights_ruined_by_an_epochs_last_step_are_caught_before_the_model_is_saved(
+        mnist, tmp_path, monkeypatch, capsys):
+    """The loss is computed before each step: only the weights show the last step's overflow."""
+    real_step, calls = m.Stack.step, {"n": 0}
+
+    def step(self, grads):  # 200 images, batch 32: the 7th step is the epoch's last
+        real_step(self, grads)
+        calls["n"] += 1
+        if calls["n"] == 7:
+            next(iter(self.params.values())).data.mul_(float("inf"))
+    monkeypatch.setattr(m.Stack, "step", step)
+    with pytest.raises(SystemExit) as exit_info:
+        cpu_main(["--corruption", "0.5", "--epochs", "1", "--no-retrain", "--data-dir", mnist,
+                  "--out-dir", tmp_path])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar's lines
+    assert exit_info.value.code == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert "p=0.5 run 0" in err and "inf" in err and "--lr" in err
+    assert not (tmp_path / "models").exists()  # nothing saved as finished
+
+
+def test_masc_of_overflowing_features_is_a_one_line_error():  # eigh failed to converge there
+    feats = torch.tensor([[1e20, 0.0, 1.0], [2e20, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 2.0]])
+    with pytest.raises(m.UserError, match="diverged"):
+        m.fit_subspaces(feats, torch.tensor([0, 0, 1, 1]), 2)
 
 def test_a_failed_checkpoint_write_ends_with_an_error_and_leaves_the_last_one(
         mnist, tmp_path, monkeypatch, capsys):
@@ -379,6 +405,8 @@ def test_incomplete_tinyimagenet_gives_one_line_error(tmp_path, capsys):
     (["--dataset", "imagenet"], "--dataset"),
     (["--model", "alexnet"], "alexnet"),
     (["--posthoc-corruption", "0.2"], "--posthoc-corruption"),
+    (["--lr", "inf"], "--lr"),  # accepted before, and trained to NaN
+    (["--seed", "1" + "0" * 400], "--seed"),  # too large for a float: isfinite overflowed
     (["--variance", "nan"], "--variance"),  # NaN fails every comparison, so a bound let it through
     (["--corruption", "nan"], "--corruption"),
     (["--stop-acc", "nan"], "--stop-acc"),
@@ -418,6 +446,15 @@ def test_missing_data_offline_names_dataset_and_folder(tmp_path):
     assert_one_line_error(proc, "mnist", os.path.join(str(tmp_path / "none"), "MNIST"))
     assert not (tmp_path / "out").exists()
 
+
+def test_a_damaged_dataset_file_is_named_as_damaged_with_its_reason(tmp_path, capsys):
+    """A truncated idx file was reported as "not found", hiding why it could not be read."""
+    write_mnist(str(tmp_path), "MNIST", n_train=40, n_test=20)
+    images = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:5000])
+    err = main_error(m, CPU + ["--data-dir", tmp_path, "--out-dir", tmp_path / "out"], capsys)
+    assert "missing or damaged" in err and "(RuntimeError: " in err, err  # and torch's reason
+    assert not (tmp_path / "out").exists()
 
 def test_benchmark_runs_quick():
     """tests/benchmark_masc.py is not collected; this keeps it in step with the script's API."""
@@ -501,7 +538,7 @@ def test_retraining_patience_and_kept_epoch(monkeypatch, patience, kept, epochs)
         epoch["n"] += 1
         with torch.no_grad():
             stack.params["out.bias"].fill_(epoch["n"])  # the weights say which epoch made them
-        return [0.0] * labels.shape[0]
+        return [0.0] * labels.shape[0], [True] * labels.shape[0]  # accuracies, finite
 
     def fake_predictions(stack, images):
         """Validation part (images 0-9): scripted accuracy; test part (10-19): 0.1 * epoch."""
@@ -546,7 +583,8 @@ def test_figure31_command_records_every_retraining_epoch(mnist, tmp_path):
 def test_init_control_decodes_the_trained_models_own_initial_weights(mnist, tmp_path, monkeypatch):
     """With training made a no-op, each "trained" model is its initialisation: the control must
     give the same numbers for every layer. The two runs' controls differ (their seeds do)."""
-    monkeypatch.setattr(m, "train_epoch", lambda stack, images, labels, *rest: [0.0] * labels.shape[0])
+    monkeypatch.setattr(m, "train_epoch", lambda stack, images, labels, *rest: ([0.0] * labels.shape[0],
+                                                                           [True] * labels.shape[0]))
     res = cpu_main(["--corruption", "0.5", "--runs", "2", "--epochs", "1", "--no-retrain",
                     "--data-dir", mnist, "--out-dir", tmp_path])
     for r in res["runs"]:
@@ -660,7 +698,7 @@ def interrupted_in_pass(n, argv, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
     monkeypatch.setattr(m, "train_epoch", crash)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="130"):  # main's exit on Ctrl-C
         cpu_main(argv)
     monkeypatch.setattr(m, "train_epoch", real)
 
@@ -731,6 +769,56 @@ def test_train_size_draws_a_class_balanced_subset(mnist, tmp_path, capsys):
     assert "--train-size" in err and not (tmp_path / "big").exists()
 
 
+def test_a_saved_model_is_reused_only_on_its_data_and_with_its_dynamics(mnist, tmp_path, capsys):
+    """Another --data-dir (other labels) silently decoded the saved model on the new data, and a
+    model trained without --decode-every was reused with it (an empty dynamics table)."""
+    args = ["--corruption", "0.5", "--epochs", "1", "--no-retrain", "--out-dir", tmp_path]
+    cpu_main(args + ["--data-dir", mnist])
+    saved = tmp_path / "models" / "p0.5_run0.pt"
+    before = saved.read_bytes()
+    other = tmp_path / "other"
+    write_mnist(str(other), "MNIST", n_train=200, n_test=60, seed=1)
+    err = main_error(m, CPU + args + ["--data-dir", other], capsys)
+    assert "labels_sha256" in err and "--overwrite" in err
+    err = main_error(m, CPU + args + ["--data-dir", mnist, "--decode-every", "1"], capsys)
+    assert "decode_every: None -> 1" in err
+    assert saved.read_bytes() == before
+    saved.write_bytes(before[:1000])  # unreadable: --overwrite, as the error says, trains it again
+    assert "unreadable" in main_error(m, CPU + args + ["--data-dir", mnist], capsys)
+    assert cpu_main(args + ["--data-dir", mnist, "--overwrite"])["runs"][0]["epochs_trained"] == 1
+    assert torch.load(saved, weights_only=True)["key"]["run"] == 0
+
+def test_another_commands_results_are_kept_not_replaced(mnist, tmp_path, capsys):
+    """A command pointed at a folder replaced its results.json, losing the earlier command's."""
+    args = ["--epochs", "1", "--no-retrain", "--data-dir", mnist, "--out-dir", tmp_path]
+    first = cpu_main(args + ["--corruption", "0.5"])
+    cpu_main(args + ["--corruption", "0.5"])  # the same command again: nothing to keep
+    assert sorted(p.name for p in tmp_path.glob("results*.json")) == ["results.json"]
+    second = cpu_main(args + ["--corruption", "0,0.5"])  # reuses the p=0.5 model
+    assert "kept the results.json of another command as results.1.json" in capsys.readouterr().out
+    kept = json.loads((tmp_path / "results.1.json").read_text())
+    assert kept["config"]["corruption"] == [0.5] and kept["runs"] == json.loads(json.dumps(
+        first["runs"]))
+    assert json.loads((tmp_path / "results.json").read_text())["config"] == second["config"]
+    cpu_main(args + ["--corruption", "0.5", "--variance", "0.9"])
+    assert (tmp_path / "results.2.json").exists()
+
+def test_a_results_json_that_cannot_be_kept_or_a_checkpoint_missing_a_field_is_one_line(
+        tmp_path, monkeypatch):
+    (tmp_path / "results.json").write_text('{"config": {"corruption": [0.4]}}')
+
+    def replace(src, dst):
+        raise PermissionError(13, "Permission denied", src)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(m.UserError, match="could not keep .* as results.1.json"):
+        m.keep_other_results(str(tmp_path), {"corruption": [0.8]})
+    monkeypatch.undo()
+    path = str(tmp_path / "p0.8_run0.pt")
+    torch.save({"key": {}, "model": {}, "history": {}}, path)  # no labels: a KeyError traceback
+    with pytest.raises(m.UserError, match=r"unreadable \(KeyError\)"):
+        m.load_model_checkpoint(path, {}, False, "cpu")
+
+
 def partial_checkpoint_setup(mnist, tmp_path):
     """The p=0.5 command's arguments, and an in-progress checkpoint of its model that matches its
     settings (the caller sets its optimizer, generator and device fields)."""
@@ -739,7 +827,9 @@ def partial_checkpoint_setup(mnist, tmp_path):
     config = m.build_parser().parse_args(args)
     m.check_args(config)
     model = m.build_model("mlp", (1, 28, 28), 10, 0)
-    partial = {"key": {k: getattr(config, k) for k in m.CHECKPOINT_KEYS} | {"corruption": 0.5, "run": 0},
+    data = m.load_data(config)
+    labels = m.corrupt_labels(data.train_y, 0.5, 10, 0)
+    partial = {"key": m.checkpoint_key(config, 0.5, 0, labels, data.test_y),
                "model": model.state_dict(), "history": {"train_acc": [0.1], "test_acc": [0.1]}}
     (tmp_path / "models").mkdir()
     return args, model, partial
@@ -782,7 +872,8 @@ def test_training_accuracy_is_the_exact_fraction_of_correct_images():
     images = torch.randint(0, 256, (1000, 1, 4, 4), dtype=torch.uint8, generator=g)
     labels = torch.randint(10, (2, 1000), generator=g)
     stack = m.Stack(model, [job, job], "sgd", 1e-3)
-    accs = m.train_epoch(stack, images, labels, 100, [torch.Generator().manual_seed(i) for i in range(2)])
+    accs, finite = m.train_epoch(stack, images, labels, 100, [torch.Generator().manual_seed(i) for i in range(2)])
+    assert finite == [True, True]
     assert all(a == round(a * 1000) / 1000 for a in accs), accs
     assert any(round(a * 1000) % 125 for a in accs)  # not a count whose float32 fraction is exact
 

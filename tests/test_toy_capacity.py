@@ -172,6 +172,8 @@ def test_cells_do_not_depend_on_the_rest_of_the_grid(tmp_path):
     (["--signal-dim", "4"], "unrecognized"),  # the world's constants are not flags
     (["--device", "nosuchdevice"], "--device"),
     (["--device", "meta"], "cpu or cuda"),  # torch.empty works on meta, training does not
+    (["--seeds", "0,0"], "repeats"),  # two identical cells: a spread of 0 "over seeds"
+    (["--augs", "online,online"], "repeats"),
 ])
 def test_bad_input_gives_one_line_error(args, fragment, tmp_path, capsys):
     err = main_error(toy, ["--device", "cpu", *args, "--out-dir", tmp_path / "out"], capsys)
@@ -184,6 +186,29 @@ def test_out_dir_below_a_file_gives_one_line_error(tmp_path, capsys):
     err = main_error(toy, ["--device", "cpu", "--out-dir", tmp_path / "afile" / "sub"], capsys)
     assert "afile" in err and "not a directory" in err
 
+
+def test_another_sweeps_folder_is_refused_and_a_failed_sweep_leaves_it_as_it_was(
+        tmp_path, monkeypatch, capsys):
+    """The toy replaced any folder's config.json and results.json (a benign run's, say), and
+    wrote config.json before a sweep that could then fail."""
+    small = ["--device", "cpu", "--n", "4", "--augs", "1", "--seeds", "0", "--out-dir", str(tmp_path)]
+    toy.main(small + ["--steps", "2"])
+    toy.main(small + ["--steps", "2"])  # the same sweep again: allowed
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    assert "another run's" in main_error(toy, small + ["--steps", "3"], capsys)
+    (tmp_path / "config.json").write_text('{"epochs": 5000, "arch": "resnet18"}')
+    assert "another run's" in main_error(toy, small + ["--steps", "2"], capsys)
+    (tmp_path / "config.json").write_bytes(before["config.json"])
+
+    def failing_sweep(args):
+        raise MemoryError("a sweep too large")
+    monkeypatch.setattr(toy, "run_sweep", failing_sweep)
+    with pytest.raises(MemoryError):
+        toy.main(small + ["--steps", "3", "--overwrite"])
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
+    monkeypatch.undo()
+    toy.main(small + ["--steps", "3", "--overwrite"])
+    assert json.loads((tmp_path / "config.json").read_text())["steps"] == 3
 
 def test_augs_flag_reads_online_as_none():
     parse = lambda *argv: toy.build_parser().parse_args(list(argv)).augs
