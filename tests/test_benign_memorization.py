@@ -559,7 +559,9 @@ def test_corrupt_checkpoint_is_refused_and_left_untouched(cifar, tmp_path):
     assert (out / "log.jsonl").read_text() == "precious\n"
 
 
-def test_a_checkpoint_missing_a_field_is_refused_as_unreadable(cifar, tmp_path, patch_md5, capsys):
+def test_a_checkpoint_missing_a_field_is_refused_as_unreadable(cifar, tmp_path, patch_md5,
+                                                              monkeypatch, capsys):
+    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
     out = tmp_path / "run"
     bm.main(ARGS + ["--epochs", "1", "--data-dir", str(cifar), "--out-dir", str(out)])
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
@@ -572,6 +574,7 @@ def test_a_checkpoint_missing_a_field_is_refused_as_unreadable(cifar, tmp_path, 
 
 def test_overwrite_that_cannot_remove_the_old_run_says_so_in_one_line(
         cifar, tmp_path, patch_md5, monkeypatch, capsys):
+    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
     out = tmp_path / "run"
     bm.main(ARGS + ["--epochs", "1", "--data-dir", str(cifar), "--out-dir", str(out)])
     before = {f.name: f.read_bytes() for f in out.iterdir()}
