@@ -587,7 +587,9 @@ def test_overwrite_that_cannot_remove_the_old_run_says_so_in_one_line(
     assert "--overwrite could not remove" in err and "Permission denied" in err
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
-def test_checkpoint_from_another_config_is_refused_unless_overwrite(cifar, tmp_path, patch_md5):
+def test_checkpoint_from_another_config_is_refused_unless_overwrite(cifar, tmp_path, patch_md5,
+                                                                   monkeypatch):
+    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)  # the subprocess refuses before it
     out = tmp_path / "run"
     bm.main(ARGS + ["--epochs", "1", "--data-dir", str(cifar), "--out-dir", str(out)])
     before = (out / "ckpt.pt").read_bytes()
@@ -599,8 +601,10 @@ def test_checkpoint_from_another_config_is_refused_unless_overwrite(cifar, tmp_p
     assert results["config"]["lr"] == 0.1
 
 
-def test_lower_epochs_and_another_config_without_checkpoint_are_refused(cifar, tmp_path, patch_md5, capsys):
+def test_lower_epochs_and_another_config_without_checkpoint_are_refused(cifar, tmp_path, patch_md5,
+                                                                        monkeypatch, capsys):
     """--epochs may extend a run, not cut it; with ckpt.pt gone, config.json still guards the folder."""
+    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
     out = tmp_path / "run"
     args = ARGS + ["--data-dir", str(cifar), "--out-dir", str(out)]
     bm.main(args + ["--epochs", "2"])
@@ -625,10 +629,11 @@ def test_out_dir_below_a_file_gives_one_line_error(cifar, tmp_path, patch_md5, c
     assert "afile" in err and "not a directory" in err
 
 
-def test_checkpoint_with_other_random_labels_is_refused_before_anything_is_written(cifar, tmp_path,
-                                                                                 patch_md5, capsys):
+def test_checkpoint_with_other_random_labels_is_refused_before_anything_is_written(
+        cifar, tmp_path, patch_md5, monkeypatch, capsys):
     """A run begun by an earlier version (which drew the labels from other bits of the hash) has
     the same config: its saved labels tell it apart, and the run directory is left as it was."""
+    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
     out = tmp_path / "run"
     args = ARGS + ["--device", "cpu", "--data-dir", str(cifar), "--out-dir", str(out)]
     bm.main(args + ["--epochs", "1"])
@@ -641,8 +646,10 @@ def test_checkpoint_with_other_random_labels_is_refused_before_anything_is_writt
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
-def test_checkpoint_from_another_device_type_is_refused_with_one_line(cifar, tmp_path, patch_md5, capsys):
+def test_checkpoint_from_another_device_type_is_refused_with_one_line(cifar, tmp_path, patch_md5,
+                                                                      monkeypatch, capsys):
     """A CUDA generator's state (16 bytes: seed and offset) cannot be set on a CPU generator."""
+    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
     out = tmp_path / "run"
     bm.main(ARGS + ["--epochs", "1", "--data-dir", str(cifar), "--out-dir", str(out)])
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
