@@ -1106,6 +1106,10 @@ def main(argv=None):
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
+    except torch._dynamo.exc.BackendCompilerFailed as e:  # no working C++ compiler, say
+        reason = first_line(getattr(e, "inner_exception", e))  # e's first line: the backend
+        sys.stderr.write(f"error: --compile failed ({reason}); run the same command without it\n")
+        sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C: no traceback, and how to go on
         again = "the same command without --overwrite" if args.overwrite else "the same command"
         sys.stderr.write(f"\ninterrupted: {again} resumes from the last evaluation's "

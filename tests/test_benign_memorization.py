@@ -1193,6 +1193,22 @@ def tiny_stages(stem_stride):
     return [("stem", block(3, 8, stem_stride)), ("layer1", block(8, 16, 2))], 16
 
 
+def test_a_compiler_that_fails_gives_one_line_and_the_run_resumes_without_compile(
+        cifar, tmp_path, patch_md5, monkeypatch, capsys):
+    """--compile on a machine without a working C++ compiler ended in inductor's traceback."""
+    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
+    real_compile = torch.compile
+
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("C++ compile error: /bin/false exited 1")
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=no_compiler))
+    out = tmp_path / "run"
+    args = ARGS + ["--epochs", "1", "--data-dir", str(cifar), "--out-dir", str(out)]
+    err = main_error(bm, args + ["--compile"], capsys)
+    assert err.startswith("error: --compile failed") and "C++ compile error" in err, err
+    monkeypatch.setattr(torch, "compile", real_compile)
+    assert bm.main(args)["final"]["epoch"] == 1
+
 def test_compiled_step_is_one_graph_and_matches_eager():
     """Tolerance: inductor fuses and reorders float32 sums, so the compiled step equals the eager
     one to rounding (relative 1e-4 on the loss and gradients), not bit for bit."""
