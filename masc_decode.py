@@ -966,6 +966,9 @@ def check_args(args):  # checks argparse cannot make; defaults that depend on ot
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise UserError(f"--out-dir {args.out_dir}: {existing} exists and is not a directory")
+    models = os.path.join(args.out_dir, "models")
+    if os.path.exists(models) and not os.path.isdir(models):  # else found after hours of training
+        raise UserError(f"--out-dir {args.out_dir}: {models} exists and is not a directory")
     if len({f"{p:g}" for p in args.corruption}) < len(args.corruption):  # one file per degree
         raise UserError(f"--corruption repeats a degree (to 6 digits): {args.corruption}")
     dataset = DATASETS[args.dataset]

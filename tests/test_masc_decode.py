@@ -424,6 +424,10 @@ def test_out_dir_below_a_file_gives_one_line_error(mnist, tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     err = main_error(m, CPU + ["--data-dir", mnist, "--out-dir", tmp_path / "afile" / "sub"], capsys)
     assert "afile" in err and "not a directory" in err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "models").write_text("")  # found at the first checkpoint, after training
+    err = main_error(m, CPU + ["--data-dir", mnist, "--out-dir", tmp_path / "run"], capsys)
+    assert "models exists and is not a directory" in err
 
 
 def test_a_refused_command_leaves_config_json_as_it_was(mnist, tmp_path, capsys):
