@@ -610,6 +610,8 @@ def balanced_subset(labels, size, seed):
     mod K random classes: the same subset for every degree and run of a command."""
     g = named_generator("cpu", "train-size", seed)
     counts = torch.bincount(labels)
+    if size < len(counts):  # MASC would have empty classes, and the subset no balance
+        raise UserError(f"--train-size {size} is below the {len(counts)} classes")
     if size > len(counts) * counts.min().item():
         raise UserError(f"--train-size {size} exceeds {len(counts)} classes x "
                         f"{counts.min().item()} images of the smallest class")
@@ -976,6 +978,8 @@ def check_args(args):  # checks argparse cannot make; defaults that depend on ot
     if args.model == "alexnet" and dataset.shape[1:] not in ((32, 32), (64, 64)):
         raise UserError("--model alexnet needs 32x32 or 64x64 images (cifar10, cifar100, "
                         f"tinyimagenet), not {args.dataset}")
+    if args.decode_every and args.decode_every > args.epochs:  # it would never decode
+        raise UserError(f"--decode-every {args.decode_every} exceeds --epochs {args.epochs}")
     if args.posthoc_corruption and 0.0 not in args.corruption:
         raise UserError("--posthoc-corruption decodes the p=0 model: add 0 to --corruption")
     optimizer, lr, batch_size = model_defaults(args.model, args.dataset)

@@ -413,6 +413,8 @@ def test_incomplete_tinyimagenet_gives_one_line_error(tmp_path, capsys):
     (["--seed", str(2**63)], "--seed"),  # torch.manual_seed overflowed with a traceback
     (["--device", "meta"], "cpu or cuda"),  # torch.empty works on meta, training does not
     (["--corruption", "0.4,0.4"], "repeats"),  # one model file per degree: decoded twice before
+    (["--train-size", "5"], "below the 10 classes"),  # trained, with 5 classes never seen
+    (["--decode-every", "600"], "--decode-every"),  # never decoded: an empty dynamics table
 ])
 def test_bad_input_gives_one_line_error(args, fragment, mnist, tmp_path, capsys):
     err = main_error(m, CPU + ["--data-dir", mnist, "--out-dir", tmp_path / "out", *args], capsys)
