@@ -559,17 +559,24 @@ def test_corrupt_checkpoint_is_refused_and_left_untouched(cifar, tmp_path):
     assert (out / "log.jsonl").read_text() == "precious\n"
 
 
-def test_a_checkpoint_missing_a_field_is_refused_as_unreadable(cifar, tmp_path, patch_md5,
-                                                              monkeypatch, capsys):
+def edited_run(cifar, out, monkeypatch, edit):
+    """A one-epoch run (tiny encoder) whose checkpoint dict `edit` then changes in place; returns
+    every file of the run directory, to check that a refusal leaves them as they are."""
     monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
-    out = tmp_path / "run"
     bm.main(ARGS + ["--epochs", "1", "--data-dir", str(cifar), "--out-dir", str(out)])
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    del ckpt["labels"]  # a KeyError traceback once the labels were compared
+    edit(ckpt)
     torch.save(ckpt, out / "ckpt.pt")
-    before = (out / "ckpt.pt").read_bytes()
+    return {f.name: f.read_bytes() for f in out.iterdir()}
+
+
+def test_a_checkpoint_missing_a_field_is_refused_as_unreadable(cifar, tmp_path, patch_md5,
+                                                              monkeypatch, capsys):
+    out = tmp_path / "run"
+    before = edited_run(cifar, out, monkeypatch, lambda ckpt: ckpt.pop("labels"))  # a KeyError
     err = main_error(bm, ARGS + ["--epochs", "1", "--data-dir", cifar, "--out-dir", out], capsys)
-    assert "unreadable (KeyError)" in err and (out / "ckpt.pt").read_bytes() == before
+    assert "unreadable (KeyError)" in err
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
 def test_overwrite_that_cannot_remove_the_old_run_says_so_in_one_line(
@@ -633,15 +640,12 @@ def test_checkpoint_with_other_random_labels_is_refused_before_anything_is_writt
         cifar, tmp_path, patch_md5, monkeypatch, capsys):
     """A run begun by an earlier version (which drew the labels from other bits of the hash) has
     the same config: its saved labels tell it apart, and the run directory is left as it was."""
-    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
     out = tmp_path / "run"
-    args = ARGS + ["--device", "cpu", "--data-dir", str(cifar), "--out-dir", str(out)]
-    bm.main(args + ["--epochs", "1"])
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    ckpt["labels"] = (ckpt["labels"] + 1) % 10
-    torch.save(ckpt, out / "ckpt.pt")
-    before = {f.name: f.read_bytes() for f in out.iterdir()}
-    err = main_error(bm, args + ["--epochs", "2"], capsys)
+
+    def other_labels(ckpt):
+        ckpt["labels"] = (ckpt["labels"] + 1) % 10
+    before = edited_run(cifar, out, monkeypatch, other_labels)
+    err = main_error(bm, ARGS + ["--epochs", "2", "--data-dir", cifar, "--out-dir", out], capsys)
     assert "other random labels" in err and "--overwrite" in err
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
@@ -649,17 +653,15 @@ def test_checkpoint_with_other_random_labels_is_refused_before_anything_is_writt
 def test_checkpoint_from_another_device_type_is_refused_with_one_line(cifar, tmp_path, patch_md5,
                                                                       monkeypatch, capsys):
     """A CUDA generator's state (16 bytes: seed and offset) cannot be set on a CPU generator."""
-    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
     out = tmp_path / "run"
-    bm.main(ARGS + ["--epochs", "1", "--data-dir", str(cifar), "--out-dir", str(out)])
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    ckpt["config"]["device"] = "cuda"
-    ckpt["rng"]["gen"] = torch.zeros(16, dtype=torch.uint8)
-    torch.save(ckpt, out / "ckpt.pt")
-    before = (out / "ckpt.pt").read_bytes()
+
+    def written_on_cuda(ckpt):
+        ckpt["config"]["device"] = "cuda"
+        ckpt["rng"]["gen"] = torch.zeros(16, dtype=torch.uint8)
+    before = edited_run(cifar, out, monkeypatch, written_on_cuda)
     err = main_error(bm, ARGS + ["--epochs", "2", "--data-dir", cifar, "--out-dir", out], capsys)
     assert "cuda" in err and "--device" in err
-    assert (out / "ckpt.pt").read_bytes() == before
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
 def test_tinyimagenet_folder_layout_is_decoded_and_cached(tmp_path):
