@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-
 @dataclass
 class Config:
     """The sweep (flags) and the world it runs in (constants: edit them here)."""
@@ -53,10 +52,8 @@ class Config:
     knn_k: int = 20  # neighbours of the K-NN probe
     fit_views: int = 8  # online cells: fresh augmentations per point when measuring the fit
 
-
 def augs_label(augs):  # B as --augs, results.json and the streams' names spell it (None: online)
     return "online" if augs is None else augs
-
 
 def named_generator(device, *keys):  # independent streams never share a sequence
     seed = int(hashlib.sha256(repr(keys).encode()).hexdigest()[:15], 16)
@@ -71,12 +68,10 @@ def sample_points(centres, count, args, gen):
     x[:, :args.signal_dim] = centres[z] + x[:, :args.signal_dim] / math.sqrt(10)
     return x, z
 
-
 def augmentation_noise(count, args, gen):
     """a with a[:d1] = 0 and a[d1:] ~ N(0, sigma^2 I): augmentations only touch the noise."""
     noise = torch.randn(count, args.dim - args.signal_dim, generator=gen, device=args.device)
     return F.pad(noise * args.sigma, (args.signal_dim, 0))
-
 
 def make_world(seed, args):
     """Class centres, the labelled probe set and the unseen test set, shared by a seed's cells."""
@@ -86,7 +81,6 @@ def make_world(seed, args):
     probe_x, probe_z = sample_points(centres, args.probe_points, args, g)
     test_x, test_z = sample_points(centres, args.test_points, args, g)
     return dict(centres=centres, probe_x=probe_x, probe_z=probe_z, test_x=test_x, test_z=test_z)
-
 
 class Cell:
     """One (n, B, seed) experiment: its training points, their random labels, its own streams."""
@@ -122,7 +116,6 @@ def projector(h, prototypes, onehots):
     # softmax(-log dist) is the normalised inverse distance; the epsilon keeps h == v_i finite
     return torch.softmax(-0.5 * torch.log(sq.clamp_min(0) + 1e-12), dim=-1) @ onehots
 
-
 def init_models(cells, args):
     """W ~ N(0, 1/d); prototypes start at the embeddings of K training points, plus noise."""
     d, K, dev = args.dim, args.capacity, args.device
@@ -137,7 +130,6 @@ def init_models(cells, args):
         label = torch.randint(args.classes, (K,), generator=gen, device=dev)
         models.append((W, V, F.one_hot(label, args.classes).float()))
     return tuple(map(torch.stack, zip(*models)))  # W, V, onehots with a leading cell dimension
-
 
 def train(cells, W, V, onehots, args):
     """Cross-entropy -log g(h)_y on the random labels; the one-hot l_i stay fixed."""
@@ -165,7 +157,6 @@ def knn_accuracy(ref, ref_labels, queries, query_labels, k, classes):
     votes.scatter_add_(-1, neighbour_labels, torch.ones_like(nn_idx, dtype=votes.dtype))
     return (votes.argmax(-1) == query_labels).float().mean(-1)
 
-
 def normalized_invariance(h_aug1, h_aug2, h_clean):
     """Eq. 2 averaged over points: ||q(T1 x) - q(T2 x)||^2 / mean_{x' != x} ||q(x) - q(x')||^2,
     shapes (..., m, D). The denominator of point i uses sum_j ||q_i - q_j||^2 = m ||q_i||^2 -
@@ -177,12 +168,10 @@ def normalized_invariance(h_aug1, h_aug2, h_clean):
     numerator = (h_aug1 - h_aug2).pow(2).sum(-1)
     return (numerator / (pair_sum / (m - 1)).clamp_min(1e-12)).mean(-1)
 
-
 def noise_to_signal(W, signal_dim):
     """RMS column norm of W over the noise coordinates / over the signal ones (about 1 at init)."""
     col_sq = W.pow(2).sum(-2)  # (M, d): squared norm of each input column
     return (col_sq[..., signal_dim:].mean(-1) / col_sq[..., :signal_dim].mean(-1)).sqrt()
-
 
 @torch.no_grad()
 def fit_accuracy(cells, W, V, onehots, args):
@@ -197,7 +186,6 @@ def fit_accuracy(cells, W, V, onehots, args):
         pred = projector(x @ W[m].T, V[m], onehots[m]).argmax(-1)
         accs.append((pred == y).float().mean())
     return torch.stack(accs)
-
 
 @torch.no_grad()
 def evaluate(cells, worlds, W, args, chunk=8):
@@ -216,7 +204,6 @@ def evaluate(cells, worlds, W, args, chunk=8):
             for c in part]) for t in (1, 2)]
         invariance.append(normalized_invariance(views[0] @ Wt, views[1] @ Wt, test))
     return torch.cat(knn), torch.cat(invariance), noise_to_signal(W, args.signal_dim)
-
 
 def run_sweep(args):
     worlds = {s: make_world(s, args) for s in args.seeds}
@@ -248,10 +235,8 @@ def phase_table(results, ns, augs):
     widths = [max(len(line[j]) for line in lines) for j in range(len(lines[0]))]
     return "\n".join("  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in lines)
 
-
 def config_of(args):  # as config.json holds it
     return dict(asdict(args), augs=[augs_label(b) for b in args.augs])
-
 
 def same_sweep(config, path):  # False if the config.json at path is another sweep's, or unreadable
     try:
@@ -262,12 +247,10 @@ def same_sweep(config, path):  # False if the config.json at path is another swe
     except (OSError, ValueError, TypeError, KeyError):
         return False
 
-
 def write_json(path, obj):  # via a temporary file and a rename: never half a file
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(path + ".tmp", path)
-
 
 def script_sha256():  # which version of this file made a result, once copied elsewhere
     with open(os.path.abspath(__file__), "rb") as f:
@@ -278,12 +261,10 @@ def script_sha256():  # which version of this file made a result, once copied el
 class UserError(Exception):
     """Bad input: reported as one line, never a traceback."""
 
-
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # argparse's exit status 2, without the usage block
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
-
 
 def int_list(text, minimum=1, words=()):  # words: {word: the value it stands for}
     try:
@@ -297,12 +278,10 @@ def int_list(text, minimum=1, words=()):  # words: {word: the value it stands fo
         raise argparse.ArgumentTypeError(f"{text!r} repeats a value")
     return values
 
-
 def positive_int(text):
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return int(text)
-
 
 def build_parser():
     d = Config()
@@ -325,7 +304,6 @@ def build_parser():
                    help="replace the results of another config in --out-dir")
     return p
 
-
 def check_args(args):  # checks argparse cannot make, before anything is written
     try:
         torch.empty(1, device=args.device)
@@ -343,7 +321,6 @@ def check_args(args):  # checks argparse cannot make, before anything is written
     if os.path.exists(saved) and not args.overwrite and not same_sweep(config_of(args), saved):
         raise UserError(f"{saved} is another run's (a benign or masc run, or other flags); pass "
                         "--overwrite to replace its results or use another --out-dir")
-
 
 def main(argv=None):
     args = Config(**vars(build_parser().parse_args(argv)))
@@ -367,7 +344,6 @@ def main(argv=None):
     print(phase_table(results, config["n"], config["augs"]))
     print(f"wrote {os.path.join(args.out_dir, 'results.json')}")
     return results
-
 
 if __name__ == "__main__":
     main()
