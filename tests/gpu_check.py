@@ -633,7 +633,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     names = [n.strip() for n in a.only.split(",") if n.strip()]
     if not names or any(n not in CHECKS for n in names):
-        p.error(f"--only: expected a comma list of {', '.join(CHECKS)}, got {a.only!r}")
+        sys.stderr.write(f"{p.prog}: error: --only: expected a comma list of "
+                         f"{', '.join(CHECKS)}, got {a.only!r}\n")  # one line, no usage block
+        return 2
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.stderr.write("error: CUDA is not available here; run with --device cpu for the "

@@ -33,6 +33,12 @@ def test_without_cuda_the_default_device_is_one_line_and_status_2(capsys, monkey
     assert len(err.splitlines()) == 1 and "--device cpu" in err, err
 
 
+def test_an_unknown_check_is_one_line_and_status_2(capsys):
+    assert gpu_check.main(["--device", "cpu", "--only", "knn-fp16,bogus"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'knn-fp16,bogus'" in err and "resume" in err, err
+
+
 def test_a_refused_in_process_run_fails_its_check_instead_of_ending_the_self_check():
     """bm.main exits on bad input (a full disk, say); SystemExit is no Exception, so it ended the
     whole self-check without its summary line."""
