@@ -207,15 +207,14 @@ class Stack:
         """Update every model in place. Each parameter and its buffers first take its gradient's
         layout (vmap's weight gradients come transposed), so that in-place updates stream through
         memory (measured: half the time of a stacked step on the CPU)."""
-        for name, g in grads.items():
-            if self.params[name].stride() != g.stride():
-                like = lambda t: torch.empty_like(g).copy_(t)  # keeps g's strides
-                self.params[name] = like(self.params[name].detach()).requires_grad_()
-                self.buffers[name] = {slot: like(b) for slot, b in self.buffers[name].items()}
         self.step_count += 1
         t = self.step_count
-        for name, param in self.params.items():
-            g, buf = grads[name], self.buffers[name]
+        for name, g in grads.items():
+            if self.params[name].stride() != g.stride():
+                like = lambda x: torch.empty_like(g).copy_(x)  # keeps g's strides
+                self.params[name] = like(self.params[name].detach()).requires_grad_()
+                self.buffers[name] = {slot: like(b) for slot, b in self.buffers[name].items()}
+            param, buf = self.params[name], self.buffers[name]
             if self.kind == "sgd":  # a fresh buffer is zero, so the first step's momentum is g
                 param.add_(buf["momentum"].mul_(0.9).add_(g), alpha=-self.lr)
                 continue
@@ -242,8 +241,7 @@ def train_epoch(stack, images, labels, batch_size, gens):
         idx = order[:, start:start + batch_size]  # each model's own batch
         y = labels.gather(1, idx)
         out = stack.logits(preprocess(images[idx]))
-        loss = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none")
-        loss = loss.view(M, -1).mean(1)
+        loss = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view_as(y).mean(1)
         # the models share nothing, so the gradient of the sum is each model's own; taken directly,
         # not through .grad, which would copy vmap's transposed weight gradients (half the time)
         grads = torch.autograd.grad(loss.sum(), list(stack.params.values()))
@@ -300,7 +298,6 @@ def train_pass(active, template, data, args, after_epoch):
     return finished
 
 def train_together(jobs, template, data, args, after_epoch, desc):
-    """Epochs of all unfinished jobs until after_epoch has finished every one."""
     active = list(jobs)
     # closed on an error too, so that an error's line does not continue the bar's
     with tqdm(desc=desc, unit="epoch", leave=False) as bar:
@@ -349,14 +346,12 @@ def class_basis(X, variance):
             raise UserError("a layer's outputs are too large or not finite for MASC: the model "
                             "diverged (try a lower --lr)")
         ev, vec = torch.linalg.eigh(product)
-    ev, vec = ev.flip(0).clamp_min(0), vec.flip(1)
-    cum, inner = ev.cumsum(0), D if gram else n
-    floor = cum[-1] * math.sqrt(inner) * torch.finfo(torch.float32).eps  # 0 for all-zero rows
-    r = min(int((cum < variance * cum[-1]).sum()) + 1, int((ev > floor).sum()))
-    if not gram:
-        return vec[:, :r].to(X.dtype)
-    with ieee_float32():
-        return (X.T @ vec[:, :r].to(X.dtype)) / ev[:r].sqrt().to(X.dtype)
+        ev, vec = ev.flip(0).clamp_min(0), vec.flip(1)
+        cum, inner = ev.cumsum(0), D if gram else n
+        floor = cum[-1] * math.sqrt(inner) * torch.finfo(torch.float32).eps  # 0 for all-zero rows
+        r = min(int((cum < variance * cum[-1]).sum()) + 1, int((ev > floor).sum()))
+        basis = vec[:, :r].to(X.dtype)
+        return (X.T @ basis) / ev[:r].sqrt().to(X.dtype) if gram else basis
 
 def fit_subspaces(feats, labels, num_classes, variance=0.99):
     """An orthonormal basis (D, r_k) per class of the +-symmetrised layer outputs (Algorithms 2-3);
@@ -370,9 +365,8 @@ def masc_predict(bases, feats, chunk=8192):
     one-hot owner matrix, not index_add_, whose CUDA atomics add in a varying order."""
     feats = feats.float()
     dims = torch.tensor([b.shape[1] for b in bases], device=feats.device)
-    owner = torch.repeat_interleave(torch.arange(len(bases), device=feats.device), dims)
-    owner = F.one_hot(owner, len(bases)).float()  # (columns, classes)
-    stacked = torch.cat(bases, 1) if len(owner) else feats.new_zeros(feats.shape[1], 0)
+    owner = F.one_hot(torch.repeat_interleave(dims), len(bases)).float()  # (columns, classes)
+    stacked = torch.cat(bases, 1)
     preds = []
     for start in range(0, len(feats), chunk):
         x = feats[start:start + chunk]
@@ -456,8 +450,7 @@ def relabel(test_pred, data, y_corrupt, preds, seed):
         chosen = preds[best][kind]
         labels = torch.where(chosen.train >= 0, chosen.train, y_corrupt)  # -1 rows keep theirs
         fixed = accuracy(labels[wrong], y_true[wrong]) if wrong.any() else None
-        clean = ~wrong
-        broken = (labels[clean] != y_true[clean]).float().mean().item() if clean.any() else None
+        broken = (labels != y_true)[~wrong].float().mean().item() if not wrong.all() else None
         out[f"{kind}_subspaces"] = dict(
             layer=best, masc_test=accuracy(chosen.test[eval_idx], y_test[eval_idx]),
             relabel_correct=accuracy(labels, y_true), corrupt_correct=accuracy(y_corrupt, y_true),
@@ -655,9 +648,9 @@ def load_model_checkpoint(path, key, overwrite, device):
         ckpt = torch.load(path, map_location=device, weights_only=True)
         saved_key = ckpt["key"]
         partial = path.endswith(".partial.pt")
-        missing = {"model", "history", "gen" if partial else "labels"} - set(ckpt)
-        if missing:
-            raise KeyError(", ".join(sorted(missing)))
+        resume = ("optimizer", "gen", "device") if partial else ("labels",)
+        if not {"model", "history", *resume} <= set(ckpt):
+            raise KeyError  # the error below names only the type
     except Exception as e:
         if overwrite:  # trained again
             return None
@@ -670,15 +663,6 @@ def load_model_checkpoint(path, key, overwrite, device):
                      if saved_key.get(k) != v)
     raise UserError(f"{path} was trained with other settings ({diff}); pass --overwrite or use "
                     "another --out-dir")
-
-def resume_problem(ckpt, device):  # why an in-progress checkpoint cannot continue here, if so
-    if "buffers" not in ckpt.get("optimizer", {}):  # the unbatched version saved torch.optim's
-        return "is from an older version of this script: move it away"
-    cpu = ckpt["gen"].numel() == torch.Generator().get_state().numel()
-    was = ckpt.get("device") or ("cpu" if cpu else "cuda")  # files without it: by the state's size
-    if was != device.type:  # a CPU generator cannot continue a CUDA one's batch order, nor back
-        return f"was written on {was}: resume it with --device {was}"
-    return None
 
 def keep_other_results(out_dir, config):
     """A command writes its own results.json; another command's (other degrees, other decoding
@@ -754,20 +738,18 @@ def summary_table(runs, corruptions):
              + ["authors' aggregation (corrupt/true, improvement %)"]]
     for p in corruptions:
         rows = [r for r in runs if r["corruption"] == p]
-        if rows:
-            layers = "/".join(sorted({r["best_layer"] for r in rows}))
-            corrupt, true = (best_of_mean_curve(rows, kind)
-                             for kind in ("corrupt_subspaces", "true_subspaces"))
-            model = sum(r["model_acc"]["test"] for r in rows) / len(rows)  # Table 1: of the means
-            gain = f"{100 * (corrupt / model - 1):.1f}" if model > 0 else "-"
-            authors = f"{corrupt:.3f}/{true:.3f}, {gain}"
-            lines.append([f"{p:g}", layers] + [stat([f(r) for r in rows]) for _, f in cols]
-                         + [authors])
+        layers = "/".join(sorted({r["best_layer"] for r in rows}))
+        corrupt, true = (best_of_mean_curve(rows, kind)
+                         for kind in ("corrupt_subspaces", "true_subspaces"))
+        model = sum(r["model_acc"]["test"] for r in rows) / len(rows)  # Table 1: of the means
+        gain = f"{100 * (corrupt / model - 1):.1f}" if model > 0 else "-"
+        authors = f"{corrupt:.3f}/{true:.3f}, {gain}"
+        lines.append([f"{p:g}", layers] + [stat([f(r) for r in rows]) for _, f in cols]
+                     + [authors])
     return text_table(lines)
 
 def script_sha256():  # which version of this file made a result, once copied elsewhere
-    with open(os.path.abspath(__file__), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return hashlib.sha256(pathlib.Path(__file__).read_bytes()).hexdigest()
 
 # ----------------------------------------------------------------------------- the experiment
 
@@ -791,11 +773,11 @@ def memorization_job(p, run, template, data, args):
     job = Memorizing(f"p={p:g} run {run}", initial, labels, named_generator(dev, "order", seed),
                      path=path, key=key)
     resumed = load_model_checkpoint(in_progress_path(path), key, args.overwrite, dev)
-    problem = resumed and resume_problem(resumed, dev)
-    if problem and not args.overwrite:  # with it, the model trains afresh
-        raise UserError(f"{in_progress_path(path)} {problem}; or pass --overwrite to train that "
-                        "model again")
-    if resumed and not problem:
+    was = resumed and resumed["device"]  # a CPU generator cannot continue a CUDA one, nor back
+    if resumed and was != dev.type and not args.overwrite:  # with it, the model trains afresh
+        raise UserError(f"{in_progress_path(path)} was written on {was}: resume it with --device "
+                        f"{was}, or pass --overwrite to train that model again")
+    if resumed and was == dev.type:
         job.state, job.opt = resumed["model"], resumed["optimizer"]
         job.history = resumed["history"]
         job.gen.set_state(resumed["gen"].cpu())  # a generator's state is a CPU byte tensor
@@ -805,7 +787,6 @@ def memorization_job(p, run, template, data, args):
 def memorize(out, template, data, args):
     """Train every job of {(p, run): memorization_job(...)} together, to --stop-acc or --epochs.
     Returns {(p, run): (model, labels, history)}."""
-    out = dict(out)
     jobs = {spec: job for spec, job in out.items() if isinstance(job, Memorizing)}  # rest: reused
 
     def after_epoch(job, acc, pred):
@@ -822,25 +803,22 @@ def memorize(out, template, data, args):
                 epoch=epoch, model_test=history["test_acc"][-1], **best_layers(rows),
                 layers=per_layer))
         finished = acc >= args.stop_acc or epoch >= args.epochs
+        saved = {"key": job.key, "model": job.state, "history": history}
         if finished:
             how = "reached" if acc >= args.stop_acc else "still below"
             tqdm.write(f"{job.name}: training accuracy {acc:.4f} {how} --stop-acc "
                        f"{args.stop_acc:g} at epoch {epoch}; stopped")
             # the finished model replaces its in-progress checkpoint; a later command reuses it
-            save_atomically(job.path, {"key": job.key, "model": job.state,
-                                       "labels": job.labels.cpu(), "history": history})
+            save_atomically(job.path, saved | {"labels": job.labels.cpu()})
             pathlib.Path(in_progress_path(job.path)).unlink(missing_ok=True)
         elif epoch % args.save_every == 0:  # all a resumed model needs to continue exactly
-            save_atomically(in_progress_path(job.path),
-                            {"key": job.key, "model": job.state, "optimizer": job.opt,
-                             "gen": job.gen.get_state(), "device": job.gen.device.type,
-                             "history": history})
+            save_atomically(in_progress_path(job.path), saved | {
+                "optimizer": job.opt, "gen": job.gen.get_state(), "device": job.gen.device.type})
         return finished
 
     train_together(list(jobs.values()), template, data, args, after_epoch, "memorize")
-    for spec, job in jobs.items():
-        out[spec] = (model_from(template, job.state), job.labels, job.history)
-    return out
+    return out | {spec: (model_from(template, job.state), job.labels, job.history)
+                  for spec, job in jobs.items()}
 
 def decode_run(args, data, p, run, model, y_corrupt, history):
     """Decode every layer of a memorized model, the controls, and the relabelling: one entry of
@@ -874,10 +852,9 @@ def decode_run(args, data, p, run, model, y_corrupt, history):
         entry["retrain"], new_labels, val_idx, eval_idx = relabel(test_pred, data, y_corrupt,
                                                                    preds, seed)
         for kind in ("corrupt", "true"):  # one retraining per kind of subspaces
-            state = {n: t.detach().clone() for n, t in model.state_dict().items()}
             retrainings.append(Retraining(
-                f"retrain p={p:g} run {run} ({kind} subspaces)", state, new_labels[kind],
-                named_generator(data.train_x.device, "retrain", (seed, kind)),
+                f"retrain p={p:g} run {run} ({kind} subspaces)", model.state_dict(),
+                new_labels[kind], named_generator(data.train_x.device, "retrain", (seed, kind)),
                 val_idx=val_idx, eval_idx=eval_idx, report=entry["retrain"][f"{kind}_subspaces"]))
     return entry, retrainings
 
@@ -963,14 +940,11 @@ def check_args(args):  # checks argparse cannot make; defaults that depend on ot
         raise UserError(f"--device {args.device} is not available ({first_line(e)})")
     if torch.device(args.device).type not in ("cpu", "cuda"):
         raise UserError(f"--device {args.device}: this script runs on cpu or cuda")
-    existing = os.path.abspath(args.out_dir)
+    existing = os.path.abspath(os.path.join(args.out_dir, "models"))
     while not os.path.exists(existing):  # the part of the path that exists must be a folder
         existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
+    if not os.path.isdir(existing):  # models/ too: else found after hours of training
         raise UserError(f"--out-dir {args.out_dir}: {existing} exists and is not a directory")
-    models = os.path.join(args.out_dir, "models")
-    if os.path.exists(models) and not os.path.isdir(models):  # else found after hours of training
-        raise UserError(f"--out-dir {args.out_dir}: {models} exists and is not a directory")
     if len({f"{p:g}" for p in args.corruption}) < len(args.corruption):  # one file per degree
         raise UserError(f"--corruption repeats a degree (to 6 digits): {args.corruption}")
     dataset = DATASETS[args.dataset]
