@@ -114,9 +114,8 @@ def augment_params(u, height, width, scale=CROP_SCALE, ratio=CROP_RATIO):  # u: 
     fh = height if in_ratio >= ratio[0] else round(width / ratio[0])
     any_ok = ok.any(1)
     w, h = torch.where(any_ok, w, fw), torch.where(any_ok, h, fh)
-    centre = lambda room: torch.div(room, 2, rounding_mode="floor")
-    top = torch.where(any_ok, torch.floor(u[:, 2 * t] * (height - h + 1)), centre(height - h))
-    left = torch.where(any_ok, torch.floor(u[:, 2 * t + 1] * (width - w + 1)), centre(width - w))
+    top = torch.where(any_ok, torch.floor(u[:, 2 * t] * (height - h + 1)), (height - h) // 2)
+    left = torch.where(any_ok, torch.floor(u[:, 2 * t + 1] * (width - w + 1)), (width - w) // 2)
     v = u[:, 2 * t + 2:]
     factor = lambda x, s: 1 - s + 2 * s * x  # uniform in [1 - s, 1 + s]
     return dict(top=top, left=left, height=h, width=w, flip=v[:, 0] < FLIP_P,
@@ -142,11 +141,11 @@ def shift_hue(x, shift):  # rotate the hue of RGB x in [0, 1] by shift (B,) turn
     r, g, b = x.unbind(1)
     v, _ = x.max(1)
     c = v - x.min(1).values
-    s = c / torch.where(v > 0, v, torch.ones_like(v))
-    safe_c = torch.where(c > 0, c, torch.ones_like(c))
+    s = c / torch.where(v > 0, v, 1.0)
+    safe_c = torch.where(c > 0, c, 1.0)
     h = torch.where(v == r, (g - b) / safe_c,
                     torch.where(v == g, 2 + (b - r) / safe_c, 4 + (r - g) / safe_c))
-    h = torch.where(c > 0, h, torch.zeros_like(h)) / 6 + shift[:, None, None]
+    h = torch.where(c > 0, h, 0.0) / 6 + shift[:, None, None]
     k = (torch.stack([5 + 6 * h, 3 + 6 * h, 1 + 6 * h], 1)) % 6
     return v.unsqueeze(1) * (1 - s.unsqueeze(1) * (torch.minimum(k, 4 - k).clamp(0, 1)))
 
@@ -154,13 +153,13 @@ def color_jitter(x, p):  # the four operations in each image's own order, as tor
     per_image = lambda mask: mask[:, None, None, None]
     for stage in range(4):
         order = p["order"][:, stage]
-        op = torch.where(p["jitter"], order, torch.full_like(order, -1))  # -1: no operation
+        op = torch.where(p["jitter"], order, -1)  # -1: no operation
         # brightness, contrast, saturation blend with a reference: black, mean gray, gray
         factor = torch.where(op == 0, p["brightness"], torch.where(
             op == 1, p["contrast"], torch.where(op == 2, p["saturation"], 1.0)))
         gray = grayscale(x)
         ref = torch.where(per_image(op == 1), gray.mean((1, 2, 3), keepdim=True), gray)
-        ref = torch.where(per_image(op == 0), torch.zeros_like(ref), ref)
+        ref = torch.where(per_image(op == 0), 0.0, ref)
         f = per_image(factor)
         x = (f * x + (1 - f) * ref).clamp(0, 1)
         x = torch.where(per_image(op == 3), shift_hue(x, p["hue"]), x)
@@ -171,6 +170,10 @@ def apply_augment(x, p):  # float images x in [0, 1]; crop, resize and flip in o
                       padding_mode="border", align_corners=False)
     x = color_jitter(x, p)
     return torch.where(p["gray"][:, None, None, None], grayscale(x).expand_as(x), x)
+
+def augmented(images, u=None):  # uint8 images as floats in [0, 1], augmented by uniforms u if any
+    x = images.float() / 255
+    return x if u is None else apply_augment(x, augment_params(u, *x.shape[-2:]))
 
 def mix32(x, m=MASK32):  # a hash of 32-bit values in int64 (products stay below 2^63)
     x = ((x >> 16) ^ x) * 0x45D9F3B & m
@@ -196,7 +199,7 @@ def rand_augment(images, strength, group=8):  # the authors' RandAugment: one dr
 def mixup(x, y, prob, u):
     """With probability prob, mix x and y with a permutation of themselves. u: the coin, lambda
     (Beta(1, 1) is uniform), a sort key per image. Unmixed takes lambda = 1: no sync, no branch."""
-    lam = torch.where(u[0] < prob, u[1], torch.ones_like(u[1]))
+    lam = torch.where(u[0] < prob, u[1], 1.0)
     perm = u[2:].argsort()
     return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
 
@@ -222,10 +225,8 @@ class TrainingSet:
         return hash_uniforms(self.stream, self.source[idx], self.aug_id[idx], NUM_UNIFORMS)
 
     def view(self, idx):  # as the network must fit them: fixed augmentation if any, else none
-        x = self.images[self.source[idx]].float().div_(255)
-        if self.aug_id is not None:
-            x = apply_augment(x, augment_params(self.fixed_uniforms(idx), *x.shape[-2:]))
-        return x
+        u = None if self.aug_id is None else self.fixed_uniforms(idx)
+        return augmented(self.images[self.source[idx]], u)
 
     def batch(self, idx, online_uniforms=None):  # RandAugment runs here: eager, on uint8 images
         """uint8 images, one-hot targets and the uniforms of the augmentation the step applies."""
@@ -338,7 +339,7 @@ class Network(nn.Module):  # stages -> average pool (embedding) -> projector Lin
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         if taps is None:
             return self.projector(x)
-        taps["embedding"], taps["projector"] = x, self.projector[1](self.projector[0](x))
+        taps["embedding"], taps["projector"] = x, self.projector[:2](x)
         taps["output"] = self.projector[2](taps["projector"])
         return taps["output"]
 
@@ -375,9 +376,7 @@ class StepSettings:  # fixed for the run
 def step_loss(model, images, targets, aug_u, mix_u, settings):
     """Augmentation, mixup, forward, loss: a pure function of tensors, so torch.compile makes one
     graph of an eager step's thousand small operators (about 490 in the augmentation)."""
-    x = images.float() / 255
-    if aug_u is not None:
-        x = apply_augment(x, augment_params(aug_u, x.shape[-2], x.shape[-1]))
+    x = augmented(images, aug_u)
     if mix_u is not None:
         x, targets = mixup(x, targets, settings.mixup_prob, mix_u)
     if settings.channels_last:
@@ -505,7 +504,7 @@ class Runtime:
     fp16 has 3 more mantissa bits than bf16) or float32 throughout; optionally torch.compile'd."""
 
     def __init__(self, device, bf16, compiled=False):
-        self.device, self.bf16, self.compiled = device, bf16, compiled
+        self.bf16, self.compiled = bf16, compiled
         self.channels_last = device.type == "cuda"  # NHWC convolutions are faster on CUDA only
         self.feature_dtype = torch.float16 if bf16 else torch.float32
         self.forward = torch.compile(layer_outputs) if compiled else layer_outputs
@@ -515,7 +514,7 @@ def extract(model, count, load, layers, rt, normalize=True, batch=None):
     """Flattened features of `layers` for `count` images; load(a, b) returns float images a..b-1.
     L2-normalised in rt.feature_dtype for the K-NN probes, or raw float32 (normalize=False)."""
     dev = next(model.parameters()).device
-    batch = batch or EXTRACT_BATCH["cuda" if dev.type == "cuda" else "cpu"]
+    batch = batch or EXTRACT_BATCH[dev.type]  # check_args allows cpu and cuda only
     dtype = rt.feature_dtype if normalize else torch.float32
     out = {}
     for start in range(0, count, batch):
@@ -549,7 +548,6 @@ def probe_budget(device):  # bytes for the stored features of one group of layer
     cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return int(FEATURE_MEMORY_FRACTION * (torch.cuda.mem_get_info(device)[0] + cached))
 
-@torch.no_grad()
 def layer_dims(model, resolution):
     x = torch.zeros(2, 3, resolution, resolution, device=next(model.parameters()).device)
     taps = layer_outputs(model, x, False, False)  # shapes only: eager, float32
@@ -576,8 +574,7 @@ class ProbeSet:  # what the probes look at, fixed for the whole run
 
 def invariance(model, ps, dims, rt):  # Eq. 2, every layer, two fixed augmentations per image
     x = ps.inv_x
-    view = lambda u: lambda a, b: apply_augment(x[a:b].float().div_(255),
-                                                augment_params(u[a:b], x.shape[-2], x.shape[-1]))
+    view = lambda u: lambda a, b: augmented(x[a:b], u[a:b])
     loads = [from_uint8(x), view(ps.inv_u1), view(ps.inv_u2)]
     out = {}
     for group in layer_groups(dims, 3 * len(x), probe_budget(x.device), 4):  # 4: float32 bytes
@@ -585,7 +582,7 @@ def invariance(model, ps, dims, rt):  # Eq. 2, every layer, two fixed augmentati
                          for load in loads)
         out.update({name: normalized_invariance(a1[name], a2[name], clean[name])
                     for name in group})
-    return {name: out[name] for name in model.layer_names()}
+    return out
 
 @torch.no_grad()
 def probe(model, ps, args, rt, linear):
@@ -653,8 +650,7 @@ def make_probe_set(args, train, test, data, clean_classes, device):
     test_idx = random_subset(len(test[0]), args.probe_size, "test", args.seed)
     mem_is_train = data.aug_id is None and torch.equal(data.source.cpu(),
                                                        torch.arange(len(train[0])))
-    cap = min(len(train[0]), args.probe_size or len(train[0]))
-    mem_idx = random_subset(len(data), cap, "memorization", args.seed)
+    mem_idx = random_subset(len(data), len(train_idx), "memorization", args.seed)
     mem_idx = (train_idx if mem_is_train else mem_idx).to(device)  # mem_is_train: i is image i
     ps = ProbeSet(train[0][train_idx].to(device), train[1][train_idx].to(device),
                   test[0][test_idx].to(device), test[1][test_idx].to(device), data, clean_classes,
@@ -688,11 +684,11 @@ def checkpoint_bytes(args, num_classes, resolution):  # float32 weights and Adam
     with torch.device("meta"):  # shapes only: Figure 8's per-sample model is 13 GB of weights
         return 12 * sum(p.numel() for p in build_model(args, num_classes, resolution).parameters())
 
-def free_bytes(path):  # on the disk that holds path, or would once it is made
+def existing_part(path):  # the longest leading part of path that exists
     path = os.path.abspath(path)
-    while not os.path.isdir(path):
+    while not os.path.exists(path):
         path = os.path.dirname(path)
-    return shutil.disk_usage(path).free
+    return path
 
 def load_torchvision(name, root):  # CIFAR-10/100, STL10: (train, test), each (uint8 NCHW, labels)
     cifar = "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -780,7 +776,6 @@ def load_transfer(args, resolution, device):  # resized to the training size, ca
                       (qx[test_idx].to(device), qy[test_idx].to(device)))
     return sets
 
-# config keys that may change between a run and its resumption
 RESUMABLE_KEYS = {"epochs", "device", "compile", "data_dir", "out_dir", "overwrite"}
 
 def refuse_other_config(saved, config, what):
@@ -807,9 +802,8 @@ def load_checkpoint(path, config, overwrite):  # None: start afresh. Refuses a c
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         saved = ckpt["config"]
-        missing = {"model", "optimizer", "labels", "epoch", "rng", "history"} - set(ckpt)
-        if missing:
-            raise KeyError(", ".join(sorted(missing)))
+        if {"model", "optimizer", "labels", "epoch", "rng", "history"} - set(ckpt):
+            raise KeyError  # reported by its type only, as every failure here
     except Exception as e:
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); it was left "
                         "untouched: move it away or pass --overwrite to start over")
@@ -834,8 +828,7 @@ def set_cuda_flags(device, fp32):
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 
 def script_sha256():  # which version of this file made a result, once copied elsewhere
-    with open(os.path.abspath(__file__), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return hashlib.sha256(pathlib.Path(__file__).read_bytes()).hexdigest()
 
 def format_eval(row):
     show = lambda v, fmt: "-" if v is None else format(v, fmt)
@@ -946,7 +939,7 @@ def build_parser():
     g.add_argument("--out-dir", default="runs/benign", help="config, log, results, checkpoint")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device")
-    g.add_argument("--seed", type=bounded(int, -2**63, 2**63 - 1), default=0,
+    g.add_argument("--seed", type=bounded(int, -2**63, largest), default=0,
                    help="seed of labels, initialisation and order")
     g.add_argument("--compile", action="store_true", help="torch.compile the step and the probes")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -965,9 +958,7 @@ def check_args(args):  # checks argparse cannot make; defaults that depend on ot
         raise UserError(f"--device {args.device} is not available ({first_line(e)})")
     if torch.device(args.device).type not in ("cpu", "cuda"):
         raise UserError(f"--device {args.device}: this script runs on cpu or cuda")
-    existing = os.path.abspath(args.out_dir)
-    while not os.path.exists(existing):  # the part of the path that exists must be a folder
-        existing = os.path.dirname(existing)
+    existing = existing_part(args.out_dir)  # must be a folder
     if not os.path.isdir(existing):
         raise UserError(f"--out-dir {args.out_dir}: {existing} exists and is not a directory")
     kind, _ = augment_kind(args.augment)
@@ -991,7 +982,8 @@ def check_args(args):  # checks argparse cannot make; defaults that depend on ot
 
 def run(args):
     check_args(args)
-    set_cuda_flags(torch.device(args.device), fp32=args.precision == "fp32")
+    device = torch.device(args.device)
+    set_cuda_flags(device, fp32=args.precision == "fp32")
     config = dict(vars(args))
     out_path = lambda name: os.path.join(args.out_dir, name)
     ckpt_path = out_path("ckpt.pt")
@@ -999,7 +991,6 @@ def run(args):
     if not ckpt and not args.overwrite and os.path.exists(out_path("config.json")):
         # killed before its first checkpoint, or the checkpoint deleted: config.json still guards
         refuse_other_config(read_config(out_path("config.json")), config, out_path("config.json"))
-    device = torch.device(args.device)
     clean_classes, resolution = DATASETS[args.dataset]
     train, test = load_dataset(args.dataset, args.data_dir)
     transfer_sets = load_transfer(args, resolution, device)  # fail now, not after days of training
@@ -1016,8 +1007,8 @@ def run(args):
     if args.knn_k >= min(len(train[0]), args.probe_size or len(train[0])):
         raise UserError(f"--knn-k {args.knn_k} needs more probed training images")
     size = checkpoint_bytes(args, num_classes, resolution)
-    free = free_bytes(args.out_dir) + (os.path.getsize(ckpt_path) if os.path.exists(ckpt_path)
-                                       else 0)  # replaced, or removed by --overwrite
+    free = shutil.disk_usage(existing_part(args.out_dir)).free  # on the disk it will be made on
+    free += os.path.getsize(ckpt_path) if os.path.exists(ckpt_path) else 0  # replaced or removed
     if free < 2 * size:  # the atomic write holds the old checkpoint and the new one
         raise UserError(f"a checkpoint of this model takes {size / 1e9:.2f} GB and writing it "
                         f"needs twice that; the disk of {args.out_dir} has "
@@ -1025,20 +1016,19 @@ def run(args):
 
     for name in ("ckpt.pt", "log.jsonl", "results.json") if args.overwrite else ():
         try:
-            os.remove(out_path(name))
-        except FileNotFoundError:
-            pass
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(out_path(name))
         except OSError as e:  # no permission
             raise UserError(f"--overwrite could not remove {out_path(name)} ({first_line(e)})")
     save_atomically(out_path("config.json"), json.dumps(config, indent=2))
 
     probe_set = make_probe_set(args, train, test, data, clean_classes, device)
+    rt = Runtime(device, bf16=args.precision == "bf16", compiled=args.compile)
     model = build_model(args, num_classes, resolution).to(device)
-    if device.type == "cuda":
+    if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)  # one kernel per update
     gen = named_generator(device, "train", args.seed)
-    rt = Runtime(device, bf16=args.precision == "bf16", compiled=args.compile)
     step = torch.compile(step_loss, fullgraph=True) if args.compile else step_loss
     settings = StepSettings(args.mixup, args.loss, rt.bf16, rt.channels_last)
     history, start = [], 1
