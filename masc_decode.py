@@ -714,6 +714,17 @@ def dynamics_table(runs):
                       f"{r['early_stop_test_acc']:.3f} at epoch {r['early_stop_epoch']}"])
     return text_table(lines)
 
+def posthoc_table(runs):
+    """With --posthoc-corruption (supplement 6): per p=0 run and post-hoc degree q, the layer whose
+    MASC fits the post-hoc labels best, how well (latent memorization), and its test accuracy."""
+    lines = [["posthoc q", "run", "labels changed", "best-fitting layer", "fit", "test"]]
+    for r in (r for r in runs if r["posthoc"]):
+        for q in r["posthoc"]:
+            best = max(q["layers"], key=lambda layer: layer["train_corrupt"])
+            lines.append([f"{q['corruption']:g}", str(r["run"]), f"{q['fraction_changed']:.3f}",
+                          best["name"], f"{best['train_corrupt']:.3f}", f"{best['test']:.3f}"])
+    return text_table(lines)
+
 def best_of_mean_curve(runs, kind):
     """The authors' aggregation for Table 1: average each layer's MASC test accuracy over the runs,
     then take the best layer. Ours (the other columns) averages each run's best layer."""
@@ -998,6 +1009,8 @@ def run(args):
     print(summary_table(results["runs"], args.corruption))
     if args.decode_every:
         print(dynamics_table(results["runs"]))
+    if args.posthoc_corruption:
+        print(posthoc_table(results["runs"]))
     print(f"wrote {os.path.join(args.out_dir, 'results.json')}")
     return results
 
