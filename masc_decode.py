@@ -649,7 +649,9 @@ def load_model_checkpoint(path, key, overwrite, device):
         saved_key = ckpt["key"]
         partial = path.endswith(".partial.pt")
         resume = ("optimizer", "gen", "device") if partial else ("labels",)
-        if not {"model", "history", *resume} <= set(ckpt):
+        complete = {"model", "history", *resume} <= set(ckpt)
+        complete = complete and (not partial or {"step", "buffers"} <= set(ckpt["optimizer"]))
+        if saved_key == key and not complete:  # other settings are refused as such, below
             raise KeyError  # the error below names only the type
     except Exception as e:
         if overwrite:  # trained again

@@ -852,11 +852,17 @@ def test_partial_checkpoint_missing_what_a_resume_needs_is_refused_in_one_line(m
     args, _, partial = partial_checkpoint_setup(mnist, tmp_path)
     complete = dict(partial, optimizer={"step": 1, "buffers": {}},
                     gen=torch.Generator().get_state(), device="cpu")
-    for field in ("optimizer", "gen", "device"):
-        torch.save({k: v for k, v in complete.items() if k != field},
-                   tmp_path / "models" / "p0.5_run0.partial.pt")
+    damaged = [{k: v for k, v in complete.items() if k != field}
+               for field in ("optimizer", "gen", "device")]
+    damaged += [dict(complete, optimizer={"step": 1}), dict(complete, optimizer={})]
+    for ckpt in damaged:
+        torch.save(ckpt, tmp_path / "models" / "p0.5_run0.partial.pt")
         err = main_error(m, args, capsys)
         assert "p0.5_run0.partial.pt is unreadable (KeyError)" in err and "--overwrite" in err
+        assert not (tmp_path / "config.json").exists()  # refused before anything is written
+    old = dict(damaged[2], key={k: v for k, v in complete["key"].items() if k != "labels_sha256"})
+    torch.save(old, tmp_path / "models" / "p0.5_run0.partial.pt")  # an earlier version's file
+    assert "trained with other settings (labels_sha256: None" in main_error(m, args, capsys)
     assert m.main(args + ["--overwrite"])["runs"][0]["epochs_trained"] == 3  # trained afresh
 
 
