@@ -373,7 +373,9 @@ def test_training_step_gets_augmented_images_and_targets_mixed_with_one_lambda(
 
 
 @pytest.mark.parametrize("flags,noise", [(["--label-noise", "0.5"], 0.5), (["--label-noise", "0"], 0.0)])
-def test_label_noise_and_clean_labels_reach_the_run(flags, noise, cifar, tmp_path, patch_md5):
+def test_label_noise_and_clean_labels_reach_the_run(flags, noise, cifar, tmp_path, patch_md5,
+                                                    monkeypatch):
+    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)  # the labels alone are checked
     bm.main(SMALL + flags + ["--linear-probe", "off", "--data-dir", str(cifar), "--out-dir", str(tmp_path)])
     labels = torch.load(tmp_path / "ckpt.pt", weights_only=True)["labels"]
     clean = bm.load_dataset("cifar10", str(cifar))[0][1]
@@ -422,7 +424,7 @@ def strip_timing(rows):
 def test_killed_run_resumes_to_the_same_result(cifar, tmp_path):
     """SIGKILL right after the epoch-1 checkpoint (the second evaluation's: epoch 0's comes before
     any training), run the same command again: the same metrics as an uninterrupted run, exactly."""
-    args = ["--device", "cpu", "--epochs", "3", "--eval-every", "1", "--batch-size", "32", "--projector-width", "64", "--knn-k", "5",
+    args = ["--device", "cpu", "--epochs", "2", "--eval-every", "1", "--batch-size", "32", "--projector-width", "64", "--knn-k", "5",
             "--invariance-size", "16", "--data-dir", str(cifar)]
     whole = run_script("benign_memorization.py", *args, "--out-dir", tmp_path / "whole", patch_md5=True)
     assert whole.returncode == 0, whole.stderr
@@ -990,7 +992,9 @@ def test_vgg_with_transfer_probes_every_block(cifar, tmp_path, patch_md5):
         assert got["linear"] == pytest.approx(bm.linear_probe(unit(ft), ty, unit(fq), qy)), name
 
 
-def test_finite_augmentations_run_and_memorization_uses_the_augmented_points(cifar, tmp_path, patch_md5):
+def test_finite_augmentations_run_and_memorization_uses_the_augmented_points(cifar, tmp_path, patch_md5,
+                                                                             monkeypatch):
+    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)  # the points are checked, not the encoder
     res = bm.main(SMALL + ["--augment", "fixed:4", "--aug-labels", "random", "--linear-probe", "off",
                            "--data-dir", str(cifar), "--out-dir", str(tmp_path)])
     assert "linear_probe" not in res["final"] and 0 <= res["final"]["train_acc"] <= 1
@@ -1032,7 +1036,8 @@ def test_noisy_probe_leaves_out_every_view_of_the_query_image(cifar, patch_md5, 
         assert got["knn_noisy_self"][name] == pytest.approx((own == y).mean(), abs=1e-6)
 
 
-def test_iid_per_sample_and_aug_strength_runs(cifar, tmp_path, patch_md5):
+def test_iid_per_sample_and_aug_strength_runs(cifar, tmp_path, patch_md5, monkeypatch):
+    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)  # the modes are checked, not the encoder
     res = bm.main(SMALL + ["--augment", "iid:2", "--subset", "16", "--data-dir", str(cifar), "--out-dir", str(tmp_path / "iid")])
     assert res["final"]["test_acc"] is not None
     assert res["config"]["augment"] == "iid:2" and res["config"]["mixup"] == 0.0
