@@ -67,9 +67,9 @@ RESIZE_BATCH = 1024  # images resized at a time: no float copy of a whole transf
 class UserError(Exception):
     """Bad input or missing data: reported as one line, never a traceback."""
 
-def first_line(error):  # an exception's message for a one-line error, or its type if it has none
+def first_line(error):  # as Python's last traceback line: "KeyError: 'n01443537'", or the type
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 def named_seed(*keys):  # the high 60 bits of a sha256, as the other two scripts
     return int(hashlib.sha256(repr(keys).encode()).hexdigest()[:15], 16)
@@ -704,7 +704,7 @@ def load_torchvision(name, root):  # CIFAR-10/100, STL10: (train, test), each (u
                                              {"train": split == "train"}))
         except Exception as e:
             raise UserError(f"{pretty} in {os.path.join(root, folder)} is missing or damaged and "
-                            f"could not be downloaded ({type(e).__name__}: {first_line(e)}); "
+                            f"could not be downloaded ({first_line(e)}); "
                             f"download it from {url} and extract it into "
                             f"{os.path.abspath(root)}/")
         data = torch.as_tensor(ds.data)

@@ -72,9 +72,9 @@ class Data:  # a dataset on the device: uint8 images (N, C, H, W) and int64 labe
 class UserError(Exception):
     """Bad input or missing data: reported as one line, never a traceback."""
 
-def first_line(error):  # an exception's message for a one-line error, or its type if it has none
+def first_line(error):  # as Python's last traceback line: "KeyError: 'n01443537'", or the type
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 # ----------------------------------------------------------------------------- corrupting labels
 
@@ -546,7 +546,7 @@ def load_torchvision(name, root):  # (train uint8 NCHW, labels), (test ...), dow
         except Exception as e:
             where = os.path.join(root, folder)
             raise UserError(f"{name} in {where} is missing or damaged and could not be downloaded "
-                            f"({type(e).__name__}: {first_line(e)}); download it from {url} and "
+                            f"({first_line(e)}); download it from {url} and "
                             f"put it in {where}")
         x = torch.as_tensor(ds.data)
         x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # NHW, NHWC -> NCHW

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+import torchvision
 
 import benign_memorization as bm
 import masc_decode as m
@@ -84,6 +85,21 @@ def test_an_exception_without_a_message_still_gives_one_line(name, tmp_path, mon
     err = main_error(module, ["--device", "cpu:7", "--out-dir", tmp_path / "run"], capsys)
     assert err == "error: --device cpu:7 is not available (RuntimeError)"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["benign_memorization.py", "masc_decode.py"])
+def test_a_failed_download_names_its_error_once(name, tmp_path, monkeypatch):
+    """Python's own one-line form: the type once (a message-less error read "(RuntimeError:
+    RuntimeError)"), and the type before a message that alone would not say what failed."""
+    module = SCRIPTS[name]
+    dataset, cls = ("cifar10", "CIFAR10") if module is bm else ("mnist", "MNIST")
+    for error, shown in ((RuntimeError(), "(RuntimeError)"), (KeyError("x"), "(KeyError: 'x')")):
+        def fail(*args, **kwargs):
+            raise error
+        monkeypatch.setattr(torchvision.datasets, cls, fail)
+        with pytest.raises(module.UserError) as refused:
+            module.load_torchvision(dataset, str(tmp_path))
+        assert shown in str(refused.value) and "could not be downloaded" in str(refused.value)
 
 
 def unwritable_run(name, tmp_path):  # arguments that reach the first write into --out-dir
