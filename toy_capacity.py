@@ -308,7 +308,8 @@ def check_args(args):  # checks argparse cannot make, before anything is written
     try:
         torch.empty(1, device=args.device)
     except Exception as e:  # unknown or unavailable device
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e).strip()  # as Python's last traceback line, as the other two scripts say it
+        reason = f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
         raise UserError(f"--device {args.device} is not available ({reason})")
     if torch.device(args.device).type not in ("cpu", "cuda"):
         raise UserError(f"--device {args.device}: this script runs on cpu or cuda")

@@ -86,6 +86,14 @@ def test_an_exception_without_a_message_still_gives_one_line(name, tmp_path, mon
     assert err == "error: --device cpu:7 is not available (RuntimeError)"
     assert not (tmp_path / "run").exists()
 
+    def empty_with_message(*shape, device=None, **kwargs):  # as Python's last traceback line
+        if device is not None and str(device) == "cpu:7":
+            raise RuntimeError("no device 7\nat line 2")
+        return real_empty(*shape, device=device, **kwargs)
+    monkeypatch.setattr(torch, "empty", empty_with_message)
+    err = main_error(module, ["--device", "cpu:7", "--out-dir", tmp_path / "run"], capsys)
+    assert err == "error: --device cpu:7 is not available (RuntimeError: no device 7)"
+
 
 @pytest.mark.parametrize("name", ["benign_memorization.py", "masc_decode.py"])
 def test_a_failed_download_names_its_error_once(name, tmp_path, monkeypatch):
