@@ -501,7 +501,8 @@ def latent_memorization(train_f, test_f, data, args, seed):
             pred = masc_predict(bases, train_f[name])
             layers.append(dict(name=name, train_corrupt=accuracy(pred, y_q),
                                train_true=accuracy(pred, data.train_y),
-                               test=accuracy(masc_predict(bases, test_f[name]), data.test_y)))
+                               test=accuracy(masc_predict(bases, test_f[name]), data.test_y),
+                               dims=[b.shape[1] for b in bases]))
         out.append(dict(corruption=q, fraction_changed=1 - accuracy(y_q, data.train_y),
                         layers=layers))
     return out

@@ -259,6 +259,7 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path):
     fitted = reference_fit(X, y_q.numpy(), 10, 0.99)
     assert post["layers"][0]["train_corrupt"] == pytest.approx((reference_predict(fitted, X) == y_q.numpy()).mean())
     assert post["layers"][0]["test"] == pytest.approx((reference_predict(fitted, Q) == qy.numpy()).mean())
+    assert post["layers"][0]["dims"] == [b.shape[1] for b in fitted]  # each class's subspace
     lines = proc.stdout.splitlines()  # its printed table: every layer's fit to those labels
     head = next(i for i, line in enumerate(lines) if line.startswith("posthoc q"))
     assert lines[head].split()[-5:] == ["input", "fc1", "fc2", "fc3", "fc4"]
