@@ -19,6 +19,7 @@ Not collected by pytest (no test_ prefix).
 import collections
 import importlib.util
 import json
+import os
 import sys
 import time
 
@@ -55,6 +56,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or not argv[0].endswith(".py"):
         sys.stderr.write("usage: python tests/count_ops.py SCRIPT.py [its arguments]\n")
+        return 2
+    if not os.path.isfile(argv[0]):
+        sys.stderr.write(f"count_ops.py: error: no script {argv[0]!r}\n")
         return 2
     print(json.dumps(count(argv[0], argv[1:])))
     return 0

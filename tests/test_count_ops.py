@@ -35,6 +35,10 @@ def test_a_real_command_grows_with_its_steps(tmp_path):
     assert toy(5)["ops"] - three["ops"] == 2 * per_step
 
 
-def test_without_a_script_it_prints_usage_and_exits_2(capsys):
+def test_without_a_script_it_prints_usage_and_exits_2(capsys, tmp_path):
     assert count_ops.main([]) == 2
     assert "usage" in capsys.readouterr().err
+    missing = str(tmp_path / "nosuch.py")
+    assert count_ops.main([missing]) == 2  # one line, no traceback
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nosuch.py" in err, err
