@@ -507,12 +507,15 @@ def latent_memorization(train_f, test_f, data, args, seed):
                         layers=layers))
     return out
 
-def init_control(data, y_corrupt, args, seed):
-    """MASC on the same architecture at its random initialisation (the paper's control)."""
+def init_control(data, y_corrupt, args, seed, posthoc):
+    """MASC on the same architecture at its random initialisation (the paper's control) and, with
+    posthoc, its fit to the post-hoc labels (ours: what a network that learned nothing fits)."""
     model = build_model(args.model, DATASETS[args.dataset].shape, args.num_classes, seed)
-    rows = decode_layers(model.to(data.train_x.device), data, y_corrupt, args, "MASC at init")[0]
-    return [dict(name=r["name"], corrupt_subspaces=dict(test=r["corrupt_subspaces"]["test"]),
-                 true_subspaces=dict(test=r["true_subspaces"]["test"])) for r in rows]
+    rows, _, (_, train_f), (_, test_f) = decode_layers(model.to(data.train_x.device), data,
+                                                       y_corrupt, args, "MASC at init")
+    control = [dict(name=r["name"], corrupt_subspaces=dict(test=r["corrupt_subspaces"]["test"]),
+                    true_subspaces=dict(test=r["true_subspaces"]["test"])) for r in rows]
+    return control, latent_memorization(train_f, test_f, data, args, seed) if posthoc else None
 
 # ----------------------------------------------------------------------------- datasets
 
@@ -719,13 +722,16 @@ def dynamics_table(runs):
 
 def posthoc_table(runs):
     """With --posthoc-corruption (supplement 6): per p=0 run and post-hoc degree q, each layer's
-    MASC accuracy on the post-hoc labels it was fitted to (latent memorization; chance is 1/K)."""
-    rows = [(r["run"], q) for r in runs if r["posthoc"] for q in r["posthoc"]]
+    MASC accuracy on the post-hoc labels it was fitted to (latent memorization; chance is 1/K),
+    and in brackets the same layer's at initialisation."""
+    rows = [(r["run"], q, at_init) for r in runs if r["posthoc"]
+            for q, at_init in zip(r["posthoc"], r["posthoc_init_control"])]
     names = [layer["name"] for layer in rows[0][1]["layers"]] if rows else []
-    lines = [["posthoc q", "run", "labels changed"] + names]
-    for run, q in rows:
+    lines = [["posthoc q", "run", "labels changed"] + [f"{name} (init)" for name in names]]
+    for run, q, at_init in rows:
         lines.append([f"{q['corruption']:g}", str(run), f"{q['fraction_changed']:.3f}"]
-                     + [f"{layer['train_corrupt']:.3f}" for layer in q["layers"]])
+                     + [f"{a['train_corrupt']:.3f} ({b['train_corrupt']:.3f})"
+                        for a, b in zip(q["layers"], at_init["layers"])])
     return text_table(lines)
 
 def best_of_mean_curve(runs, kind):
@@ -857,10 +863,11 @@ def decode_run(args, data, p, run, model, y_corrupt, history):
                  best_masc_test_true=masc_true, improvement_pct_true=gain(masc_true),
                  early_stop_test_acc=max(test_acc),
                  early_stop_epoch=1 + test_acc.index(max(test_acc)), history=history)
-    posthoc = p == 0 and args.posthoc_corruption
+    posthoc = p == 0 and bool(args.posthoc_corruption)
     entry["posthoc"] = latent_memorization(train_f, test_f, data, args, seed) if posthoc else None
     del train_f, test_f  # the features of every layer: free them before the init control's
-    entry["init_control"] = init_control(data, y_corrupt, args, seed)
+    entry["init_control"], entry["posthoc_init_control"] = init_control(data, y_corrupt, args,
+                                                                        seed, posthoc)
     entry["retrain"], retrainings = None, []
     if not args.no_retrain:
         entry["retrain"], new_labels, val_idx, eval_idx = relabel(test_pred, data, y_corrupt,

@@ -260,11 +260,25 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path):
     assert post["layers"][0]["train_corrupt"] == pytest.approx((reference_predict(fitted, X) == y_q.numpy()).mean())
     assert post["layers"][0]["test"] == pytest.approx((reference_predict(fitted, Q) == qy.numpy()).mean())
     assert post["layers"][0]["dims"] == [b.shape[1] for b in fitted]  # each class's subspace
-    lines = proc.stdout.splitlines()  # its printed table: every layer's fit to those labels
+    # and the same at initialisation: the input is the same layer; fc1 recomputed from the
+    # initial weights (build_model's seed is the run's)
+    at_init = p0["posthoc_init_control"][0]
+    assert p5["posthoc_init_control"] is None and at_init["corruption"] == 0.5
+    assert at_init["layers"][0] == post["layers"][0]
+    init_net = m.build_model("mlp", (1, 28, 28), 10, 0)
+    taps = {}
+    init_net(m.preprocess(tx), taps)
+    fc1 = reference_fit(taps["fc1"].double().detach().numpy(), y_q.numpy(), 10, 0.99)
+    fc1_pred = reference_predict(fc1, taps["fc1"].double().detach().numpy())
+    assert at_init["layers"][1]["train_corrupt"] == pytest.approx((fc1_pred == y_q.numpy()).mean())
+    assert at_init["layers"][1]["dims"] == [b.shape[1] for b in fc1]
+    lines = proc.stdout.splitlines()  # its printed table: every layer's fit, and at init
     head = next(i for i, line in enumerate(lines) if line.startswith("posthoc q"))
-    assert lines[head].split()[-5:] == ["input", "fc1", "fc2", "fc3", "fc4"]
+    assert lines[head].split()[-10:] == [w for n in ("input", "fc1", "fc2", "fc3", "fc4")
+                                         for w in (n, "(init)")]
     assert lines[head + 1].split() == ["0.5", "0", f"{post['fraction_changed']:.3f}"] + [
-        f"{layer['train_corrupt']:.3f}" for layer in post["layers"]]
+        w for a, b in zip(post["layers"], at_init["layers"])
+        for w in (f"{a['train_corrupt']:.3f}", f"({b['train_corrupt']:.3f})")]
 
     # the same command again reuses both checkpoints instead of retraining
     stamps = {f: os.path.getmtime(out / "models" / f) for f in os.listdir(out / "models")}
@@ -606,6 +620,24 @@ def test_init_control_decodes_the_trained_models_own_initial_weights(mnist, tmp_
                 assert layer[kind]["test"] == control[kind]["test"]
     controls = [[c["corrupt_subspaces"]["test"] for c in r["init_control"][1:]] for r in res["runs"]]
     assert controls[0] != controls[1]
+
+
+def test_posthoc_init_control_is_the_posthoc_fit_of_an_untrained_model(mnist, tmp_path, monkeypatch):
+    """With training a no-op, the p=0 model is its initialisation: the post-hoc fit at init must be
+    the post-hoc fit, field for field. Trained (Adam at a high rate: the weights move far), every
+    hidden layer fits otherwise; the input, the same in both, fits the same."""
+    args = ["--corruption", "0", "--posthoc-corruption", "0.5,1", "--epochs", "3", "--no-retrain",
+            "--optimizer", "adam", "--lr", "0.01", "--data-dir", mnist]
+    trained = cpu_main(args + ["--out-dir", tmp_path / "trained"])["runs"][0]
+    for q, at_init in zip(trained["posthoc"], trained["posthoc_init_control"]):
+        assert q["layers"][0] == at_init["layers"][0]
+        for layer, control in zip(q["layers"][1:], at_init["layers"][1:]):
+            assert layer["name"] == control["name"] and layer["dims"] != control["dims"]
+    monkeypatch.setattr(m, "train_epoch", lambda stack, images, labels, *rest: ([0.0] * labels.shape[0],
+                                                                           [True] * labels.shape[0]))
+    run = cpu_main(args + ["--out-dir", tmp_path / "noop"])["runs"][0]
+    assert [q["corruption"] for q in run["posthoc_init_control"]] == [0.5, 1.0]
+    assert run["posthoc_init_control"] == run["posthoc"]
 
 
 def test_optimizer_flag_is_recorded_and_never_reuses_the_other_optimizers_model(mnist, tmp_path, capsys):
