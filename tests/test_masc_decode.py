@@ -624,20 +624,23 @@ def test_init_control_decodes_the_trained_models_own_initial_weights(mnist, tmp_
 
 def test_posthoc_init_control_is_the_posthoc_fit_of_an_untrained_model(mnist, tmp_path, monkeypatch):
     """With training a no-op, the p=0 model is its initialisation: the post-hoc fit at init must be
-    the post-hoc fit, field for field. Trained (Adam at a high rate: the weights move far), every
-    hidden layer fits otherwise; the input, the same in both, fits the same."""
+    the post-hoc fit, field for field, in each run (run 1's initial weights and post-hoc labels
+    are its own seed's). Trained (Adam at a high rate: the weights move far), every hidden layer
+    fits otherwise; the input, the same in both, fits the same."""
     args = ["--corruption", "0", "--posthoc-corruption", "0.5,1", "--epochs", "3", "--no-retrain",
-            "--optimizer", "adam", "--lr", "0.01", "--data-dir", mnist]
-    trained = cpu_main(args + ["--out-dir", tmp_path / "trained"])["runs"][0]
-    for q, at_init in zip(trained["posthoc"], trained["posthoc_init_control"]):
-        assert q["layers"][0] == at_init["layers"][0]
-        for layer, control in zip(q["layers"][1:], at_init["layers"][1:]):
-            assert layer["name"] == control["name"] and layer["dims"] != control["dims"]
+            "--optimizer", "adam", "--lr", "0.01", "--runs", "2", "--data-dir", mnist]
+    for trained in cpu_main(args + ["--out-dir", tmp_path / "trained"])["runs"]:
+        for q, at_init in zip(trained["posthoc"], trained["posthoc_init_control"]):
+            assert q["layers"][0] == at_init["layers"][0]
+            for layer, control in zip(q["layers"][1:], at_init["layers"][1:]):
+                assert layer["name"] == control["name"] and layer["dims"] != control["dims"]
     monkeypatch.setattr(m, "train_epoch", lambda stack, images, labels, *rest: ([0.0] * labels.shape[0],
                                                                            [True] * labels.shape[0]))
-    run = cpu_main(args + ["--out-dir", tmp_path / "noop"])["runs"][0]
-    assert [q["corruption"] for q in run["posthoc_init_control"]] == [0.5, 1.0]
-    assert run["posthoc_init_control"] == run["posthoc"]
+    runs = cpu_main(args + ["--out-dir", tmp_path / "noop"])["runs"]
+    assert [r["run"] for r in runs] == [0, 1] and runs[0]["posthoc"] != runs[1]["posthoc"]
+    for run in runs:
+        assert [q["corruption"] for q in run["posthoc_init_control"]] == [0.5, 1.0]
+        assert run["posthoc_init_control"] == run["posthoc"]
 
 
 def test_optimizer_flag_is_recorded_and_never_reuses_the_other_optimizers_model(mnist, tmp_path, capsys):
