@@ -513,8 +513,9 @@ def init_control(data, y_corrupt, args, seed, posthoc):
     model = build_model(args.model, DATASETS[args.dataset].shape, args.num_classes, seed)
     rows, _, (_, train_f), (_, test_f) = decode_layers(model.to(data.train_x.device), data,
                                                        y_corrupt, args, "MASC at init")
-    control = [dict(name=r["name"], corrupt_subspaces=dict(test=r["corrupt_subspaces"]["test"]),
-                    true_subspaces=dict(test=r["true_subspaces"]["test"])) for r in rows]
+    control = [dict(name=r["name"], **{kind: {k: r[kind][k] for k in ("test", "dims")}
+                                       for kind in ("corrupt_subspaces", "true_subspaces")})
+               for r in rows]
     return control, latent_memorization(train_f, test_f, data, args, seed) if posthoc else None
 
 # ----------------------------------------------------------------------------- datasets

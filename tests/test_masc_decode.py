@@ -272,6 +272,15 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path):
     fc1_pred = reference_predict(fc1, taps["fc1"].double().detach().numpy())
     assert at_init["layers"][1]["train_corrupt"] == pytest.approx((fc1_pred == y_q.numpy()).mean())
     assert at_init["layers"][1]["dims"] == [b.shape[1] for b in fc1]
+    # the paper's control, for p = 0.5 (run 0, so the same initial weights): fc1's subspaces from
+    # the corrupted labels, their dimensions and test accuracy
+    test_taps = {}
+    init_net(m.preprocess(qx), test_taps)
+    fc1 = reference_fit(taps["fc1"].double().detach().numpy(), ckpt["labels"].numpy(), 10, 0.99)
+    control = p5["init_control"][1]["corrupt_subspaces"]
+    assert control["dims"] == [b.shape[1] for b in fc1]
+    fc1_test = reference_predict(fc1, test_taps["fc1"].double().detach().numpy())
+    assert control["test"] == pytest.approx((fc1_test == qy.numpy()).mean())
     lines = proc.stdout.splitlines()  # its printed table: every layer's fit, and at init
     head = next(i for i, line in enumerate(lines) if line.startswith("posthoc q"))
     assert lines[head].split()[-10:] == [w for n in ("input", "fc1", "fc2", "fc3", "fc4")
@@ -618,6 +627,7 @@ def test_init_control_decodes_the_trained_models_own_initial_weights(mnist, tmp_
             assert layer["name"] == control["name"]
             for kind in ("corrupt_subspaces", "true_subspaces"):
                 assert layer[kind]["test"] == control[kind]["test"]
+                assert layer[kind]["dims"] == control[kind]["dims"]
     controls = [[c["corrupt_subspaces"]["test"] for c in r["init_control"][1:]] for r in res["runs"]]
     assert controls[0] != controls[1]
 
