@@ -513,6 +513,7 @@ def init_control(data, y_corrupt, args, seed, posthoc):
     model = build_model(args.model, DATASETS[args.dataset].shape, args.num_classes, seed)
     rows, _, (_, train_f), (_, test_f) = decode_layers(model.to(data.train_x.device), data,
                                                        y_corrupt, args, "MASC at init")
+    # dims: whether a random layer's class subspaces collapse, which accuracy alone hides
     control = [dict(name=r["name"], **{kind: {k: r[kind][k] for k in ("test", "dims")}
                                        for kind in ("corrupt_subspaces", "true_subspaces")})
                for r in rows]

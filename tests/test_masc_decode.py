@@ -276,10 +276,10 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path):
     # the corrupted labels, their dimensions and test accuracy
     test_taps = {}
     init_net(m.preprocess(qx), test_taps)
-    fc1 = reference_fit(taps["fc1"].double().detach().numpy(), ckpt["labels"].numpy(), 10, 0.99)
+    fc1_ctl = reference_fit(taps["fc1"].double().detach().numpy(), ckpt["labels"].numpy(), 10, 0.99)
     control = p5["init_control"][1]["corrupt_subspaces"]
-    assert control["dims"] == [b.shape[1] for b in fc1]
-    fc1_test = reference_predict(fc1, test_taps["fc1"].double().detach().numpy())
+    assert set(control) == {"test", "dims"} and control["dims"] == [b.shape[1] for b in fc1_ctl]
+    fc1_test = reference_predict(fc1_ctl, test_taps["fc1"].double().detach().numpy())
     assert control["test"] == pytest.approx((fc1_test == qy.numpy()).mean())
     lines = proc.stdout.splitlines()  # its printed table: every layer's fit, and at init
     head = next(i for i, line in enumerate(lines) if line.startswith("posthoc q"))
@@ -636,7 +636,8 @@ def test_posthoc_init_control_is_the_posthoc_fit_of_an_untrained_model(mnist, tm
     """With training a no-op, the p=0 model is its initialisation: the post-hoc fit at init must be
     the post-hoc fit, field for field, in each run (run 1's initial weights and post-hoc labels
     are its own seed's). Trained (Adam at a high rate: the weights move far), every hidden layer
-    fits otherwise; the input, the same in both, fits the same."""
+    fits otherwise, post hoc and in the paper's control; the input, the same in both, fits the
+    same."""
     args = ["--corruption", "0", "--posthoc-corruption", "0.5,1", "--epochs", "3", "--no-retrain",
             "--optimizer", "adam", "--lr", "0.01", "--runs", "2", "--data-dir", mnist]
     for trained in cpu_main(args + ["--out-dir", tmp_path / "trained"])["runs"]:
@@ -644,6 +645,9 @@ def test_posthoc_init_control_is_the_posthoc_fit_of_an_untrained_model(mnist, tm
             assert q["layers"][0] == at_init["layers"][0]
             for layer, control in zip(q["layers"][1:], at_init["layers"][1:]):
                 assert layer["name"] == control["name"] and layer["dims"] != control["dims"]
+        for layer, control in zip(trained["layers"][1:], trained["init_control"][1:]):  # and the
+            for kind in ("corrupt_subspaces", "true_subspaces"):  # paper's control, likewise
+                assert layer[kind]["dims"] != control[kind]["dims"], (layer["name"], kind)
     monkeypatch.setattr(m, "train_epoch", lambda stack, images, labels, *rest: ([0.0] * labels.shape[0],
                                                                            [True] * labels.shape[0]))
     runs = cpu_main(args + ["--out-dir", tmp_path / "noop"])["runs"]
