@@ -796,6 +796,19 @@ def read_config(path):
         raise UserError(f"{path} is unreadable; move it away or pass --overwrite to start over")
     return saved
 
+def refuse_to_replace_a_record(out_path):  # a fresh start rewrites log.jsonl and results.json
+    with contextlib.suppress(OSError):
+        with open(out_path("log.jsonl"), "rb") as f:
+            evaluations = sum(1 for line in f if line.strip())
+        if evaluations > 1:  # more than INIT: epochs whose checkpoint was deleted (to save disk)
+            raise UserError(f"{out_path('log.jsonl')} records {evaluations - 1} evaluations "
+                            "after INIT but ckpt.pt is gone: starting afresh would replace "
+                            "them; pass --overwrite or use another --out-dir")
+    if os.path.exists(out_path("results.json")):
+        raise UserError(f"{out_path('results.json')} holds a finished run but ckpt.pt is gone: "
+                        "starting afresh would replace it; pass --overwrite or use another "
+                        "--out-dir")
+
 def load_checkpoint(path, config, overwrite):  # None: start afresh. Refuses a corrupt one
     if not os.path.exists(path) or overwrite:
         return None
@@ -991,6 +1004,7 @@ def run(args):
     if not ckpt and not args.overwrite and os.path.exists(out_path("config.json")):
         # killed before its first checkpoint, or the checkpoint deleted: config.json still guards
         refuse_other_config(read_config(out_path("config.json")), config, out_path("config.json"))
+        refuse_to_replace_a_record(out_path)
     clean_classes, resolution = DATASETS[args.dataset]
     train, test = load_dataset(args.dataset, args.data_dir)
     transfer_sets = load_transfer(args, resolution, device)  # fail now, not after days of training
@@ -1051,12 +1065,13 @@ def run(args):
             row["transfer"] = transfer_probe(model, transfer_sets, args, rt)
         history.append(row)
         tqdm.write(format_eval(row))
-        save_atomically(out_path("log.jsonl"), "".join(json.dumps(r) + "\n" for r in history))
         cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         rng = {"torch": torch.get_rng_state(), "gen": gen.get_state(), "cuda": cuda_rng}
         save_atomically(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                     "labels": data.labels.cpu(), "epoch": epoch, "rng": rng,
                                     "config": config, "history": history})
+        # after the checkpoint: the log never lists an epoch that a resume cannot start from
+        save_atomically(out_path("log.jsonl"), "".join(json.dumps(r) + "\n" for r in history))
 
     if not history:
         evaluate(0, None, None)

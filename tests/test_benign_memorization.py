@@ -629,7 +629,29 @@ def test_lower_epochs_and_another_config_without_checkpoint_are_refused(cifar, t
     (out / "config.json").write_bytes(b"\xff not json")  # one line, not a traceback
     assert "unreadable" in main_error(bm, args + ["--epochs", "2", "--lr", "0.1"], capsys)
     (out / "config.json").write_bytes(before["config.json"])
-    assert bm.main(args + ["--epochs", "1"])["final"]["epoch"] == 1  # the same config starts afresh
+    # the same config would start afresh and replace the log and results of 2 epochs: refused
+    err = main_error(bm, args + ["--epochs", "2"], capsys)
+    assert "log.jsonl" in err and "2 evaluations" in err and "--overwrite" in err
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    os.remove(out / "log.jsonl")  # results.json alone is a finished run too
+    assert "results.json" in main_error(bm, args + ["--epochs", "2"], capsys)
+    assert (out / "results.json").read_bytes() == before["results.json"]
+    assert bm.main(args + ["--epochs", "1", "--overwrite"])["final"]["epoch"] == 1
+
+
+def test_run_killed_before_its_first_checkpoint_starts_afresh(cifar, tmp_path, patch_md5,
+                                                              monkeypatch):
+    """Only config.json and the INIT row of log.jsonl are left: nothing a fresh start loses."""
+    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
+    args = ARGS + ["--epochs", "1", "--data-dir", str(cifar)]
+    whole = bm.main(args + ["--out-dir", str(tmp_path / "whole")])
+    out = tmp_path / "cut"
+    out.mkdir()
+    (out / "config.json").write_bytes((tmp_path / "whole" / "config.json").read_bytes())
+    init_row = (tmp_path / "whole" / "log.jsonl").read_text().splitlines()[0]
+    (out / "log.jsonl").write_text(init_row + "\n")
+    again = bm.main(args + ["--out-dir", str(out)])
+    assert strip_timing([again["final"]]) == strip_timing([whole["final"]])
 
 
 def test_out_dir_below_a_file_gives_one_line_error(cifar, tmp_path, patch_md5, capsys):
@@ -1263,9 +1285,10 @@ def test_compiled_run_killed_after_a_checkpoint_ends_as_an_uninterrupted_one(
         bm.main(common + ["--out-dir", str(tmp_path / "cut")])
     monkeypatch.setattr(bm, "save_atomically", real_save)
     assert saves == [0, 1]
+    read = lambda d: [json.loads(r) for r in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+    assert read("cut")[-1]["epoch"] == 0  # the log follows the checkpoint, never leads it
     torch.manual_seed(12345)  # whatever happened in between
     resumed = bm.main(common + ["--out-dir", str(tmp_path / "cut")])
-    read = lambda d: [json.loads(r) for r in (tmp_path / d / "log.jsonl").read_text().splitlines()]
     assert strip_timing(read("whole")) == strip_timing(read("cut"))
     assert whole["final"]["loss"] == resumed["final"]["loss"]
 
