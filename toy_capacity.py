@@ -3,12 +3,13 @@ The toy model of "The Curious Case of Benign Memorization", Appendix E: fitting 
 benign (the encoder learns the true classes) only once the augmented points outnumber what the
 model can memorize.
 
-A linear encoder h(x) = W x feeds an inverse-distance projector whose K prototypes bound how many
+A linear encoder h(x) = W x feeds an inverse-distance projector whose K prototypes limit how many
 points it can fit. Inputs carry their class in the first d1 coordinates and, in the rest, noise
-that augmentations perturb. While the model can fit all n*B augmented points it learns nothing;
-once it cannot, the random labels force W to ignore the noise, and a K-NN probe on the true classes
-beats its score at initialisation. A sweep trains as one batched model, but each (n, B, seed) cell
-has its own generators: it gets the result it gets alone.
+that augmentations perturb. While the model can memorize the n*B augmented points one by one it
+learns nothing; once they are too many, it fits the random labels only by mapping each point's
+augmentations together: W learns to ignore the noise, and a K-NN probe on the true classes beats
+its score at initialisation. A sweep trains as one batched model, but each (n, B, seed) cell has
+its own generators: it gets the result it gets alone.
 
 Usage:
     python toy_capacity.py                                  # default sweep: 14-21 s on 2 cores
@@ -30,11 +31,11 @@ import torch.nn.functional as F
 @dataclass
 class Config:
     """The sweep (flags) and the world it runs in (constants: edit them here)."""
-    n: list = field(default_factory=lambda: [16, 64, 256])  # 16 fit in K = 64, 256 do not
+    n: list = field(default_factory=lambda: [16, 64, 256])  # fewer than K = 64, as many, more
     # B fixed augmentations per point, 1 (none) to beyond capacity; None: online, fresh each time
     augs: list = field(default_factory=lambda: [1, 4, 16, 64, None])
     seeds: list = field(default_factory=lambda: [0, 1, 2])  # a mean and a spread per cell
-    capacity: int = 64  # projector prototypes K: its hard-assignment limit fits at most K points
+    capacity: int = 64  # projector prototypes K, which bound the capacity (Appendix E)
     steps: int = 2000  # SGD steps
     out_dir: str = "runs/toy"
     overwrite: bool = False  # replace the results of another config in out_dir
