@@ -605,7 +605,8 @@ def probe(model, ps, args, rt, linear):
         for name in group:
             if not all(torch.isfinite(part[name]).all() for part in f.values()):
                 raise UserError(f"the {name} layer's outputs are not finite: the model diverged "
-                                "(try a lower --lr); stopped before its checkpoint")
+                                "(try a lower --lr, with --overwrite or another --out-dir); "
+                                "stopped before its checkpoint")
             pred = knn_predict(f["train"][name], ps.train_clean, f["test"][name], args.knn_k)
             result["knn_clean"][name] = accuracy(pred, ps.test_clean)
             if ps.noisy_probe:
@@ -1086,8 +1087,9 @@ def run(args):
         if not math.isfinite(loss) or not finite_weights(model):  # before this epoch's checkpoint
             what = f"training loss became {loss}" if not math.isfinite(loss) else \
                 "weights became nan or inf"
-            raise UserError(f"the {what} at epoch {epoch}; stopped (try a lower --lr). The last "
-                            f"good checkpoint, epoch {history[-1]['epoch']}, is in {ckpt_path}")
+            raise UserError(f"the {what} at epoch {epoch}; stopped (try a lower --lr, with "
+                            "--overwrite or another --out-dir). The last good checkpoint, "
+                            f"epoch {history[-1]['epoch']}, is in {ckpt_path}")
         losses.append(loss)
         img_per_s = images / seconds if seconds else None
         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{img_per_s or 0:.0f}")
@@ -1106,6 +1108,7 @@ def run(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    again = "the same command without --overwrite" if args.overwrite else "the same command"
     try:
         return run(args)
     except UserError as e:
@@ -1115,8 +1118,11 @@ def main(argv=None):
         reason = first_line(getattr(e, "inner_exception", e))  # e's first line: the backend
         sys.stderr.write(f"error: --compile failed ({reason}); run the same command without it\n")
         sys.exit(1)
+    except torch.cuda.OutOfMemoryError as e:  # no traceback, and how to go on
+        sys.stderr.write(f"error: {first_line(e)}; with more free GPU memory, {again} resumes "
+                         "from the last evaluation's checkpoint\n")
+        sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C: no traceback, and how to go on
-        again = "the same command without --overwrite" if args.overwrite else "the same command"
         sys.stderr.write(f"\ninterrupted: {again} resumes from the last evaluation's "
                          "checkpoint\n")
         sys.exit(130)

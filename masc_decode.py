@@ -289,8 +289,9 @@ def train_pass(active, template, data, args, after_epoch):
         if not all(finite):  # before after_epoch writes a checkpoint of this epoch
             names = ", ".join(job.name for job, ok in zip(group, finite) if not ok)
             raise UserError(f"the loss or the weights of {names} became nan or inf (try a lower "
-                            "--lr); stopped: a model memorizing keeps its last checkpoint, a "
-                            "retraining starts again from its memorized model")
+                            "--lr, with --overwrite or another --out-dir); stopped: a model "
+                            "memorizing keeps its last checkpoint, a retraining starts again "
+                            "from its memorized model")
         preds = stack.predictions(data.test_x)
         stack.write_back(group)
         finished += [job for job, acc, pred in zip(group, accs, preds)
@@ -344,7 +345,7 @@ def class_basis(X, variance):
         product = (X @ X.T if gram else X.T @ X).double()
         if not torch.isfinite(product).all():  # a diverged model's outputs, or their squares
             raise UserError("a layer's outputs are too large or not finite for MASC: the model "
-                            "diverged (try a lower --lr)")
+                            "diverged (try a lower --lr, with --overwrite or another --out-dir)")
         ev, vec = torch.linalg.eigh(product)
         ev, vec = ev.flip(0).clamp_min(0), vec.flip(1)
         cum, inner = ev.cumsum(0), D if gram else n
@@ -358,15 +359,17 @@ def fit_subspaces(feats, labels, num_classes, variance=0.99):
     a class with no samples, or only all-zero ones, gets an empty one (D, 0), never predicted."""
     return [class_basis(feats[labels == k].float(), variance) for k in range(num_classes)]
 
-def masc_predict(bases, feats, chunk=8192):
+def masc_predict(bases, feats, max_floats=2**25):
     """Per row, the class whose subspace makes the smallest angle with it (Algorithm 1), or -1 for
     an all-zero row: cos^2 = ||V_k^T x||^2 / ||x||^2, one product with the concatenated bases per
-    `chunk` rows (8192 x 4096 floats: 128 MB). Each class's squares are summed by a product with a
+    chunk of rows, at most max_floats (128 MB) per product: the bases of a trained layer can have
+    tens of thousands of columns in all. Each class's squares are summed by a product with a
     one-hot owner matrix, not index_add_, whose CUDA atomics add in a varying order."""
     feats = feats.float()
     dims = torch.tensor([b.shape[1] for b in bases], device=feats.device)
     owner = F.one_hot(torch.repeat_interleave(dims), len(bases)).float()  # (columns, classes)
     stacked = torch.cat(bases, 1)
+    chunk = max(1, max_floats // max(1, stacked.shape[1]))
     preds = []
     for start in range(0, len(feats), chunk):
         x = feats[start:start + chunk]
@@ -646,18 +649,31 @@ def checkpoint_key(args, p, run, labels, test_labels):
 def in_progress_path(path):  # a model still in training: models/p0.4_run1.partial.pt
     return path[:-len(".pt")] + ".partial.pt"
 
-def load_model_checkpoint(path, key, overwrite, device):
+def fits_template(ckpt, template, partial, optimizer):  # weights (and moments) of its shapes
+    shapes = {n: t.shape for n, t in template.state_dict().items()}
+    if {n: t.shape for n, t in ckpt["model"].items()} != shapes:
+        return False
+    slots = OPTIMIZER_SLOTS[optimizer] if partial else ()
+    return all(ckpt["optimizer"]["buffers"][n][s].shape == shapes[n]
+               for n, _ in template.named_parameters() for s in slots)
+
+def load_model_checkpoint(path, key, overwrite, device, template):
     """The checkpoint (on device) if made with key; None if absent, or other and overwrite."""
     if not os.path.exists(path):
         return None
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
         saved_key = ckpt["key"]
+        if not isinstance(saved_key, dict):
+            raise TypeError
         partial = path.endswith(".partial.pt")
         resume = ("optimizer", "gen", "device") if partial else ("labels",)
         complete = {"model", "history", *resume} <= set(ckpt)
         complete = complete and (not partial or {"step", "buffers"} <= set(ckpt["optimizer"]))
-        if saved_key == key and not complete:  # other settings are refused as such, below
+        # other settings are refused as such, below; a file of another version of the model
+        # under the same key, as unreadable rather than with a traceback
+        if saved_key == key and not (complete and fits_template(ckpt, template, partial,
+                                                                key["optimizer"])):
             raise KeyError  # the error below names only the type
     except Exception as e:
         if overwrite:  # trained again
@@ -787,14 +803,15 @@ def memorization_job(p, run, template, data, args):
     path = os.path.join(args.out_dir, "models", f"p{p:g}_run{run}.pt")
     labels = corrupt_labels(data.train_y, p, K, seed)
     key = checkpoint_key(args, p, run, labels, data.test_y)
-    done = load_model_checkpoint(path, key, args.overwrite, dev)
+    done = load_model_checkpoint(path, key, args.overwrite, dev, template)
     if done:
         tqdm.write(f"p={p:g} run {run}: reusing {path}")
         return model_from(template, done["model"]), done["labels"], done["history"]
     initial = build_model(args.model, shape, K, seed).to(dev).state_dict()
     job = Memorizing(f"p={p:g} run {run}", initial, labels, named_generator(dev, "order", seed),
                      path=path, key=key)
-    resumed = load_model_checkpoint(in_progress_path(path), key, args.overwrite, dev)
+    resumed = load_model_checkpoint(in_progress_path(path), key, args.overwrite, dev,
+                                      template)
     was = resumed and resumed["device"]  # a CPU generator cannot continue a CUDA one, nor back
     if resumed and was != dev.type and not args.overwrite:  # with it, the model trains afresh
         raise UserError(f"{in_progress_path(path)} was written on {was}: resume it with --device "
@@ -1032,6 +1049,10 @@ def main(argv=None):
         return run(args)
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
+    except torch.cuda.OutOfMemoryError as e:  # on CUDA the default stacks every model at once
+        sys.stderr.write(f"error: {first_line(e)}; lower --models-at-once and run the command "
+                         "again: it reuses the finished models and resumes the others\n")
         sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C: no traceback, and how to go on
         sys.stderr.write("\ninterrupted: the same command reuses the finished models and resumes "

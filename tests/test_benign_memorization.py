@@ -464,7 +464,36 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cifar, tmp_path, patch_md
     assert exit_info.value.code != 0
     err = capsys.readouterr().err
     assert "nan" in err.lower() and "epoch 3" in err and "epoch 2" in err
+    assert "lower --lr, with --overwrite" in err  # a lower --lr alone is refused as another config
     assert torch.load(out / "ckpt.pt", weights_only=True)["epoch"] == 2
+
+
+def test_out_of_gpu_memory_is_one_line_that_says_how_to_resume(cifar, tmp_path, patch_md5,
+                                                                monkeypatch, capsys):
+    """CUDA's out-of-memory error, raised here on the CPU where the second epoch would raise it."""
+    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
+    real, calls = bm.train_epoch, {"n": 0}
+
+    def train_epoch(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+        return real(*args)
+    monkeypatch.setattr(bm, "train_epoch", train_epoch)
+    args = ARGS + ["--data-dir", str(cifar), "--out-dir", str(tmp_path / "run")]
+
+    def last_error_line(argv):  # after the progress bar
+        with pytest.raises(SystemExit) as exit_info:
+            bm.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and "Traceback" not in err
+        return err.strip().splitlines()[-1]
+    last = last_error_line(args)
+    assert last.startswith("error: ") and "CUDA out of memory. Tried to allocate 2.00 GiB;" in last
+    assert "the same command resumes from the last evaluation's checkpoint" in last
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["epoch"] == 1
+    calls["n"] = 0
+    assert "the same command without --overwrite" in last_error_line(args + ["--overwrite"])
 
 
 def diverge_at_epoch(monkeypatch, epoch, value):

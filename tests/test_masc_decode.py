@@ -84,7 +84,26 @@ def test_masc_prediction_chunks_agree():
     train, y = subspace_data(rng, 3, 10, 30, rank=2, noise=0.3)
     bases = m.fit_subspaces(torch.tensor(train, dtype=torch.float32), torch.tensor(y), 3)
     x = torch.tensor(rng.normal(size=(50, 10)), dtype=torch.float32)
-    assert torch.equal(m.masc_predict(bases, x), m.masc_predict(bases, x, chunk=7))
+    assert torch.equal(m.masc_predict(bases, x), m.masc_predict(bases, x, max_floats=7 * 6))
+
+
+def test_masc_prediction_products_stay_within_the_memory_bound(monkeypatch):
+    """The chunk's rows follow the bases' total width: every product holds at most max_floats."""
+    rng = np.random.default_rng(2)
+    train, y = subspace_data(rng, 3, 10, 30, rank=2, noise=0.3)
+    bases = m.fit_subspaces(torch.tensor(train, dtype=torch.float32), torch.tensor(y), 3)
+    width = sum(b.shape[1] for b in bases)
+    x = torch.tensor(rng.normal(size=(50, 10)), dtype=torch.float32)
+    shapes, real_matmul = [], torch.Tensor.__matmul__
+
+    def matmul_spy(a, b):
+        shapes.append((a.shape[0], b.shape[1]))
+        return real_matmul(a, b)
+    monkeypatch.setattr(torch.Tensor, "__matmul__", matmul_spy)
+    pred = m.masc_predict(bases, x, max_floats=4 * width + 1)  # 4 rows per chunk
+    monkeypatch.undo()
+    assert shapes[0::2] == [(4, width)] * 12 + [(2, width)]  # the products with the bases
+    assert torch.equal(pred, m.masc_predict(bases, x))
 
 
 @pytest.mark.parametrize("n", [4, 30])  # fewer and more samples than the 6 dimensions
@@ -149,6 +168,15 @@ def test_corruption_rate_is_p_minus_p_over_k():
     assert not torch.equal(m.corrupt_labels(targets, 0.5, 10, 1), m.corrupt_labels(targets, 0.5, 10, 2))
     replaced = m.corrupt_labels(targets, 1.0, 10, 3)
     assert torch.bincount(replaced).min() > 19000  # uniform over all classes
+
+
+def test_degrees_of_one_seed_are_nested_as_the_readme_says():
+    """One seed's draws serve every degree: what p = 0.2 changes, p = 0.4 changes the same way."""
+    targets = torch.arange(20000) % 10
+    low, high = (m.corrupt_labels(targets, p, 10, seed=5) for p in (0.2, 0.4))
+    changed = low != targets
+    assert changed.sum() > 3000 and torch.equal(high[changed], low[changed])
+    assert (high != targets).sum() > 1.8 * changed.sum()
 
 # ----------------------------------------------------------------------------- models
 
@@ -318,10 +346,26 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(mnist, tmp_path, monkeypat
                 "--data-dir", str(mnist), "--out-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert exit_info.value.code != 0 and "nan" in err and "p=0.5 run 0" in err
+    assert "lower --lr, with --overwrite" in err  # a lower --lr alone is refused as other settings
     saved = torch.load(tmp_path / "models" / "p0.5_run0.partial.pt", weights_only=True)
     assert len(saved["history"]["train_acc"]) == 2  # the last good epoch
     assert all(torch.isfinite(v).all() for v in saved["model"].values())
     assert not (tmp_path / "models" / "p0.5_run0.pt").exists()
+
+
+def test_out_of_gpu_memory_is_one_line_that_says_to_stack_fewer_models(mnist, tmp_path,
+                                                                        monkeypatch, capsys):
+    """CUDA's out-of-memory error, raised here on the CPU where training would raise it."""
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+    monkeypatch.setattr(m, "train_epoch", out_of_memory)
+    with pytest.raises(SystemExit) as exit_info:
+        cpu_main(["--corruption", "0.5", "--epochs", "2", "--no-retrain", "--data-dir", mnist,
+                  "--out-dir", tmp_path])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the progress bar
+    assert exit_info.value.code == 1 and "Traceback" not in err and last.startswith("error: ")
+    assert "CUDA out of memory. Tried to allocate 2.00 GiB;" in last and "--models-at-once" in last
 
 
 def test_weights_ruined_by_an_epochs_last_step_are_caught_before_the_model_is_saved(
@@ -875,9 +919,26 @@ def test_a_results_json_that_cannot_be_kept_or_a_checkpoint_missing_a_field_is_o
         m.keep_other_results(str(tmp_path), {"corruption": [0.8]})
     monkeypatch.undo()
     path = str(tmp_path / "p0.8_run0.pt")
+    template = m.build_model("mlp", (1, 4, 4), 10, 0)
     torch.save({"key": {}, "model": {}, "history": {}}, path)  # no labels: a KeyError traceback
     with pytest.raises(m.UserError, match=r"unreadable \(KeyError\)"):
-        m.load_model_checkpoint(path, {}, False, "cpu")
+        m.load_model_checkpoint(path, {}, False, "cpu", template)
+    torch.save({"key": "p0.8", "model": {}, "history": {}}, path)  # saved_key.get: AttributeError
+    with pytest.raises(m.UserError, match=r"unreadable \(TypeError\)"):
+        m.load_model_checkpoint(path, {"optimizer": "sgd"}, False, "cpu", template)
+    key, other = {"optimizer": "sgd"}, m.build_model("mlp", (1, 5, 5), 10, 0)
+    finished = {"key": key, "model": other.state_dict(), "history": {}, "labels": None}
+    torch.save(finished, path)  # the same key, another model's weights: load_state_dict raised
+    with pytest.raises(m.UserError, match=r"unreadable \(KeyError\)"):
+        m.load_model_checkpoint(path, key, False, "cpu", template)
+    torch.save(dict(finished, model=template.state_dict()), path)
+    assert m.load_model_checkpoint(path, key, False, "cpu", template)["key"] == key
+
+
+def zero_moments(model, optimizer):
+    """An in-progress checkpoint's optimizer field for model: step 1, zero moments."""
+    return {"step": 1, "buffers": {n: {s: torch.zeros_like(t) for s in m.OPTIMIZER_SLOTS[optimizer]}
+                                   for n, t in model.named_parameters()}}
 
 
 def partial_checkpoint_setup(mnist, tmp_path):
@@ -899,12 +960,18 @@ def partial_checkpoint_setup(mnist, tmp_path):
 def test_partial_checkpoint_missing_what_a_resume_needs_is_refused_in_one_line(mnist, tmp_path,
                                                                                capsys):
     """Every field a resume reads is checked when the file is loaded, not when it is used."""
-    args, _, partial = partial_checkpoint_setup(mnist, tmp_path)
-    complete = dict(partial, optimizer={"step": 1, "buffers": {}},
+    args, model, partial = partial_checkpoint_setup(mnist, tmp_path)
+    complete = dict(partial, optimizer=zero_moments(model, partial["key"]["optimizer"]),
                     gen=torch.Generator().get_state(), device="cpu")
     damaged = [{k: v for k, v in complete.items() if k != field}
                for field in ("optimizer", "gen", "device")]
-    damaged += [dict(complete, optimizer={"step": 1}), dict(complete, optimizer={})]
+    damaged += [dict(complete, optimizer={"step": 1}), dict(complete, optimizer={}),
+                dict(complete, optimizer={"step": 1, "buffers": {}})]
+    # the same key, but another version of the model: its weights or moments of other shapes
+    wider = m.build_model("mlp", (1, 28, 28), 10, 0)
+    wider.out = torch.nn.Linear(2048, 12)  # an output layer of another size
+    damaged += [dict(complete, model=wider.state_dict()),
+                dict(complete, optimizer=zero_moments(wider, partial["key"]["optimizer"]))]
     for ckpt in damaged:
         torch.save(ckpt, tmp_path / "models" / "p0.5_run0.partial.pt")
         err = main_error(m, args, capsys)
@@ -918,9 +985,9 @@ def test_partial_checkpoint_missing_what_a_resume_needs_is_refused_in_one_line(m
 
 def test_partial_checkpoint_from_another_device_type_is_refused_in_one_line(mnist, tmp_path, capsys):
     """A CUDA generator's state cannot continue on the CPU (set_state raised a traceback)."""
-    args, _, partial = partial_checkpoint_setup(mnist, tmp_path)
-    partial.update(optimizer={"step": 1, "buffers": {}}, gen=torch.zeros(16, dtype=torch.uint8),
-                   device="cuda")
+    args, model, partial = partial_checkpoint_setup(mnist, tmp_path)
+    partial.update(optimizer=zero_moments(model, partial["key"]["optimizer"]),
+                   gen=torch.zeros(16, dtype=torch.uint8), device="cuda")
     torch.save(partial, tmp_path / "models" / "p0.5_run0.partial.pt")
     err = main_error(m, args, capsys)
     assert "written on cuda" in err and "--device cuda" in err and "--overwrite" in err
@@ -964,7 +1031,8 @@ def test_one_hot_sum_of_masc_predict_gives_the_index_add_predictions():
     bases = m.fit_subspaces(feats[:2000], labels[:2000], 10)
     queries = feats[2000:]
     assert torch.equal(m.masc_predict(bases, queries), index_add_predict(bases, queries))
-    assert torch.equal(m.masc_predict(bases, queries, chunk=7), m.masc_predict(bases, queries))
+    assert torch.equal(m.masc_predict(bases, queries, max_floats=7 * 256),
+                       m.masc_predict(bases, queries))
 
 
 def test_masc_products_are_ieee_float32_whatever_the_program_asked_and_flags_come_back(monkeypatch):
