@@ -1066,13 +1066,14 @@ def run(args):
             row["transfer"] = transfer_probe(model, transfer_sets, args, rt)
         history.append(row)
         tqdm.write(format_eval(row))
+        # before the checkpoint: killed in between, a resume redoes this epoch and rewrites the
+        # log (after the checkpoint, a run killed at its last epoch would keep a short log)
+        save_atomically(out_path("log.jsonl"), "".join(json.dumps(r) + "\n" for r in history))
         cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         rng = {"torch": torch.get_rng_state(), "gen": gen.get_state(), "cuda": cuda_rng}
         save_atomically(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                     "labels": data.labels.cpu(), "epoch": epoch, "rng": rng,
                                     "config": config, "history": history})
-        # after the checkpoint: the log never lists an epoch that a resume cannot start from
-        save_atomically(out_path("log.jsonl"), "".join(json.dumps(r) + "\n" for r in history))
 
     if not history:
         evaluate(0, None, None)

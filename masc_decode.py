@@ -362,9 +362,10 @@ def fit_subspaces(feats, labels, num_classes, variance=0.99):
 def masc_predict(bases, feats, max_floats=2**25):
     """Per row, the class whose subspace makes the smallest angle with it (Algorithm 1), or -1 for
     an all-zero row: cos^2 = ||V_k^T x||^2 / ||x||^2, one product with the concatenated bases per
-    chunk of rows, at most max_floats (128 MB) per product: the bases of a trained layer can have
-    tens of thousands of columns in all. Each class's squares are summed by a product with a
-    one-hot owner matrix, not index_add_, whose CUDA atomics add in a varying order."""
+    chunk of rows, at most max_floats (128 MB) per product (or one row): the bases of a trained
+    layer can have tens of thousands of columns in all. Each class's squares are summed by a
+    product with a one-hot owner matrix, not index_add_, whose CUDA atomics add in a varying
+    order."""
     feats = feats.float()
     dims = torch.tensor([b.shape[1] for b in bases], device=feats.device)
     owner = F.one_hot(torch.repeat_interleave(dims), len(bases)).float()  # (columns, classes)
@@ -1051,8 +1052,9 @@ def main(argv=None):
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
     except torch.cuda.OutOfMemoryError as e:  # on CUDA the default stacks every model at once
-        sys.stderr.write(f"error: {first_line(e)}; lower --models-at-once and run the command "
-                         "again: it reuses the finished models and resumes the others\n")
+        sys.stderr.write(f"error: {first_line(e)}; stack fewer models (--models-at-once) or free "
+                         "GPU memory, and run the command again: it reuses the finished models "
+                         "and resumes the others\n")
         sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C: no traceback, and how to go on
         sys.stderr.write("\ninterrupted: the same command reuses the finished models and resumes "

@@ -448,6 +448,31 @@ def test_killed_run_resumes_to_the_same_result(cifar, tmp_path):
     assert again.returncode == 0 and json.loads((out / "results.json").read_text()) == b
 
 
+def test_run_killed_after_its_last_checkpoint_ends_with_the_whole_log(cifar, tmp_path, patch_md5,
+                                                                       monkeypatch):
+    """Killed after the final epoch's checkpoint, before results.json: the resume trains nothing,
+    so the log must already hold the last row (it is written before the checkpoint)."""
+    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
+    args = ARGS + ["--epochs", "2", "--linear-probe", "off", "--data-dir", str(cifar)]
+    whole = bm.main(args + ["--out-dir", str(tmp_path / "whole")])
+    real_save = bm.save_atomically
+
+    def save_then_die(path, content):
+        real_save(path, content)
+        if path.endswith("ckpt.pt") and content["epoch"] == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(bm, "save_atomically", save_then_die)
+    with pytest.raises(SystemExit, match="130"):
+        bm.main(args + ["--out-dir", str(tmp_path / "cut")])
+    monkeypatch.setattr(bm, "save_atomically", real_save)
+    assert not (tmp_path / "cut" / "results.json").exists()
+    resumed = bm.main(args + ["--out-dir", str(tmp_path / "cut")])
+    read = lambda d: [json.loads(r) for r in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in read("cut")] == [0, 1, 2]
+    assert strip_timing(read("cut")) == strip_timing(read("whole"))
+    assert strip_timing([resumed["final"]]) == strip_timing([whole["final"]])
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(cifar, tmp_path, patch_md5, monkeypatch, capsys):
     monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)  # the encoder plays no part here
     out = tmp_path / "run"
@@ -1314,10 +1339,9 @@ def test_compiled_run_killed_after_a_checkpoint_ends_as_an_uninterrupted_one(
         bm.main(common + ["--out-dir", str(tmp_path / "cut")])
     monkeypatch.setattr(bm, "save_atomically", real_save)
     assert saves == [0, 1]
-    read = lambda d: [json.loads(r) for r in (tmp_path / d / "log.jsonl").read_text().splitlines()]
-    assert read("cut")[-1]["epoch"] == 0  # the log follows the checkpoint, never leads it
     torch.manual_seed(12345)  # whatever happened in between
     resumed = bm.main(common + ["--out-dir", str(tmp_path / "cut")])
+    read = lambda d: [json.loads(r) for r in (tmp_path / d / "log.jsonl").read_text().splitlines()]
     assert strip_timing(read("whole")) == strip_timing(read("cut"))
     assert whole["final"]["loss"] == resumed["final"]["loss"]
 
