@@ -1,15 +1,14 @@
 """
-The toy model of "The Curious Case of Benign Memorization", Appendix E: fitting random labels is
-benign (the encoder learns the true classes) only once the augmented points outnumber what the
-model can memorize.
+The toy model of "The Curious Case of Benign Memorization", Appendix E, for the paper's claim that
+fitting random labels is benign (the encoder learns the true classes) only once the augmented
+points outnumber what the model can memorize.
 
 A linear encoder h(x) = W x feeds an inverse-distance projector whose K prototypes limit how many
 points it can fit. Inputs carry their class in the first d1 coordinates and, in the rest, noise
-that augmentations perturb. With one view per point the model memorizes the points one by one and
-its features get worse; given many views of each point, more than it can memorize one by one, it
-fits the random labels by mapping a point's views together: W learns to ignore the noise, and a
-K-NN probe on the true classes beats its score at initialisation. A sweep trains as one batched
-model, but each (n, B, seed) cell has its own generators: it gets the result it gets alone.
+that augmentations perturb. With one view per point the model memorizes points one by one, and its
+features get worse; given more views than that, it maps a point's views together: W ignores the
+noise, and a K-NN probe on the true classes beats its score at initialisation. A sweep trains as
+one batched model; each (n, B, seed) cell has its own generators: it gets the result it gets alone.
 
 Usage:
     python toy_capacity.py                                  # default sweep: 14-21 s on 2 cores
