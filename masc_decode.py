@@ -811,11 +811,11 @@ def memorization_job(p, run, template, data, args):
     initial = build_model(args.model, shape, K, seed).to(dev).state_dict()
     job = Memorizing(f"p={p:g} run {run}", initial, labels, named_generator(dev, "order", seed),
                      path=path, key=key)
-    resumed = load_model_checkpoint(in_progress_path(path), key, args.overwrite, dev,
-                                      template)
+    partial = in_progress_path(path)
+    resumed = load_model_checkpoint(partial, key, args.overwrite, dev, template)
     was = resumed and resumed["device"]  # a CPU generator cannot continue a CUDA one, nor back
     if resumed and was != dev.type and not args.overwrite:  # with it, the model trains afresh
-        raise UserError(f"{in_progress_path(path)} was written on {was}: resume it with --device "
+        raise UserError(f"{partial} was written on {was}: resume it with --device "
                         f"{was}, or pass --overwrite to train that model again")
     if resumed and was == dev.type:
         job.state, job.opt = resumed["model"], resumed["optimizer"]
