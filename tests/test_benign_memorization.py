@@ -336,8 +336,10 @@ def test_training_step_gets_augmented_images_and_targets_mixed_with_one_lambda(
         return real_forward(self, x, taps)
 
     def loss(out, target, kind):
+        value = real_loss(out, target, kind)
         seen["loss"].append(target)
-        return real_loss(out, target, kind)
+        seen.setdefault("value", []).append((out, target, value))
+        return value
     real_batch = bm.TrainingSet.batch
 
     def batch(self, idx, online_uniforms=None):
@@ -350,6 +352,11 @@ def test_training_step_gets_augmented_images_and_targets_mixed_with_one_lambda(
     bm.main(SMALL + ["--epochs", "3", "--eval-every", "3", "--linear-probe", "off", "--invariance-size", "0",
                      "--data-dir", str(cifar), "--out-dir", str(tmp_path)])
     assert len(seen["mix"]) == len(seen["forward"]) == len(seen["loss"]) == 6  # 3 epochs x 2 steps
+    for out, target, value in seen["value"]:  # the default loss: MSE against the (mixed) one-hots
+        assert value.item() == pytest.approx(((out.double() - target.double()) ** 2).mean().item(),
+                                             rel=1e-5)
+    for e in range(3):  # each epoch sees every one of the 64 points once
+        assert sorted(torch.cat(seen["idx"][2 * e:2 * e + 2]).tolist()) == list(range(64))
     labels = torch.load(tmp_path / "ckpt.pt", weights_only=True)["labels"]
     clean_images = bm.load_dataset("cifar10", str(cifar))[0][0].float().flatten(1) / 255
     exact = dict(compute_mode="donot_use_mm_for_euclid_dist")  # no |a|^2 + |b|^2 - 2ab cancellation
@@ -829,6 +836,30 @@ def test_fixed_augmentations_are_fixed_distinct_and_keyed_by_index():
     # training batches of a fixed set are exactly these views (no fresh augmentation)
     images, _, u = d3.batch(torch.tensor([4, 17]), torch.rand(2, bm.NUM_UNIFORMS))
     assert torch.equal(bm.apply_augment(images.float() / 255, bm.augment_params(u, 32, 32)), all3[[4, 17]])
+
+
+def test_an_epoch_of_fixed_views_keeps_the_step_budget_of_the_images(monkeypatch):
+    """Section 5.1: n images x B fixed views train for n points an epoch (not n*B), each point at
+    most once, drawn from all n*B of them."""
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    data = bm.make_training_set(parsed("--augment", "fixed:4"), (images, torch.arange(64) % 10),
+                                10, torch.device("cpu"))
+    assert len(data) == 256 and data.points_per_epoch == 64
+    drawn, real_batch = [], bm.TrainingSet.batch
+    monkeypatch.setattr(bm.TrainingSet, "batch",
+                        lambda self, idx, u=None: drawn.append(idx) or real_batch(self, idx, u))
+    model = torch.nn.Linear(1, 1)
+    opt, gen = torch.optim.SGD(model.parameters(), lr=0.1), torch.Generator().manual_seed(0)
+    settings = bm.StepSettings(0.0, "mse", bf16=False, channels_last=False)
+    step = lambda model, *_: model.weight.sum() * 0
+    epochs = []
+    for _ in range(3):
+        drawn.clear()
+        bm.train_epoch(model, opt, data, gen, 16, step, settings)
+        assert len(drawn) == 64 // 16  # steps
+        epochs.append(torch.cat(drawn))
+        assert len(epochs[-1].unique()) == 64  # no point twice in an epoch
+    assert len(torch.cat(epochs).unique()) > 64  # the 64 are drawn from all 256 views
 
 
 def test_label_bookkeeping_same_random_per_sample_and_noise():
