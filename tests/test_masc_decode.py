@@ -266,8 +266,11 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path):
     ckpt = torch.load(out / "models" / "p0.5_run0.pt", weights_only=True)
     net = m.build_model("mlp", (1, 28, 28), 10, 0)
     net.load_state_dict(ckpt["model"])
-    assert p5["model_acc"]["test"] == pytest.approx((m.predict_and_probe(net, qx, probe=False)[0] == qy).float().mean().item())
-    X, Q = m.preprocess(tx).flatten(1).double().numpy(), m.preprocess(qx).flatten(1).double().numpy()
+    scaled = lambda u8: u8.double() / 127.5 - 1  # ToTensor + Normalize(0.5, 0.5), written out
+    with torch.no_grad():
+        assert p5["model_acc"]["test"] == pytest.approx((net(scaled(qx).float()).argmax(1) == qy).double().mean().item())
+    X, Q = scaled(tx).flatten(1).numpy(), scaled(qx).flatten(1).numpy()
+    assert X.min() == -1 and X.max() == 1
     ref = reference_predict(reference_fit(X, ckpt["labels"].numpy(), 10, 0.99), Q)
     assert p5["layers"][0]["corrupt_subspaces"]["test"] == pytest.approx((ref == qy.numpy()).mean())
     assert p5["fraction_changed"] == pytest.approx((ckpt["labels"] != ty).float().mean().item())
@@ -295,7 +298,7 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path):
     assert at_init["layers"][0] == post["layers"][0]
     init_net = m.build_model("mlp", (1, 28, 28), 10, 0)
     taps = {}
-    init_net(m.preprocess(tx), taps)
+    init_net(scaled(tx).float(), taps)
     fc1 = reference_fit(taps["fc1"].double().detach().numpy(), y_q.numpy(), 10, 0.99)
     fc1_pred = reference_predict(fc1, taps["fc1"].double().detach().numpy())
     assert at_init["layers"][1]["train_corrupt"] == pytest.approx((fc1_pred == y_q.numpy()).mean())
@@ -303,7 +306,7 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path):
     # the paper's control, for p = 0.5 (run 0, so the same initial weights): fc1's subspaces from
     # the corrupted labels, their dimensions and test accuracy
     test_taps = {}
-    init_net(m.preprocess(qx), test_taps)
+    init_net(scaled(qx).float(), test_taps)
     fc1_ctl = reference_fit(taps["fc1"].double().detach().numpy(), ckpt["labels"].numpy(), 10, 0.99)
     control = p5["init_control"][1]["corrupt_subspaces"]
     assert set(control) == {"test", "dims"} and control["dims"] == [b.shape[1] for b in fc1_ctl]
