@@ -1011,6 +1011,12 @@ def test_training_accuracy_is_the_exact_fraction_of_correct_images():
     assert finite == [True, True]
     assert all(a == round(a * 1000) / 1000 for a in accs), accs
     assert any(round(a * 1000) % 125 for a in accs)  # not a count whose float32 fraction is exact
+    # with lr = 0 the weights stay the model's: each count is a plain forward's, on its own labels
+    still = m.Stack(model, [job, job], "sgd", 0.0)
+    accs, _ = m.train_epoch(still, images, labels, 100, [torch.Generator().manual_seed(i) for i in range(2)])
+    with torch.no_grad():
+        pred = model(images.float() / 127.5 - 1).argmax(1)
+    assert accs == [(pred == y).double().mean().item() for y in labels] and accs[0] != accs[1]
 
 
 # ----------------------------------------------------------------------------- CUDA paths, on the CPU
