@@ -106,21 +106,72 @@ def test_noise_to_signal_hand_worked():
     assert toy.noise_to_signal(W, 2).item() == pytest.approx(2.0)
 
 
-def test_knn_matches_brute_force():
-    rng = np.random.default_rng(2)
-    ref, q = rng.normal(size=(30, 4)), rng.normal(size=(11, 4))
-    ref_y, q_y = rng.integers(0, 3, 30), rng.integers(0, 3, 11)
-    k = 5
+def brute_force_knn(ref, ref_y, q, q_y, k, classes):
     refn = ref / np.linalg.norm(ref, axis=1, keepdims=True)
     qn = q / np.linalg.norm(q, axis=1, keepdims=True)
     preds = []
     for row in qn @ refn.T:
-        votes = np.bincount(ref_y[np.argsort(-row)[:k]], minlength=3)
+        votes = np.bincount(ref_y[np.argsort(-row)[:k]], minlength=classes)
         preds.append(np.argmax(votes))  # the first maximum: ties go to the smallest class
-    expected = np.mean(np.array(preds) == q_y)
+    return np.mean(np.array(preds) == q_y)
+
+
+def test_knn_matches_brute_force():
+    rng = np.random.default_rng(2)
+    ref, q = rng.normal(size=(30, 4)), rng.normal(size=(11, 4))
+    ref_y, q_y = rng.integers(0, 3, 30), rng.integers(0, 3, 11)
     got = toy.knn_accuracy(torch.tensor(ref)[None], torch.tensor(ref_y)[None],
-                           torch.tensor(q)[None], torch.tensor(q_y)[None], k, 3)
-    assert got.item() == pytest.approx(expected)
+                           torch.tensor(q)[None], torch.tensor(q_y)[None], 5, 3)
+    assert got.item() == pytest.approx(brute_force_knn(ref, ref_y, q, q_y, 5, 3))
+
+
+def test_evaluate_gives_each_cell_its_own_measures_whatever_the_chunk():
+    """Nine cells cross the default chunk of eight; cell 8's K-NN and invariance recomputed."""
+    args = small_args(dim=10, signal_dim=4, probe_points=60, test_points=40, knn_k=5)
+    worlds = {s: toy.make_world(s, args) for s in (0, 1, 2)}
+    cells = [toy.Cell(4, b, s, worlds[s]["centres"], args) for b in (1, 2, 3) for s in (0, 1, 2)]
+    W = torch.randn(9, 10, 10, generator=torch.Generator().manual_seed(0))
+    results = [toy.evaluate(cells, worlds, W, args, chunk) for chunk in (1, 4, 8)]
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b)
+    knn, invariance, _ = results[-1]
+    assert len(set(knn.tolist())) > 3  # the cells differ
+    last, world = cells[8], worlds[cells[8].seed]
+    embed = lambda x: (x @ W[8].T).double().numpy()
+    expected = brute_force_knn(embed(world["probe_x"]), world["probe_z"].numpy(),
+                               embed(world["test_x"]), world["test_z"].numpy(), 5, args.classes)
+    assert knn[8].item() == pytest.approx(expected)
+    views = [world["test_x"] + toy.augmentation_noise(
+        40, args, toy.named_generator("cpu", "invariance", last.seed, t)) for t in (1, 2)]
+    h1, h2, h = (embed(v) for v in (*views, world["test_x"]))
+    assert invariance[8].item() == pytest.approx(brute_force_invariance(h1, h2, h), rel=1e-4)
+
+
+def test_fit_is_the_share_of_fitted_points_the_projector_labels_right(monkeypatch):
+    """Prototypes on the points, with their labels: fit 1; labels shifted by one: fit 0. Online
+    cells are measured on fit_views fresh augmentations of each point (noise coordinates only)."""
+    args = small_args(dim=10, signal_dim=4, fit_views=3)
+    centres = toy.make_world(0, args)["centres"]
+    fixed, online = toy.Cell(5, 3, 0, centres, args), toy.Cell(5, None, 0, centres, args)
+    eye = torch.eye(10)[None]
+    V = fixed.fit_x[None]  # 15 prototypes, one on each fixed view
+    right = torch.nn.functional.one_hot(fixed.fit_y, args.classes).float()[None]
+    wrong = torch.nn.functional.one_hot((fixed.fit_y + 1) % args.classes, args.classes)
+    assert toy.fit_accuracy([fixed], eye, V, right, args).item() == 1.0
+    assert toy.fit_accuracy([fixed], eye, V, wrong.float()[None], args).item() == 0.0
+    seen, real = [], toy.projector
+    monkeypatch.setattr(toy, "projector", lambda h, *rest: seen.append(h) or real(h, *rest))
+    signal = torch.zeros(1, 10, 10)
+    signal[0, :4, :4] = torch.eye(4)  # an encoder that ignores the noise: the views fit as well
+    right = torch.nn.functional.one_hot(online.labels, args.classes).float()[None]
+    V = online.x[None] @ signal.transpose(1, 2)
+    assert toy.fit_accuracy([online], signal, V, right, args).item() == 1.0
+    assert toy.fit_accuracy([online], eye, online.x[None], right, args).item() < 1.0
+    h = seen[-1]  # the identity encoder: h is the measured points themselves
+    assert h.shape == (15, 10)
+    base = online.x.repeat(3, 1)
+    assert torch.equal(h[:, :4], base[:, :4]) and (h[:, 4:] != base[:, 4:]).all()
 
 
 def test_short_sweep_shows_the_claim(tmp_path):
@@ -130,6 +181,9 @@ def test_short_sweep_shows_the_claim(tmp_path):
     gain = lambda b: np.mean([r["knn"] - r["knn_init"] for r in results if r["augs"] == b])
     assert gain(1) <= 0.02
     assert gain(16) >= 0.10
+    for seed in (0, 1):  # one W0 per seed: its cells share the INIT probe
+        assert len({r["knn_init"] for r in results if r["seed"] == seed}) == 1
+    assert results[0]["knn_init"] != results[1]["knn_init"]
     fit1 = np.mean([r["fit"] for r in results if r["augs"] == 1])
     assert fit1 >= 0.8  # 16 points are within capacity: memorized
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -213,7 +267,7 @@ def test_another_sweeps_folder_is_refused_and_a_failed_sweep_leaves_it_as_it_was
 def test_augs_flag_reads_online_as_none():
     parse = lambda *argv: toy.build_parser().parse_args(list(argv)).augs
     assert parse("--augs", " 16, online,1") == [16, None, 1]
-    assert toy.Config().augs[-1] is None and parse() == toy.Config().augs
+    assert parse() == toy.Config().augs == [1, 4, 16, 64, None]  # B = 1 to 64, then online
 
 
 def test_bad_input_from_the_command_line(tmp_path):
