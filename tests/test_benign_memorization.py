@@ -241,6 +241,9 @@ def independent_probe(model, ps, k):
                 [np.sum((h[i] - h[j]) ** 2) for j in range(m) if j != i]) for i in range(m)])
     out["train_acc"] = (feats["train"]["output"].argmax(1).numpy() == ymem).mean()
     out["test_acc"] = (feats["test"]["output"].argmax(1).numpy() == yte).mean()
+    unit = lambda f: torch.nn.functional.normalize(f.flatten(1), dim=1)  # as the K-NN features
+    out["linear_probe"] = bm.linear_probe(unit(feats["train"]["embedding"]), ps.train_clean,
+                                          unit(feats["test"]["embedding"]), ps.test_clean)
     return out
 
 
@@ -254,6 +257,8 @@ def assert_probe_matches(got, expected):
         assert got["invariance"][name] == pytest.approx(value, rel=1e-3), name
     assert got["train_acc"] == pytest.approx(expected["train_acc"])
     assert got["test_acc"] == pytest.approx(expected["test_acc"])
+    if got.get("linear_probe") is not None:  # of the embedding, against the clean labels
+        assert got["linear_probe"] == pytest.approx(expected["linear_probe"])
 
 # ----------------------------------------------------------------------------- end to end
 
@@ -1029,6 +1034,42 @@ def test_linear_probe_beats_chance_on_separable_data():
     x, xt = means[y] + torch.randn(500, 32, generator=g), means[yt] + torch.randn(200, 32, generator=g)
     assert bm.linear_probe(x, y, xt, yt) > 0.9
     assert bm.linear_probe(torch.randn(500, 32, generator=g), y, torch.randn(200, 32, generator=g), yt) < 0.3
+
+
+def newton_logistic(x, y, classes, weight_decay, steps=30):
+    """The probe's objective, mean cross-entropy + wd |W|^2 (bias free), by Newton's method."""
+    n, d = x.shape
+    x1, Y = np.hstack([x, np.ones((n, 1))]), np.eye(classes)[y]
+    theta = np.zeros((d + 1, classes))
+    ridge = np.diag(np.r_[np.full(d, 2 * weight_decay), 0.0])
+    for _ in range(steps):
+        logits = x1 @ theta
+        P = np.exp(logits - logits.max(1, keepdims=True))
+        P /= P.sum(1, keepdims=True)
+        grad = x1.T @ (P - Y) / n + ridge @ theta
+        H = sum(np.kron(np.diag(p) - np.outer(p, p), np.outer(r, r)) for p, r in zip(P, x1)) / n
+        H += np.kron(np.eye(classes), ridge)  # theta flattened class-major below
+        step = np.linalg.pinv(H) @ grad.T.ravel()
+        theta -= step.reshape(classes, d + 1).T
+    return theta
+
+
+def test_linear_probe_is_the_regularised_logistic_fit_on_standardised_features():
+    """Against Newton's method in float64 on features of scales 1e-3 to 1e3, standardised here
+    (without standardising, the informative 1e-3 column is out of the penalised fit's reach)."""
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(3, 4))
+    y, yt = np.arange(300) % 3, np.arange(600) % 3
+    scale = np.array([1e-3, 1.0, 1e3, 1.0])
+    x, xt = ((means[c] + 1.5 * rng.normal(size=(len(c), 4))) * scale for c in (y, yt))
+    mean, std = x.mean(0), x.std(0, ddof=1)
+    theta = newton_logistic((x - mean) / std, y, 3, 1e-4)
+    pred = (np.hstack([(xt - mean) / std, np.ones((600, 1))]) @ theta).argmax(1)
+    expected = (pred == yt).mean()
+    assert 0.5 < expected < 0.95  # neither chance nor separable: the fit decides
+    got = bm.linear_probe(*(torch.tensor(a, dtype=torch.float32) if a.dtype == float else
+                            torch.tensor(a) for a in (x, y, xt, yt)))
+    assert got == pytest.approx(expected, abs=2 / 600)  # a point or two on the boundary
 
 
 def test_rand_augment_draws_once_per_group_of_eight():
