@@ -573,7 +573,7 @@ def test_weights_ruined_by_an_epochs_last_step_never_reach_a_checkpoint(
     (["--epochs", "0"], "--epochs"),
     (["--batch-size", "0"], "--batch-size"),
     (["--mixup", "1.5"], "--mixup"),
-    (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "--device"),
+    (["--device", f"cuda:{torch.cuda.device_count()}"], "--device"),  # one past the last GPU
     (["--batch-size", "1000"], "--batch-size"),
     (["--invariance-size", "1"], "--invariance-size"),  # one image has no other to compare with
     (["--lr", "inf"], "--lr"),  # accepted before, and trained to NaN
