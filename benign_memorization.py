@@ -867,6 +867,13 @@ class OneLineParser(argparse.ArgumentParser):
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
 
+class ShowDefaults(argparse.HelpFormatter):  # --help: each default its help does not give
+    def _get_help_string(self, action):
+        if "default" in action.help or action.nargs == 0:  # a switch is off unless given
+            return action.help
+        shown = "none" if action.default in (None, []) else "%(default)s"
+        return f"{action.help} (default: {shown})"
+
 def bounded(kind, low, high=math.inf):
     def parse(text):
         try:
@@ -902,7 +909,8 @@ def augmentation(text):  # --augment, normalised
         f"expected online, none, fixed:B, iid[:B] or randaugment:s, got {text!r}")
 
 def build_parser():
-    p = OneLineParser(description="Random labels under augmentation, K-NN probes of every layer.")
+    p = OneLineParser(description="Random labels under augmentation, K-NN probes of every layer.",
+                      formatter_class=ShowDefaults)
     largest = 2**63 - 1  # an int64: counts become tensor sizes
     count, rate, probability = bounded(int, 1, largest), bounded(float, 0), bounded(float, 0, 1)
     class_count = lambda text: text if text == "per-sample" else bounded(int, 2, largest)(text)
@@ -913,7 +921,8 @@ def build_parser():
     g.add_argument("--label-noise", type=probability, default=1.0,
                    help="randomize this fraction of the labels (0: clean labels; Figure 12)")
     g.add_argument("--num-classes", type=class_count,
-                   help="random labels over C >= 2 classes, or 'per-sample' (Figure 8)")
+                   help="random labels over C >= 2 classes (default: the dataset's), or "
+                   "'per-sample' (Figure 8)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=["resnet18", "vgg16"], default="resnet18", help="encoder")
     g.add_argument("--projector-width", type=count, default=PROJECTOR_WIDTH,

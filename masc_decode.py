@@ -906,6 +906,13 @@ class OneLineParser(argparse.ArgumentParser):
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
 
+class ShowDefaults(argparse.HelpFormatter):  # --help: each default its help does not give
+    def _get_help_string(self, action):
+        if "default" in action.help or action.nargs == 0:  # a switch is off unless given
+            return action.help
+        shown = "none" if action.default in (None, []) else "%(default)s"
+        return f"{action.help} (default: {shown})"
+
 def bounded(kind, low, high=math.inf, open_low=False):  # in [low, high], or (low, high]
     def parse(text):
         try:
@@ -930,7 +937,8 @@ positive_int, positive_float = bounded(int, 1), bounded(float, 0, open_low=True)
 fraction = bounded(float, 0, 1, open_low=True)  # of the variance, or a training accuracy
 
 def build_parser():
-    p = OneLineParser(description="Corrupted labels, MASC of every layer, relabel and retrain.")
+    p = OneLineParser(description="Corrupted labels, MASC of every layer, relabel and retrain.",
+                      formatter_class=ShowDefaults)
     g = p.add_argument_group("experiment")
     g.add_argument("--dataset", choices=sorted(DATASETS), default="mnist", help="training dataset")
     g.add_argument("--model", choices=["mlp", "cnn", "alexnet"], default="mlp", help="network")
@@ -938,7 +946,8 @@ def build_parser():
                    help="corruption degree p, or a comma list of them")
     g.add_argument("--runs", type=positive_int, default=1, help="runs per degree (seed + run)")
     g.add_argument("--train-size", type=positive_int, default=None,
-                   help="train on N class-balanced training images (drawn from --seed)")
+                   help="train on N class-balanced training images, drawn from --seed "
+                   "(default: all)")
     g.add_argument("--posthoc-corruption", type=number_list, default=[],
                    help="latent memorization: degrees applied after training the p=0 model")
     g = p.add_argument_group("training")
@@ -953,7 +962,8 @@ def build_parser():
     g.add_argument("--models-at-once", type=positive_int, default=None,
                    help="models trained together as one stacked model (default: all; 1 on a CPU)")
     g.add_argument("--decode-every", type=positive_int, default=None,
-                   help="every E epochs, record each model's MASC test accuracy per layer")
+                   help="every E epochs, record each model's MASC test accuracy per layer "
+                   "(default: never)")
     g = p.add_argument_group("decoding")
     g.add_argument("--variance", type=fraction, default=0.99, help="explained by each subspace")
     g.add_argument("--no-retrain", action="store_true", help="skip relabelling and retraining")

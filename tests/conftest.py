@@ -217,6 +217,20 @@ def assert_one_line_error(proc, *fragments):
         assert fragment.lower() in err.lower(), err
 
 
+def help_entries(parser):
+    """--help's text of each flag, on one line: {"--epochs": "--epochs EPOCHS training epochs ..."}."""
+    entries, flag = {}, None
+    for line in parser.format_help().splitlines():
+        if line.startswith("  -"):  # an option's first line, indented by two
+            flag = next(word.rstrip(",") for word in line.split() if word.startswith("--"))
+            entries[flag] = line.strip()
+        elif line.startswith("   ") and flag:  # its help, wrapped
+            entries[flag] += " " + line.strip()
+        else:  # a group's title, or a blank line
+            flag = None
+    return entries
+
+
 def main_error(module, args, capsys):
     """Run a script's main() in-process on bad input; assert it exits non-zero with one stderr line."""
     capsys.readouterr()

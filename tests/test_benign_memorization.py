@@ -14,7 +14,7 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import RandomResizedCrop
 
 import benign_memorization as bm
-from conftest import assert_one_line_error, main_error, run_script, write_cifar
+from conftest import assert_one_line_error, help_entries, main_error, run_script, write_cifar
 
 CPU_FP32 = bm.Runtime(torch.device("cpu"), bf16=False)
 
@@ -590,6 +590,17 @@ def test_bad_input_gives_one_line_error(args, fragment, cifar, tmp_path, patch_m
     assert fragment in err
     assert not (tmp_path / "out").exists()
 
+
+
+def test_help_gives_every_flags_default():
+    parser = bm.build_parser()
+    entries = help_entries(parser)
+    assert entries["--epochs"].endswith("(default: 5000)") and "(default: 0.0003)" in entries["--lr"]
+    assert "(default: 0)" in entries["--seed"] and "(default: 65536)" in entries["--projector-width"]
+    switches = {"--help", "--compile", "--overwrite"}
+    assert set(entries) == {a.option_strings[-1] for a in parser._actions} >= switches
+    for flag, text in entries.items():
+        assert ("default" in text) != (flag in switches), text
 
 
 def test_seed_takes_the_int64_range():  # negative seeds ran before the bound; 2**63 overflows

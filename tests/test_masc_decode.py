@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import masc_decode as m
-from conftest import assert_one_line_error, main_error, run_script, write_cifar, write_mnist
+from conftest import assert_one_line_error, help_entries, main_error, run_script, write_cifar, write_mnist
 
 CPU = ["--device", "cpu"]  # every end-to-end test names its device: the suite is the same with a GPU
 
@@ -496,6 +496,17 @@ def test_bad_input_gives_one_line_error(args, fragment, mnist, tmp_path, capsys)
     err = main_error(m, CPU + ["--data-dir", mnist, "--out-dir", tmp_path / "out", *args], capsys)
     assert fragment in err
     assert not (tmp_path / "out").exists()
+
+
+def test_help_gives_every_flags_default():
+    parser = m.build_parser()
+    entries = help_entries(parser)
+    assert entries["--epochs"].endswith("(default: 500)") and "(default: 0.99)" in entries["--variance"]
+    assert "(default: 0)" in entries["--seed"] and "(default: [0.8])" in entries["--corruption"]
+    switches = {"--help", "--no-retrain", "--overwrite"}
+    assert set(entries) == {a.option_strings[-1] for a in parser._actions} >= switches
+    for flag, text in entries.items():
+        assert ("default" in text) != (flag in switches), text
 
 
 def test_out_dir_below_a_file_gives_one_line_error(mnist, tmp_path, capsys):
