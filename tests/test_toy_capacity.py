@@ -206,7 +206,7 @@ def test_phase_boundary_moves_with_capacity_and_online_is_benign(tmp_path):
                                          for r in rows if r["augs"] == b])
     assert mean(runs[64], "fit", 1) >= 0.85 and mean(runs[4], "fit", 1) <= 0.6
     for K in (4, 64):
-        assert mean(runs[K], "knn", 1) <= 0.0  # no augmentation: nothing learnt
+        assert mean(runs[K], "knn", 1) <= 0.02  # no augmentation: nothing learnt (as above)
         assert mean(runs[K], "knn", "online") >= 0.2  # fresh noise every step: benign
 
 
