@@ -869,10 +869,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 class ShowDefaults(argparse.HelpFormatter):  # --help: each default its help does not give
     def _get_help_string(self, action):
-        if "default" in action.help or action.nargs == 0:  # a switch is off unless given
+        d = action.default
+        if "default" in action.help.lower() or d is False or d is argparse.SUPPRESS:  # or a switch
             return action.help
-        shown = "none" if action.default in (None, []) else "%(default)s"
-        return f"{action.help} (default: {shown})"
+        if isinstance(d, list):  # as typed: 0.2,0.8
+            d = ",".join(map(str, d)) or None
+        return f"{action.help} (default: {'none' if d is None else d})"
 
 def bounded(kind, low, high=math.inf):
     def parse(text):
@@ -938,7 +940,8 @@ def build_parser():
                    help="with fixed:B: views share their image's label, or each has its own")
     g.add_argument("--subset", type=count,
                    help="S class-balanced anchor images: alone, train on them only (Table 4's "
-                        f"baseline); with iid:B, its anchors (default {IID_ANCHORS})")
+                        f"baseline); with iid:B, its anchors (default: none; {IID_ANCHORS} with "
+                        "iid:B)")
     g.add_argument("--mixup", type=probability,
                    help="probability of mixing a batch, lambda ~ Beta(1, 1) "
                         f"(default {MIXUP_PROB}; 0 with fixed:B and iid:B)")
@@ -961,7 +964,7 @@ def build_parser():
     g = p.add_argument_group("system")
     g.add_argument("--out-dir", default="runs/benign", help="config, log, results, checkpoint")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device")
+                   help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--seed", type=bounded(int, -2**63, largest), default=0,
                    help="seed of labels, initialisation and order")
     g.add_argument("--compile", action="store_true", help="torch.compile the step and the probes")

@@ -908,10 +908,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 class ShowDefaults(argparse.HelpFormatter):  # --help: each default its help does not give
     def _get_help_string(self, action):
-        if "default" in action.help or action.nargs == 0:  # a switch is off unless given
+        d = action.default
+        if "default" in action.help.lower() or d is False or d is argparse.SUPPRESS:  # or a switch
             return action.help
-        shown = "none" if action.default in (None, []) else "%(default)s"
-        return f"{action.help} (default: {shown})"
+        if isinstance(d, list):  # as typed: 0.2,0.8
+            d = ",".join(map(str, d)) or None
+        return f"{action.help} (default: {'none' if d is None else d})"
 
 def bounded(kind, low, high=math.inf, open_low=False):  # in [low, high], or (low, high]
     def parse(text):
@@ -974,7 +976,7 @@ def build_parser():
     g.add_argument("--data-dir", default="data", help="where datasets are (or get downloaded)")
     g.add_argument("--out-dir", default="runs/masc", help="config.json, results.json, models/")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device: cuda, cuda:N or cpu")
+                   help="torch device: cuda, cuda:N or cpu (default: cuda if available)")
     g.add_argument("--seed", type=bounded(int, -2**63, 2**63 - 1), default=0,
                    help="base seed; run r uses seed + r")
     g.add_argument("--overwrite", action="store_true", help="retrain models of other settings")

@@ -7,6 +7,7 @@ patch that check (in-process with monkeypatch, in subprocesses through `run_scri
 """
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -220,7 +221,7 @@ def assert_one_line_error(proc, *fragments):
 def help_entries(parser):
     """--help's text of each flag, on one line: {"--epochs": "--epochs EPOCHS training epochs ..."}."""
     entries, flag = {}, None
-    for line in parser.format_help().splitlines():
+    for line in re.sub(r"\x1b\[[0-9;]*m", "", parser.format_help()).splitlines():  # no colours
         if line.startswith("  -"):  # an option's first line, indented by two
             flag = next(word.rstrip(",") for word in line.split() if word.startswith("--"))
             entries[flag] = line.strip()

@@ -597,6 +597,8 @@ def test_help_gives_every_flags_default():
     entries = help_entries(parser)
     assert entries["--epochs"].endswith("(default: 5000)") and "(default: 0.0003)" in entries["--lr"]
     assert "(default: 0)" in entries["--seed"] and "(default: 65536)" in entries["--projector-width"]
+    assert entries["--num-classes"].count("default") == 1  # the help's own, not appended again
+    assert entries["--transfer"].endswith("(Figure 9) (default: none)")  # not []
     switches = {"--help", "--compile", "--overwrite"}
     assert set(entries) == {a.option_strings[-1] for a in parser._actions} >= switches
     for flag, text in entries.items():
@@ -1074,13 +1076,15 @@ def test_linear_probe_is_the_regularised_logistic_fit_on_standardised_features()
     scale = np.array([1e-3, 1.0, 1e3, 1.0])
     x, xt = ((means[c] + 1.5 * rng.normal(size=(len(c), 4))) * scale for c in (y, yt))
     mean, std = x.mean(0), x.std(0, ddof=1)
-    theta = newton_logistic((x - mean) / std, y, 3, 1e-4)
-    pred = (np.hstack([(xt - mean) / std, np.ones((600, 1))]) @ theta).argmax(1)
-    expected = (pred == yt).mean()
-    assert 0.5 < expected < 0.95  # neither chance nor separable: the fit decides
-    got = bm.linear_probe(*(torch.tensor(a, dtype=torch.float32) if a.dtype == float else
-                            torch.tensor(a) for a in (x, y, xt, yt)))
-    assert got == pytest.approx(expected, abs=2 / 600)  # a point or two on the boundary
+    tensors = [torch.tensor(a, dtype=torch.float32 if a.dtype == float else None)
+               for a in (x, y, xt, yt)]
+    for wd in (1e-4, 0.3):  # the probe's own, and one whose penalty moves the boundary
+        theta = newton_logistic((x - mean) / std, y, 3, wd)
+        pred = (np.hstack([(xt - mean) / std, np.ones((600, 1))]) @ theta).argmax(1)
+        expected = (pred == yt).mean()
+        assert 0.5 < expected < 0.95  # neither chance nor separable: the fit decides
+        got = bm.linear_probe(*tensors, weight_decay=wd)
+        assert got == pytest.approx(expected, abs=2 / 600)  # a point or two on the boundary
 
 
 def test_rand_augment_draws_once_per_group_of_eight():

@@ -266,10 +266,10 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path):
     ckpt = torch.load(out / "models" / "p0.5_run0.pt", weights_only=True)
     net = m.build_model("mlp", (1, 28, 28), 10, 0)
     net.load_state_dict(ckpt["model"])
-    scaled = lambda u8: u8.double() / 127.5 - 1  # ToTensor + Normalize(0.5, 0.5), written out
+    scaled = lambda u8: u8.float() / 127.5 - 1  # ToTensor + Normalize(0.5, 0.5), written out
     with torch.no_grad():
-        assert p5["model_acc"]["test"] == pytest.approx((net(scaled(qx).float()).argmax(1) == qy).double().mean().item())
-    X, Q = scaled(tx).flatten(1).numpy(), scaled(qx).flatten(1).numpy()
+        assert p5["model_acc"]["test"] == pytest.approx((net(scaled(qx)).argmax(1) == qy).double().mean().item())
+    X, Q = scaled(tx).flatten(1).double().numpy(), scaled(qx).flatten(1).double().numpy()
     assert X.min() == -1 and X.max() == 1
     ref = reference_predict(reference_fit(X, ckpt["labels"].numpy(), 10, 0.99), Q)
     assert p5["layers"][0]["corrupt_subspaces"]["test"] == pytest.approx((ref == qy.numpy()).mean())
@@ -298,7 +298,7 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path):
     assert at_init["layers"][0] == post["layers"][0]
     init_net = m.build_model("mlp", (1, 28, 28), 10, 0)
     taps = {}
-    init_net(scaled(tx).float(), taps)
+    init_net(scaled(tx), taps)
     fc1 = reference_fit(taps["fc1"].double().detach().numpy(), y_q.numpy(), 10, 0.99)
     fc1_pred = reference_predict(fc1, taps["fc1"].double().detach().numpy())
     assert at_init["layers"][1]["train_corrupt"] == pytest.approx((fc1_pred == y_q.numpy()).mean())
@@ -306,7 +306,7 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path):
     # the paper's control, for p = 0.5 (run 0, so the same initial weights): fc1's subspaces from
     # the corrupted labels, their dimensions and test accuracy
     test_taps = {}
-    init_net(scaled(qx).float(), test_taps)
+    init_net(scaled(qx), test_taps)
     fc1_ctl = reference_fit(taps["fc1"].double().detach().numpy(), ckpt["labels"].numpy(), 10, 0.99)
     control = p5["init_control"][1]["corrupt_subspaces"]
     assert set(control) == {"test", "dims"} and control["dims"] == [b.shape[1] for b in fc1_ctl]
@@ -502,7 +502,9 @@ def test_help_gives_every_flags_default():
     parser = m.build_parser()
     entries = help_entries(parser)
     assert entries["--epochs"].endswith("(default: 500)") and "(default: 0.99)" in entries["--variance"]
-    assert "(default: 0)" in entries["--seed"] and "(default: [0.8])" in entries["--corruption"]
+    assert "(default: 0)" in entries["--seed"] and entries["--corruption"].endswith("(default: 0.8)")
+    assert entries["--lr"].endswith("default: per model")  # the help's own, not appended again
+    assert entries["--posthoc-corruption"].endswith("the p=0 model (default: none)")  # not []
     switches = {"--help", "--no-retrain", "--overwrite"}
     assert set(entries) == {a.option_strings[-1] for a in parser._actions} >= switches
     for flag, text in entries.items():
