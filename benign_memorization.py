@@ -276,7 +276,9 @@ def augment_kind(text):  # (kind, value): B for fixed and iid, s for randaugment
 
 def make_training_set(args, train, num_classes, device):
     images, clean = train
-    labels = draw_labels(clean, num_classes, args.label_noise, args.seed)
+    per_sample = args.num_classes == "per-sample"  # num_classes is then the image count
+    labels = draw_labels(clean, "per-sample" if per_sample else num_classes, args.label_noise,
+                         args.seed)
     n = len(clean)
     kind, value = augment_kind(args.augment)
     aug_id = None

@@ -1210,6 +1210,7 @@ def test_iid_per_sample_and_aug_strength_runs(cifar, tmp_path, patch_md5, monkey
                            "--out-dir", str(tmp_path / "ps")])
     ckpt = torch.load(tmp_path / "ps" / "ckpt.pt", weights_only=True)
     assert ckpt["model"]["projector.2.weight"].shape[0] == 64  # one output unit per image
+    assert torch.equal(ckpt["labels"].sort().values, torch.arange(64))  # and one label each
     assert res["final"]["test_acc"] is None  # no clean test labels in 64 classes
     for row in (res["init"], res["final"]):  # a unique label cannot be voted for by other points
         assert row["knn_noisy"] is None and row["knn_noisy_self"] is None
