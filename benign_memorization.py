@@ -13,6 +13,7 @@ Usage:
     python benign_memorization.py --augment fixed:16 --aug-labels random     # Figure 5
 """
 import argparse
+import collections
 import contextlib
 import hashlib
 import json
@@ -100,6 +101,10 @@ CROP_TRIES = 10  # torchvision's RandomResizedCrop tries 10 boxes before its cen
 NUM_UNIFORMS = 2 * CROP_TRIES + 2 + 1 + 1 + 4 + 4 + 1
 MASK32 = 0xFFFFFFFF  # the fixed augmentations' hash works on 32-bit values held in int64
 
+# per image: the crop box, flip, whether to jitter, the four jitter factors, their order, grayscale
+AugmentParams = collections.namedtuple("AugmentParams", "top left height width flip jitter "
+                                       "brightness contrast saturation hue order gray")
+
 def augment_params(u, height, width, scale=CROP_SCALE, ratio=CROP_RATIO):  # u: (B, NUM_UNIFORMS)
     t = CROP_TRIES
     area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, :t])
@@ -118,10 +123,10 @@ def augment_params(u, height, width, scale=CROP_SCALE, ratio=CROP_RATIO):  # u: 
     left = torch.where(any_ok, torch.floor(u[:, 2 * t + 1] * (width - w + 1)), (width - w) // 2)
     v = u[:, 2 * t + 2:]
     factor = lambda x, s: 1 - s + 2 * s * x  # uniform in [1 - s, 1 + s]
-    return dict(top=top, left=left, height=h, width=w, flip=v[:, 0] < FLIP_P,
-                jitter=v[:, 1] < JITTER_P, brightness=factor(v[:, 2], BRIGHTNESS),
-                contrast=factor(v[:, 3], CONTRAST), saturation=factor(v[:, 4], SATURATION),
-                hue=-HUE + 2 * HUE * v[:, 5], order=v[:, 6:10].argsort(1), gray=v[:, 10] < GRAY_P)
+    return AugmentParams(top, left, h, w, v[:, 0] < FLIP_P, v[:, 1] < JITTER_P,
+                         factor(v[:, 2], BRIGHTNESS), factor(v[:, 3], CONTRAST),
+                         factor(v[:, 4], SATURATION), -HUE + 2 * HUE * v[:, 5],
+                         v[:, 6:10].argsort(1), v[:, 10] < GRAY_P)
 
 def crop_grid(p, height, width):  # crop box p, resize to height x width (bilinear), flip if asked
     """Sampled as F.interpolate(align_corners=False) on the crop, clamped to it: torchvision's."""
@@ -129,9 +134,9 @@ def crop_grid(p, height, width):  # crop box p, resize to height x width (biline
         pos = (torch.arange(out, device=start.device) + 0.5) * (size[:, None] / out) - 0.5
         pos = pos.clamp_min(0).minimum(size[:, None] - 1) + start[:, None]
         return (2 * pos + 1) / out - 1  # to grid_sample's normalised coordinates
-    xs = axis(p["left"], p["width"], width)
-    xs = torch.where(p["flip"][:, None], xs.flip(1), xs)
-    ys = axis(p["top"], p["height"], height)
+    xs = axis(p.left, p.width, width)
+    xs = torch.where(p.flip[:, None], xs.flip(1), xs)
+    ys = axis(p.top, p.height, height)
     return torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)
 
 def grayscale(x):
@@ -152,24 +157,24 @@ def shift_hue(x, shift):  # rotate the hue of RGB x in [0, 1] by shift (B,) turn
 def color_jitter(x, p):  # the four operations in each image's own order, as torchvision
     per_image = lambda mask: mask[:, None, None, None]
     for stage in range(4):
-        order = p["order"][:, stage]
-        op = torch.where(p["jitter"], order, -1)  # -1: no operation
+        order = p.order[:, stage]
+        op = torch.where(p.jitter, order, -1)  # -1: no operation
         # brightness, contrast, saturation blend with a reference: black, mean gray, gray
-        factor = torch.where(op == 0, p["brightness"], torch.where(
-            op == 1, p["contrast"], torch.where(op == 2, p["saturation"], 1.0)))
+        factor = torch.where(op == 0, p.brightness, torch.where(
+            op == 1, p.contrast, torch.where(op == 2, p.saturation, 1.0)))
         gray = grayscale(x)
         ref = torch.where(per_image(op == 1), gray.mean((1, 2, 3), keepdim=True), gray)
         ref = torch.where(per_image(op == 0), 0.0, ref)
         f = per_image(factor)
         x = (f * x + (1 - f) * ref).clamp(0, 1)
-        x = torch.where(per_image(op == 3), shift_hue(x, p["hue"]), x)
+        x = torch.where(per_image(op == 3), shift_hue(x, p.hue), x)
     return x
 
 def apply_augment(x, p):  # float images x in [0, 1]; crop, resize and flip in one grid_sample
     x = F.grid_sample(x, crop_grid(p, x.shape[-2], x.shape[-1]), mode="bilinear",
                       padding_mode="border", align_corners=False)
     x = color_jitter(x, p)
-    return torch.where(p["gray"][:, None, None, None], grayscale(x).expand_as(x), x)
+    return torch.where(p.gray[:, None, None, None], grayscale(x).expand_as(x), x)
 
 def augmented(images, u=None):  # uint8 images as floats in [0, 1], augmented by uniforms u if any
     x = images.float() / 255

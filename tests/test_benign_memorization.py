@@ -72,20 +72,20 @@ def test_knn_exclude_self_ignores_own_label():
 
 def reference_augment(x, p):
     """The same parameters applied image by image with torchvision's functional ops."""
-    jitter_ops = [lambda im, i: TF.adjust_brightness(im, p["brightness"][i].item()),
-                  lambda im, i: TF.adjust_contrast(im, p["contrast"][i].item()),
-                  lambda im, i: TF.adjust_saturation(im, p["saturation"][i].item()),
-                  lambda im, i: TF.adjust_hue(im, p["hue"][i].item())]
+    jitter_ops = [lambda im, i: TF.adjust_brightness(im, p.brightness[i].item()),
+                  lambda im, i: TF.adjust_contrast(im, p.contrast[i].item()),
+                  lambda im, i: TF.adjust_saturation(im, p.saturation[i].item()),
+                  lambda im, i: TF.adjust_hue(im, p.hue[i].item())]
     out = []
     for i in range(len(x)):
-        im = TF.resized_crop(x[i], int(p["top"][i]), int(p["left"][i]), int(p["height"][i]), int(p["width"][i]),
+        im = TF.resized_crop(x[i], int(p.top[i]), int(p.left[i]), int(p.height[i]), int(p.width[i]),
                              list(x.shape[-2:]), antialias=True)
-        if p["flip"][i]:
+        if p.flip[i]:
             im = TF.hflip(im)
-        if p["jitter"][i]:
-            for op in p["order"][i].tolist():
+        if p.jitter[i]:
+            for op in p.order[i].tolist():
                 im = jitter_ops[op](im, i)
-        if p["gray"][i]:
+        if p.gray[i]:
             im = TF.rgb_to_grayscale(im, 3)
         out.append(im)
     return torch.stack(out)
@@ -121,19 +121,19 @@ def test_augment_batch_shape_range_and_independence():
 def test_augmentation_frequencies_and_crop_ranges():
     n = 40000
     p = bm.augment_params(torch.rand(n, bm.NUM_UNIFORMS, generator=torch.Generator().manual_seed(3)), 32, 32)
-    assert p["flip"].float().mean().item() == pytest.approx(0.5, abs=0.015)
-    assert p["gray"].float().mean().item() == pytest.approx(0.2, abs=0.01)
-    assert p["jitter"].float().mean().item() == pytest.approx(0.8, abs=0.01)
-    area = p["height"] * p["width"] / (32 * 32)
+    assert p.flip.float().mean().item() == pytest.approx(0.5, abs=0.015)
+    assert p.gray.float().mean().item() == pytest.approx(0.2, abs=0.01)
+    assert p.jitter.float().mean().item() == pytest.approx(0.8, abs=0.01)
+    area = p.height * p.width / (32 * 32)
     assert area.min() >= 0.06 and area.max() <= 1.0  # scale (0.08, 1), up to rounding of h and w
-    ratio = p["width"] / p["height"]
+    ratio = p.width / p.height
     assert ratio.min() >= 0.65 and ratio.max() <= 1.5  # (3/4, 4/3), up to rounding on a 32-pixel grid
-    assert (p["top"] >= 0).all() and (p["top"] + p["height"] <= 32).all()
-    assert (p["left"] >= 0).all() and (p["left"] + p["width"] <= 32).all()
+    assert (p.top >= 0).all() and (p.top + p.height <= 32).all()
+    assert (p.left >= 0).all() and (p.left + p.width <= 32).all()
     for key, lo, hi in (("brightness", 0.2, 1.8), ("contrast", 0.2, 1.8), ("saturation", 0.2, 1.8), ("hue", -0.2, 0.2)):
-        assert lo <= p[key].min() < lo + 0.01 and hi - 0.01 < p[key].max() <= hi  # the whole range
-        assert p[key].mean().item() == pytest.approx((lo + hi) / 2, abs=0.01)  # uniform over it
-    assert torch.equal(p["order"].sort(1).values, torch.arange(4).expand(n, 4))  # a permutation per image
+        assert lo <= getattr(p, key).min() < lo + 0.01 and hi - 0.01 < getattr(p, key).max() <= hi  # the whole range
+        assert getattr(p, key).mean().item() == pytest.approx((lo + hi) / 2, abs=0.01)  # uniform over it
+    assert torch.equal(p.order.sort(1).values, torch.arange(4).expand(n, 4))  # a permutation per image
     # the crop distribution matches torchvision's own sampler
     torch.manual_seed(0)
     tv = torch.tensor([RandomResizedCrop.get_params(torch.empty(3, 32, 32), [0.08, 1.0], [3 / 4, 4 / 3])
@@ -154,7 +154,7 @@ def test_crop_falls_back_to_torchvisions_central_crop_when_no_try_fits():
     top, left, h, w = RandomResizedCrop.get_params(torch.empty(3, 24, 40), [1.0, 1.0], [4 / 3, 4 / 3])
     assert (top, left, h, w) == (0, 4, 24, 32)  # by hand: width 24 * 4/3, centred
     for key, value in (("top", top), ("left", left), ("height", h), ("width", w)):
-        assert p[key].tolist() == [value, value], key
+        assert getattr(p, key).tolist() == [value, value], key
     x = torch.rand(2, 3, 24, 40, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(bm.apply_augment(x, p), reference_augment(x, p), atol=1e-5, rtol=0)
 
