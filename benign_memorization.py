@@ -37,7 +37,7 @@ from tqdm import tqdm
 # ----------------------------------------------------------------------------- constants
 
 DATASETS = {"cifar10": (10, 32), "cifar100": (100, 32), "tinyimagenet": (200, 64)}  # classes, size
-TRANSFER = ("cifar10", "cifar100", "stl10", "tinyimagenet")  # probed only (Figure 9)
+TRANSFER = ("cifar10", "cifar100", "stl10", "tinyimagenet")  # what --transfer probes (Figure 9)
 
 # The authors' released setting: the defaults of the command line
 EPOCHS = 5000  # their default (their README runs 10000)
@@ -422,7 +422,8 @@ def similarity_blocks(ref, queries, chunk=None, ref_chunk=None):
     """(start, block): float32 cosine similarities of each chunk of queries to every reference row:
     fp16's spacing near 0.9 (4.9e-4) exceeds the usual gap between the 20th and 21st neighbours
     (about 1e-4). One reference chunk is cast at a time (no 13 GB float32 copy of 50,000 x 65,536);
-    CUDA multiplies fp16 straight into float32 (exact): 6.6 TB less traffic per evaluation."""
+    CUDA multiplies fp16 straight into float32 (exact products, float32 sums, as after a cast):
+    6.6 TB less traffic per evaluation."""
     n, dim = ref.shape
     ref_chunk = ref_chunk or max(1, KNN_REF_FLOATS // dim)
     chunk = chunk or max(1, min(KNN_MAX_QUERIES, KNN_BLOCK_FLOATS // max(n, 1),
@@ -507,8 +508,9 @@ def layer_outputs(model, x, bf16, channels_last):  # the probes' forward pass
     return taps
 
 class Runtime:
-    """How the probes run: bf16 autocast with fp16 features (L2-normalised, so in [-1, 1], where
-    fp16 has 3 more mantissa bits than bf16) or float32 throughout; optionally torch.compile'd."""
+    """The run's precision and memory format (the training step's too), and how the probes run:
+    bf16 autocast with fp16 features (L2-normalised, so in [-1, 1], where fp16 has 3 more
+    mantissa bits than bf16) or float32 throughout; optionally torch.compile'd."""
 
     def __init__(self, device, bf16, compiled=False):
         self.bf16, self.compiled = bf16, compiled
