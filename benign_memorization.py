@@ -220,7 +220,8 @@ class TrainingSet:
         self.images, self.source, self.labels, self.num_classes = images, source, labels, classes
         self.augment, self.aug_id, self.stream, self.strength = augment, aug_id, stream, strength
         # An epoch is as many points as images (or all, if fewer), from a fresh permutation: n*B
-        # fixed or S*B i.i.d. points keep the step budget of the n images (Section 5.1)
+        # fixed or S*B i.i.d. points (make_training_set, below) keep the n images' step budget
+        # (Section 5.1)
         self.points_per_epoch = min(len(source), len(images))
 
     def __len__(self):
