@@ -8,9 +8,10 @@ MASC (Algorithms 1-3): per class k, stack the layer outputs X_k with -X_k (so th
 keep the principal components that explain 99% of the variance (subspace S_k), and predict the
 class whose subspace makes the smallest angle with a point.
 
-All models of a command (degrees x runs) train together as one stacked model (torch.func.vmap),
-each with its own labels, batch order, optimizer state and stop: a Table 1 row of 18 models issues
-the operators of one, and each model's numbers are those it gives trained alone.
+On a GPU all models of a command (degrees x runs) train together as one stacked model
+(torch.func.vmap), each with its own labels, batch order, optimizer state and stop: a Table 1 row
+of 18 models issues the operators of one, and each model's numbers are, up to rounding, those it
+gives trained alone. On a CPU they train one at a time (--models-at-once).
 
 Usage:
     python masc_decode.py --dataset mnist --model mlp --corruption 0.8
@@ -142,7 +143,7 @@ class CNN(nn.Module):
 class AlexNet(nn.Module):  # the authors' small-image AlexNet: 5 convolutions, 256, 4096, 4096
     def __init__(self, shape, num_classes):
         super().__init__()
-        if shape[1] == 32:  # CIFAR-100
+        if shape[1] == 32:  # CIFAR-100 (or CIFAR-10)
             first = [*conv_relu(shape[0], 64, 3, stride=2, padding=1), nn.MaxPool2d(3, 2),
                      *conv_relu(64, 192, 3, padding=1), nn.MaxPool2d(3, 2)]
         else:  # Tiny ImageNet, 64x64
