@@ -352,7 +352,9 @@ class Network(nn.Module):  # stages -> average pool (embedding) -> projector Lin
         return taps["output"]
 
 def build_model(args, num_classes, resolution):
-    torch.manual_seed(args.seed)  # initialisation on the CPU: identical on every device
+    # initialisation on the CPU, identical on every device; this also seeds the global generator
+    # that RandAugment then draws from (its state is in each checkpoint)
+    torch.manual_seed(args.seed)
     stride = 1 if resolution <= 32 else 2  # the paper restores stride 2 for 64x64 Tiny ImageNet
     stages, dim = (vgg16_stages if args.arch == "vgg16" else resnet18_stages)(stride)
     return Network(stages, dim, args.projector_width, num_classes)
