@@ -647,8 +647,9 @@ def transfer_probe(model, sets, args, rt):  # the embedding's K-NN and linear pr
     for name, ((tx, ty), (qx, qy)) in sets.items():
         ft, fq = (extract(model, len(x), from_uint8(x), ["embedding"], rt)["embedding"]
                   for x in (tx, qx))
-        out[name] = {"knn": accuracy(knn_predict(ft, ty, fq, args.knn_k), qy),
-                     "linear": linear_probe(ft, ty, fq, qy)}
+        out[name] = {"knn": accuracy(knn_predict(ft, ty, fq, args.knn_k), qy)}
+        if args.linear_probe != "off":  # which turns off every linear probe
+            out[name]["linear"] = linear_probe(ft, ty, fq, qy)
     model.train()
     return out
 
@@ -868,7 +869,8 @@ def format_eval(row):
         if row.get(key) is not None:
             lines.append(key.ljust(15) + "".join(f"{row[key][n]:.3f}".rjust(width) for n in names))
     for name, t in row.get("transfer", {}).items():
-        lines.append(f"transfer {name}: knn {t['knn']:.3f}, linear {t['linear']:.3f}")
+        linear = f", linear {t['linear']:.3f}" if "linear" in t else ""
+        lines.append(f"transfer {name}: knn {t['knn']:.3f}{linear}")
     return "\n".join(lines)
 
 
@@ -1010,6 +1012,9 @@ def check_args(args):  # checks argparse cannot make; defaults that depend on ot
         raise UserError(f"--label-noise keeps true labels: the random ones need {classes} classes")
     if args.num_classes == "per-sample" and args.aug_labels == "random":
         raise UserError("--aug-labels random is undefined with --num-classes per-sample")
+    if args.num_classes == "per-sample" and (args.subset is not None or kind == "iid"):
+        raise UserError("--num-classes per-sample gives every image of the dataset its class: "
+                        "it does not combine with --subset or --augment iid:B")
     if args.subset is not None and kind == "fixed":
         raise UserError("--subset picks anchors for iid:B or Table 4's baseline, not for fixed:B")
     args.subset = IID_ANCHORS if kind == "iid" and args.subset is None else args.subset

@@ -584,6 +584,8 @@ def test_weights_ruined_by_an_epochs_last_step_never_reach_a_checkpoint(
     (["--num-classes", str(2**63)], "--num-classes"),
     (["--device", "meta"], "cpu or cuda"),  # torch.empty works on meta, training does not
     (["--augment", "fixed:2", "--aug-labels", "random", "--label-noise", "0.5"], "--label-noise"),
+    (["--num-classes", "per-sample", "--subset", "16"], "per-sample"),  # a class per image, not anchor
+    (["--num-classes", "per-sample", "--augment", "iid:2"], "per-sample"),
 ])
 def test_bad_input_gives_one_line_error(args, fragment, cifar, tmp_path, patch_md5, capsys):
     err = main_error(bm, ["--device", "cpu", "--data-dir", cifar, "--out-dir", tmp_path / "out", *args], capsys)
@@ -1153,6 +1155,21 @@ def test_vgg_with_transfer_probes_every_block(cifar, tmp_path, patch_md5):
         assert got["knn"] == pytest.approx(knn, abs=near_ties(ft, fq, 5) + 1e-6), name
         unit = lambda f: torch.nn.functional.normalize(torch.tensor(f).float(), dim=1)  # as probed
         assert got["linear"] == pytest.approx(bm.linear_probe(unit(ft), ty, unit(fq), qy)), name
+
+
+def test_linear_probe_off_turns_off_the_transfer_probes_linear_one_too():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.arange(12) % 3
+    sets = {"other": ((images, labels), (images, labels))}
+    for flag, keys in (("off", {"knn"}), ("final", {"knn", "linear"})):
+        args = parsed("--projector-width", "16", "--knn-k", "3", "--linear-probe", flag)
+        got = bm.transfer_probe(bm.build_model(args, 3, 32), sets, args, CPU_FP32)["other"]
+        assert set(got) == keys
+        row = dict(epoch=0, loss=None, train_acc=0.5, test_acc=None, img_per_s=None,
+                   knn_clean={"input": 0.5}, transfer={"other": got})
+        line = bm.format_eval(row).splitlines()[-1]
+        assert line.startswith("transfer other: knn") and ("linear" in line) == (flag == "final")
 
 
 def test_finite_augmentations_run_and_memorization_uses_the_augmented_points(cifar, tmp_path, patch_md5,
