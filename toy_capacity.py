@@ -31,7 +31,7 @@ import torch.nn.functional as F
 class Config:
     """The sweep (flags) and the world it runs in (constants: edit them here)."""
     n: list = field(default_factory=lambda: [16, 64, 256])  # fewer than K = 64, as many, more
-    # B fixed augmentations per point, 1 (none) to beyond capacity; None: online, fresh each time
+    # B fixed views per point, 1 to beyond capacity; None: online (fresh views at every step)
     augs: list = field(default_factory=lambda: [1, 4, 16, 64, None])
     seeds: list = field(default_factory=lambda: [0, 1, 2])  # a mean and a spread per cell
     capacity: int = 64  # projector prototypes K, which bound the capacity (Appendix E)
@@ -242,9 +242,10 @@ def same_sweep(config, path):  # False if the config.json at path is another swe
     try:
         with open(path) as f:
             saved = json.load(f)
-        ignored = ("device", "out_dir", "overwrite")  # where it ran and wrote, not what
-        return all(saved[k] == v for k, v in config.items() if k not in ignored)
-    except (OSError, ValueError, TypeError, KeyError):
+        typed = lambda c: dict(c, device=torch.device(c["device"]).type)  # cpu, cuda: other draws
+        saved, config = typed(saved), typed(config)
+        return all(saved[k] == v for k, v in config.items() if k not in ("out_dir", "overwrite"))
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError):
         return False
 
 def write_json(path, obj):  # via a temporary file and a rename: never half a file
@@ -285,8 +286,7 @@ def positive_int(text):
 
 def build_parser():
     d = Config()
-    p = OneLineParser(description="Appendix E toy: feature learning appears once n*B exceeds "
-                                  "capacity.")
+    p = OneLineParser(description="Appendix E toy: n points, B views each, K prototypes.")
     g = p.add_argument_group("sweep")
     g.add_argument("--n", type=int_list, default=d.n, help="training-set sizes n (comma list)")
     g.add_argument("--augs", type=lambda t: int_list(t, words={"online": None}), default=d.augs,

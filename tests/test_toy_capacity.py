@@ -252,6 +252,9 @@ def test_another_sweeps_folder_is_refused_and_a_failed_sweep_leaves_it_as_it_was
     assert "another run's" in main_error(toy, small + ["--steps", "3"], capsys)
     (tmp_path / "config.json").write_text('{"epochs": 5000, "arch": "resnet18"}')
     assert "another run's" in main_error(toy, small + ["--steps", "2"], capsys)
+    on_cuda = dict(json.loads(before["config.json"]), device="cuda:1")  # other random streams
+    (tmp_path / "config.json").write_text(json.dumps(on_cuda))
+    assert "another run's" in main_error(toy, small + ["--steps", "2"], capsys)
     (tmp_path / "config.json").write_bytes(before["config.json"])
 
     def failing_sweep(args):
