@@ -293,7 +293,8 @@ def train_pass(active, template, data, args, after_epoch):
                             "--lr, with --overwrite or another --out-dir); stopped: a model "
                             "memorizing keeps its last checkpoint, a retraining starts again "
                             "from its memorized model")
-        preds = stack.predictions(data.test_x)  # oneDNN: a stack's forward is a lone model's
+        # outside the ATen block: on a CPU, oneDNN's forward of a stack equals a lone model's
+        preds = stack.predictions(data.test_x)
         stack.write_back(group)
         finished += [job for job, acc, pred in zip(group, accs, preds)
                      if after_epoch(job, acc, pred)]

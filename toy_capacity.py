@@ -320,8 +320,8 @@ def check_args(args):  # checks argparse cannot make, before anything is written
         raise UserError(f"--out-dir {args.out_dir}: {existing} exists and is not a directory")
     saved = os.path.join(args.out_dir, "config.json")
     if os.path.exists(saved) and not args.overwrite and not same_sweep(config_of(args), saved):
-        raise UserError(f"{saved} is another run's (a benign or masc run, or other flags); pass "
-                        "--overwrite to replace its results or use another --out-dir")
+        raise UserError(f"{saved} is another run's (another script's, other flags, or the other "
+                        "of cpu and cuda): pass --overwrite to replace it, or another --out-dir")
 
 def main(argv=None):
     args = Config(**vars(build_parser().parse_args(argv)))

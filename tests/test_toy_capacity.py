@@ -255,6 +255,9 @@ def test_another_sweeps_folder_is_refused_and_a_failed_sweep_leaves_it_as_it_was
     on_cuda = dict(json.loads(before["config.json"]), device="cuda:1")  # other random streams
     (tmp_path / "config.json").write_text(json.dumps(on_cuda))
     assert "another run's" in main_error(toy, small + ["--steps", "2"], capsys)
+    on_cpu0 = dict(json.loads(before["config.json"]), device="cpu:0")  # the same streams
+    (tmp_path / "config.json").write_text(json.dumps(on_cpu0))
+    toy.main(small + ["--steps", "2"])  # accepted
     (tmp_path / "config.json").write_bytes(before["config.json"])
 
     def failing_sweep(args):
