@@ -180,7 +180,9 @@ def run_script(script, *args, patch_md5=False, kill_after=None, timeout=600, cwd
     if kill_after:
         prelude += _KILL.format(name=kill_after[0], count=kill_after[1])
     cmd = [sys.executable, "-c", prelude + _RUN, os.path.join(REPO, script), *map(str, args)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # this process's thread count: CPU kernels may sum in another order on another count, and a
+    # test may compare a subprocess's numbers with its own
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO, env=env)
 
 

@@ -2,6 +2,7 @@
 then end-to-end runs on tiny fake CIFAR files in the real pickle layout."""
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import RandomResizedCrop
 
 import benign_memorization as bm
-from conftest import assert_one_line_error, help_entries, main_error, run_script, write_cifar
+from conftest import REPO, assert_one_line_error, help_entries, main_error, run_script, write_cifar
 
 CPU_FP32 = bm.Runtime(torch.device("cpu"), bf16=False)
 
@@ -433,31 +434,38 @@ def strip_timing(rows):
     return [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows]
 
 
-def test_killed_run_resumes_to_the_same_result(cifar, tmp_path):
+def test_killed_run_resumes_to_the_same_result(cifar, tmp_path, patch_md5, capsys, monkeypatch):
     """SIGKILL right after the epoch-1 checkpoint (the second evaluation's: epoch 0's comes before
-    any training), run the same command again: the same metrics as an uninterrupted run, exactly."""
-    args = ["--device", "cpu", "--epochs", "2", "--eval-every", "1", "--batch-size", "32", "--projector-width", "64", "--knn-k", "5",
-            "--invariance-size", "16", "--data-dir", str(cifar)]
-    whole = run_script("benign_memorization.py", *args, "--out-dir", tmp_path / "whole", patch_md5=True)
-    assert whole.returncode == 0, whole.stderr
+    any training), run the same command again: the same metrics as an uninterrupted run, exactly.
+    The killed run is a process of its own (run_script gives it this process's threads), the
+    others run in-process, all with the tiny encoder; tests/gpu_check.py's resume check, run by
+    test_gpu_check.py, does the same with ResNet18."""
+    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
+    args = ["--device", "cpu", "--epochs", "2", "--eval-every", "1", "--batch-size", "32",
+            "--projector-width", "64", "--knn-k", "5", "--invariance-size", "16",
+            "--data-dir", str(cifar)]
+    tiny = tmp_path / "tiny.py"  # the script with the tiny encoder, as a process
+    tiny.write_text(f"import sys\nsys.path.insert(0, {REPO!r})\nimport torch\n"
+                    f"import benign_memorization as bm\n{inspect.getsource(tiny_stages)}"
+                    "bm.resnet18_stages = tiny_stages\nbm.main(sys.argv[1:])\n")
     out = tmp_path / "killed"
-    killed = run_script("benign_memorization.py", *args, "--out-dir", out, patch_md5=True,
+    killed = run_script(str(tiny), *args, "--out-dir", out, patch_md5=True,
                         kill_after=("ckpt.pt", 2))  # checkpoints of epochs 0, 1
-    assert killed.returncode == -signal.SIGKILL
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert torch.load(out / "ckpt.pt", weights_only=True)["epoch"] == 1
     assert not (out / "results.json").exists()
-    resumed = run_script("benign_memorization.py", *args, "--out-dir", out, patch_md5=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming" in resumed.stdout
-    a = json.loads((tmp_path / "whole" / "results.json").read_text())
-    b = json.loads((out / "results.json").read_text())
+    a = bm.main(args + ["--out-dir", str(tmp_path / "whole")])
+    capsys.readouterr()
+    b = bm.main(args + ["--out-dir", str(out)])
+    assert "resuming" in capsys.readouterr().out
     assert strip_timing([a["init"], a["final"]]) == strip_timing([b["init"], b["final"]])
     log_a = [json.loads(r) for r in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
     log_b = [json.loads(r) for r in (out / "log.jsonl").read_text().splitlines()]
-    assert strip_timing(log_a) == strip_timing(log_b)
+    assert strip_timing(log_a) == strip_timing(log_b) and len(log_a) == 3
     # the same command once more: the run is complete, nothing changes
-    again = run_script("benign_memorization.py", *args, "--out-dir", out, patch_md5=True)
-    assert again.returncode == 0 and json.loads((out / "results.json").read_text()) == b
+    saved = (out / "results.json").read_text()
+    bm.main(args + ["--out-dir", str(out)])
+    assert (out / "results.json").read_text() == saved
 
 
 def test_run_killed_after_its_last_checkpoint_ends_with_the_whole_log(cifar, tmp_path, patch_md5,
@@ -616,28 +624,27 @@ def test_bad_input_from_the_command_line(cifar, tmp_path):
     assert_one_line_error(proc, "--epochs")
 
 
-def test_out_dir_that_is_a_file(cifar, tmp_path):
+def test_out_dir_that_is_a_file(cifar, tmp_path, patch_md5, capsys):
     f = tmp_path / "file"
     f.write_text("x")
-    assert_one_line_error(run_script("benign_memorization.py", "--device", "cpu", "--out-dir", f, patch_md5=True), "--out-dir")
+    assert "--out-dir" in main_error(bm, ["--device", "cpu", "--out-dir", f], capsys)
+    assert f.read_text() == "x"
 
 
-def test_missing_data_offline_names_dataset_and_folder(tmp_path):
-    proc = run_script("benign_memorization.py", "--device", "cpu", "--data-dir", tmp_path / "nodata", "--out-dir", tmp_path / "out")
-    assert_one_line_error(proc, "CIFAR-10", str(tmp_path / "nodata"))
-    assert not (tmp_path / "out").exists()
-    proc = run_script("benign_memorization.py", "--device", "cpu", "--dataset", "tinyimagenet", "--data-dir", tmp_path / "nodata",
-                      "--out-dir", tmp_path / "out")
-    assert_one_line_error(proc, "Tiny ImageNet", str(tmp_path / "nodata"))
+def test_missing_data_offline_names_dataset_and_folder(tmp_path, capsys):
+    for dataset, name in (("cifar10", "CIFAR-10"), ("tinyimagenet", "Tiny ImageNet")):
+        err = main_error(bm, ["--device", "cpu", "--dataset", dataset, "--data-dir",
+                              tmp_path / "nodata", "--out-dir", tmp_path / "out"], capsys)
+        assert name in err and str(tmp_path / "nodata") in err, err
+        assert not (tmp_path / "out").exists()
 
 
-def test_corrupt_checkpoint_is_refused_and_left_untouched(cifar, tmp_path):
+def test_corrupt_checkpoint_is_refused_and_left_untouched(cifar, tmp_path, patch_md5, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "ckpt.pt").write_bytes(b"not a checkpoint")
     (out / "log.jsonl").write_text("precious\n")
-    proc = run_script("benign_memorization.py", *ARGS, "--data-dir", cifar, "--out-dir", out, patch_md5=True)
-    assert_one_line_error(proc, "ckpt.pt")
+    assert "ckpt.pt" in main_error(bm, ARGS + ["--data-dir", cifar, "--out-dir", out], capsys)
     assert (out / "ckpt.pt").read_bytes() == b"not a checkpoint"
     assert (out / "log.jsonl").read_text() == "precious\n"
 
@@ -678,14 +685,14 @@ def test_overwrite_that_cannot_remove_the_old_run_says_so_in_one_line(
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 def test_checkpoint_from_another_config_is_refused_unless_overwrite(cifar, tmp_path, patch_md5,
-                                                                   monkeypatch):
-    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)  # the subprocess refuses before it
+                                                                   monkeypatch, capsys):
+    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
     out = tmp_path / "run"
     bm.main(ARGS + ["--epochs", "1", "--data-dir", str(cifar), "--out-dir", str(out)])
     before = (out / "ckpt.pt").read_bytes()
-    proc = run_script("benign_memorization.py", *ARGS, "--epochs", "1", "--lr", "0.1", "--data-dir", cifar,
-                      "--out-dir", out, patch_md5=True)
-    assert_one_line_error(proc, "--overwrite", "lr")
+    err = main_error(bm, ARGS + ["--epochs", "1", "--lr", "0.1", "--data-dir", cifar,
+                                 "--out-dir", out], capsys)
+    assert "--overwrite" in err and "lr" in err, err
     assert (out / "ckpt.pt").read_bytes() == before
     results = bm.main(ARGS + ["--epochs", "1", "--lr", "0.1", "--overwrite", "--data-dir", str(cifar), "--out-dir", str(out)])
     assert results["config"]["lr"] == 0.1
@@ -1397,9 +1404,9 @@ def test_a_compiler_that_fails_gives_one_line_and_the_run_resumes_without_compil
     monkeypatch.setattr(torch, "compile", real_compile)
     assert bm.main(args)["final"]["epoch"] == 1
 
-def test_compiled_step_is_one_graph_and_matches_eager():
-    """Tolerance: inductor fuses and reorders float32 sums, so the compiled step equals the eager
-    one to rounding (relative 1e-4 on the loss and gradients), not bit for bit."""
+def test_compiled_step_is_one_graph():
+    """fullgraph=True refuses a graph break; dynamo's explain also counts the graphs, without
+    inductor's C++ compile (the run below compiles with it)."""
     torch.manual_seed(0)
     model = bm.Network(tiny_stages(1)[0], 16, 32, 10)
     g = torch.Generator().manual_seed(0)
@@ -1407,30 +1414,31 @@ def test_compiled_step_is_one_graph_and_matches_eager():
     targets = torch.nn.functional.one_hot(torch.randint(10, (16,), generator=g), 10).float()
     aug_u, mix_u = bm.step_uniforms(16, True, True, g, torch.device("cpu"))
     mix_u[0] = 0.0  # make sure this batch is mixed
-    inputs = (model, images, targets, aug_u, mix_u, bm.StepSettings(0.8, "mse", False, False))
-    for args in (inputs, (model, images, targets, None, None, bm.StepSettings(0.0, "ce", False, False))):
+    for args in ((model, images, targets, aug_u, mix_u, bm.StepSettings(0.8, "mse", False, False)),
+                 (model, images, targets, None, None, bm.StepSettings(0.0, "ce", False, False))):
         explained = torch._dynamo.explain(bm.step_loss)(*args)
         assert explained.graph_break_count == 0 and explained.graph_count == 1
-    grads = []
-    for fn in (bm.step_loss, torch.compile(bm.step_loss, fullgraph=True)):
-        model.zero_grad()
-        loss = fn(*inputs)
-        loss.backward()
-        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-    (loss_e, grad_e), (loss_c, grad_c) = grads
-    torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-6)
-    for a, b in zip(grad_c, grad_e):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_run_killed_after_a_checkpoint_ends_as_an_uninterrupted_one(
+def test_compiled_run_matches_eager_and_resumes_as_an_uninterrupted_one(
         cifar, tmp_path, patch_md5, monkeypatch):
+    """--compile with inductor, as on a GPU: every epoch's loss and invariance (the compiled step
+    and probe forward) as the eager run's to rounding (inductor fuses and reorders float32 sums;
+    measured: 2e-7 relative on the loss, 7e-5 on the invariance), and killed after the epoch-1
+    checkpoint and run again, equal to the uninterrupted compiled run."""
     monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
     common = ["--device", "cpu", "--epochs", "3", "--eval-every", "1", "--batch-size", "32",
               "--projector-width", "16",
-              "--knn-k", "5", "--invariance-size", "8", "--linear-probe", "off", "--compile",
+              "--knn-k", "5", "--invariance-size", "8", "--linear-probe", "off",
               "--data-dir", str(cifar)]
+    eager = bm.main(common + ["--out-dir", str(tmp_path / "eager")])
+    common.append("--compile")
     whole = bm.main(common + ["--out-dir", str(tmp_path / "whole")])
+    read = lambda d: [json.loads(r) for r in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+    assert len(read("whole")) == 4  # epochs 0-3
+    for c, e in zip(read("whole"), read("eager")):  # K-NN votes may flip on near-ties: not those
+        assert c["loss"] == pytest.approx(e["loss"], rel=1e-4)  # None at epoch 0
+        assert c["invariance"] == pytest.approx(e["invariance"], rel=1e-3)  # the probes' forward
     real_save, saves = bm.save_atomically, []
 
     def save_then_die(path, content):  # the process dies right after the epoch-1 checkpoint
@@ -1446,7 +1454,6 @@ def test_compiled_run_killed_after_a_checkpoint_ends_as_an_uninterrupted_one(
     assert saves == [0, 1]
     torch.manual_seed(12345)  # whatever happened in between
     resumed = bm.main(common + ["--out-dir", str(tmp_path / "cut")])
-    read = lambda d: [json.loads(r) for r in (tmp_path / d / "log.jsonl").read_text().splitlines()]
     assert strip_timing(read("whole")) == strip_timing(read("cut"))
     assert whole["final"]["loss"] == resumed["final"]["loss"]
 

@@ -259,6 +259,7 @@ def test_another_sweeps_folder_is_refused_and_a_failed_sweep_leaves_it_as_it_was
     (tmp_path / "config.json").write_text(json.dumps(on_cpu0))
     toy.main(small + ["--steps", "2"])  # accepted
     (tmp_path / "config.json").write_bytes(before["config.json"])
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}  # results.json's new "seconds"
 
     def failing_sweep(args):
         raise MemoryError("a sweep too large")
