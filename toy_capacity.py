@@ -316,12 +316,13 @@ def check_args(args):  # checks argparse cannot make, before anything is written
     existing = os.path.abspath(args.out_dir)
     while not os.path.exists(existing):  # the part of the path that exists must be a folder
         existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"--out-dir {args.out_dir}: {existing} exists and is not a directory")
-    saved = os.path.join(args.out_dir, "config.json")
-    if os.path.exists(saved) and not args.overwrite and not same_sweep(config_of(args), saved):
-        raise UserError(f"{saved} is another run's (another script's, other flags, or the other "
-                        "of cpu and cuda): pass --overwrite to replace it, or another --out-dir")
+    if not args.out_dir or not os.path.isdir(existing):  # "": checked now, not after the sweep
+        raise UserError(f"--out-dir {args.out_dir!r}: {existing} is not a directory to write in")
+    saved, results = (os.path.join(args.out_dir, f) for f in ("config.json", "results.json"))
+    if (os.path.exists(saved) or os.path.exists(results)) and not args.overwrite and \
+            not same_sweep(config_of(args), saved):  # results.json alone: whose, unknown
+        raise UserError(f"{args.out_dir} holds another run's results (other flags, another "
+                        "script's, the other of cpu and cuda): --overwrite, or another --out-dir")
 
 def main(argv=None):
     args = Config(**vars(build_parser().parse_args(argv)))

@@ -241,6 +241,23 @@ def test_out_dir_below_a_file_gives_one_line_error(tmp_path, capsys):
     assert "afile" in err and "not a directory" in err
 
 
+def test_an_empty_out_dir_is_refused_before_the_sweep(monkeypatch, capsys):
+    """It failed at the write, after the whole sweep had run."""
+    monkeypatch.setattr(toy, "run_sweep", lambda args: pytest.fail("the sweep ran"))
+    assert "--out-dir ''" in main_error(toy, ["--device", "cpu", "--out-dir", ""], capsys)
+
+
+def test_a_folder_with_results_but_no_config_is_refused_unless_overwrite(tmp_path, capsys):
+    (tmp_path / "results.json").write_text('{"someone": "else"}')
+    small = ["--device", "cpu", "--n", "4", "--augs", "1", "--seeds", "0", "--steps", "2",
+             "--out-dir", str(tmp_path)]
+    assert "another run's" in main_error(toy, small, capsys)
+    assert [f.name for f in tmp_path.iterdir()] == ["results.json"]
+    assert (tmp_path / "results.json").read_text() == '{"someone": "else"}'
+    toy.main(small + ["--overwrite"])
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["steps"] == 2
+
+
 def test_another_sweeps_folder_is_refused_and_a_failed_sweep_leaves_it_as_it_was(
         tmp_path, monkeypatch, capsys):
     """The toy replaced any folder's config.json and results.json (a benign run's, say), and
