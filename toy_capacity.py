@@ -316,8 +316,8 @@ def check_args(args):  # checks argparse cannot make, before anything is written
     existing = os.path.abspath(args.out_dir)
     while not os.path.exists(existing):  # the part of the path that exists must be a folder
         existing = os.path.dirname(existing)
-    if not args.out_dir or not os.path.isdir(existing):  # "": checked now, not after the sweep
-        raise UserError(f"--out-dir {args.out_dir!r}: {existing} is not a directory to write in")
+    if not os.path.isdir(existing):
+        raise UserError(f"--out-dir {args.out_dir}: {existing} exists and is not a directory")
     saved, results = (os.path.join(args.out_dir, f) for f in ("config.json", "results.json"))
     if (os.path.exists(saved) or os.path.exists(results)) and not args.overwrite and \
             not same_sweep(config_of(args), saved):  # results.json alone: whose, unknown
@@ -332,7 +332,7 @@ def main(argv=None):
         t0 = time.time()
         results = run_sweep(args)
         seconds = time.time() - t0
-        os.makedirs(args.out_dir, exist_ok=True)  # written together, after the sweep
+        os.makedirs(args.out_dir or ".", exist_ok=True)  # "": here, as the other two scripts
         write_json(os.path.join(args.out_dir, "config.json"), config)
         write_json(os.path.join(args.out_dir, "results.json"),
                    {"config": config, "script_sha256": script_sha256(),
