@@ -113,7 +113,8 @@ def cost_model(args, compile_step):
     small = bm.build_model(args, 10, 32)
     dims = bm.layer_dims(small, 32)
     knn = sum(2 * TEST * TRAIN * d + 2 * TRAIN * TRAIN * d for d in dims.values())  # clean + noisy
-    linear = 100 * 1.25 * 3 * 2 * TRAIN * dims["embedding"] * 10  # L-BFGS: 100 iterations, 1.25 evals
+    # L-BFGS: 100 iterations, 1.25 evals
+    linear = 100 * 1.25 * 3 * 2 * TRAIN * dims["embedding"] * 10
     forward = (TRAIN + TEST + 3 * INVARIANCE) * forward_image
     steps = TRAIN // bs
     epoch = steps * bs * train_image
@@ -136,7 +137,8 @@ def cost_model(args, compile_step):
         bm.apply_augment(images.float() / 255, bm.augment_params(aug_u, 32, 32))
     aug_bytes = aug_moved.bytes / 8 * bs  # per image, float32 (it runs outside autocast)
     compiled = None
-    if compile_step:  # inductor's fused kernels for the whole step, plus the convolutions and matmuls
+    # inductor's fused kernels for the whole step, plus the convolutions and matmuls
+    if compile_step:
         import torch._inductor.metrics as metrics
         metrics.reset()
         step = torch.compile(bm.step_loss, fullgraph=True)
@@ -149,22 +151,29 @@ def cost_model(args, compile_step):
     budget = bm.FEATURE_MEMORY_FRACTION * (H100_MEMORY - state)
     groups = bm.layer_groups(dims, TRAIN + TEST, budget, 2)
     def knn_temp(d):  # similarity block, float32 query chunk, float32 reference chunk
-        chunk = max(1, min(bm.KNN_MAX_QUERIES, bm.KNN_BLOCK_FLOATS // TRAIN, bm.KNN_REF_FLOATS // d))
+        chunk = max(1, min(bm.KNN_MAX_QUERIES, bm.KNN_BLOCK_FLOATS // TRAIN,
+                           bm.KNN_REF_FLOATS // d))
         return 4 * (chunk * TRAIN + chunk * d + max(1, bm.KNN_REF_FLOATS // d) * d)
-    taps = 1024 * sum(dims.values()) * 2 * 2  # one forward batch of 1024: bf16 taps and their float copy
-    peak = state + max(sum(2 * (TRAIN + TEST) * dims[n] for n in gr) + max(knn_temp(dims[n]) for n in gr)
+    # one forward batch of 1024: bf16 taps and their float copy
+    taps = 1024 * sum(dims.values()) * 2 * 2
+    peak = state + max(sum(2 * (TRAIN + TEST) * dims[n] for n in gr)
+                       + max(knn_temp(dims[n]) for n in gr)
                        for gr in groups) + taps
 
     compute_s = epoch / (H100_BF16_FLOPS * STEP_UTILISATION)
     adam_bytes = 28 * params  # fused Adam reads weight, gradient, two moments; writes three
-    memory_s = steps * (model_bytes + aug_bytes + adam_bytes) / (H100_BANDWIDTH * BANDWIDTH_UTILISATION)
+    memory_s = (steps * (model_bytes + aug_bytes + adam_bytes)
+                / (H100_BANDWIDTH * BANDWIDTH_UTILISATION))
     host_s = steps * len(ops.ops) * HOST_SECONDS_PER_OP
     # compiled: fusion removes part of the unfused traffic (at most all but Adam's), no host bound;
     # eager: the GPU's time or the host's launches, whichever is longer
-    epoch_low, epoch_high = compute_s + steps * adam_bytes / (H100_BANDWIDTH * BANDWIDTH_UTILISATION), compute_s + memory_s
+    epoch_low, epoch_high = (
+        compute_s + steps * adam_bytes / (H100_BANDWIDTH * BANDWIDTH_UTILISATION),
+        compute_s + memory_s)
     eager_s = max(epoch_high, host_s)
     epoch_s = epoch_high
-    eval_s = forward / (H100_BF16_FLOPS * STEP_UTILISATION) + knn / (H100_BF16_FLOPS * GEMM_UTILISATION)
+    eval_s = (forward / (H100_BF16_FLOPS * STEP_UTILISATION)
+              + knn / (H100_BF16_FLOPS * GEMM_UTILISATION))
     evals = EPOCHS // EVAL_EVERY + 1
     print("\ncost model on paper (full size: CIFAR-10 50,000/10,000 images, ResNet18, projector "
           f"{width}, batch {bs})")
@@ -180,11 +189,13 @@ def cost_model(args, compile_step):
           f"the free memory of an 80 GB GPU; model and optimizer {state / 1e9:.2f} GB)")
     print(f"memory traffic per step outside convolutions and matmuls (unfused, bf16 activations): "
           f"model {model_bytes / 1e9:.1f} GB, augmentation {aug_bytes / 1e9:.2f} GB, Adam "
-          f"{adam_bytes / 1e9:.2f} GB; at {BANDWIDTH_UTILISATION:.0%} of {H100_BANDWIDTH / 1e12:.2f} TB/s "
-          f"{memory_s / steps * 1e3:.2f} ms, against {compute_s / steps * 1e3:.2f} ms of arithmetic")
+          f"{adam_bytes / 1e9:.2f} GB; at {BANDWIDTH_UTILISATION:.0%} of "
+          f"{H100_BANDWIDTH / 1e12:.2f} TB/s {memory_s / steps * 1e3:.2f} ms, against "
+          f"{compute_s / steps * 1e3:.2f} ms of arithmetic")
     print(f"host time per eager step at {HOST_SECONDS_PER_OP * 1e6:.0f} us per operator: "
           f"{host_s / steps * 1e3:.2f} ms")
-    print(f"estimated, not measured, epoch on one H100: compiled {epoch_low:.2f}-{epoch_high:.2f} s "
+    print(f"estimated, not measured, epoch on one H100: compiled "
+          f"{epoch_low:.2f}-{epoch_high:.2f} s "
           f"(arithmetic + Adam, up to + all unfused traffic), eager {eager_s:.2f} s; 5000 epochs "
           f"with {evals} evaluations {(EPOCHS * epoch_low + evals * eval_s) / 3600:.1f}-"
           f"{(EPOCHS * epoch_high + evals * eval_s) / 3600:.1f} h compiled")
@@ -195,12 +206,14 @@ def cost_model(args, compile_step):
 
 
 class PerImage(Dataset):
-    """uint8 CHW images with torchvision's per-image transforms, as a typical training script does."""
+    """uint8 CHW images with torchvision's per-image transforms, as a typical training script
+    does."""
 
     def __init__(self, images, labels):
         self.images, self.labels = images, labels
         self.transform = v2.Compose([
-            v2.RandomResizedCrop(32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)), v2.RandomHorizontalFlip(),
+            v2.RandomResizedCrop(32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
+            v2.RandomHorizontalFlip(),
             v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8), v2.RandomGrayscale(0.2),
             v2.ToDtype(torch.float32, scale=True)])
 
@@ -217,14 +230,18 @@ def main():
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--projector-width", type=int, default=65536)
-    p.add_argument("--steps", type=int, default=50 if cuda else 3, help="timed steps per measurement")
-    p.add_argument("--probe-train", type=int, default=50000 if cuda else 1000, help="probe reference images")
-    p.add_argument("--probe-test", type=int, default=10000 if cuda else 200, help="probe query images")
+    p.add_argument("--steps", type=int, default=50 if cuda else 3,
+                   help="timed steps per measurement")
+    p.add_argument("--probe-train", type=int, default=50000 if cuda else 1000,
+                   help="probe reference images")
+    p.add_argument("--probe-test", type=int, default=10000 if cuda else 200,
+                   help="probe query images")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers for (c)")
     p.add_argument("--compile", action="store_true")
     a = p.parse_args()
     device = torch.device(a.device)
-    args = bm.build_parser().parse_args(["--batch-size", str(a.batch_size), "--projector-width", str(a.projector_width),
+    args = bm.build_parser().parse_args(["--batch-size", str(a.batch_size),
+                                         "--projector-width", str(a.projector_width),
                                          "--device", a.device, "--invariance-size", "0"])
     bm.check_args(args)
     model = bm.build_model(args, 10, 32).to(device)
@@ -236,7 +253,8 @@ def main():
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     warmup = 10 if cuda else 1
     bs = a.batch_size
-    images = torch.randint(0, 256, (max(bs * (a.steps + warmup), 2 * bs), 3, 32, 32), dtype=torch.uint8)
+    images = torch.randint(0, 256, (max(bs * (a.steps + warmup), 2 * bs), 3, 32, 32),
+                           dtype=torch.uint8)
     labels = torch.randint(0, 10, (len(images),))
 
     def step(x, y):
@@ -253,7 +271,8 @@ def main():
     t_a = timed(lambda: step(x, y), a.steps, warmup, device)
 
     # (b) the script's full step: gather, augment, mixup, step
-    data = bm.TrainingSet(images.to(device), torch.arange(len(images), device=device), labels.to(device), 10, "online")
+    data = bm.TrainingSet(images.to(device), torch.arange(len(images), device=device),
+                          labels.to(device), 10, "online")
     gen = torch.Generator(device=device).manual_seed(0)
 
     rt = bm.Runtime(device, bf16=device.type == "cuda", compiled=a.compile)
@@ -272,7 +291,8 @@ def main():
 
     # (c) per-image torchvision transforms in a DataLoader
     loader = DataLoader(PerImage(images, labels), batch_size=bs, shuffle=True, drop_last=True,
-                        num_workers=a.workers, pin_memory=device.type == "cuda", persistent_workers=a.workers > 0)
+                        num_workers=a.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=a.workers > 0)
     it = iter(loader)
 
     def loader_step():
@@ -292,28 +312,37 @@ def main():
     floats = images[:bs].to(device).float() / 255
     t_aug = timed(lambda: augment_batch(floats, gen), a.steps, warmup, device)
     per_image = PerImage(images[:bs], labels[:bs])
-    t_aug_tv = timed(lambda: [per_image[i] for i in range(bs)], a.steps, warmup, torch.device("cpu"))
+    t_aug_tv = timed(lambda: [per_image[i] for i in range(bs)], a.steps, warmup,
+                     torch.device("cpu"))
 
-    # (d) one full layer-wise probe (K-NN clean and noisy of all nine layers, accuracies, linear probe)
+    # (d) one full layer-wise probe (K-NN clean and noisy of all nine layers, accuracies,
+    # linear probe)
     n_tr, n_te = a.probe_train, a.probe_test
-    fake = lambda n: (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (n,)))
+    fake = lambda n: (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8),
+                      torch.randint(0, 10, (n,)))
     train, test = fake(n_tr), fake(n_te)
-    probe_data = bm.TrainingSet(train[0].to(device), torch.arange(n_tr, device=device), train[1].to(device), 10, "online")
+    probe_data = bm.TrainingSet(train[0].to(device), torch.arange(n_tr, device=device),
+                                train[1].to(device), 10, "online")
     probe_set = bm.make_probe_set(args, train, test, probe_data, 10, device)
     if device.type == "cuda":  # the probes' own peak, not the training steps' above
         torch.cuda.reset_peak_memory_stats(device)
-    t_d = timed(lambda: bm.probe(model, probe_set, args, rt, linear=True), 1, 1, device)  # warmed up:
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None  # compiled once
+    # warmed up: compiled once
+    t_d = timed(lambda: bm.probe(model, probe_set, args, rt, linear=True), 1, 1, device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU ({os.cpu_count()} cores)")
     rate = lambda t: bs / t
     epoch = (50000 // bs) * t_b
-    print(f"device: {name}; torch {torch.__version__}; batch {bs}; projector width {a.projector_width}; "
+    print(f"device: {name}; torch {torch.__version__}; batch {bs}; "
+          f"projector width {a.projector_width}; "
           f"compile {a.compile}; {a.steps} timed steps")
     print(f"(a) forward+backward alone      {rate(t_a):10.0f} img/s")
     print(f"(b) full training step          {rate(t_b):10.0f} img/s   (b)/(a) = {t_a / t_b:.2f}")
-    print(f"(c) DataLoader, {a.workers:2d} workers     {rate(t_c):10.0f} img/s   (b)/(c) = {t_c / t_b:.2f}")
-    print(f"augmentation alone: batched {rate(t_aug):.0f} img/s, torchvision per image {rate(t_aug_tv):.0f} img/s (one process)")
+    print(f"(c) DataLoader, {a.workers:2d} workers     {rate(t_c):10.0f} img/s   "
+          f"(b)/(c) = {t_c / t_b:.2f}")
+    print(f"augmentation alone: batched {rate(t_aug):.0f} img/s, "
+          f"torchvision per image {rate(t_aug_tv):.0f} img/s (one process)")
     print(f"(d) layer-wise probe {n_tr}/{n_te}: {t_d:.1f} s (after one warm-up probe)"
           + (f"; peak memory {peak / 1e9:.1f} GB" if peak else ""))
     print(f"CIFAR-10 epoch at (b): {epoch:.1f} s; 5000 epochs: {5000 * epoch / 3600:.1f} h")

@@ -3,7 +3,7 @@ Speed of masc_decode.py's MASC against the authors' approach (float64 covariance
 [X; -X] data + eigh per class, then the angle between each point and its projection), on synthetic
 ReLU features with class structure, and whether both give the same predictions.
 
-    python tests/benchmark_masc.py      # CPU sizes; on a GPU it also times a 4096-wide layer of 50,000 images
+    python tests/benchmark_masc.py      # CPU sizes; a GPU also times 4096 wide, 50,000 images
     python tests/benchmark_masc.py --quick   # one tiny setting, to check that it runs
     python tests/benchmark_masc.py --training   # only the training row
     python tests/benchmark_masc.py --device cpu # on the CPU even where a GPU is visible
@@ -35,7 +35,8 @@ def relu_features(rng, classes, per_class, dim, latent=256):
     means = [rng.normal(size=latent) * scale for _ in range(classes)]
 
     def sample(count):
-        xs = [np.maximum((rng.normal(size=(count, latent)) * scale + means[k]) @ maps[k], 0) for k in range(classes)]
+        xs = [np.maximum((rng.normal(size=(count, latent)) * scale + means[k]) @ maps[k], 0)
+              for k in range(classes)]
         return np.vstack(xs).astype(np.float32), np.repeat(np.arange(classes), count)
     return sample(per_class), sample
 
@@ -60,7 +61,8 @@ def authors_masc(train, y, queries, classes, variance=0.99):
 def ours(train, y, queries, classes, device):
     """masc_decode's fit + score, timed from host arrays to host predictions."""
     t0 = time.perf_counter()
-    bases = m.fit_subspaces(torch.tensor(train, device=device), torch.tensor(y, device=device), classes)
+    bases = m.fit_subspaces(torch.tensor(train, device=device), torch.tensor(y, device=device),
+                            classes)
     pred = m.masc_predict(bases, torch.tensor(queries, device=device)).cpu().numpy()
     return pred, time.perf_counter() - t0, sum(b.shape[1] for b in bases) / classes
 
@@ -86,16 +88,19 @@ def training_row(arch, models, steps, device):
     n_epoch, shape = 60000, (1, 28, 28)
     template = m.build_model(arch, shape, 10, 0).to(device)
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (steps * batch, *shape), dtype=torch.uint8, generator=g).to(device)
+    images = torch.randint(0, 256, (steps * batch, *shape), dtype=torch.uint8,
+                           generator=g).to(device)
     labels = torch.randint(10, (models, steps * batch), generator=g).to(device)
     jobs = [m.Job(f"{i}", {n: p.detach().clone() for n, p in m.build_model(arch, shape, 10, i)
-                           .to(device).named_parameters()}, labels[i], torch.Generator(device=device).manual_seed(i))
+                           .to(device).named_parameters()},
+                  labels[i], torch.Generator(device=device).manual_seed(i))
             for i in range(models)]
 
     def epoch(group, n=steps * batch):
         stack = m.Stack(template, group, optimizer, lr)
         with m.convolutions_for(torch.device(device), stacking=len(group) > 1):
-            m.train_epoch(stack, images[:n], torch.stack([j.labels[:n] for j in group]), batch, [j.gen for j in group])
+            m.train_epoch(stack, images[:n], torch.stack([j.labels[:n] for j in group]), batch,
+                          [j.gen for j in group])
         if device == "cuda":
             torch.cuda.synchronize()
     epoch(jobs[:2], 2 * batch)  # warm-up
@@ -116,8 +121,10 @@ def training_row(arch, models, steps, device):
             counts.append(counter.count)
         ops.append(counts[0] - counts[1])
     scale = n_epoch / (steps * batch)
-    print(f"training, {models} {arch.upper()}-MNIST models, batch {batch}, per epoch of {n_epoch // batch:,} steps "
-          f"(timed over {steps}): stacked {stacked * scale:.1f} s, one after another {apart * scale:.1f} s, "
+    print(f"training, {models} {arch.upper()}-MNIST models, batch {batch}, "
+          f"per epoch of {n_epoch // batch:,} steps "
+          f"(timed over {steps}): stacked {stacked * scale:.1f} s, "
+          f"one after another {apart * scale:.1f} s, "
           f"ratio {apart / stacked:.2f}; operators per step: stacked {ops[0]} for all {models}, "
           f"one model {ops[1]} ({models * ops[1]} for {models} one after another)")
 
@@ -133,24 +140,29 @@ def main():
         return
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {name}; torch {torch.__version__}")
-    print(f"{'setting':46s} {'mean r_k':>8s} {'authors f64':>12s} {'ours':>8s} {'speed-up':>9s} {'same predictions':>17s}")
-    for label, classes, per_class, dim, queries in [
+    print(f"{'setting':46s} {'mean r_k':>8s} {'authors f64':>12s} {'ours':>8s} "
+          f"{'speed-up':>9s} {'same predictions':>17s}")
+    for label, classes, per_class, dim, queries in ([
             ("D=4096, 20 classes x 500 (AlexNet fc)", 20, 500, 4096, 2000),
             ("D=2048, 10 classes x 1200 (MLP fc3, n_k < D)", 10, 1200, 2048, 2000),
             ("D=2048, 10 classes x 3000 (MLP fc3, n_k > D)", 10, 3000, 2048, 2000),
-            ("D=512, 10 classes x 3000 (MLP fc2, n_k > D)", 10, 3000, 512, 2000)] if not quick else [
-            ("quick: D=64, 3 classes x 50", 3, 50, 64, 30)]:
+            ("D=512, 10 classes x 3000 (MLP fc2, n_k > D)", 10, 3000, 512, 2000)]
+            if not quick else [
+            ("quick: D=64, 3 classes x 50", 3, 50, 64, 30)]):
         (train, y), sample = relu_features(np.random.default_rng(0), classes, per_class, dim)
         test, _ = sample(queries // classes)  # new points of the same classes
         ref, t_ref = authors_masc(train.astype(np.float64), y, test.astype(np.float64), classes)
         pred, t_ours, rank = ours(train, y, test, classes, device)
-        print(f"{label:46s} {rank:8.0f} {t_ref:11.1f}s {t_ours:7.2f}s {t_ref / t_ours:8.0f}x {np.mean(pred == ref):16.4f}")
-    if device == "cuda" and not quick:  # the issue's size: a 4096-wide layer on 50,000 CIFAR images (100 classes)
+        print(f"{label:46s} {rank:8.0f} {t_ref:11.1f}s {t_ours:7.2f}s {t_ref / t_ours:8.0f}x "
+              f"{np.mean(pred == ref):16.4f}")
+    # the issue's size: a 4096-wide layer on 50,000 CIFAR images (100 classes)
+    if device == "cuda" and not quick:
         (train, y), sample = relu_features(np.random.default_rng(0), 100, 500, 4096)
         test, _ = sample(100)
         ours(train[:1000], y[:1000], test[:100], 100, device)  # warm-up
         _, t, _ = ours(train, y, test, 100, device)
-        print(f"GPU: fit + score, 4096-wide layer, 50,000 train / 10,000 test, 100 classes: {t:.2f} s")
+        print(f"GPU: fit + score, 4096-wide layer, 50,000 train / 10,000 test, 100 classes: "
+              f"{t:.2f} s")
     training_row("mlp", 2 if quick else 18, 2 if quick else 20, device)
     training_row("cnn", 2 if quick else 18, 2 if quick else 10, device)
 

@@ -3,7 +3,8 @@
 The fake datasets are read by the scripts' real loading code (torchvision's dataset classes and the
 Tiny ImageNet folder reader). Images are class templates plus noise, so that a model can learn them.
 torchvision checks the md5 sums of the CIFAR and STL10 files, which fake files cannot match: tests
-patch that check (in-process with monkeypatch, in subprocesses through `run_script(..., patch_md5=True)`).
+patch that check (in-process with monkeypatch, in subprocesses through `run_script(...,
+patch_md5=True)`).
 """
 import os
 import pickle
@@ -26,7 +27,8 @@ def class_images(n, classes, shape, seed, noise=40, template_seed=1234):
 
     Templates depend on template_seed only, so train and test splits (other `seed`s) share them.
     """
-    templates = np.random.default_rng([template_seed, classes]).integers(0, 256, size=(classes, *shape))
+    templates = np.random.default_rng([template_seed, classes]).integers(
+        0, 256, size=(classes, *shape))
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % classes
     rng.shuffle(labels)
@@ -50,13 +52,16 @@ def write_cifar(root, name="cifar10", n_train=100, n_test=50, seed=0):
         for b, part in enumerate(np.array_split(np.arange(n_train), 5)):
             dump(os.path.join(folder, f"data_batch_{b + 1}"),
                  {"data": x_tr[part].reshape(len(part), -1), "labels": y_tr[part].tolist()})
-        dump(os.path.join(folder, "test_batch"), {"data": x_te.reshape(n_test, -1), "labels": y_te.tolist()})
-        dump(os.path.join(folder, "batches.meta"), {"label_names": [f"class{i}" for i in range(10)]})
+        dump(os.path.join(folder, "test_batch"),
+             {"data": x_te.reshape(n_test, -1), "labels": y_te.tolist()})
+        dump(os.path.join(folder, "batches.meta"),
+             {"label_names": [f"class{i}" for i in range(10)]})
     else:
         folder = os.path.join(root, "cifar-100-python")
         os.makedirs(folder, exist_ok=True)
         for split, x, y in (("train", x_tr, y_tr), ("test", x_te, y_te)):
-            dump(os.path.join(folder, split), {"data": x.reshape(len(x), -1), "fine_labels": y.tolist(),
+            dump(os.path.join(folder, split), {"data": x.reshape(len(x), -1),
+                                               "fine_labels": y.tolist(),
                                                "coarse_labels": (y // 5).tolist()})
         dump(os.path.join(folder, "meta"), {"fine_label_names": [f"c{i}" for i in range(100)],
                                             "coarse_label_names": [f"s{i}" for i in range(20)]})
@@ -64,7 +69,8 @@ def write_cifar(root, name="cifar10", n_train=100, n_test=50, seed=0):
 
 
 def write_mnist(root, name="MNIST", n_train=200, n_test=100, seed=0):
-    """MNIST or FashionMNIST idx files in <root>/<name>/raw (uncompressed, as torchvision leaves them)."""
+    """MNIST or FashionMNIST idx files in <root>/<name>/raw (uncompressed, as torchvision leaves
+    them)."""
     folder = os.path.join(root, name, "raw")
     os.makedirs(folder, exist_ok=True)
     out = []
@@ -79,7 +85,8 @@ def write_mnist(root, name="MNIST", n_train=200, n_test=100, seed=0):
 
 
 def write_tinyimagenet(root, classes=4, per_class=6, val_per_class=3, seed=0):
-    """The tiny-imagenet-200 archive layout: wnids.txt, train/<wnid>/images/*.JPEG, val/val_annotations.txt."""
+    """The tiny-imagenet-200 archive layout: wnids.txt, train/<wnid>/images/*.JPEG,
+    val/val_annotations.txt."""
     import warnings
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision.io")
     from torchvision.io import encode_jpeg
@@ -120,7 +127,8 @@ def write_stl10(root, n_train=40, n_test=40, seed=0):
         x, y = class_images(n, 10, (3, 96, 96), s)
         x.transpose(0, 1, 3, 2).tofile(os.path.join(folder, f"{split}_X.bin"))
         (y + 1).astype(np.uint8).tofile(os.path.join(folder, f"{split}_y.bin"))
-    class_images(1, 10, (3, 96, 96), seed + 2)[0].tofile(os.path.join(folder, "unlabeled_X.bin"))  # real: 100,000
+    # real: 100,000
+    class_images(1, 10, (3, 96, 96), seed + 2)[0].tofile(os.path.join(folder, "unlabeled_X.bin"))
     with open(os.path.join(folder, "class_names.txt"), "w") as f:
         f.write("\n".join(f"class{i}" for i in range(10)) + "\n")
 
@@ -175,7 +183,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def run_script(script, *args, patch_md5=False, kill_after=None, timeout=600, cwd=None):
     """Run one of the repository's scripts as a user would, offline; optionally with torchvision's
-    md5 check patched, and killed by SIGKILL after kill_after = (file name, N) writes of that file."""
+    md5 check patched, and killed by SIGKILL after kill_after = (file name, N) writes of that
+    file."""
     prelude = _OFFLINE + _CUDA_DEFAULT + (_MD5 if patch_md5 else "")
     if kill_after:
         prelude += _KILL.format(name=kill_after[0], count=kill_after[1])
@@ -183,7 +192,8 @@ def run_script(script, *args, patch_md5=False, kill_after=None, timeout=600, cwd
     # this process's thread count: CPU kernels may sum in another order on another count, and a
     # test may compare a subprocess's numbers with its own
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO,
+                          env=env)
 
 
 @pytest.fixture(autouse=True)
@@ -221,7 +231,7 @@ def assert_one_line_error(proc, *fragments):
 
 
 def help_entries(parser):
-    """--help's text of each flag, on one line: {"--epochs": "--epochs EPOCHS training epochs ..."}."""
+    """--help's text of each flag, on one line: {"--epochs": "--epochs EPOCHS training ..."}."""
     entries, flag = {}, None
     for line in re.sub(r"\x1b\[[0-9;]*m", "", parser.format_help()).splitlines():  # no colours
         if line.startswith("  -"):  # an option's first line, indented by two
@@ -235,7 +245,8 @@ def help_entries(parser):
 
 
 def main_error(module, args, capsys):
-    """Run a script's main() in-process on bad input; assert it exits non-zero with one stderr line."""
+    """Run a script's main() in-process on bad input; assert it exits non-zero with one stderr
+    line."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         module.main([str(a) for a in args])

@@ -52,7 +52,8 @@ def test_knn_matches_brute_force(k, exclude_self):
 
 
 def test_knn_vote_ties_go_to_the_smallest_class():
-    # query at angle 0; neighbours: two of class 3 (closest), two of class 1, one far away of class 0
+    # query at angle 0; neighbours: two of class 3 (closest), two of class 1, one far away of
+    # class 0
     angles = np.array([0.1, -0.1, 0.2, -0.2, 3.0])
     ref = np.stack([np.cos(angles), np.sin(angles)], 1).astype(np.float32)
     ref_y = torch.tensor([3, 3, 1, 1, 0])
@@ -62,7 +63,8 @@ def test_knn_vote_ties_go_to_the_smallest_class():
 
 
 def test_knn_exclude_self_ignores_own_label():
-    # every point's nearest other neighbours carry the other label: with itself, k=1 would be trivial
+    # every point's nearest other neighbours carry the other label: with itself, k=1 would be
+    # trivial
     ref = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.1, 0.99]])
     y = torch.tensor([0, 1, 0, 1])
     assert torch.equal(bm.knn_predict(ref, y, ref, k=1), y)
@@ -112,7 +114,8 @@ def test_augment_batch_shape_range_and_independence():
     assert out.shape == x.shape and out.dtype == torch.float32
     assert out.min() >= 0 and out.max() <= 1
     flat = out.flatten(1)
-    assert torch.cdist(flat, flat).add(torch.eye(64)).min() > 0  # same image, 64 different augmentations
+    # same image, 64 different augmentations
+    assert torch.cdist(flat, flat).add(torch.eye(64)).min() > 0
     # an image's augmentation depends only on its own draw, not on the other images in the batch
     a = augment_batch(torch.stack([x[0], torch.zeros(3, 32, 32)]), torch.Generator().manual_seed(2))
     b = augment_batch(torch.stack([x[0], torch.ones(3, 32, 32)]), torch.Generator().manual_seed(2))
@@ -121,30 +124,38 @@ def test_augment_batch_shape_range_and_independence():
 
 def test_augmentation_frequencies_and_crop_ranges():
     n = 40000
-    p = bm.augment_params(torch.rand(n, bm.NUM_UNIFORMS, generator=torch.Generator().manual_seed(3)), 32, 32)
+    p = bm.augment_params(
+        torch.rand(n, bm.NUM_UNIFORMS, generator=torch.Generator().manual_seed(3)), 32, 32)
     assert p.flip.float().mean().item() == pytest.approx(0.5, abs=0.015)
     assert p.gray.float().mean().item() == pytest.approx(0.2, abs=0.01)
     assert p.jitter.float().mean().item() == pytest.approx(0.8, abs=0.01)
     area = p.height * p.width / (32 * 32)
     assert area.min() >= 0.06 and area.max() <= 1.0  # scale (0.08, 1), up to rounding of h and w
     ratio = p.width / p.height
-    assert ratio.min() >= 0.65 and ratio.max() <= 1.5  # (3/4, 4/3), up to rounding on a 32-pixel grid
+    # (3/4, 4/3), up to rounding on a 32-pixel grid
+    assert ratio.min() >= 0.65 and ratio.max() <= 1.5
     assert (p.top >= 0).all() and (p.top + p.height <= 32).all()
     assert (p.left >= 0).all() and (p.left + p.width <= 32).all()
-    for key, lo, hi in (("brightness", 0.2, 1.8), ("contrast", 0.2, 1.8), ("saturation", 0.2, 1.8), ("hue", -0.2, 0.2)):
-        assert lo <= getattr(p, key).min() < lo + 0.01 and hi - 0.01 < getattr(p, key).max() <= hi  # the whole range
-        assert getattr(p, key).mean().item() == pytest.approx((lo + hi) / 2, abs=0.01)  # uniform over it
-    assert torch.equal(p.order.sort(1).values, torch.arange(4).expand(n, 4))  # a permutation per image
+    for key, lo, hi in (("brightness", 0.2, 1.8), ("contrast", 0.2, 1.8), ("saturation", 0.2, 1.8),
+                        ("hue", -0.2, 0.2)):
+        # the whole range
+        assert lo <= getattr(p, key).min() < lo + 0.01 and hi - 0.01 < getattr(p, key).max() <= hi
+        # uniform over it
+        assert getattr(p, key).mean().item() == pytest.approx((lo + hi) / 2, abs=0.01)
+    # a permutation per image
+    assert torch.equal(p.order.sort(1).values, torch.arange(4).expand(n, 4))
     # the crop distribution matches torchvision's own sampler
     torch.manual_seed(0)
-    tv = torch.tensor([RandomResizedCrop.get_params(torch.empty(3, 32, 32), [0.08, 1.0], [3 / 4, 4 / 3])
+    tv = torch.tensor([RandomResizedCrop.get_params(torch.empty(3, 32, 32), [0.08, 1.0],
+                                                    [3 / 4, 4 / 3])
                        for _ in range(20000)], dtype=torch.float32)
     tv_area = tv[:, 2] * tv[:, 3] / 1024
     assert area.mean().item() == pytest.approx(tv_area.mean().item(), abs=0.01)
     assert area.std().item() == pytest.approx(tv_area.std().item(), abs=0.01)
     quantiles = torch.tensor([0.1, 0.5, 0.9])
     tv_ratio = tv[:, 3] / tv[:, 2]  # get_params returns top, left, height, width
-    torch.testing.assert_close(ratio.float().quantile(quantiles), tv_ratio.quantile(quantiles), atol=0.03, rtol=0)
+    torch.testing.assert_close(ratio.float().quantile(quantiles), tv_ratio.quantile(quantiles),
+                               atol=0.03, rtol=0)
 
 
 def test_crop_falls_back_to_torchvisions_central_crop_when_no_try_fits():
@@ -152,7 +163,8 @@ def test_crop_falls_back_to_torchvisions_central_crop_when_no_try_fits():
     u[:, :2 * bm.CROP_TRIES] = 1.0  # every try: the whole area at ratio 4/3, 36 x 27 > 40 x 24
     p = bm.augment_params(u, 24, 40)
     # torchvision's fallback on a 24 x 40 image (all of its tries fail with scale 1, ratio 4/3)
-    top, left, h, w = RandomResizedCrop.get_params(torch.empty(3, 24, 40), [1.0, 1.0], [4 / 3, 4 / 3])
+    top, left, h, w = RandomResizedCrop.get_params(torch.empty(3, 24, 40), [1.0, 1.0],
+                                                   [4 / 3, 4 / 3])
     assert (top, left, h, w) == (0, 4, 24, 32)  # by hand: width 24 * 4/3, centred
     for key, value in (("top", top), ("left", left), ("height", h), ("width", w)):
         assert getattr(p, key).tolist() == [value, value], key
@@ -166,7 +178,8 @@ def test_labels_fixed_and_reproducible_from_seed():
     clean = torch.arange(5000) % 10
     a, b, c = (bm.draw_labels(clean, 10, 1.0, s) for s in (0, 0, 1))
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert (a == clean).float().mean().item() == pytest.approx(0.1, abs=0.02)  # unrelated to the truth
+    # unrelated to the truth
+    assert (a == clean).float().mean().item() == pytest.approx(0.1, abs=0.02)
     assert torch.bincount(a, minlength=10).min() > 400  # uniform over the classes
     assert torch.equal(bm.draw_labels(clean, 10, 0.0, 0), clean)
 
@@ -177,7 +190,8 @@ def test_mixup_mixes_images_and_targets_with_one_lambda():
     mixed = 0
     for _ in range(50):
         _, u = bm.step_uniforms(16, False, True, g, torch.device("cpu"))
-        xm, ym = bm.mixup(y.clone(), y, 0.8, u)  # images equal to targets: one lambda, one permutation
+        # images equal to targets: one lambda, one permutation
+        xm, ym = bm.mixup(y.clone(), y, 0.8, u)
         torch.testing.assert_close(ym.sum(1), torch.ones(16))
         assert torch.equal(xm, ym)
         mixed += not torch.equal(ym, y)
@@ -211,7 +225,8 @@ def near_ties(ref, q, k, exclude_self=False, gap=2e-6):
 
 
 def independent_probe(model, ps, k):
-    """What probe() should report, from features extracted here layer by layer (float64 brute force)."""
+    """What probe() should report, from features extracted here layer by layer (float64 brute
+    force)."""
     model.eval()
     with torch.no_grad():
         feats = {}
@@ -226,7 +241,8 @@ def independent_probe(model, ps, k):
                 model(bm.apply_augment(x, bm.augment_params(u, *x.shape[-2:])), views[-1])
             clean_inv = {}
             model(x, clean_inv)
-    ytr, yte, ymem = (getattr(ps, key).numpy() for key in ("train_clean", "test_clean", "mem_labels"))
+    ytr, yte, ymem = (getattr(ps, key).numpy()
+                      for key in ("train_clean", "test_clean", "mem_labels"))
     out = {"knn_clean": {}, "knn_noisy": {}, "knn_noisy_self": {}, "invariance": {}, "ties": {}}
     for name in model.layer_names():
         f, q = feats["train"][name].double().numpy(), feats["test"][name].double().numpy()
@@ -263,9 +279,10 @@ def assert_probe_matches(got, expected):
 
 # ----------------------------------------------------------------------------- end to end
 
-RESNET_LAYERS = ["input", "stem", "layer1", "layer2", "layer3", "layer4", "embedding", "projector", "output"]
-ARGS = ["--device", "cpu", "--epochs", "3", "--eval-every", "1", "--batch-size", "32", "--projector-width", "64", "--knn-k", "5",
-        "--invariance-size", "16"]
+RESNET_LAYERS = ["input", "stem", "layer1", "layer2", "layer3", "layer4", "embedding", "projector",
+                 "output"]
+ARGS = ["--device", "cpu", "--epochs", "3", "--eval-every", "1", "--batch-size", "32",
+        "--projector-width", "64", "--knn-k", "5", "--invariance-size", "16"]
 
 
 @pytest.fixture(scope="module")
@@ -286,9 +303,12 @@ def test_end_to_end_results_hold_every_layer(cifar, tmp_path, patch_md5):
         for key in ("knn_clean", "knn_noisy"):
             assert list(row[key]) == RESNET_LAYERS
             assert all(0 <= v <= 1 for v in row[key].values())
-        assert 0 <= row["train_acc"] <= 1 and 0 <= row["test_acc"] <= 1 and 0 <= row["linear_probe"] <= 1
-        assert list(row["invariance"]) == RESNET_LAYERS and all(v >= 0 for v in row["invariance"].values())
-    assert saved["init"]["loss"] is None and saved["final"]["loss"] > 0 and saved["final"]["img_per_s"] > 0
+        assert (0 <= row["train_acc"] <= 1 and 0 <= row["test_acc"] <= 1
+                and 0 <= row["linear_probe"] <= 1)
+        assert (list(row["invariance"]) == RESNET_LAYERS
+                and all(v >= 0 for v in row["invariance"].values()))
+    assert (saved["init"]["loss"] is None and saved["final"]["loss"] > 0
+            and saved["final"]["img_per_s"] > 0)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1, 2, 3]
     assert json.loads((out / "config.json").read_text())["seed"] == 0
@@ -319,7 +339,8 @@ def test_probe_at_init_matches_features_extracted_independently(probe_size, cifa
     ps = bm.make_probe_set(args, train, test, data, 10, torch.device("cpu"))
     assert ps.mem_is_train and len(ps.train_x) == (probe_size or 64)
     # point i is image i: the memorization probe looks at the probed training images themselves
-    assert torch.equal(train[0][ps.mem_idx], ps.train_x) and torch.equal(ps.mem_labels, data.labels[ps.mem_idx])
+    assert (torch.equal(train[0][ps.mem_idx], ps.train_x)
+            and torch.equal(ps.mem_labels, data.labels[ps.mem_idx]))
     model = bm.build_model(args, 10, 32)
     got = bm.probe(model, ps, args, CPU_FP32, linear=False)
     assert_probe_matches(got, independent_probe(model, ps, 3))
@@ -355,7 +376,8 @@ def test_training_step_gets_augmented_images_and_targets_mixed_with_one_lambda(
     monkeypatch.setattr(bm.Network, "forward", forward)
     monkeypatch.setattr(bm, "compute_loss", loss)
     monkeypatch.setattr(bm.TrainingSet, "batch", batch)
-    bm.main(SMALL + ["--epochs", "3", "--eval-every", "3", "--linear-probe", "off", "--invariance-size", "0",
+    bm.main(SMALL + ["--epochs", "3", "--eval-every", "3", "--linear-probe", "off",
+                     "--invariance-size", "0",
                      "--data-dir", str(cifar), "--out-dir", str(tmp_path)])
     assert len(seen["mix"]) == len(seen["forward"]) == len(seen["loss"]) == 6  # 3 epochs x 2 steps
     for out, target, value in seen["value"]:  # the default loss: MSE against the (mixed) one-hots
@@ -367,7 +389,8 @@ def test_training_step_gets_augmented_images_and_targets_mixed_with_one_lambda(
     clean_images = bm.load_dataset("cifar10", str(cifar))[0][0].float().flatten(1) / 255
     exact = dict(compute_mode="donot_use_mm_for_euclid_dist")  # no |a|^2 + |b|^2 - 2ab cancellation
     mixed = 0
-    for (x, y, xm, ym), fed, target, idx in zip(seen["mix"], seen["forward"], seen["loss"], seen["idx"]):
+    for (x, y, xm, ym), fed, target, idx in zip(seen["mix"], seen["forward"], seen["loss"],
+                                                seen["idx"]):
         assert torch.equal(fed, xm) and torch.equal(target, ym)  # the step trains on mixup's output
         # the images were augmented: none is a training image as stored
         assert torch.cdist(x.flatten(1), clean_images, **exact).min() > 1e-3
@@ -385,11 +408,13 @@ def test_training_step_gets_augmented_images_and_targets_mixed_with_one_lambda(
     assert mixed >= 1
 
 
-@pytest.mark.parametrize("flags,noise", [(["--label-noise", "0.5"], 0.5), (["--label-noise", "0"], 0.0)])
+@pytest.mark.parametrize("flags,noise", [(["--label-noise", "0.5"], 0.5),
+                                         (["--label-noise", "0"], 0.0)])
 def test_label_noise_and_clean_labels_reach_the_run(flags, noise, cifar, tmp_path, patch_md5,
                                                     monkeypatch):
     monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)  # the labels alone are checked
-    bm.main(SMALL + flags + ["--linear-probe", "off", "--data-dir", str(cifar), "--out-dir", str(tmp_path)])
+    bm.main(SMALL + flags + ["--linear-probe", "off", "--data-dir", str(cifar),
+                             "--out-dir", str(tmp_path)])
     labels = torch.load(tmp_path / "ckpt.pt", weights_only=True)["labels"]
     clean = bm.load_dataset("cifar10", str(cifar))[0][1]
     assert torch.equal(labels, bm.draw_labels(clean, 10, noise, 0))
@@ -397,8 +422,10 @@ def test_label_noise_and_clean_labels_reach_the_run(flags, noise, cifar, tmp_pat
     assert changed == 0 if noise == 0 else 0.2 < changed < 0.7
 
 
-@pytest.mark.parametrize("augment", [["--augment", "none"], ["--augment", "iid:2", "--subset", "10"]])
-def test_unaugmented_points_and_cross_entropy_reach_the_step(augment, cifar, tmp_path, patch_md5, monkeypatch):
+@pytest.mark.parametrize("augment", [["--augment", "none"],
+                                     ["--augment", "iid:2", "--subset", "10"]])
+def test_unaugmented_points_and_cross_entropy_reach_the_step(augment, cifar, tmp_path, patch_md5,
+                                                             monkeypatch):
     """--augment none (the malign control) and iid:B (partners as stored) feed stored images, each
     with its own label; --loss ce trains on cross-entropy, recomputed here."""
     seen = []
@@ -416,9 +443,11 @@ def test_unaugmented_points_and_cross_entropy_reach_the_step(augment, cifar, tmp
         return value
     monkeypatch.setattr(bm.Network, "forward", forward)
     monkeypatch.setattr(bm, "compute_loss", loss)
-    results = bm.main(["--device", "cpu", "--epochs", "1", "--batch-size", "8", "--projector-width", "32",
-                       "--knn-k", "5", "--loss", "ce", "--label-noise", "0", "--mixup", "0", "--linear-probe", "off",
-                       "--invariance-size", "0", *augment, "--data-dir", str(cifar), "--out-dir", str(tmp_path)])
+    results = bm.main(["--device", "cpu", "--epochs", "1", "--batch-size", "8",
+                       "--projector-width", "32", "--knn-k", "5", "--loss", "ce",
+                       "--label-noise", "0", "--mixup", "0", "--linear-probe", "off",
+                       "--invariance-size", "0", *augment, "--data-dir", str(cifar),
+                       "--out-dir", str(tmp_path)])
     assert math.isfinite(results["final"]["loss"]) and seen
     images, clean = bm.load_dataset("cifar10", str(cifar))[0]
     exact = dict(compute_mode="donot_use_mm_for_euclid_dist")
@@ -493,7 +522,8 @@ def test_run_killed_after_its_last_checkpoint_ends_with_the_whole_log(cifar, tmp
     assert strip_timing([resumed["final"]]) == strip_timing([whole["final"]])
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(cifar, tmp_path, patch_md5, monkeypatch, capsys):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(cifar, tmp_path, patch_md5, monkeypatch,
+                                                       capsys):
     monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)  # the encoder plays no part here
     out = tmp_path / "run"
     calls = {"n": 0}
@@ -522,7 +552,8 @@ def test_out_of_gpu_memory_is_one_line_that_says_how_to_resume(cifar, tmp_path, 
     def train_epoch(*args):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"
+                                              "\nmore")
         return real(*args)
     monkeypatch.setattr(bm, "train_epoch", train_epoch)
     args = ARGS + ["--data-dir", str(cifar), "--out-dir", str(tmp_path / "run")]
@@ -592,11 +623,13 @@ def test_weights_ruined_by_an_epochs_last_step_never_reach_a_checkpoint(
     (["--num-classes", str(2**63)], "--num-classes"),
     (["--device", "meta"], "cpu or cuda"),  # torch.empty works on meta, training does not
     (["--augment", "fixed:2", "--aug-labels", "random", "--label-noise", "0.5"], "--label-noise"),
-    (["--num-classes", "per-sample", "--subset", "16"], "per-sample"),  # a class per image, not anchor
+    # a class per image, not anchor
+    (["--num-classes", "per-sample", "--subset", "16"], "per-sample"),
     (["--num-classes", "per-sample", "--augment", "iid:2"], "per-sample"),
 ])
 def test_bad_input_gives_one_line_error(args, fragment, cifar, tmp_path, patch_md5, capsys):
-    err = main_error(bm, ["--device", "cpu", "--data-dir", cifar, "--out-dir", tmp_path / "out", *args], capsys)
+    err = main_error(bm, ["--device", "cpu", "--data-dir", cifar, "--out-dir", tmp_path / "out",
+                          *args], capsys)
     assert fragment in err
     assert not (tmp_path / "out").exists()
 
@@ -605,8 +638,10 @@ def test_bad_input_gives_one_line_error(args, fragment, cifar, tmp_path, patch_m
 def test_help_gives_every_flags_default():
     parser = bm.build_parser()
     entries = help_entries(parser)
-    assert entries["--epochs"].endswith("(default: 5000)") and "(default: 0.0003)" in entries["--lr"]
-    assert "(default: 0)" in entries["--seed"] and "(default: 65536)" in entries["--projector-width"]
+    assert (entries["--epochs"].endswith("(default: 5000)")
+            and "(default: 0.0003)" in entries["--lr"])
+    assert ("(default: 0)" in entries["--seed"]
+            and "(default: 65536)" in entries["--projector-width"])
     assert entries["--num-classes"].count("default") == 1  # the help's own, not appended again
     assert entries["--transfer"].endswith("(Figure 9) (default: none)")  # not []
     switches = {"--help", "--compile", "--overwrite"}
@@ -620,7 +655,8 @@ def test_seed_takes_the_int64_range():  # negative seeds ran before the bound; 2
         assert bm.build_parser().parse_args(["--seed", str(seed)]).seed == seed
 
 def test_bad_input_from_the_command_line(cifar, tmp_path):
-    proc = run_script("benign_memorization.py", "--device", "cpu", "--epochs", "0", "--out-dir", tmp_path / "out")
+    proc = run_script("benign_memorization.py", "--device", "cpu", "--epochs", "0",
+                      "--out-dir", tmp_path / "out")
     assert_one_line_error(proc, "--epochs")
 
 
@@ -694,13 +730,15 @@ def test_checkpoint_from_another_config_is_refused_unless_overwrite(cifar, tmp_p
                                  "--out-dir", out], capsys)
     assert "--overwrite" in err and "lr" in err, err
     assert (out / "ckpt.pt").read_bytes() == before
-    results = bm.main(ARGS + ["--epochs", "1", "--lr", "0.1", "--overwrite", "--data-dir", str(cifar), "--out-dir", str(out)])
+    results = bm.main(ARGS + ["--epochs", "1", "--lr", "0.1", "--overwrite",
+                              "--data-dir", str(cifar), "--out-dir", str(out)])
     assert results["config"]["lr"] == 0.1
 
 
 def test_lower_epochs_and_another_config_without_checkpoint_are_refused(cifar, tmp_path, patch_md5,
                                                                         monkeypatch, capsys):
-    """--epochs may extend a run, not cut it; with ckpt.pt gone, config.json still guards the folder."""
+    """--epochs may extend a run, not cut it; with ckpt.pt gone, config.json still guards the
+    folder."""
     monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
     out = tmp_path / "run"
     args = ARGS + ["--data-dir", str(cifar), "--out-dir", str(out)]
@@ -744,7 +782,8 @@ def test_run_killed_before_its_first_checkpoint_starts_afresh(cifar, tmp_path, p
 
 def test_out_dir_below_a_file_gives_one_line_error(cifar, tmp_path, patch_md5, capsys):
     (tmp_path / "afile").write_text("")
-    err = main_error(bm, ARGS + ["--data-dir", cifar, "--out-dir", tmp_path / "afile" / "run"], capsys)
+    err = main_error(bm, ARGS + ["--data-dir", cifar, "--out-dir", tmp_path / "afile" / "run"],
+                     capsys)
     assert "afile" in err and "not a directory" in err
 
 
@@ -779,12 +818,14 @@ def test_checkpoint_from_another_device_type_is_refused_with_one_line(cifar, tmp
 def test_tinyimagenet_folder_layout_is_decoded_and_cached(tmp_path):
     from conftest import write_tinyimagenet
     from torchvision.io import encode_png
-    (x_tr, y_tr), (x_va, y_va) = write_tinyimagenet(str(tmp_path), classes=3, per_class=4, val_per_class=2)
+    (x_tr, y_tr), (x_va, y_va) = write_tinyimagenet(str(tmp_path), classes=3, per_class=4,
+                                                    val_per_class=2)
     base = tmp_path / "tiny-imagenet-200"
     for wnid in sorted(os.listdir(base / "train")):  # as in the archive: not an image, ignored
         (base / "train" / wnid / f"{wnid}_boxes.txt").write_text("x\t0\t0\t63\t63\n")
     odd = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8)  # not 64x64: resized
-    (base / "train" / "n00000001" / "images" / "n00000001_99.png").write_bytes(encode_png(odd).numpy().tobytes())
+    (base / "train" / "n00000001" / "images" / "n00000001_99.png").write_bytes(
+        encode_png(odd).numpy().tobytes())
     (tx, ty), (vx, vy) = bm.load_dataset("tinyimagenet", str(tmp_path))
     assert tx.shape == (13, 3, 64, 64) and tx.dtype == torch.uint8 and vx.shape == (6, 3, 64, 64)
     # classes in sorted wnid order, each class's images in sorted file name order
@@ -792,7 +833,8 @@ def test_tinyimagenet_folder_layout_is_decoded_and_cached(tmp_path):
              for f in sorted(os.listdir(base / "train" / wnid / "images"))]
     assert ty.tolist() == [y for _, y in files]
     odd_at = [f for f, _ in files].index("n00000001_99.png")
-    expected = torch.nn.functional.interpolate(odd[None].float(), (64, 64), mode="bilinear", antialias=True)
+    expected = torch.nn.functional.interpolate(odd[None].float(), (64, 64), mode="bilinear",
+                                               antialias=True)
     assert (tx[odd_at].float() - expected[0].round().clamp(0, 255)).abs().max() <= 1
     written = {f"n{y:08d}_{i}.JPEG": torch.tensor(x[:1] if i == 0 else x)  # image 0: grayscale
                for i, (x, y) in enumerate(zip(x_tr, y_tr))}
@@ -815,7 +857,7 @@ def test_tinyimagenet_folder_layout_is_decoded_and_cached(tmp_path):
     with pytest.raises(bm.UserError, match="incomplete"):
         bm.load_dataset("tinyimagenet", str(tmp_path))
 
-# ----------------------------------------------------------------------------- the paper's other experiments
+# -------------------------------------------------------------------- the paper's other experiments
 
 
 def parsed(*flags):  # on the CPU unless flags name another device
@@ -849,20 +891,25 @@ def test_fixed_augmentations_are_fixed_distinct_and_keyed_by_index():
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     images[1] = images[0]  # equal pixels (the authors' pixel-sum key would collide here)
     clean = torch.arange(6) % 3
-    d3 = bm.make_training_set(parsed("--augment", "fixed:3"), (images, clean), 10, torch.device("cpu"))
-    d5 = bm.make_training_set(parsed("--augment", "fixed:5"), (images, clean), 10, torch.device("cpu"))
-    assert len(d3) == 18 and d3.source.tolist()[:6] == [0, 0, 0, 1, 1, 1] and d3.aug_id.tolist()[:6] == [0, 1, 2, 0, 1, 2]
+    d3 = bm.make_training_set(parsed("--augment", "fixed:3"), (images, clean), 10,
+                              torch.device("cpu"))
+    d5 = bm.make_training_set(parsed("--augment", "fixed:5"), (images, clean), 10,
+                              torch.device("cpu"))
+    assert (len(d3) == 18 and d3.source.tolist()[:6] == [0, 0, 0, 1, 1, 1]
+            and d3.aug_id.tolist()[:6] == [0, 1, 2, 0, 1, 2])
     all3 = d3.view(torch.arange(18))
     assert torch.equal(all3, d3.view(torch.arange(18)))  # the same every epoch
     flat = all3.flatten(1)
-    assert torch.cdist(flat, flat).add(torch.eye(18)).min() > 0  # all 18 distinct, images 0 and 1 included
+    # all 18 distinct, images 0 and 1 included
+    assert torch.cdist(flat, flat).add(torch.eye(18)).min() > 0
     # point (image i, augmentation b) does not depend on B nor on the batch it is drawn in
     pos5 = lambda i, b: 5 * i + b
     for i, b in [(0, 0), (2, 1), (5, 2)]:
         assert torch.equal(d5.view(torch.tensor([pos5(i, b)]))[0], all3[3 * i + b])
     # training batches of a fixed set are exactly these views (no fresh augmentation)
     images, _, u = d3.batch(torch.tensor([4, 17]), torch.rand(2, bm.NUM_UNIFORMS))
-    assert torch.equal(bm.apply_augment(images.float() / 255, bm.augment_params(u, 32, 32)), all3[[4, 17]])
+    assert torch.equal(bm.apply_augment(images.float() / 255, bm.augment_params(u, 32, 32)),
+                       all3[[4, 17]])
 
 
 def test_an_epoch_of_fixed_views_keeps_the_step_budget_of_the_images(monkeypatch):
@@ -897,8 +944,11 @@ def test_label_bookkeeping_same_random_per_sample_and_noise():
     per_image = same.labels.view(2000, 4)
     assert (per_image == per_image[:, :1]).all()  # the B augmentations share their image's label
     assert torch.equal(per_image[:, 0], bm.draw_labels(clean, 10, 1.0, 0))
-    rnd = bm.make_training_set(parsed("--augment", "fixed:4", "--aug-labels", "random"), (images, clean), 10, cpu)
-    assert len(rnd.labels) == 8000 and (rnd.labels.view(2000, 4) != rnd.labels.view(2000, 4)[:, :1]).any(1).float().mean() > 0.9
+    rnd = bm.make_training_set(parsed("--augment", "fixed:4", "--aug-labels", "random"),
+                               (images, clean), 10, cpu)
+    assert (len(rnd.labels) == 8000
+            and (rnd.labels.view(2000, 4) != rnd.labels.view(2000, 4)[:, :1])
+            .any(1).float().mean() > 0.9)
     assert torch.bincount(rnd.labels).min() > 700  # uniform over the 10 classes
     per_sample = bm.draw_labels(clean, "per-sample", 1.0, 0)
     assert torch.equal(per_sample.sort().values, torch.arange(2000))  # one class per image
@@ -919,10 +969,12 @@ def test_iid_augmentations_pair_anchors_with_same_class_images():
     assert all(len(set(row)) == 8 for row in partners.tolist())  # B different images per anchor
     assert len(partners.unique()) == 400  # 400 partners from 550 images: none is reused
     data = bm.make_training_set(parsed("--augment", "iid:8", "--subset", "50"),
-                                (torch.zeros(600, 3, 32, 32, dtype=torch.uint8), clean), 5, torch.device("cpu"))
+                                (torch.zeros(600, 3, 32, 32, dtype=torch.uint8), clean), 5,
+                                torch.device("cpu"))
     assert data.augment == "none" and len(data) == 400 and data.points_per_epoch == 400
     assert torch.equal(data.source.view(50, 8), partners)
-    assert (data.labels.view(50, 8) == data.labels.view(50, 8)[:, :1]).all()  # the anchor's random label
+    # the anchor's random label
+    assert (data.labels.view(50, 8) == data.labels.view(50, 8)[:, :1]).all()
     with pytest.raises(bm.UserError, match="class"):
         bm.iid_partners(clean, anchors, 200, seed=0)
     with pytest.raises(bm.UserError, match="--subset"):
@@ -931,15 +983,17 @@ def test_iid_augmentations_pair_anchors_with_same_class_images():
 
 def test_iid_partners_serve_one_anchor_each_at_cifar10_size():
     """Table 4 at full size: 1000 anchors x 50 partners from CIFAR-10's 49,000 other images."""
-    clean = (torch.arange(50000) % 10)[torch.randperm(50000, generator=torch.Generator().manual_seed(1))]
+    clean = (torch.arange(50000) % 10)[
+        torch.randperm(50000, generator=torch.Generator().manual_seed(1))]
     images = torch.zeros(50000, 3, 1, 1, dtype=torch.uint8)  # only indices matter here
-    data = bm.make_training_set(parsed("--augment", "iid:50", "--subset", "1000"), (images, clean), 10,
-                                torch.device("cpu"))
+    data = bm.make_training_set(parsed("--augment", "iid:50", "--subset", "1000"),
+                                (images, clean), 10, torch.device("cpu"))
     src, labels = data.source.numpy(), data.labels.numpy()
     uses = np.bincount(src, minlength=50000)
     assert (uses[src] == 1).mean() >= 0.95  # points that show an image no other anchor gets
     assert (uses > 0).sum() >= 48000 and uses.max() <= 2  # reuse only where the pool runs out
-    # the best train_acc any network can reach: one label per image, the most frequent among its points
+    # the best train_acc any network can reach: one label per image, the most frequent among its
+    # points
     pair_counts = {}
     for image, label in zip(src.tolist(), labels.tolist()):
         pair_counts[image, label] = pair_counts.get((image, label), 0) + 1
@@ -956,11 +1010,13 @@ def test_subset_alone_trains_the_same_anchors_without_partners():
     cpu = torch.device("cpu")
     alone = bm.make_training_set(parsed("--subset", "50", "--augment", "none", "--mixup", "0"),
                                  (images, clean), 5, cpu)
-    iid = bm.make_training_set(parsed("--augment", "iid:8", "--subset", "50"), (images, clean), 5, cpu)
+    iid = bm.make_training_set(parsed("--augment", "iid:8", "--subset", "50"),
+                               (images, clean), 5, cpu)
     assert len(alone) == 50 and alone.points_per_epoch == 50 and alone.augment == "none"
     assert torch.equal(alone.source, bm.balanced_anchors(clean, 50, 0))
     assert torch.equal(alone.labels, bm.draw_labels(clean, 5, 1.0, 0)[alone.source])
-    assert torch.equal(alone.labels.repeat_interleave(8), iid.labels)  # the anchors of the i.i.d. run
+    # the anchors of the i.i.d. run
+    assert torch.equal(alone.labels.repeat_interleave(8), iid.labels)
 
 
 def test_mixup_defaults_off_for_finite_and_iid_augmentations():
@@ -981,7 +1037,8 @@ def test_resnet_stem_is_kaiming_normal_fan_out():
 
 
 def brute_knn_groups(ref, ref_y, k, groups):
-    """Leave-one-out cosine K-NN on the reference set itself, skipping every point of the query's group."""
+    """Leave-one-out cosine K-NN on the reference set itself, skipping every point of the query's
+    group."""
     refn = ref / np.linalg.norm(ref, axis=1, keepdims=True)
     preds = []
     for i, row in enumerate(refn @ refn.T):
@@ -998,10 +1055,12 @@ def test_knn_excludes_every_view_of_the_query_image(chunk):
     ref = np.repeat(base, 3, axis=0) + 0.01 * rng.normal(size=(60, 16))
     ref_y = np.repeat(rng.integers(0, 4, 20), 3)  # views share their image's label ('same')
     t = lambda a: torch.tensor(a, dtype=torch.float32)
-    got, _ = bm.knn_noisy(t(ref), torch.tensor(ref_y), k=2, groups=torch.tensor(groups), chunk=chunk)
+    got, _ = bm.knn_noisy(t(ref), torch.tensor(ref_y), k=2, groups=torch.tensor(groups),
+                          chunk=chunk)
     np.testing.assert_array_equal(got.numpy(), brute_knn_groups(ref, ref_y, 2, groups))
     leaky, _ = bm.knn_noisy(t(ref), torch.tensor(ref_y), k=2, chunk=chunk)
-    assert (leaky.numpy() == ref_y).all()  # with only the point itself left out, its views vote its label
+    # with only the point itself left out, its views vote its label
+    assert (leaky.numpy() == ref_y).all()
     assert (got.numpy() == ref_y).mean() < 0.6
 
 
@@ -1011,12 +1070,14 @@ def test_noisy_probe_chance_levels_leave_one_out_and_self_inclusive():
     19 random votes make its label the winner, here simulated from the vote alone."""
     g = torch.Generator().manual_seed(0)
     feats, labels = torch.randn(4000, 64, generator=g), torch.randint(10, (4000,), generator=g)
-    loo, own = ((pred == labels).float().mean().item() for pred in bm.knn_noisy(feats, labels, k=20))
+    loo, own = ((pred == labels).float().mean().item()
+                for pred in bm.knn_noisy(feats, labels, k=20))
     rng = np.random.default_rng(0)
     others = rng.integers(0, 10, size=(200000, 19))
     own_label = rng.integers(0, 10, size=200000)
     votes = np.stack([(others == c).sum(1) + (own_label == c) for c in range(10)], 1)
-    simulated = (votes.argmax(1) == own_label).mean()  # argmax: ties to the smallest class, as the probe
+    # argmax: ties to the smallest class, as the probe
+    simulated = (votes.argmax(1) == own_label).mean()
     assert loo == pytest.approx(0.1, abs=0.015)
     assert own == pytest.approx(simulated, abs=0.03) and own > 0.19
 
@@ -1025,7 +1086,8 @@ def test_invariance_is_zero_for_a_constant_map_and_matches_brute_force():
     rng = np.random.default_rng(0)
     h, h1, h2 = (torch.tensor(rng.normal(size=(6, 4))) for _ in range(3))
     brute = np.mean([np.sum((h1[i] - h2[i]).numpy() ** 2) /
-                     np.mean([np.sum((h[i] - h[j]).numpy() ** 2) for j in range(6) if j != i]) for i in range(6)])
+                     np.mean([np.sum((h[i] - h[j]).numpy() ** 2) for j in range(6) if j != i])
+                     for i in range(6)])
     assert bm.normalized_invariance(h1, h2, h) == pytest.approx(brute, rel=1e-9)
     const = torch.ones(6, 4)
     assert bm.normalized_invariance(const, const, const) == 0.0
@@ -1043,7 +1105,8 @@ def test_invariance_of_the_input_layer_is_the_direct_computation(cifar, patch_md
     a1 = bm.apply_augment(x, bm.augment_params(ps.inv_u1, 32, 32)).flatten(1).double().numpy()
     a2 = bm.apply_augment(x, bm.augment_params(ps.inv_u2, 32, 32)).flatten(1).double().numpy()
     h = x.flatten(1).double().numpy()
-    brute = np.mean([np.sum((a1[i] - a2[i]) ** 2) / np.mean([np.sum((h[i] - h[j]) ** 2) for j in range(20) if j != i])
+    brute = np.mean([np.sum((a1[i] - a2[i]) ** 2)
+                     / np.mean([np.sum((h[i] - h[j]) ** 2) for j in range(20) if j != i])
                      for i in range(20)])
     assert inv["input"] == pytest.approx(brute, rel=1e-4)
     assert list(inv) == RESNET_LAYERS
@@ -1053,9 +1116,11 @@ def test_linear_probe_beats_chance_on_separable_data():
     g = torch.Generator().manual_seed(0)
     means = torch.randn(10, 32, generator=g) * 3
     y, yt = torch.arange(500) % 10, torch.arange(200) % 10
-    x, xt = means[y] + torch.randn(500, 32, generator=g), means[yt] + torch.randn(200, 32, generator=g)
+    x, xt = (means[y] + torch.randn(500, 32, generator=g),
+             means[yt] + torch.randn(200, 32, generator=g))
     assert bm.linear_probe(x, y, xt, yt) > 0.9
-    assert bm.linear_probe(torch.randn(500, 32, generator=g), y, torch.randn(200, 32, generator=g), yt) < 0.3
+    assert bm.linear_probe(torch.randn(500, 32, generator=g), y,
+                           torch.randn(200, 32, generator=g), yt) < 0.3
 
 
 def newton_logistic(x, y, classes, weight_decay, steps=30):
@@ -1097,7 +1162,8 @@ def test_linear_probe_is_the_regularised_logistic_fit_on_standardised_features()
 
 
 def test_rand_augment_draws_once_per_group_of_eight():
-    images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8).expand(64, -1, -1, -1).contiguous()
+    images = (torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+              .expand(64, -1, -1, -1).contiguous())
     torch.manual_seed(0)
     out = bm.rand_augment(images, 1.0)
     assert out.shape == images.shape and out.dtype == torch.uint8
@@ -1106,8 +1172,9 @@ def test_rand_augment_draws_once_per_group_of_eight():
     assert len({g[0].numpy().tobytes() for g in groups}) > 1  # groups draw independently
 
 
-@pytest.mark.parametrize("strength,ops,magnitude", [(0.5, 2, 50), (1.0, 4, 99)])  # README: int(10s // 3) + 1 ops,
-def test_rand_augment_strength_sets_ops_and_magnitude(strength, ops, magnitude, monkeypatch):  # min(100s, 99)
+# README: int(10s // 3) + 1 ops, min(100s, 99)
+@pytest.mark.parametrize("strength,ops,magnitude", [(0.5, 2, 50), (1.0, 4, 99)])
+def test_rand_augment_strength_sets_ops_and_magnitude(strength, ops, magnitude, monkeypatch):
     made = []
     real = bm.v2.RandAugment
 
@@ -1126,7 +1193,8 @@ def test_projector_widths_of_figure_7_build_and_run(width):
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 
-SMALL = ["--device", "cpu", "--epochs", "1", "--batch-size", "32", "--projector-width", "32", "--knn-k", "5", "--invariance-size", "8"]
+SMALL = ["--device", "cpu", "--epochs", "1", "--batch-size", "32", "--projector-width", "32",
+         "--knn-k", "5", "--invariance-size", "8"]
 
 
 def test_vgg_with_transfer_probes_every_block(cifar, tmp_path, patch_md5):
@@ -1135,10 +1203,13 @@ def test_vgg_with_transfer_probes_every_block(cifar, tmp_path, patch_md5):
     write_stl10(str(tmp_path), n_train=30, n_test=20)
     for f in os.listdir(cifar / "cifar-10-batches-py"):
         os.makedirs(tmp_path / "cifar-10-batches-py", exist_ok=True)
-        (tmp_path / "cifar-10-batches-py" / f).write_bytes((cifar / "cifar-10-batches-py" / f).read_bytes())
-    res = bm.main(SMALL + ["--arch", "vgg16", "--transfer", "cifar100,stl10", "--linear-probe", "final",
+        (tmp_path / "cifar-10-batches-py" / f).write_bytes(
+            (cifar / "cifar-10-batches-py" / f).read_bytes())
+    res = bm.main(SMALL + ["--arch", "vgg16", "--transfer", "cifar100,stl10",
+                           "--linear-probe", "final",
                            "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")])
-    layers = ["input", "block1", "block2", "block3", "block4", "block5", "embedding", "projector", "output"]
+    layers = ["input", "block1", "block2", "block3", "block4", "block5", "embedding", "projector",
+              "output"]
     for row in (res["init"], res["final"]):
         assert list(row["knn_clean"]) == layers and list(row["invariance"]) == layers
         assert set(row["transfer"]) == {"cifar100", "stl10"}
@@ -1147,7 +1218,8 @@ def test_vgg_with_transfer_probes_every_block(cifar, tmp_path, patch_md5):
     assert train[0].shape == (30, 3, 32, 32)  # STL10 resized to the training resolution
     # the final numbers, recomputed: the trained embedding in eval mode, brute-force K-NN, and the
     # linear probe fitted on the transfer set's train split and scored on its test split
-    args = parsed(*SMALL, "--arch", "vgg16", "--transfer", "cifar100,stl10", "--data-dir", str(tmp_path))
+    args = parsed(*SMALL, "--arch", "vgg16", "--transfer", "cifar100,stl10",
+                  "--data-dir", str(tmp_path))
     model = bm.build_model(args, 10, 32)
     model.load_state_dict(torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["model"])
     model.eval()
@@ -1179,13 +1251,16 @@ def test_linear_probe_off_turns_off_the_transfer_probes_linear_one_too():
         assert line.startswith("transfer other: knn") and ("linear" in line) == (flag == "final")
 
 
-def test_finite_augmentations_run_and_memorization_uses_the_augmented_points(cifar, tmp_path, patch_md5,
-                                                                             monkeypatch):
-    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)  # the points are checked, not the encoder
-    res = bm.main(SMALL + ["--augment", "fixed:4", "--aug-labels", "random", "--linear-probe", "off",
+def test_finite_augmentations_run_and_memorization_uses_the_augmented_points(
+        cifar, tmp_path, patch_md5, monkeypatch):
+    # the points are checked, not the encoder
+    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
+    res = bm.main(SMALL + ["--augment", "fixed:4", "--aug-labels", "random",
+                           "--linear-probe", "off",
                            "--data-dir", str(cifar), "--out-dir", str(tmp_path)])
     assert "linear_probe" not in res["final"] and 0 <= res["final"]["train_acc"] <= 1
-    args = parsed(*SMALL, "--augment", "fixed:4", "--aug-labels", "random", "--data-dir", str(cifar))
+    args = parsed(*SMALL, "--augment", "fixed:4", "--aug-labels", "random",
+                  "--data-dir", str(cifar))
     train, test = bm.load_dataset("cifar10", str(cifar))
     data = bm.make_training_set(args, train, 10, torch.device("cpu"))
     ps = bm.make_probe_set(args, train, test, data, 10, torch.device("cpu"))
@@ -1195,10 +1270,11 @@ def test_finite_augmentations_run_and_memorization_uses_the_augmented_points(cif
 
 
 def test_noisy_probe_leaves_out_every_view_of_the_query_image(cifar, patch_md5, monkeypatch):
-    """--augment fixed:4 with labels 'same': the noisy probe of probe() equals a brute-force leave-one-out
+    """--augment fixed:4 with labels 'same': the noisy probe of probe() equals a brute-force
+    leave-one-out
     over features extracted here, with every point of the query's image left out."""
-    args = parsed("--augment", "fixed:4", "--projector-width", "16", "--knn-k", "5", "--invariance-size", "0",
-                  "--linear-probe", "off", "--data-dir", str(cifar))
+    args = parsed("--augment", "fixed:4", "--projector-width", "16", "--knn-k", "5",
+                  "--invariance-size", "0", "--linear-probe", "off", "--data-dir", str(cifar))
     train, test = bm.load_dataset("cifar10", str(cifar))
     data = bm.make_training_set(args, train, 10, torch.device("cpu"))
     ps = bm.make_probe_set(args, train, test, data, 10, torch.device("cpu"))
@@ -1207,7 +1283,8 @@ def test_noisy_probe_leaves_out_every_view_of_the_query_image(cifar, patch_md5, 
     model = bm.build_model(args, 10, 32).eval()
     groups = []
     real = bm.knn_noisy
-    monkeypatch.setattr(bm, "knn_noisy", lambda feats, labels, k, g=None: groups.append(g) or real(feats, labels, k, g))
+    monkeypatch.setattr(bm, "knn_noisy", lambda feats, labels, k, g=None:
+                        groups.append(g) or real(feats, labels, k, g))
     got = bm.probe(model, ps, args, CPU_FP32, linear=False)
     assert ps.inv_x is None and "invariance" not in got  # --invariance-size 0 skips the measure
     assert len(groups) == 9 and all(torch.equal(g, source) for g in groups)  # one call per layer
@@ -1224,29 +1301,33 @@ def test_noisy_probe_leaves_out_every_view_of_the_query_image(cifar, patch_md5, 
 
 
 def test_iid_per_sample_and_aug_strength_runs(cifar, tmp_path, patch_md5, monkeypatch):
-    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)  # the modes are checked, not the encoder
-    res = bm.main(SMALL + ["--augment", "iid:2", "--subset", "16", "--data-dir", str(cifar), "--out-dir", str(tmp_path / "iid")])
+    # the modes are checked, not the encoder
+    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
+    res = bm.main(SMALL + ["--augment", "iid:2", "--subset", "16", "--data-dir", str(cifar),
+                           "--out-dir", str(tmp_path / "iid")])
     assert res["final"]["test_acc"] is not None
     assert res["config"]["augment"] == "iid:2" and res["config"]["mixup"] == 0.0
     with open(bm.__file__, "rb") as f:  # a copied script's results say which version made them
         assert res["script_sha256"] == hashlib.sha256(f.read()).hexdigest()
-    res = bm.main(SMALL + ["--num-classes", "per-sample", "--augment", "randaugment:0.5", "--data-dir", str(cifar),
-                           "--out-dir", str(tmp_path / "ps")])
+    res = bm.main(SMALL + ["--num-classes", "per-sample", "--augment", "randaugment:0.5",
+                           "--data-dir", str(cifar), "--out-dir", str(tmp_path / "ps")])
     ckpt = torch.load(tmp_path / "ps" / "ckpt.pt", weights_only=True)
     assert ckpt["model"]["projector.2.weight"].shape[0] == 64  # one output unit per image
     assert torch.equal(ckpt["labels"].sort().values, torch.arange(64))  # and one label each
     assert res["final"]["test_acc"] is None  # no clean test labels in 64 classes
     for row in (res["init"], res["final"]):  # a unique label cannot be voted for by other points
         assert row["knn_noisy"] is None and row["knn_noisy_self"] is None
-    res = bm.main(SMALL + ["--subset", "16", "--augment", "none", "--batch-size", "8", "--data-dir", str(cifar),
-                           "--out-dir", str(tmp_path / "anchors")])
-    assert res["config"]["subset"] == 16 and res["config"]["mixup"] == 0.8  # only fixed:B and iid:B turn it off
+    res = bm.main(SMALL + ["--subset", "16", "--augment", "none", "--batch-size", "8",
+                           "--data-dir", str(cifar), "--out-dir", str(tmp_path / "anchors")])
+    # only fixed:B and iid:B turn it off
+    assert res["config"]["subset"] == 16 and res["config"]["mixup"] == 0.8
     assert 0 <= res["final"]["train_acc"] <= 1
 
 
-@pytest.mark.parametrize("mode", [["--augment", "randaugment:0.7"], ["--augment", "fixed:3", "--aug-labels", "random"]])
-def test_resumed_run_equals_uninterrupted_in_every_augmentation_mode(mode, cifar, tmp_path, patch_md5,
-                                                                   monkeypatch):
+@pytest.mark.parametrize("mode", [["--augment", "randaugment:0.7"],
+                                  ["--augment", "fixed:3", "--aug-labels", "random"]])
+def test_resumed_run_equals_uninterrupted_in_every_augmentation_mode(mode, cifar, tmp_path,
+                                                                     patch_md5, monkeypatch):
     """Stop after epoch 1, resume to epoch 2: the same result as two epochs in one go (RandAugment
     draws from torch's global generator, fixed augmentations from the hash; both must survive).
     A small encoder: what is restored does not depend on it (the SIGKILL test runs ResNet18)."""
@@ -1295,14 +1376,15 @@ def test_augment_is_one_choice_of_training_points():
 
 def test_benchmark_runs_at_tiny_size():
     """tests/benchmark.py is not collected; this keeps it in step with the script's API."""
-    proc = run_script("tests/benchmark.py", "--batch-size", "4", "--steps", "1", "--projector-width", "16",
-                      "--probe-train", "40", "--probe-test", "10", "--workers", "0", "--device", "cpu")
+    proc = run_script("tests/benchmark.py", "--batch-size", "4", "--steps", "1",
+                      "--projector-width", "16", "--probe-train", "40", "--probe-test", "10",
+                      "--workers", "0", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     for part in ("(a)", "(b)", "(c)", "(d)", "augmentation alone", "FLOPs per training image",
                  "operators per step, eager", "evaluation peak memory", "estimated, not measured"):
         assert part in proc.stdout
 
-# ----------------------------------------------------------------------------- GPU paths, run on the CPU
+# ------------------------------------------------------------------------ GPU paths, run on the CPU
 
 
 def near_tied_features(seed, n, queries, dim=256):
@@ -1338,7 +1420,8 @@ class LargestNewTensor(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        flat = lambda tree: [t for t in torch.utils._pytree.tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+        flat = lambda tree: [t for t in torch.utils._pytree.tree_flatten(tree)[0]
+                             if isinstance(t, torch.Tensor)]
         inputs = {t.untyped_storage().data_ptr() for t in flat((args, kwargs))}
         for t in flat(out):
             if t.untyped_storage().data_ptr() not in inputs:
@@ -1363,7 +1446,8 @@ def test_knn_temporaries_are_bounded_by_the_chunks_not_the_matrix():
 
 
 def test_bf16_precision_runs_a_step_and_a_full_probe_on_the_cpu(cifar, tmp_path, patch_md5):
-    """The CUDA precision path (bf16 autocast, fp16 stored features) through the same code on the CPU."""
+    """The CUDA precision path (bf16 autocast, fp16 stored features) through the same code on the
+    CPU."""
     res = bm.main(SMALL + ["--precision", "bf16", "--eval-every", "1", "--data-dir", str(cifar),
                            "--out-dir", str(tmp_path)])
     assert res["config"]["precision"] == "bf16" and math.isfinite(res["final"]["loss"])
@@ -1383,8 +1467,8 @@ def test_bf16_precision_runs_a_step_and_a_full_probe_on_the_cpu(cifar, tmp_path,
 
 def tiny_stages(stem_stride):
     """Two small conv stages standing in for ResNet18 where compiling it would cost minutes."""
-    block = lambda a, b, stride: torch.nn.Sequential(torch.nn.Conv2d(a, b, 3, stride, 1, bias=False),
-                                                     torch.nn.BatchNorm2d(b), torch.nn.ReLU())
+    block = lambda a, b, stride: torch.nn.Sequential(
+        torch.nn.Conv2d(a, b, 3, stride, 1, bias=False), torch.nn.BatchNorm2d(b), torch.nn.ReLU())
     return [("stem", block(3, 8, stem_stride)), ("layer1", block(8, 16, 2))], 16
 
 
@@ -1470,8 +1554,10 @@ def test_channels_last_path_of_cuda_gives_the_same_step_and_features_on_the_cpu(
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
     targets = torch.nn.functional.one_hot(torch.randint(10, (8,), generator=g), 10).float()
     aug_u, mix_u = bm.step_uniforms(8, True, True, g, torch.device("cpu"))
-    plain = bm.step_loss(model, images, targets, aug_u, mix_u, bm.StepSettings(0.8, "mse", False, False))
-    last = bm.step_loss(nhwc, images, targets, aug_u, mix_u, bm.StepSettings(0.8, "mse", False, True))
+    plain = bm.step_loss(model, images, targets, aug_u, mix_u,
+                         bm.StepSettings(0.8, "mse", False, False))
+    last = bm.step_loss(nhwc, images, targets, aug_u, mix_u,
+                        bm.StepSettings(0.8, "mse", False, True))
     torch.testing.assert_close(last, plain, rtol=1e-5, atol=1e-6)
     x = images.float() / 255
     a = bm.layer_outputs(model.eval(), x, False, False)
@@ -1479,7 +1565,7 @@ def test_channels_last_path_of_cuda_gives_the_same_step_and_features_on_the_cpu(
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
 
-# ----------------------------------------------------------------------------- CUDA paths, on the CPU
+# --------------------------------------------------------------------------- CUDA paths, on the CPU
 
 
 def test_cuda_settings_choose_the_gpu_cudnn_benchmark_and_ieee_float32_for_fp32(monkeypatch):

@@ -49,8 +49,8 @@ def script_sha256(name):
 
 
 def test_results_name_the_script_that_made_them(tmp_path):
-    results = toy.main(["--n", "4", "--augs", "1", "--seeds", "0", "--steps", "2", "--device", "cpu",
-                        "--out-dir", str(tmp_path)])
+    results = toy.main(["--n", "4", "--augs", "1", "--seeds", "0", "--steps", "2",
+                        "--device", "cpu", "--out-dir", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["script_sha256"] == script_sha256("toy_capacity.py") and saved["cells"] == results
     assert m.script_sha256() == script_sha256("masc_decode.py")

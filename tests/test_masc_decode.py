@@ -10,9 +10,11 @@ import pytest
 import torch
 
 import masc_decode as m
-from conftest import assert_one_line_error, help_entries, main_error, run_script, write_cifar, write_mnist
+from conftest import (assert_one_line_error, help_entries, main_error, run_script, write_cifar,
+                      write_mnist)
 
-CPU = ["--device", "cpu"]  # every end-to-end test names its device: the suite is the same with a GPU
+# every end-to-end test names its device: the suite is the same with a GPU
+CPU = ["--device", "cpu"]
 
 
 def cpu_main(argv):
@@ -50,7 +52,8 @@ def reference_predict(bases, points):
 
 def subspace_data(rng, num_classes, dim, per_class, rank, noise=0.01, draw_rng=None):
     """Each class lives near its own random `rank`-dim subspace with decaying energies. With
-    draw_rng the points are drawn from it, the subspaces still from rng (new points, same classes)."""
+    draw_rng the points are drawn from it, the subspaces still from rng (new points, same
+    classes)."""
     draw_rng = draw_rng or rng
     xs, ys = [], []
     for k in range(num_classes):
@@ -61,11 +64,14 @@ def subspace_data(rng, num_classes, dim, per_class, rank, noise=0.01, draw_rng=N
     return np.vstack(xs), np.concatenate(ys)
 
 
-@pytest.mark.parametrize("dim,per_class", [(40, 12), (12, 60)])  # Gram route (n < D) and covariance route
+# Gram route (n < D) and covariance route
+@pytest.mark.parametrize("dim,per_class", [(40, 12), (12, 60)])
 def test_masc_matches_float64_reference(dim, per_class):
     classes = lambda: np.random.default_rng(0)  # the same class subspaces for train and test
-    train, y = subspace_data(classes(), 4, dim, per_class, rank=3, draw_rng=np.random.default_rng(1))
-    test, ty = subspace_data(classes(), 4, dim, per_class, rank=3, draw_rng=np.random.default_rng(2))
+    train, y = subspace_data(classes(), 4, dim, per_class, rank=3,
+                             draw_rng=np.random.default_rng(1))
+    test, ty = subspace_data(classes(), 4, dim, per_class, rank=3,
+                             draw_rng=np.random.default_rng(2))
     assert not np.isclose(train, test).all()  # new points
     test = test + 0.05 * np.random.default_rng(3).normal(size=test.shape)
     ref = reference_fit(train, y, 4, 0.99)
@@ -73,7 +79,8 @@ def test_masc_matches_float64_reference(dim, per_class):
     for a, b in zip(ref, ours):
         assert b.shape == a.shape  # the same rank
         np.testing.assert_allclose(b.numpy() @ b.numpy().T, a @ a.T, atol=2e-3)  # the same subspace
-        np.testing.assert_allclose(b.numpy().T @ b.numpy(), np.eye(b.shape[1]), atol=1e-4)  # orthonormal
+        # orthonormal
+        np.testing.assert_allclose(b.numpy().T @ b.numpy(), np.eye(b.shape[1]), atol=1e-4)
     pred = m.masc_predict(ours, torch.tensor(test, dtype=torch.float32)).numpy()
     np.testing.assert_array_equal(pred, reference_predict(ref, test))
     assert (pred == ty).mean() > 0.9
@@ -114,7 +121,8 @@ def test_rank_at_the_variance_boundary(n, variance, rank):
     Q = np.linalg.qr(rng.normal(size=(6, 4)))[0]  # 4 orthonormal directions in R^6
     U = np.linalg.qr(rng.normal(size=(n, 4)))[0] if n >= 4 else np.eye(4)
     X = U @ np.diag(np.sqrt([50, 40, 9.5, 0.5])) @ Q.T  # X^T X has exactly these eigenvalues
-    basis = m.fit_subspaces(torch.tensor(X, dtype=torch.float32), torch.zeros(len(X), dtype=torch.long), 1, variance)[0]
+    basis = m.fit_subspaces(torch.tensor(X, dtype=torch.float32),
+                            torch.zeros(len(X), dtype=torch.long), 1, variance)[0]
     assert basis.shape == (6, rank)
     if variance < 1:  # at exactly 1.0 the reference's float64 ratios decide by rounding
         assert reference_fit(X, np.zeros(len(X), int), 1, variance)[0].shape == (6, rank)
@@ -125,19 +133,22 @@ def test_rank_with_a_dominant_direction_matches_reference():
     eigenvalues ~1e5 times smaller, which must still count as directions."""
     rng = np.random.default_rng(4)
     X = 0.5 + rng.normal(size=(1500, 1024)) * np.linspace(0.05, 0.3, 1024)
-    ours = m.fit_subspaces(torch.tensor(X, dtype=torch.float32), torch.zeros(1500, dtype=torch.long), 1)[0]
+    ours = m.fit_subspaces(torch.tensor(X, dtype=torch.float32),
+                           torch.zeros(1500, dtype=torch.long), 1)[0]
     ref = reference_fit(X, np.zeros(1500, int), 1, 0.99)[0]
     assert ours.shape == ref.shape and ref.shape[1] > 100
     np.testing.assert_allclose(ours.numpy() @ ours.numpy().T, ref @ ref.T, atol=1e-3)
 
 
 def test_plus_minus_symmetrisation_keeps_the_mean_direction():
-    """Stacking X with -X makes PCA uncentred: a class far from the origin keeps its mean direction."""
+    """Stacking X with -X makes PCA uncentred: a class far from the origin keeps its mean
+    direction."""
     rng = np.random.default_rng(3)
     mean = np.zeros(8)
     mean[0] = 10.0
     X = mean + rng.normal(size=(50, 8)) * np.array([0.1, 1, 1, 1, 1, 1, 1, 1])
-    basis = m.fit_subspaces(torch.tensor(X, dtype=torch.float32), torch.zeros(50, dtype=torch.long), 1, 0.5)[0]
+    basis = m.fit_subspaces(torch.tensor(X, dtype=torch.float32),
+                            torch.zeros(50, dtype=torch.long), 1, 0.5)[0]
     ref = reference_fit(X, np.zeros(50, int), 1, 0.5)[0]
     assert basis.shape == ref.shape == (8, 1)
     assert abs(basis[0, 0].item()) > 0.99 and abs(ref[0, 0]) > 0.99  # the mean direction e_0
@@ -147,7 +158,8 @@ def test_plus_minus_symmetrisation_keeps_the_mean_direction():
 
 def test_zero_rows_and_empty_classes_never_give_nan():
     x = torch.tensor([[1.0, 0, 0], [2.0, 0.1, 0], [0, 0, 0], [0, 1.0, 0.2], [0, 0, 0]])
-    y = torch.tensor([0, 0, 2, 1, 2])  # class 2 has only all-zero rows, class 3 has no sample at all
+    # class 2 has only all-zero rows, class 3 has no sample at all
+    y = torch.tensor([0, 0, 2, 1, 2])
     bases = m.fit_subspaces(x, y, 4)
     assert [b.shape[1] for b in bases][2:] == [0, 0]
     assert all(torch.isfinite(b).all() for b in bases)
@@ -165,7 +177,8 @@ def test_corruption_rate_is_p_minus_p_over_k():
         assert changed == pytest.approx(p - p / 10, abs=0.005)
     assert torch.equal(m.corrupt_labels(targets, 0.0, 10, 0), targets)
     assert torch.equal(m.corrupt_labels(targets, 0.5, 10, 1), m.corrupt_labels(targets, 0.5, 10, 1))
-    assert not torch.equal(m.corrupt_labels(targets, 0.5, 10, 1), m.corrupt_labels(targets, 0.5, 10, 2))
+    assert not torch.equal(m.corrupt_labels(targets, 0.5, 10, 1),
+                           m.corrupt_labels(targets, 0.5, 10, 2))
     replaced = m.corrupt_labels(targets, 1.0, 10, 3)
     assert torch.bincount(replaced).min() > 19000  # uniform over all classes
 
@@ -209,8 +222,8 @@ def mnist(tmp_path_factory):
     return root
 
 
-CLI = ["--dataset", "mnist", "--model", "mlp", "--corruption", "0,0.5", "--epochs", "3", "--runs", "1",
-       "--posthoc-corruption", "0.5", "--retrain-epochs", "2"]
+CLI = ["--dataset", "mnist", "--model", "mlp", "--corruption", "0,0.5", "--epochs", "3",
+       "--runs", "1", "--posthoc-corruption", "0.5", "--retrain-epochs", "2"]
 
 
 def assert_same_numbers(a, b, path="", tol=1e-5):
@@ -248,50 +261,61 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path, capsys):
         assert [layer["name"] for layer in r["layers"]] == ["input", "fc1", "fc2", "fc3", "fc4"]
         for layer in r["layers"]:
             assert set(layer) == FIELDS_LAYER
-            assert set(layer["corrupt_subspaces"]) == {"train_corrupt", "train_true", "test", "dims"}
+            assert set(layer["corrupt_subspaces"]) == {
+                "train_corrupt", "train_true", "test", "dims"}
             assert set(layer["true_subspaces"]) == {"train_true", "test", "dims"}
             assert len(layer["corrupt_subspaces"]["dims"]) == 10
         assert r["best_layer"] in [layer["name"] for layer in r["layers"]]
         best = max(layer["corrupt_subspaces"]["test"] for layer in r["layers"])
-        assert r["improvement_pct"] == pytest.approx(100 * (best - r["model_acc"]["test"]) / r["model_acc"]["test"])
+        assert r["improvement_pct"] == pytest.approx(
+            100 * (best - r["model_acc"]["test"]) / r["model_acc"]["test"])
         assert r["early_stop_test_acc"] == max(r["history"]["test_acc"])
         assert [c["name"] for c in r["init_control"]] == ["input", "fc1", "fc2", "fc3", "fc4"]
         for kind in ("corrupt_subspaces", "true_subspaces"):
             rt = r["retrain"][kind]
-            assert {"layer", "masc_test", "before_test", "after_test", "fixed", "broken"} <= set(rt) | set(r["retrain"])
+            assert ({"layer", "masc_test", "before_test", "after_test", "fixed", "broken"}
+                    <= set(rt) | set(r["retrain"]))
         assert r["retrain"]["val_size"] == 12 and r["retrain"]["test_size"] == 48
     p0, p5 = res["runs"]
     assert p0["posthoc"][0]["corruption"] == 0.5 and p5["posthoc"] is None
     assert p0["fraction_changed"] == 0 and p0["retrain"]["corrupt_subspaces"]["fixed"] is None
-    # independent recomputation: the saved model's test accuracy and the input layer's MASC (float64 reference)
+    # independent recomputation: the saved model's test accuracy and the input layer's MASC
+    # (float64 reference)
     (tx, ty), (qx, qy) = m.load_torchvision("mnist", str(mnist))
     ckpt = torch.load(out / "models" / "p0.5_run0.pt", weights_only=True)
     net = m.build_model("mlp", (1, 28, 28), 10, 0)
     net.load_state_dict(ckpt["model"])
     scaled = lambda u8: u8.float() / 127.5 - 1  # ToTensor + Normalize(0.5, 0.5), written out
     with torch.no_grad():
-        assert p5["model_acc"]["test"] == pytest.approx((net(scaled(qx)).argmax(1) == qy).double().mean().item())
+        assert p5["model_acc"]["test"] == pytest.approx(
+            (net(scaled(qx)).argmax(1) == qy).double().mean().item())
     X, Q = scaled(tx).flatten(1).double().numpy(), scaled(qx).flatten(1).double().numpy()
     assert X.min() == -1 and X.max() == 1
     ref = reference_predict(reference_fit(X, ckpt["labels"].numpy(), 10, 0.99), Q)
     assert p5["layers"][0]["corrupt_subspaces"]["test"] == pytest.approx((ref == qy.numpy()).mean())
     assert p5["fraction_changed"] == pytest.approx((ckpt["labels"] != ty).float().mean().item())
     train_pred = m.predict_and_probe(net, tx, probe=False)[0]  # memorization, and of the truth
-    assert p5["model_acc"]["train_corrupt"] == pytest.approx((train_pred == ckpt["labels"]).float().mean().item())
+    assert p5["model_acc"]["train_corrupt"] == pytest.approx(
+        (train_pred == ckpt["labels"]).float().mean().item())
     assert p5["model_acc"]["train_true"] == pytest.approx((train_pred == ty).float().mean().item())
     on_train = reference_predict(reference_fit(X, ckpt["labels"].numpy(), 10, 0.99), X)
-    assert p5["layers"][0]["corrupt_subspaces"]["train_corrupt"] == pytest.approx((on_train == ckpt["labels"].numpy()).mean())
-    assert p5["layers"][0]["corrupt_subspaces"]["train_true"] == pytest.approx((on_train == ty.numpy()).mean())
+    assert p5["layers"][0]["corrupt_subspaces"]["train_corrupt"] == pytest.approx(
+        (on_train == ckpt["labels"].numpy()).mean())
+    assert p5["layers"][0]["corrupt_subspaces"]["train_true"] == pytest.approx(
+        (on_train == ty.numpy()).mean())
     true_ref = reference_predict(reference_fit(X, ty.numpy(), 10, 0.99), Q)
-    assert p5["layers"][0]["true_subspaces"]["test"] == pytest.approx((true_ref == qy.numpy()).mean())
+    assert p5["layers"][0]["true_subspaces"]["test"] == pytest.approx(
+        (true_ref == qy.numpy()).mean())
     # Supplement 6: the p = 0 model's input layer decoded from labels corrupted after training
     y_q = m.corrupt_labels(ty, 0.5, 10, ("posthoc", 0, 0.5))
     post = p0["posthoc"][0]
     assert post["fraction_changed"] == pytest.approx((y_q != ty).float().mean().item())
     assert 0.3 < post["fraction_changed"] < 0.6  # p - p/K = 0.45 in expectation
     fitted = reference_fit(X, y_q.numpy(), 10, 0.99)
-    assert post["layers"][0]["train_corrupt"] == pytest.approx((reference_predict(fitted, X) == y_q.numpy()).mean())
-    assert post["layers"][0]["test"] == pytest.approx((reference_predict(fitted, Q) == qy.numpy()).mean())
+    assert post["layers"][0]["train_corrupt"] == pytest.approx(
+        (reference_predict(fitted, X) == y_q.numpy()).mean())
+    assert post["layers"][0]["test"] == pytest.approx(
+        (reference_predict(fitted, Q) == qy.numpy()).mean())
     assert post["layers"][0]["dims"] == [b.shape[1] for b in fitted]  # each class's subspace
     # and the same at initialisation: the input is the same layer; fc1 recomputed from the
     # initial weights (build_model's seed is the run's)
@@ -424,19 +448,22 @@ def test_a_failed_checkpoint_write_ends_with_an_error_and_leaves_the_last_one(
 
 def test_cnn_on_cifar_files(tmp_path, patch_md5):
     write_cifar(str(tmp_path), "cifar10", n_train=60, n_test=30)
-    res = cpu_main(["--dataset", "cifar10", "--model", "cnn", "--corruption", "0.4", "--epochs", "1", "--no-retrain",
-                  "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")])
+    res = cpu_main(["--dataset", "cifar10", "--model", "cnn", "--corruption", "0.4",
+                    "--epochs", "1", "--no-retrain",
+                    "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")])
     r = res["runs"][0]
     assert [(layer["name"], layer["dim"]) for layer in r["layers"]] == [
         ("input", 3072), ("flatten", 1024), ("fc1", 250), ("fc2", 250), ("fc3", 250)]
-    assert r["retrain"] is None and res["config"]["batch_size"] == 32 and res["config"]["stop_acc"] == 1.0
+    assert (r["retrain"] is None and res["config"]["batch_size"] == 32
+            and res["config"]["stop_acc"] == 1.0)
     with open(m.__file__, "rb") as f:  # a copied script's results say which version made them
         assert res["script_sha256"] == hashlib.sha256(f.read()).hexdigest()
 
 def test_tinyimagenet_folder_layout_is_decoded_cached_and_trains_alexnet(tmp_path):
     from conftest import write_tinyimagenet
     from torchvision.io import encode_jpeg
-    (x_tr, y_tr), (x_va, y_va) = write_tinyimagenet(str(tmp_path), classes=3, per_class=4, val_per_class=2)
+    (x_tr, y_tr), (x_va, y_va) = write_tinyimagenet(str(tmp_path), classes=3, per_class=4,
+                                                    val_per_class=2)
     base = tmp_path / "tiny-imagenet-200"
     odd = sorted((base / "train" / "n00000001" / "images").iterdir())[0]  # a 56x56 image is resized
     odd.write_bytes(encode_jpeg(torch.full((3, 56, 56), 200, dtype=torch.uint8)).numpy().tobytes())
@@ -450,20 +477,23 @@ def test_tinyimagenet_folder_layout_is_decoded_cached_and_trains_alexnet(tmp_pat
     assert (base / "uint8_cache.pt").exists()
     (tx2, ty2), _ = m.load_tinyimagenet(str(tmp_path))
     assert torch.equal(tx, tx2) and torch.equal(ty, ty2)
-    res = cpu_main(["--dataset", "tinyimagenet", "--model", "alexnet", "--corruption", "0.5", "--epochs", "1",
-                  "--no-retrain", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")])
+    res = cpu_main(["--dataset", "tinyimagenet", "--model", "alexnet", "--corruption", "0.5",
+                    "--epochs", "1", "--no-retrain",
+                    "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")])
     assert [layer["dim"] for layer in res["runs"][0]["layers"]] == [256, 4096, 4096]
-    assert res["config"]["batch_size"] == 500 and len(res["runs"][0]["layers"][0]["corrupt_subspaces"]["dims"]) == 200
+    assert (res["config"]["batch_size"] == 500
+            and len(res["runs"][0]["layers"][0]["corrupt_subspaces"]["dims"]) == 200)
 
 
 def test_incomplete_tinyimagenet_gives_one_line_error(tmp_path, capsys):
     from conftest import write_tinyimagenet
     write_tinyimagenet(str(tmp_path), classes=2, per_class=2, val_per_class=1)
     os.remove(tmp_path / "tiny-imagenet-200" / "val" / "val_annotations.txt")
-    err = main_error(m, CPU + ["--dataset", "tinyimagenet", "--model", "alexnet", "--data-dir", tmp_path,
-                         "--out-dir", tmp_path / "out"], capsys)
+    err = main_error(m, CPU + ["--dataset", "tinyimagenet", "--model", "alexnet",
+                               "--data-dir", tmp_path, "--out-dir", tmp_path / "out"], capsys)
     assert "incomplete" in err and "val_annotations.txt" in err and not (tmp_path / "out").exists()
-    (tmp_path / "tiny-imagenet-200" / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn00000000\t0\t0\t63\t63\n")
+    (tmp_path / "tiny-imagenet-200" / "val" / "val_annotations.txt").write_text(
+        "val_0.JPEG\tn00000000\t0\t0\t63\t63\n")
     os.remove(tmp_path / "tiny-imagenet-200" / "val" / "images" / "val_0.JPEG")  # listed, missing
     with pytest.raises(m.UserError, match="incomplete.*val_0.JPEG"):  # (decoding: a progress bar)
         m.load_tinyimagenet(str(tmp_path))
@@ -503,8 +533,10 @@ def test_bad_input_gives_one_line_error(args, fragment, mnist, tmp_path, capsys)
 def test_help_gives_every_flags_default():
     parser = m.build_parser()
     entries = help_entries(parser)
-    assert entries["--epochs"].endswith("(default: 500)") and "(default: 0.99)" in entries["--variance"]
-    assert "(default: 0)" in entries["--seed"] and entries["--corruption"].endswith("(default: 0.8)")
+    assert (entries["--epochs"].endswith("(default: 500)")
+            and "(default: 0.99)" in entries["--variance"])
+    assert ("(default: 0)" in entries["--seed"]
+            and entries["--corruption"].endswith("(default: 0.8)"))
     assert entries["--lr"].endswith("default: per model")  # the help's own, not appended again
     assert entries["--posthoc-corruption"].endswith("the p=0 model (default: none)")  # not []
     switches = {"--help", "--no-retrain", "--overwrite"}
@@ -515,7 +547,8 @@ def test_help_gives_every_flags_default():
 
 def test_out_dir_below_a_file_gives_one_line_error(mnist, tmp_path, capsys):
     (tmp_path / "afile").write_text("")
-    err = main_error(m, CPU + ["--data-dir", mnist, "--out-dir", tmp_path / "afile" / "sub"], capsys)
+    err = main_error(m, CPU + ["--data-dir", mnist, "--out-dir", tmp_path / "afile" / "sub"],
+                     capsys)
     assert "afile" in err and "not a directory" in err
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "models").write_text("")  # found at the first checkpoint, after training
@@ -539,7 +572,8 @@ def test_seed_takes_the_int64_range():  # negative seeds ran before the bound; 2
         assert m.build_parser().parse_args(["--seed", str(seed)]).seed == seed
 
 def test_missing_data_offline_names_dataset_and_folder(tmp_path):
-    proc = run_script("masc_decode.py", *CPU, "--data-dir", tmp_path / "none", "--out-dir", tmp_path / "out")
+    proc = run_script("masc_decode.py", *CPU, "--data-dir", tmp_path / "none",
+                      "--out-dir", tmp_path / "out")
     assert_one_line_error(proc, "mnist", os.path.join(str(tmp_path / "none"), "MNIST"))
     assert not (tmp_path / "out").exists()
 
@@ -559,10 +593,12 @@ def test_benchmark_runs_quick():
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert lines[-3].endswith("1.0000")  # the same predictions as the authors' approach
-    assert lines[-2].startswith("training, 2 MLP-MNIST models") and "operators per step" in lines[-2]
-    assert lines[-1].startswith("training, 2 CNN-MNIST models") and "operators per step" in lines[-1]
+    assert (lines[-2].startswith("training, 2 MLP-MNIST models")
+            and "operators per step" in lines[-2])
+    assert (lines[-1].startswith("training, 2 CNN-MNIST models")
+            and "operators per step" in lines[-1])
 
-# ----------------------------------------------------------------------------- wiring: stop, relabel, retrain
+# ------------------------------------------------------------------- wiring: stop, relabel, retrain
 
 
 def test_training_stops_at_the_threshold_and_says_so(mnist, tmp_path, capsys):
@@ -574,8 +610,9 @@ def test_training_stops_at_the_threshold_and_says_so(mnist, tmp_path, capsys):
     assert r["epochs_trained"] == len(acc) == first < 10 and r["reached_stop_acc"] is True
     assert f"reached --stop-acc 0.2 at epoch {first}; stopped" in capsys.readouterr().out
     # beside a model that never reaches it, the same model stops at the same epoch and stays put
-    both = cpu_main(["--corruption", "0,1", "--epochs", str(first + 1), "--stop-acc", "0.2", "--no-retrain",
-                   "--data-dir", str(mnist), "--out-dir", str(tmp_path / "both")])["runs"]
+    both = cpu_main(["--corruption", "0,1", "--epochs", str(first + 1), "--stop-acc", "0.2",
+                     "--no-retrain", "--data-dir", str(mnist),
+                     "--out-dir", str(tmp_path / "both")])["runs"]
     assert_same_numbers(both[0], r)
     assert both[1]["epochs_trained"] == first + 1 and both[1]["reached_stop_acc"] is False
     assert f"still below --stop-acc 0.2 at epoch {first + 1}; stopped" in capsys.readouterr().out
@@ -587,11 +624,14 @@ def relabel_case(preds):
     y_corrupt = torch.tensor([1, 2, 3, 4, 4, 0, 1, 2, 3, 4])  # rows 0-3 corrupted
     g = torch.Generator().manual_seed(0)
     data = m.Data(train_x=torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8, generator=g),
-                  train_y=y_true, test_x=torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8, generator=g),
+                  train_y=y_true,
+                  test_x=torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8, generator=g),
                   test_y=torch.arange(10) % 5)
     model = m.build_model("mlp", (1, 28, 28), 5, 0)
-    preds = {name: {kind: m.Predictions(*p) for kind, p in kinds.items()} for name, kinds in preds.items()}
-    return m.relabel(m.predict_and_probe(model, data.test_x)[0], data, y_corrupt, preds, seed=0), data
+    preds = {name: {kind: m.Predictions(*p) for kind, p in kinds.items()}
+             for name, kinds in preds.items()}
+    return (m.relabel(m.predict_and_probe(model, data.test_x)[0], data, y_corrupt, preds, seed=0),
+            data)
 
 
 def test_relabel_counts_fixed_broken_and_keeps_unplaceable_rows():
@@ -604,12 +644,15 @@ def test_relabel_counts_fixed_broken_and_keeps_unplaceable_rows():
     right_on = lambda mask: torch.where(mask, y_test, (y_test + 1) % 5)
     train_pred = torch.tensor([0, 1, -1, 3, 4, 1, -1, 2, 3, 4])
     preds = {  # corrupt subspaces: "a" is right on the 20% split only, "b" on the other 80% only
-        "a": dict(corrupt=(train_pred, right_on(on_val)), true=(train_pred, right_on(torch.zeros(10, dtype=torch.bool)))),
-        "b": dict(corrupt=(zeros, right_on(~on_val)), true=(torch.full((10,), 2), right_on(torch.ones(10, dtype=torch.bool))))}
+        "a": dict(corrupt=(train_pred, right_on(on_val)),
+                  true=(train_pred, right_on(torch.zeros(10, dtype=torch.bool)))),
+        "b": dict(corrupt=(zeros, right_on(~on_val)),
+                  true=(torch.full((10,), 2), right_on(torch.ones(10, dtype=torch.bool))))}
     (out, labels, val2, evaluated), _ = relabel_case(preds)
     assert torch.equal(val, val2) and len(evaluated) == 8 and not torch.isin(evaluated, val).any()
     c, t = out["corrupt_subspaces"], out["true_subspaces"]
-    assert c["layer"] == "a" and c["masc_test"] == 0.0  # chosen on the split, though worse on the rest
+    # chosen on the split, though worse on the rest
+    assert c["layer"] == "a" and c["masc_test"] == 0.0
     assert t["layer"] == "b" and t["masc_test"] == 1.0
     # by hand: -1 rows (2 and 6) keep their corrupted label 3 and 1
     assert labels["corrupt"].tolist() == [0, 1, 3, 3, 4, 1, 1, 2, 3, 4]
@@ -641,38 +684,45 @@ def test_retraining_patience_and_kept_epoch(monkeypatch, patience, kept, epochs)
         """Validation part (images 0-9): scripted accuracy; test part (10-19): 0.1 * epoch."""
         rows = []
         for i in range(stack.params["out.bias"].shape[0]):
-            acc = scripted[i][epoch["n"] - 1] if stack.params["out.bias"].shape[0] == 2 else scripted[1][epoch["n"] - 1]
+            acc = (scripted[i][epoch["n"] - 1] if stack.params["out.bias"].shape[0] == 2
+                   else scripted[1][epoch["n"] - 1])
             val = [0] * round(acc * 10) + [1] * (10 - round(acc * 10))
             rows.append(torch.tensor(val + [0] * epoch["n"] + [1] * (10 - epoch["n"])))
         return torch.stack(rows)
     monkeypatch.setattr(m, "train_epoch", fake_epoch)
     monkeypatch.setattr(m.Stack, "predictions", fake_predictions)
-    data = m.Data(train_x=torch.zeros(4, 1, 28, 28, dtype=torch.uint8), train_y=torch.zeros(4, dtype=torch.long),
-                  test_x=torch.zeros(20, 1, 28, 28, dtype=torch.uint8), test_y=torch.zeros(20, dtype=torch.long))
-    config = argparse.Namespace(retrain_epochs=6, patience=patience, batch_size=2, lr=1e-3, optimizer="sgd",
-                                models_at_once=2)
+    data = m.Data(train_x=torch.zeros(4, 1, 28, 28, dtype=torch.uint8),
+                  train_y=torch.zeros(4, dtype=torch.long),
+                  test_x=torch.zeros(20, 1, 28, 28, dtype=torch.uint8),
+                  test_y=torch.zeros(20, dtype=torch.long))
+    config = argparse.Namespace(retrain_epochs=6, patience=patience, batch_size=2, lr=1e-3,
+                                optimizer="sgd", models_at_once=2)
     model = m.build_model("mlp", (1, 28, 28), 10, 0)
     reports = [{}, {}]
-    jobs = [m.Retraining(f"{i}", {n: t.clone() for n, t in model.state_dict().items()}, data.train_y,
-                         torch.Generator(), history={"train_acc": [], "val_acc": [], "test_acc": []},
+    jobs = [m.Retraining(f"{i}", {n: t.clone() for n, t in model.state_dict().items()},
+                         data.train_y, torch.Generator(),
+                         history={"train_acc": [], "val_acc": [], "test_acc": []},
                          val_idx=torch.arange(10), eval_idx=torch.arange(10, 20), report=reports[i])
             for i in range(2)]
     m.retrain_all(jobs, model, data, config)
     for job, report, k, e in zip(jobs, reports, kept, epochs):
         assert report["kept_epoch"] == k and job.history["train_acc"] == [0.0] * e
-        assert report["epochs"] == e and report["test_per_epoch"] == pytest.approx([0.1 * n for n in range(1, e + 1)])
+        assert (report["epochs"] == e
+                and report["test_per_epoch"] == pytest.approx([0.1 * n for n in range(1, e + 1)]))
         assert report["after_test"] == pytest.approx(0.1 * k)
     assert reports[0]["val_per_epoch"] == pytest.approx(scripted[0][:epochs[0]])
 
 
 def test_figure31_command_records_every_retraining_epoch(mnist, tmp_path):
-    res = cpu_main(["--corruption", "0.5", "--epochs", "2", "--retrain-epochs", "3", "--patience", "0",
-                    "--data-dir", mnist, "--out-dir", tmp_path])
+    res = cpu_main(["--corruption", "0.5", "--epochs", "2", "--retrain-epochs", "3",
+                    "--patience", "0", "--data-dir", mnist, "--out-dir", tmp_path])
     for kind in ("corrupt_subspaces", "true_subspaces"):
         report = res["runs"][0]["retrain"][kind]
-        assert report["epochs"] == 3 and report["kept_epoch"] == 3 and len(report["test_per_epoch"]) == 3
+        assert (report["epochs"] == 3 and report["kept_epoch"] == 3
+                and len(report["test_per_epoch"]) == 3)
         assert report["after_test"] == report["test_per_epoch"][-1]
-        assert all(round(a * 48) == pytest.approx(a * 48) for a in report["test_per_epoch"])  # of 48 images
+        # of 48 images
+        assert all(round(a * 48) == pytest.approx(a * 48) for a in report["test_per_epoch"])
 
 # ----------------------------------------------------------------------------- controls and options
 
@@ -680,8 +730,9 @@ def test_figure31_command_records_every_retraining_epoch(mnist, tmp_path):
 def test_init_control_decodes_the_trained_models_own_initial_weights(mnist, tmp_path, monkeypatch):
     """With training made a no-op, each "trained" model is its initialisation: the control must
     give the same numbers for every layer. The two runs' controls differ (their seeds do)."""
-    monkeypatch.setattr(m, "train_epoch", lambda stack, images, labels, *rest: ([0.0] * labels.shape[0],
-                                                                           [True] * labels.shape[0]))
+    monkeypatch.setattr(m, "train_epoch",
+                        lambda stack, images, labels, *rest: ([0.0] * labels.shape[0],
+                                                              [True] * labels.shape[0]))
     res = cpu_main(["--corruption", "0.5", "--runs", "2", "--epochs", "1", "--no-retrain",
                     "--data-dir", mnist, "--out-dir", tmp_path])
     for r in res["runs"]:
@@ -690,11 +741,13 @@ def test_init_control_decodes_the_trained_models_own_initial_weights(mnist, tmp_
             for kind in ("corrupt_subspaces", "true_subspaces"):
                 assert layer[kind]["test"] == control[kind]["test"]
                 assert layer[kind]["dims"] == control[kind]["dims"]
-    controls = [[c["corrupt_subspaces"]["test"] for c in r["init_control"][1:]] for r in res["runs"]]
+    controls = [[c["corrupt_subspaces"]["test"] for c in r["init_control"][1:]]
+                for r in res["runs"]]
     assert controls[0] != controls[1]
 
 
-def test_posthoc_init_control_is_the_posthoc_fit_of_an_untrained_model(mnist, tmp_path, monkeypatch):
+def test_posthoc_init_control_is_the_posthoc_fit_of_an_untrained_model(
+        mnist, tmp_path, monkeypatch):
     """With training a no-op, the p=0 model is its initialisation: the post-hoc fit at init must be
     the post-hoc fit, field for field, in each run (run 1's initial weights and post-hoc labels
     are its own seed's). Trained (Adam at a high rate: the weights move far), every hidden layer
@@ -710,8 +763,9 @@ def test_posthoc_init_control_is_the_posthoc_fit_of_an_untrained_model(mnist, tm
         for layer, control in zip(trained["layers"][1:], trained["init_control"][1:]):  # and the
             for kind in ("corrupt_subspaces", "true_subspaces"):  # paper's control, likewise
                 assert layer[kind]["dims"] != control[kind]["dims"], (layer["name"], kind)
-    monkeypatch.setattr(m, "train_epoch", lambda stack, images, labels, *rest: ([0.0] * labels.shape[0],
-                                                                           [True] * labels.shape[0]))
+    monkeypatch.setattr(m, "train_epoch",
+                        lambda stack, images, labels, *rest: ([0.0] * labels.shape[0],
+                                                              [True] * labels.shape[0]))
     runs = cpu_main(args + ["--out-dir", tmp_path / "noop"])["runs"]
     assert [r["run"] for r in runs] == [0, 1] and runs[0]["posthoc"] != runs[1]["posthoc"]
     for run in runs:
@@ -719,8 +773,10 @@ def test_posthoc_init_control_is_the_posthoc_fit_of_an_untrained_model(mnist, tm
         assert run["posthoc_init_control"] == run["posthoc"]
 
 
-def test_optimizer_flag_is_recorded_and_never_reuses_the_other_optimizers_model(mnist, tmp_path, capsys):
-    args = ["--corruption", "0.5", "--epochs", "2", "--no-retrain", "--data-dir", mnist, "--out-dir", tmp_path]
+def test_optimizer_flag_is_recorded_and_never_reuses_the_other_optimizers_model(
+        mnist, tmp_path, capsys):
+    args = ["--corruption", "0.5", "--epochs", "2", "--no-retrain", "--data-dir", mnist,
+            "--out-dir", tmp_path]
     sgd = cpu_main(args)
     adam = cpu_main(args + ["--optimizer", "adam", "--out-dir", tmp_path / "adam"])
     assert sgd["config"]["optimizer"] == "sgd" and adam["config"]["optimizer"] == "adam"
@@ -744,14 +800,16 @@ def test_authors_aggregation_is_the_best_layer_of_the_mean_curve():
     """Run 1: layers a, b at 0.5, 0.9; run 2: 0.8, 0.4. The mean curve is 0.65 at both layers;
     the mean of each run's best layer is 0.85."""
     runs = [{"corruption": 0.4, "run": i, "best_layer": name, "best_masc_test": best,
-             "layers": [{"name": "a", "corrupt_subspaces": {"test": a}, "true_subspaces": {"test": 0.1}},
-                        {"name": "b", "corrupt_subspaces": {"test": b}, "true_subspaces": {"test": 0.3}}]}
+             "layers": [{"name": "a", "corrupt_subspaces": {"test": a},
+                         "true_subspaces": {"test": 0.1}},
+                        {"name": "b", "corrupt_subspaces": {"test": b},
+                         "true_subspaces": {"test": 0.3}}]}
             for i, (a, b, name, best) in enumerate([(0.5, 0.9, "b", 0.9), (0.8, 0.4, "a", 0.8)])]
     assert m.best_of_mean_curve(runs, "corrupt_subspaces") == pytest.approx(0.65)
     assert m.best_of_mean_curve(runs, "true_subspaces") == pytest.approx(0.3)
     for r in runs:
-        r.update(model_acc={"test": 0.5}, improvement_pct=0.0, best_masc_test_true=0.3, early_stop_test_acc=0.5,
-                 retrain=None)
+        r.update(model_acc={"test": 0.5}, improvement_pct=0.0, best_masc_test_true=0.3,
+                 early_stop_test_acc=0.5, retrain=None)
     table = m.summary_table(runs, [0.4])
     assert "0.850 [0.800,0.900]" in table and "0.650/0.300" in table
     # Table 1's improvement is of the run-averaged accuracies (83.4 / 32.1 - 1 = 159.8% at MLP-MNIST
@@ -769,13 +827,16 @@ def test_batched_models_equal_models_trained_alone(mnist, tmp_path):
               "--batch-size", "128", "--data-dir", str(mnist)]  # 2 steps an epoch: quicker
     together = cpu_main(common + ["--corruption", "0.5", "--runs", "2", "--models-at-once", "2",
                                   "--out-dir", str(tmp_path / "all")])
-    alone = cpu_main(common + ["--corruption", "0.5", "--seed", "1", "--out-dir", str(tmp_path / "alone")])
-    assert_same_numbers(without_run(alone["runs"][0]), without_run(together["runs"][1]))  # both seed 1
+    alone = cpu_main(common + ["--corruption", "0.5", "--seed", "1",
+                               "--out-dir", str(tmp_path / "alone")])
+    # both seed 1
+    assert_same_numbers(without_run(alone["runs"][0]), without_run(together["runs"][1]))
     assert together["runs"][1]["retrain"]["corrupt_subspaces"]["epochs"] >= 1
 
 
 @pytest.mark.parametrize("arch,dataset", [("cnn", "mnist"), ("alexnet", "cifar100")])
-def test_cnn_and_alexnet_batch_like_one_at_a_time(arch, dataset, mnist, tmp_path, patch_md5, monkeypatch):
+def test_cnn_and_alexnet_batch_like_one_at_a_time(arch, dataset, mnist, tmp_path, patch_md5,
+                                                  monkeypatch):
     root = mnist
     if dataset == "cifar100":
         root = tmp_path / "data"
@@ -810,7 +871,8 @@ def test_stacked_optimizers_follow_torch_optim():
             reference.step()
             stack.step(grads)
         for name, p in model.named_parameters():
-            torch.testing.assert_close(stack.params[name][0].detach(), p.detach(), rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(stack.params[name][0].detach(), p.detach(),
+                                       rtol=1e-6, atol=1e-7)
 
 
 def interrupted_in_pass(n, argv, monkeypatch):
@@ -837,18 +899,23 @@ def test_interrupted_batch_resumes_every_model_exactly(mnist, tmp_path, monkeypa
     interrupted_in_pass(4, args + ["--out-dir", str(tmp_path / "cut")], monkeypatch)
     resumed = cpu_main(args + ["--out-dir", str(tmp_path / "cut")])
     for a, b in zip(whole["runs"], resumed["runs"]):
-        assert a["history"] == b["history"] and a["model_acc"] == b["model_acc"] and a["layers"] == b["layers"]
-    assert not list((tmp_path / "cut" / "models").glob("*.partial.pt"))  # finished models replace them
+        assert (a["history"] == b["history"] and a["model_acc"] == b["model_acc"]
+                and a["layers"] == b["layers"])
+    # finished models replace them
+    assert not list((tmp_path / "cut" / "models").glob("*.partial.pt"))
 
 
 def test_models_resumed_at_another_epoch_train_as_if_alone(mnist, tmp_path, monkeypatch):
     """Adam's bias correction depends on the step count: a CNN resumed at epoch 2 beside a fresh one
     trains apart from it, and both end as in an uninterrupted command."""
-    args = ["--model", "cnn", "--epochs", "4", "--save-every", "2", "--no-retrain", "--models-at-once", "2",
-            "--data-dir", str(mnist)]
+    args = ["--model", "cnn", "--epochs", "4", "--save-every", "2", "--no-retrain",
+            "--models-at-once", "2", "--data-dir", str(mnist)]
     whole = cpu_main(args + ["--corruption", "0,0.5", "--out-dir", str(tmp_path / "whole")])
-    interrupted_in_pass(3, args + ["--corruption", "0.5", "--out-dir", str(tmp_path / "cut")], monkeypatch)
-    assert torch.load(tmp_path / "cut" / "models" / "p0.5_run0.partial.pt")["optimizer"]["step"] == 2 * 2  # 2 epochs of 2 steps (200 images, batch 128)
+    interrupted_in_pass(3, args + ["--corruption", "0.5", "--out-dir", str(tmp_path / "cut")],
+                        monkeypatch)
+    # 2 epochs of 2 steps (200 images, batch 128)
+    assert (torch.load(tmp_path / "cut" / "models" / "p0.5_run0.partial.pt")["optimizer"]["step"]
+            == 2 * 2)
     resumed = cpu_main(args + ["--corruption", "0,0.5", "--out-dir", str(tmp_path / "cut")])
     for a, b in zip(whole["runs"], resumed["runs"]):
         assert_same_numbers(a["history"], b["history"])
@@ -862,7 +929,8 @@ def test_decode_every_records_masc_during_training(mnist, tmp_path, capsys):
     decoded = r["history"]["decode"]
     assert [d["epoch"] for d in decoded] == [1, 2]
     # the last record decodes the final model: the same numbers as the full decoding after training
-    assert decoded[-1]["masc_test"] == r["best_masc_test"] and decoded[-1]["layer"] == r["best_layer"]
+    assert (decoded[-1]["masc_test"] == r["best_masc_test"]
+            and decoded[-1]["layer"] == r["best_layer"])
     assert decoded[-1]["masc_test_true"] == r["best_masc_test_true"]
     assert [d["model_test"] for d in decoded] == r["history"]["test_acc"]
     for d in decoded:  # every layer's curve, not only the best layer's
@@ -880,17 +948,21 @@ def test_train_size_draws_a_class_balanced_subset(mnist, tmp_path, capsys):
     labels = torch.arange(1000) % 10
     pick = m.balanced_subset(labels, 53, seed=0)
     counts = torch.bincount(labels[pick], minlength=10)
-    assert len(pick.unique()) == 53 and counts.min() == 5 and counts.max() == 6 and (counts == 6).sum() == 3
-    assert torch.equal(pick, pick.sort().values) and torch.equal(pick, m.balanced_subset(labels, 53, 0))
+    assert (len(pick.unique()) == 53 and counts.min() == 5 and counts.max() == 6
+            and (counts == 6).sum() == 3)
+    assert (torch.equal(pick, pick.sort().values)
+            and torch.equal(pick, m.balanced_subset(labels, 53, 0)))
     assert not torch.equal(pick, m.balanced_subset(labels, 53, 1))
     with pytest.raises(m.UserError, match="--train-size"):
         m.balanced_subset(labels, 1001, 0)
-    res = cpu_main(["--corruption", "0.5", "--epochs", "1", "--train-size", "50", "--retrain-epochs", "1",
-                  "--data-dir", str(mnist), "--out-dir", str(tmp_path)])
+    res = cpu_main(["--corruption", "0.5", "--epochs", "1", "--train-size", "50",
+                    "--retrain-epochs", "1", "--data-dir", str(mnist), "--out-dir", str(tmp_path)])
     ckpt = torch.load(tmp_path / "models" / "p0.5_run0.pt", weights_only=True)
     assert len(ckpt["labels"]) == 50  # trained on 50 images
-    assert res["runs"][0]["retrain"]["val_size"] + res["runs"][0]["retrain"]["test_size"] == 60  # test set whole
-    err = main_error(m, CPU + ["--train-size", "10000", "--data-dir", mnist, "--out-dir", tmp_path / "big"], capsys)
+    # test set whole
+    assert res["runs"][0]["retrain"]["val_size"] + res["runs"][0]["retrain"]["test_size"] == 60
+    err = main_error(m, CPU + ["--train-size", "10000", "--data-dir", mnist,
+                               "--out-dir", tmp_path / "big"], capsys)
     assert "--train-size" in err and not (tmp_path / "big").exists()
 
 
@@ -1003,7 +1075,8 @@ def test_partial_checkpoint_missing_what_a_resume_needs_is_refused_in_one_line(m
     assert m.main(args + ["--overwrite"])["runs"][0]["epochs_trained"] == 3  # trained afresh
 
 
-def test_partial_checkpoint_from_another_device_type_is_refused_in_one_line(mnist, tmp_path, capsys):
+def test_partial_checkpoint_from_another_device_type_is_refused_in_one_line(
+        mnist, tmp_path, capsys):
     """A CUDA generator's state cannot continue on the CPU (set_state raised a traceback)."""
     args, model, partial = partial_checkpoint_setup(mnist, tmp_path)
     partial.update(optimizer=zero_moments(model, partial["key"]["optimizer"]),
@@ -1024,19 +1097,21 @@ def test_training_accuracy_is_the_exact_fraction_of_correct_images():
     images = torch.randint(0, 256, (1000, 1, 4, 4), dtype=torch.uint8, generator=g)
     labels = torch.randint(10, (2, 1000), generator=g)
     stack = m.Stack(model, [job, job], "sgd", 1e-3)
-    accs, finite = m.train_epoch(stack, images, labels, 100, [torch.Generator().manual_seed(i) for i in range(2)])
+    accs, finite = m.train_epoch(stack, images, labels, 100,
+                                 [torch.Generator().manual_seed(i) for i in range(2)])
     assert finite == [True, True]
     assert all(a == round(a * 1000) / 1000 for a in accs), accs
     assert any(round(a * 1000) % 125 for a in accs)  # not a count whose float32 fraction is exact
     # with lr = 0 the weights stay the model's: each count is a plain forward's, on its own labels
     still = m.Stack(model, [job, job], "sgd", 0.0)
-    accs, _ = m.train_epoch(still, images, labels, 100, [torch.Generator().manual_seed(i) for i in range(2)])
+    accs, _ = m.train_epoch(still, images, labels, 100,
+                            [torch.Generator().manual_seed(i) for i in range(2)])
     with torch.no_grad():
         pred = model(images.float() / 127.5 - 1).argmax(1)
     assert accs == [(pred == y).double().mean().item() for y in labels] and accs[0] != accs[1]
 
 
-# ----------------------------------------------------------------------------- CUDA paths, on the CPU
+# --------------------------------------------------------------------------- CUDA paths, on the CPU
 
 
 def index_add_predict(bases, feats):

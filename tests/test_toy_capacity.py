@@ -264,7 +264,8 @@ def test_another_sweeps_folder_is_refused_and_a_failed_sweep_leaves_it_as_it_was
         tmp_path, monkeypatch, capsys):
     """The toy replaced any folder's config.json and results.json (a benign run's, say), and
     wrote config.json before a sweep that could then fail."""
-    small = ["--device", "cpu", "--n", "4", "--augs", "1", "--seeds", "0", "--out-dir", str(tmp_path)]
+    small = ["--device", "cpu", "--n", "4", "--augs", "1", "--seeds", "0",
+             "--out-dir", str(tmp_path)]
     toy.main(small + ["--steps", "2"])
     toy.main(small + ["--steps", "2"])  # the same sweep again: allowed
     before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
@@ -297,7 +298,8 @@ def test_augs_flag_reads_online_as_none():
 
 
 def test_bad_input_from_the_command_line(tmp_path):
-    proc = run_script("toy_capacity.py", "--device", "cpu", "--n", "0", "--out-dir", tmp_path / "out")
+    proc = run_script("toy_capacity.py", "--device", "cpu", "--n", "0",
+                      "--out-dir", tmp_path / "out")
     assert_one_line_error(proc, "--n")
 
 
