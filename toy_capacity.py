@@ -320,9 +320,11 @@ def check_args(args):  # checks argparse cannot make, before anything is written
         raise UserError(f"--out-dir {args.out_dir}: {existing} exists and is not a directory")
     saved, results = (os.path.join(args.out_dir, f) for f in ("config.json", "results.json"))
     if (os.path.exists(saved) or os.path.exists(results)) and not args.overwrite and \
-            not same_sweep(config_of(args), saved):  # results.json alone: whose, unknown
-        raise UserError(f"{args.out_dir} holds another run's results (other flags, another "
-                        "script's, the other of cpu and cuda): --overwrite, or another --out-dir")
+            not same_sweep(config_of(args), saved):
+        why = ("its config.json is another run's (other flags, another script's, the other of cpu "
+               "and cuda)" if os.path.exists(saved) else "a results.json without config.json")
+        raise UserError(f"--out-dir {os.path.abspath(args.out_dir)} holds {why}: pass "
+                        "--overwrite to replace it, or another --out-dir")
 
 def main(argv=None):
     args = Config(**vars(build_parser().parse_args(argv)))

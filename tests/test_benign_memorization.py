@@ -491,9 +491,13 @@ def test_killed_run_resumes_to_the_same_result(cifar, tmp_path, patch_md5, capsy
     log_a = [json.loads(r) for r in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
     log_b = [json.loads(r) for r in (out / "log.jsonl").read_text().splitlines()]
     assert strip_timing(log_a) == strip_timing(log_b) and len(log_a) == 3
-    # the same command once more: the run is complete, nothing changes
-    saved = (out / "results.json").read_text()
-    bm.main(args + ["--out-dir", str(out)])
+    saved = (out / "results.json").read_text()  # the file, too, is the uninterrupted run's
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())
+    assert strip_timing([json.loads(saved)[k] for k in ("init", "final")]) == \
+        strip_timing([whole["init"], whole["final"]])
+    # the same command once more, as a process: the run is complete, it exits 0, nothing changes
+    again = run_script(str(tiny), *args, "--out-dir", out, patch_md5=True)
+    assert again.returncode == 0 and "resuming" in again.stdout, again.stderr
     assert (out / "results.json").read_text() == saved
 
 
@@ -675,12 +679,16 @@ def test_missing_data_offline_names_dataset_and_folder(tmp_path, capsys):
         assert not (tmp_path / "out").exists()
 
 
-def test_corrupt_checkpoint_is_refused_and_left_untouched(cifar, tmp_path, patch_md5, capsys):
+def test_corrupt_checkpoint_is_refused_and_left_untouched(cifar, tmp_path):
+    """As a process: a refusal deep in run() is one line on stderr (no warning beside it)."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "ckpt.pt").write_bytes(b"not a checkpoint")
     (out / "log.jsonl").write_text("precious\n")
-    assert "ckpt.pt" in main_error(bm, ARGS + ["--data-dir", cifar, "--out-dir", out], capsys)
+    proc = run_script("benign_memorization.py", *ARGS, "--data-dir", cifar, "--out-dir", out,
+                      patch_md5=True)
+    assert_one_line_error(proc, "ckpt.pt")
+    assert proc.returncode == 1
     assert (out / "ckpt.pt").read_bytes() == b"not a checkpoint"
     assert (out / "log.jsonl").read_text() == "precious\n"
 
@@ -1509,7 +1517,8 @@ def test_compiled_run_matches_eager_and_resumes_as_an_uninterrupted_one(
     """--compile with inductor, as on a GPU: every epoch's loss and invariance (the compiled step
     and probe forward) as the eager run's to rounding (inductor fuses and reorders float32 sums;
     measured: 2e-7 relative on the loss, 7e-5 on the invariance), and killed after the epoch-1
-    checkpoint and run again, equal to the uninterrupted compiled run."""
+    checkpoint and run again, equal to the uninterrupted compiled run; then one step's loss and
+    gradients against eager's to 1e-4 relative."""
     monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
     common = ["--device", "cpu", "--epochs", "3", "--eval-every", "1", "--batch-size", "32",
               "--projector-width", "16",
@@ -1519,7 +1528,7 @@ def test_compiled_run_matches_eager_and_resumes_as_an_uninterrupted_one(
     common.append("--compile")
     whole = bm.main(common + ["--out-dir", str(tmp_path / "whole")])
     read = lambda d: [json.loads(r) for r in (tmp_path / d / "log.jsonl").read_text().splitlines()]
-    assert len(read("whole")) == 4  # epochs 0-3
+    assert len(read("whole")) == len(read("eager")) == 4  # epochs 0-3
     for c, e in zip(read("whole"), read("eager")):  # K-NN votes may flip on near-ties: not those
         assert c["loss"] == pytest.approx(e["loss"], rel=1e-4)  # None at epoch 0
         assert c["invariance"] == pytest.approx(e["invariance"], rel=1e-3)  # the probes' forward
@@ -1540,6 +1549,26 @@ def test_compiled_run_matches_eager_and_resumes_as_an_uninterrupted_one(
     resumed = bm.main(common + ["--out-dir", str(tmp_path / "cut")])
     assert strip_timing(read("whole")) == strip_timing(read("cut"))
     assert whole["final"]["loss"] == resumed["final"]["loss"]
+    # one mixed step at the run's shapes (inductor's cache holds its kernels by now): the loss
+    # and every gradient as eager's; six Adam steps hide a wrong gradient's scale or noise
+    torch.manual_seed(0)
+    model = bm.Network(*tiny_stages(1), 16, 10)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=g)
+    targets = torch.nn.functional.one_hot(torch.randint(10, (32,), generator=g), 10).float()
+    aug_u, mix_u = bm.step_uniforms(32, True, True, g, torch.device("cpu"))
+    mix_u[0] = 0.0  # the coin: mixed
+    inputs = (model, images, targets, aug_u, mix_u, bm.StepSettings(0.8, "mse", False, False))
+    grads = []
+    for fn in (bm.step_loss, torch.compile(bm.step_loss, fullgraph=True)):
+        model.zero_grad()
+        loss = fn(*inputs)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_e, grad_e), (loss_c, grad_c) = grads
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-6)
+    for a, b in zip(grad_c, grad_e):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_channels_last_path_of_cuda_gives_the_same_step_and_features_on_the_cpu():

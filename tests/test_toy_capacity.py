@@ -253,7 +253,8 @@ def test_a_folder_with_results_but_no_config_is_refused_unless_overwrite(tmp_pat
     (tmp_path / "results.json").write_text('{"someone": "else"}')
     small = ["--device", "cpu", "--n", "4", "--augs", "1", "--seeds", "0", "--steps", "2",
              "--out-dir", str(tmp_path)]
-    assert "another run's" in main_error(toy, small, capsys)
+    err = main_error(toy, small, capsys)
+    assert str(tmp_path) in err and "a results.json without config.json" in err, err
     assert [f.name for f in tmp_path.iterdir()] == ["results.json"]
     assert (tmp_path / "results.json").read_text() == '{"someone": "else"}'
     toy.main(small + ["--overwrite"])
