@@ -1,13 +1,15 @@
 """
-The toy model of "The Curious Case of Benign Memorization", Appendix E, for the paper's claim that
-fitting random labels is benign (the encoder learns the true classes) only once the augmented
-points outnumber what the model can memorize.
+The toy model of "The Curious Case of Benign Memorization", Appendix E. The paper's claim: fitting
+random labels is benign (the encoder learns the true classes) only once the augmented points
+outnumber what the model can memorize.
 
-A linear encoder h(x) = W x feeds an inverse-distance projector whose K prototypes limit how many
-points it can fit. Inputs carry their class in the first d1 coordinates and, in the rest, noise
-that augmentations perturb. With one view per point the model memorizes points one by one, and its
-features get worse; given more views than that, it maps a point's views together: W ignores the
-noise, and a K-NN probe on the true classes beats its score at initialisation. A sweep trains as
+n training points with random labels, each seen through B fixed augmentations (or fresh ones at
+every step: online). A linear encoder h(x) = W x feeds an inverse-distance projector whose K
+prototypes limit how many points it can fit. Inputs carry their class in the first d1 coordinates
+and, in the rest, noise that augmentations perturb. What this toy shows (README): with B = 1 the
+K-NN probe of h on the true classes ends below its score at initialisation; with B >= 16 or online
+views it ends well above it, as W shrinks the noise coordinates (at n = 16 it all but ignores
+them). The gain follows B, not n*B alone; the capacity itself is not measured. A sweep trains as
 one batched model; each (n, B, seed) cell has its own generators: it gets the result it gets alone.
 
 Usage:
@@ -30,18 +32,22 @@ import torch.nn.functional as F
 @dataclass
 class Config:
     """The sweep (flags) and the world it runs in (constants: edit them here)."""
-    n: list = field(default_factory=lambda: [16, 64, 256])  # fewer than K = 64, as many, more
+    n: list = field(default_factory=lambda: [16, 64, 256])  # n*B from 16 up to 16,384 points
     # B fixed views per point, 1 to beyond capacity; None: online (fresh views at every step)
     augs: list = field(default_factory=lambda: [1, 4, 16, 64, None])
     seeds: list = field(default_factory=lambda: [0, 1, 2])  # a mean and a spread per cell
-    capacity: int = 64  # projector prototypes K, which bound the capacity (Appendix E)
+    # projector prototypes K: Appendix E's capacity bound, exact only in the hard-assignment
+    # limit with W fixed (a trained W fits more than K points here: README)
+    capacity: int = 64
     steps: int = 2000  # SGD steps
     out_dir: str = "runs/toy"
     overwrite: bool = False  # replace the results of another config in out_dir
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     # Constants: Appendix E gives the setting's structure, not these values.
     dim: int = 64  # input dimension d
-    signal_dim: int = 8  # the first d1 coordinates carry the class; the other d - d1 are noise
+    # the first d1 coordinates carry the class; the other d - d1 are noise, enough of it that the
+    # K-NN probe at initialisation is weak (0.25-0.31, seeds 0-2), so that learned features show
+    signal_dim: int = 8
     classes: int = 10  # true classes C, also the random labels' classes
     sigma: float = 1.0  # noise std: the paper's Sigma2 = Sigma3 = 10 Sigma1 = sigma^2 I
     center_scale: float = 0.5  # class centres mu_k ~ N(0, center_scale^2 I)
@@ -49,7 +55,7 @@ class Config:
     test_points: int = 2000  # unseen query points of the K-NN probe and the invariance
     lr: float = 0.15  # SGD with momentum 0.9
     batch_size: int = 128  # per cell
-    knn_k: int = 20  # neighbours of the K-NN probe
+    knn_k: int = 20  # neighbours of the K-NN probe: the paper's k
     fit_views: int = 8  # online cells: fresh augmentations per point when measuring the fit
 
 def augs_label(augs):  # B as --augs, results.json and the streams' names spell it (None: online)
@@ -87,7 +93,7 @@ class Cell:
     def __init__(self, n, augs, seed, centres, args):
         self.n, self.augs, self.seed = n, augs, seed
         g = named_generator(args.device, "train", seed, n)  # the same points for every B
-        self.x, self.z = sample_points(centres, n, args, g)
+        self.x, _ = sample_points(centres, n, args, g)  # their true classes: never used
         self.labels = torch.randint(args.classes, (n,), generator=g, device=args.device)
         self.stream = named_generator(args.device, "stream", seed, n, augs_label(augs))
         # What the model is asked to fit: the n points when online, else their n*B augmentations
@@ -117,7 +123,8 @@ def projector(h, prototypes, onehots):
     return torch.softmax(-0.5 * torch.log(sq.clamp_min(0) + 1e-12), dim=-1) @ onehots
 
 def init_models(cells, args):
-    """W ~ N(0, 1/d); prototypes start at the embeddings of K training points, plus noise."""
+    """W ~ N(0, 1/d); prototypes start at the embeddings of K draws (with replacement) of the
+    n training points, plus noise; their one-hot labels l_i are uniform, as Appendix E's."""
     d, K, dev = args.dim, args.capacity, args.device
     models = []
     for c in cells:
@@ -189,6 +196,7 @@ def fit_accuracy(cells, W, V, onehots, args):
 
 @torch.no_grad()
 def evaluate(cells, worlds, W, args, chunk=8):
+    """Per cell: K-NN accuracy on the test points, their invariance, W's noise-to-signal."""
     knn, invariance = [], []
     # `chunk` cells at a time: an (M, test, probe) similarity tensor of all cells may not fit
     for start in range(0, len(cells), chunk):
@@ -242,7 +250,8 @@ def same_sweep(config, path):  # False if the config.json at path is another swe
     try:
         with open(path) as f:
             saved = json.load(f)
-        typed = lambda c: dict(c, device=torch.device(c["device"]).type)  # cpu, cuda: other draws
+        # the device type only: cuda and cuda:0 draw the same numbers, cpu and cuda other ones
+        typed = lambda c: dict(c, device=torch.device(c["device"]).type)
         saved, config = typed(saved), typed(config)
         return all(saved[k] == v for k, v in config.items() if k not in ("out_dir", "overwrite"))
     except (OSError, ValueError, TypeError, KeyError, RuntimeError):
