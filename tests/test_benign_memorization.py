@@ -1338,7 +1338,8 @@ def test_resumed_run_equals_uninterrupted_in_every_augmentation_mode(mode, cifar
                                                                      patch_md5, monkeypatch):
     """Stop after epoch 1, resume to epoch 2: the same result as two epochs in one go (RandAugment
     draws from torch's global generator, fixed augmentations from the hash; both must survive).
-    A small encoder: what is restored does not depend on it (the SIGKILL test runs ResNet18)."""
+    A small encoder: what is restored does not depend on it (gpu_check's resume check, run by
+    test_gpu_check.py, kills and resumes ResNet18)."""
     monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
     common = SMALL + mode + ["--eval-every", "1", "--linear-probe", "off", "--data-dir", str(cifar)]
     whole = bm.main(common + ["--epochs", "2", "--out-dir", str(tmp_path / "whole")])
