@@ -180,9 +180,9 @@ def augmented(images, u=None):  # uint8 images as floats in [0, 1], augmented by
     x = images.float() / 255
     return x if u is None else apply_augment(x, augment_params(u, *x.shape[-2:]))
 
-def mix32(x, m=MASK32):  # a hash of 32-bit values in int64 (products stay below 2^63)
-    x = ((x >> 16) ^ x) * 0x45D9F3B & m
-    x = ((x >> 16) ^ x) * 0x45D9F3B & m
+def mix32(x):  # a hash of 32-bit values in int64 (products stay below 2^63)
+    x = ((x >> 16) ^ x) * 0x45D9F3B & MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & MASK32
     return (x >> 16) ^ x
 
 def hash_uniforms(stream, image, aug, count):  # the same whatever the batch or its order
