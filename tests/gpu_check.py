@@ -37,6 +37,7 @@ for path in (REPO, TESTS):
         sys.path.insert(0, path)
 import benign_memorization as bm  # noqa: E402
 import masc_decode as md  # noqa: E402
+from benchmark import sync, timed  # noqa: E402
 from benchmark_masc import relu_features  # noqa: E402
 
 GB = 1e9
@@ -102,22 +103,6 @@ class Context:
         self.bf16 = self.cuda  # the script's --precision auto
         self.model = self.opt = None  # the full-size model and optimizer, shared by the checks
         self.compiled_step = None  # step_rates' compiled step and what it runs on
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, steps, warmup, device):
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / steps
 
 
 def informational(ctx, ok):  # the README's targets are for one GPU: a CPU row passes if it ran
