@@ -128,8 +128,9 @@ def augment_params(u, height, width, scale=CROP_SCALE, ratio=CROP_RATIO):  # u: 
                          factor(v[:, 4], SATURATION), -HUE + 2 * HUE * v[:, 5],
                          v[:, 6:10].argsort(1), v[:, 10] < GRAY_P)
 
-def crop_grid(p, height, width):  # crop box p, resize to height x width (bilinear), flip if asked
-    """Sampled as F.interpolate(align_corners=False) on the crop, clamped to it: torchvision's."""
+def crop_grid(p, height, width):  # crop box p of a height x width image, resized back to its size
+    """Sampled as F.interpolate(align_corners=False) on the crop, clamped to it: torchvision's.
+    The output size is the input's: the grid's normalised coordinates divide by it."""
     def axis(start, size, out):
         pos = (torch.arange(out, device=start.device) + 0.5) * (size[:, None] / out) - 0.5
         pos = pos.clamp_min(0).minimum(size[:, None] - 1) + start[:, None]
@@ -194,8 +195,8 @@ def hash_uniforms(stream, image, aug, count):  # the same whatever the batch or 
     return (u >> 8).float() / (1 << 24)  # 24 random bits: exact in float32
 
 def rand_augment(images, strength, group=8):  # the authors' RandAugment: one draw per group
-    t = v2.RandAugment(num_ops=int(10 * strength // 3 + 1), magnitude=min(int(100 * strength), 99),
-                       num_magnitude_bins=100)
+    t = v2.RandAugment(num_ops=int(10 * strength // 3 + 1),
+                       magnitude=min(round(100 * strength), 99), num_magnitude_bins=100)
     return torch.cat([t(chunk) for chunk in images.split(group)])
 
 
@@ -664,8 +665,9 @@ def make_probe_set(args, train, test, data, clean_classes, device):
     test_idx = random_subset(len(test[0]), args.probe_size, "test", args.seed)
     mem_is_train = data.aug_id is None and torch.equal(data.source.cpu(),
                                                        torch.arange(len(train[0])))
-    mem_idx = random_subset(len(data), len(train_idx), "memorization", args.seed)
-    mem_idx = (train_idx if mem_is_train else mem_idx).to(device)  # mem_is_train: i is image i
+    mem_idx = train_idx if mem_is_train else random_subset(  # mem_is_train: point i is image i
+        len(data), len(train_idx), "memorization", args.seed)
+    mem_idx = mem_idx.to(device)
     ps = ProbeSet(train[0][train_idx].to(device), train[1][train_idx].to(device),
                   test[0][test_idx].to(device), test[1][test_idx].to(device), data, clean_classes,
                   mem_idx, mem_is_train, data.labels[mem_idx], args.num_classes != "per-sample")
@@ -683,10 +685,13 @@ def make_probe_set(args, train, test, data, clean_classes, device):
 def save_atomically(path, content):  # via path.tmp: a killed run never leaves half a file
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        if isinstance(content, str):
-            pathlib.Path(path + ".tmp").write_text(content)
-        else:
-            torch.save(content, path + ".tmp")
+        with open(path + ".tmp", "wb") as f:
+            if isinstance(content, str):
+                f.write(content.encode())
+            else:
+                torch.save(content, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a crash never leaves an empty file
         os.replace(path + ".tmp", path)
     except (OSError, RuntimeError) as e:  # a full disk (torch.save's is a RuntimeError)
         with contextlib.suppress(OSError):
@@ -738,14 +743,14 @@ def load_tinyimagenet(root):
             c = torch.load(cache, weights_only=True)
             return (c["train_x"], c["train_y"]), (c["val_x"], c["val_y"])
         except Exception as e:
-            raise UserError(f"{cache} is unreadable ({type(e).__name__}); delete it to decode "
+            raise UserError(f"{cache} is unreadable ({first_line(e)}); delete it to decode "
                             "the images again")
     if not os.path.isdir(base):
         try:
             torchvision.datasets.utils.download_and_extract_archive(url, root)
         except Exception as e:
             raise UserError(f"Tiny ImageNet not found in {base} and could not be downloaded "
-                            f"({type(e).__name__}); download {url} and unzip it into {root}/")
+                            f"({first_line(e)}); download {url} and unzip it into {root}/")
 
     def decode(items):
         images = torch.empty(len(items), 3, 64, 64, dtype=torch.uint8)
@@ -832,7 +837,7 @@ def load_checkpoint(path, config, overwrite):  # None: start afresh. Refuses a c
         if {"model", "optimizer", "labels", "epoch", "rng", "history"} - set(ckpt):
             raise KeyError  # reported by its type only, as every failure here
     except Exception as e:
-        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); it was left "
+        raise UserError(f"checkpoint {path} is unreadable ({first_line(e)}); it was left "
                         "untouched: move it away or pass --overwrite to start over")
     was, now = torch.device(saved["device"]).type, torch.device(config["device"]).type
     if was != now:  # a CPU generator's state cannot continue a CUDA one's sequence, nor back
@@ -958,7 +963,7 @@ def build_parser():
                         "iid:B)")
     g.add_argument("--mixup", type=probability,
                    help="probability of mixing a batch, lambda ~ Beta(1, 1) "
-                        f"(default {MIXUP_PROB}; 0 with fixed:B and iid:B)")
+                        f"(default {MIXUP_PROB}; 0 with none, fixed:B and iid:B)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=count, default=EPOCHS, help="training epochs")
     g.add_argument("--batch-size", type=count, default=BATCH_SIZE,
@@ -1021,7 +1026,8 @@ def check_args(args):  # checks argparse cannot make; defaults that depend on ot
     if args.precision == "auto":
         args.precision = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
     if args.mixup is None:  # mixing would make the n*B fixed points infinitely many (Section 5.1)
-        args.mixup = 0.0 if kind in ("fixed", "iid") else MIXUP_PROB
+        # and is itself an augmentation: "none" is the paper's "without DA"
+        args.mixup = 0.0 if kind in ("fixed", "iid", "none") else MIXUP_PROB
 
 def run(args):
     check_args(args)

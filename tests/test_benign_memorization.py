@@ -1028,8 +1028,9 @@ def test_subset_alone_trains_the_same_anchors_without_partners():
     assert torch.equal(alone.labels.repeat_interleave(8), iid.labels)
 
 
-def test_mixup_defaults_off_for_finite_and_iid_augmentations():
-    assert parsed().mixup == 0.8
+def test_mixup_defaults_off_without_augmentation_and_for_finite_and_iid_augmentations():
+    assert parsed().mixup == 0.8 and parsed("--augment", "randaugment:0.5").mixup == 0.8
+    assert parsed("--augment", "none").mixup == 0.0  # the paper's "without DA": mixup is DA
     assert parsed("--augment", "fixed:4").mixup == 0.0
     assert parsed("--augment", "iid").mixup == 0.0
     assert parsed("--augment", "fixed:4", "--mixup", "0.5").mixup == 0.5  # an explicit --mixup wins
@@ -1181,8 +1182,9 @@ def test_rand_augment_draws_once_per_group_of_eight():
     assert len({g[0].numpy().tobytes() for g in groups}) > 1  # groups draw independently
 
 
-# README: int(10s // 3) + 1 ops, min(100s, 99)
-@pytest.mark.parametrize("strength,ops,magnitude", [(0.5, 2, 50), (1.0, 4, 99)])
+# README: int(10s // 3) + 1 ops, min(round(100s), 99): 100 * 0.29 is 28.999999999999996
+@pytest.mark.parametrize("strength,ops,magnitude", [(0.5, 2, 50), (1.0, 4, 99), (0.29, 1, 29),
+                                                    (0.58, 2, 58)])
 def test_rand_augment_strength_sets_ops_and_magnitude(strength, ops, magnitude, monkeypatch):
     made = []
     real = bm.v2.RandAugment
@@ -1326,10 +1328,10 @@ def test_iid_per_sample_and_aug_strength_runs(cifar, tmp_path, patch_md5, monkey
     assert res["final"]["test_acc"] is None  # no clean test labels in 64 classes
     for row in (res["init"], res["final"]):  # a unique label cannot be voted for by other points
         assert row["knn_noisy"] is None and row["knn_noisy_self"] is None
-    res = bm.main(SMALL + ["--subset", "16", "--augment", "none", "--batch-size", "8",
-                           "--data-dir", str(cifar), "--out-dir", str(tmp_path / "anchors")])
-    # only fixed:B and iid:B turn it off
-    assert res["config"]["subset"] == 16 and res["config"]["mixup"] == 0.8
+    res = bm.main(SMALL + ["--subset", "16", "--augment", "none", "--mixup", "0.8",
+                           "--batch-size", "8", "--data-dir", str(cifar),
+                           "--out-dir", str(tmp_path / "anchors")])
+    assert res["config"]["subset"] == 16 and res["config"]["mixup"] == 0.8  # mixed anchors
     assert 0 <= res["final"]["train_acc"] <= 1
 
 
@@ -1719,13 +1721,12 @@ def test_a_failed_checkpoint_write_ends_with_an_error_and_leaves_the_last_one(
     monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
     real_save, writes = torch.save, []
 
-    def save(obj, path):  # the second checkpoint finds the disk full, half-way
-        writes.append(path)
+    def save(obj, f):  # the second checkpoint finds the disk full, half-way
+        writes.append(f)
         if len(writes) == 2:
-            with open(path, "wb") as f:
-                f.write(b"half a checkpoint")
+            f.write(b"half a checkpoint")
             raise RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")
-        real_save(obj, path)
+        real_save(obj, f)
     monkeypatch.setattr(torch, "save", save)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
@@ -1737,3 +1738,29 @@ def test_a_failed_checkpoint_write_ends_with_an_error_and_leaves_the_last_one(
     assert last.startswith("error: could not write") and "ckpt.pt" in last and "intact" in last
     assert sorted(f.name for f in out.iterdir()) == ["ckpt.pt", "config.json", "log.jsonl"]
     assert torch.load(out / "ckpt.pt", weights_only=True)["epoch"] == 0
+
+
+@pytest.mark.parametrize("name", ["ckpt.pt", "log.json"])
+def test_a_write_is_on_disk_whole_before_its_rename(name, tmp_path, monkeypatch):
+    """fsync before os.replace: after a crash the rename may survive while unsynced data do not
+    (XFS, network file systems), which would leave an empty checkpoint in place of a good one."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", src, dst))
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path, is_ckpt = str(tmp_path / name), name.endswith(".pt")
+    content = {"w": torch.arange(5)} if is_ckpt else '{"epoch": 0}\n'
+    bm.save_atomically(path, content)
+    assert events == [("fsync", os.path.getsize(path)), ("replace", path + ".tmp", path)]
+    if is_ckpt:
+        assert torch.equal(torch.load(path, weights_only=True)["w"], content["w"])
+    else:
+        assert open(path).read() == content
+

@@ -108,6 +108,10 @@ def test_a_failed_download_names_its_error_once(name, tmp_path, monkeypatch):
         with pytest.raises(module.UserError) as refused:
             module.load_torchvision(dataset, str(tmp_path))
         assert shown in str(refused.value) and "could not be downloaded" in str(refused.value)
+        monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", fail)
+        with pytest.raises(module.UserError) as refused:
+            module.load_tinyimagenet(str(tmp_path))
+        assert shown in str(refused.value) and "could not be downloaded" in str(refused.value)
 
 
 def unwritable_run(name, tmp_path):  # arguments that reach the first write into --out-dir
@@ -156,10 +160,11 @@ def test_tiny_imagenet_on_a_read_only_data_dir_loads_without_a_cache(name, tmp_p
     write_tinyimagenet(str(tmp_path))
     cache = tmp_path / "tiny-imagenet-200" / "uint8_cache.pt"
 
-    def save(obj, path):
-        if str(path).startswith(str(cache)):
-            raise OSError(30, "Read-only file system", str(path))
-        return real_save(obj, path)
+    def save(obj, f):  # a path, or the open file the scripts' atomic write passes
+        path = str(getattr(f, "name", f))
+        if path.startswith(str(cache)):
+            raise OSError(30, "Read-only file system", path)
+        return real_save(obj, f)
     monkeypatch.setattr(torch, "save", save)
     uncached = module.load_tinyimagenet(str(tmp_path))
     assert "warning: could not write" in capsys.readouterr().err and not cache.exists()
