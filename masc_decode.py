@@ -391,18 +391,18 @@ class Predictions(NamedTuple):  # a layer's MASC predictions for every image
     train: torch.Tensor
     test: torch.Tensor
 
-def accuracy(pred, labels):
-    return (pred == labels).float().mean().item()
+def accuracy(pred, labels):  # in float64: float32 stores 1260 / 8000 as 0.1574999988
+    return (pred == labels).double().mean().item()
 
 @torch.no_grad()
-def predict_and_probe(model, images, probe=True, batch=1024):
-    """The model's predicted classes and, with probe, every probed layer's outputs (name -> (N, D)
-    float32). 1024 images at a time bound the activations (AlexNet: 1024 x 4096 per layer)."""
+def predict_and_probe(model, images, batch=1024):
+    """The model's predicted classes and every probed layer's outputs (name -> (N, D) float32).
+    1024 images at a time bound the activations (AlexNet: 1024 x 4096 per layer)."""
     preds, parts = [], {}
     for start in range(0, len(images), batch):
-        taps = {} if probe else None
+        taps = {}
         preds.append(model(preprocess(images[start:start + batch]), taps).argmax(1))
-        for name, f in (taps or {}).items():
+        for name, f in taps.items():
             parts.setdefault(name, []).append(f.float())
     return torch.cat(preds), {name: torch.cat(chunks) for name, chunks in parts.items()}
 
@@ -470,7 +470,7 @@ class Retraining(Job):  # a memorized model trained further on a relabelling (Se
     eval_idx: torch.Tensor  # the 80% it is reported on
     report: dict  # the results.json entry it completes
     best_val: float = -1.0  # the best validation accuracy so far,
-    best_epoch: int = 0  # and the epoch whose weights reached it: the ones reported
+    best_epoch: int = 0  # and its epoch: the test accuracy reported is that epoch's
 
 def retrain_all(jobs, template, data, args):
     """Section 3.3's retrainings, together: from the memorized weights with a fresh optimizer,
@@ -530,10 +530,13 @@ def init_control(data, y_corrupt, args, seed, posthoc):
 def save_atomically(path, obj):  # JSON or torch.save, via path.tmp: a kill leaves no half file
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        if path.endswith(".json"):
-            pathlib.Path(path + ".tmp").write_text(json.dumps(obj, indent=2))
-        else:
-            torch.save(obj, path + ".tmp")
+        with open(path + ".tmp", "wb") as f:
+            if path.endswith(".json"):
+                f.write(json.dumps(obj, indent=2).encode())
+            else:
+                torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a crash never leaves an empty file
         os.replace(path + ".tmp", path)
     except (OSError, RuntimeError) as e:  # a full disk (torch.save's is a RuntimeError)
         with contextlib.suppress(OSError):
@@ -576,14 +579,14 @@ def load_tinyimagenet(root):
             c = torch.load(cache, weights_only=True)
             return (c["train_x"], c["train_y"]), (c["val_x"], c["val_y"])
         except Exception as e:
-            raise UserError(f"{cache} is unreadable ({type(e).__name__}); delete it to decode "
+            raise UserError(f"{cache} is unreadable ({first_line(e)}); delete it to decode "
                             "the images again")
     if not os.path.isdir(base):
         try:
             torchvision.datasets.utils.download_and_extract_archive(url, root)
         except Exception as e:
             raise UserError(f"tinyimagenet not found in {base} and could not be downloaded "
-                            f"({type(e).__name__}); download {url} and unzip it into {root}/")
+                            f"({first_line(e)}); download {url} and unzip it into {root}/")
 
     def decode(items):
         images = torch.empty(len(items), 3, 64, 64, dtype=torch.uint8)
@@ -681,7 +684,7 @@ def load_model_checkpoint(path, key, overwrite, device, template):
     except Exception as e:
         if overwrite:  # trained again
             return None
-        raise UserError(f"{path} is unreadable ({type(e).__name__}); move it away or --overwrite")
+        raise UserError(f"{path} is unreadable ({first_line(e)}); move it away or --overwrite")
     if saved_key == key:
         return ckpt
     if overwrite:
