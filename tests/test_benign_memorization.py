@@ -35,7 +35,7 @@ def brute_knn(ref, ref_y, q, k, exclude_self=False):
     return np.array(preds)
 
 
-@pytest.mark.parametrize("k", [1, 4, 5])
+@pytest.mark.parametrize("k", [1, 4, 5, 70])  # 70: more than the 60 points (59 left to vote)
 @pytest.mark.parametrize("exclude_self", [False, True])
 def test_knn_matches_brute_force(k, exclude_self):
     rng = np.random.default_rng(k)
