@@ -472,8 +472,8 @@ def knn_noisy(feats, labels, k=KNN_K, groups=None, chunk=None, ref_chunk=None):
         loo.append(vote(sim.masked_fill_(same_group, -float("inf")), labels, loo_k, num_classes))
     return torch.cat(loo), torch.cat(own)
 
-def accuracy(pred, labels):
-    return (pred == labels).float().mean().item()
+def accuracy(pred, labels):  # in float64: float32 stores 1260 / 8000 as 0.1574999988
+    return (pred == labels).double().mean().item()
 
 def normalized_invariance(h_aug1, h_aug2, h_clean):
     """Eq. 2 averaged over points: ||q(T1 x) - q(T2 x)||^2 / mean_{x' != x} ||q(x) - q(x')||^2, via
@@ -743,7 +743,7 @@ def load_tinyimagenet(root):
             c = torch.load(cache, weights_only=True)
             return (c["train_x"], c["train_y"]), (c["val_x"], c["val_y"])
         except Exception as e:
-            raise UserError(f"{cache} is unreadable ({first_line(e)}); delete it to decode "
+            raise UserError(f"{cache} is unreadable ({type(e).__name__}); delete it to decode "
                             "the images again")
     if not os.path.isdir(base):
         try:
@@ -802,6 +802,9 @@ def refuse_other_config(saved, config, what):
                   if k not in RESUMABLE_KEYS and saved.get(k) != config.get(k))
     if diff:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in diff[:3])
+        if diff == ["mixup"] and config["augment"] == "none" and saved["mixup"] == MIXUP_PROB:
+            shown += (f"; --augment none mixed at {MIXUP_PROB} before 2026-11-30: "
+                      f"--mixup {MIXUP_PROB} resumes it")
         raise UserError(f"{what} was made with another config ({shown}); pass --overwrite to "
                         "start over or use another --out-dir")
 
@@ -837,7 +840,7 @@ def load_checkpoint(path, config, overwrite):  # None: start afresh. Refuses a c
         if {"model", "optimizer", "labels", "epoch", "rng", "history"} - set(ckpt):
             raise KeyError  # reported by its type only, as every failure here
     except Exception as e:
-        raise UserError(f"checkpoint {path} is unreadable ({first_line(e)}); it was left "
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); it was left "
                         "untouched: move it away or pass --overwrite to start over")
     was, now = torch.device(saved["device"]).type, torch.device(config["device"]).type
     if was != now:  # a CPU generator's state cannot continue a CUDA one's sequence, nor back

@@ -474,8 +474,9 @@ class Retraining(Job):  # a memorized model trained further on a relabelling (Se
 
 def retrain_all(jobs, template, data, args):
     """Section 3.3's retrainings, together: from the memorized weights with a fresh optimizer,
-    early-stopped on the job's 20% of the test set (--patience 0: all --retrain-epochs, keep the
-    last, as Figure 31). Reports the 80% part's accuracy of the kept and every epoch's weights."""
+    early-stopped on the job's 20% of the test set (--patience 0: all --retrain-epochs, as Figure
+    31). Reports the 80% part's accuracy at the kept epoch (the best on validation; with
+    --patience 0, the last) and at every epoch; the weights themselves are not saved."""
     def after_epoch(job, acc, pred):
         val = accuracy(pred[job.val_idx], data.test_y[job.val_idx])
         job.history["train_acc"].append(acc)
@@ -579,7 +580,7 @@ def load_tinyimagenet(root):
             c = torch.load(cache, weights_only=True)
             return (c["train_x"], c["train_y"]), (c["val_x"], c["val_y"])
         except Exception as e:
-            raise UserError(f"{cache} is unreadable ({first_line(e)}); delete it to decode "
+            raise UserError(f"{cache} is unreadable ({type(e).__name__}); delete it to decode "
                             "the images again")
     if not os.path.isdir(base):
         try:
@@ -684,7 +685,7 @@ def load_model_checkpoint(path, key, overwrite, device, template):
     except Exception as e:
         if overwrite:  # trained again
             return None
-        raise UserError(f"{path} is unreadable ({first_line(e)}); move it away or --overwrite")
+        raise UserError(f"{path} is unreadable ({type(e).__name__}); move it away or --overwrite")
     if saved_key == key:
         return ckpt
     if overwrite:

@@ -52,6 +52,11 @@ def test_knn_matches_brute_force(k, exclude_self):
         np.testing.assert_array_equal(got.numpy(), expected)
 
 
+def test_accuracy_is_exact_for_a_fraction_float32_cannot_hold():
+    pred = torch.arange(8000) < 1260  # 1260 / 8000: float32 gives 0.15749999880790710
+    assert bm.accuracy(pred, torch.ones(8000, dtype=torch.bool)) == 0.1575
+
+
 def test_knn_vote_ties_go_to_the_smallest_class():
     # query at angle 0; neighbours: two of class 3 (closest), two of class 1, one far away of
     # class 0
@@ -1028,6 +1033,17 @@ def test_subset_alone_trains_the_same_anchors_without_partners():
     assert torch.equal(alone.labels.repeat_interleave(8), iid.labels)
 
 
+def test_an_augment_none_run_begun_with_the_old_mixup_default_is_told_how_to_resume():
+    config = dict(vars(parsed("--augment", "none")))
+    saved = dict(config, mixup=0.8)  # as the default resolved before 2026-11-30
+    with pytest.raises(bm.UserError, match=r"mixup: 0.8 -> 0.0; .*--mixup 0.8 resumes it"):
+        bm.refuse_other_config(saved, config, "ckpt.pt")
+    with pytest.raises(bm.UserError) as other:  # more than mixup differs: no such advice
+        bm.refuse_other_config(dict(saved, lr=0.1), config, "ckpt.pt")
+    assert "resumes it" not in str(other.value)
+    bm.refuse_other_config(saved, dict(config, mixup=0.8), "ckpt.pt")  # as the advice says
+
+
 def test_mixup_defaults_off_without_augmentation_and_for_finite_and_iid_augmentations():
     assert parsed().mixup == 0.8 and parsed("--augment", "randaugment:0.5").mixup == 0.8
     assert parsed("--augment", "none").mixup == 0.0  # the paper's "without DA": mixup is DA
@@ -1764,3 +1780,11 @@ def test_a_write_is_on_disk_whole_before_its_rename(name, tmp_path, monkeypatch)
     else:
         assert open(path).read() == content
 
+    replaced = open(path, "rb").read()
+
+    def failing_fsync(fd):  # a disk error, or a network file system's quota, at the sync
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(bm.UserError, match="could not write .*Input/output error.*intact"):
+        bm.save_atomically(path, {"w": torch.arange(6)} if is_ckpt else "{}")
+    assert open(path, "rb").read() == replaced and not os.path.exists(path + ".tmp")

@@ -168,6 +168,12 @@ def test_zero_rows_and_empty_classes_never_give_nan():
     assert pred.tolist() == [0, 0, -1, 1, -1]  # zero rows: no angle, no prediction
     assert m.masc_predict([torch.zeros(3, 0)] * 2, x).tolist() == [-1] * 5
 
+
+def test_accuracy_is_exact_for_a_fraction_float32_cannot_hold():
+    pred = torch.arange(8000) < 1260  # 1260 / 8000: float32 gives 0.15749999880790710
+    assert m.accuracy(pred, torch.ones(8000, dtype=torch.bool)) == 0.1575
+
+
 # ----------------------------------------------------------------------------- corruption
 
 
@@ -472,6 +478,15 @@ def test_a_write_is_on_disk_whole_before_its_rename(name, tmp_path, monkeypatch)
     else:
         assert json.load(open(path)) == content
 
+    replaced = open(path, "rb").read()
+
+    def failing_fsync(fd):  # a disk error, or a network file system's quota, at the sync
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(m.UserError, match="could not write .*Input/output error.*intact"):
+        m.save_atomically(path, {"w": torch.arange(6)} if is_ckpt else {})
+    assert open(path, "rb").read() == replaced and not os.path.exists(path + ".tmp")
+
 
 def test_cnn_on_cifar_files(tmp_path, patch_md5):
     write_cifar(str(tmp_path), "cifar10", n_train=60, n_test=30)
@@ -698,8 +713,8 @@ def test_retraining_patience_and_kept_epoch(monkeypatch, patience, kept, epochs)
     """Two models retrained together, validation accuracies 0.5, 0.7, 0.6, 0.6, 0.7, 0.9 for the
     first and rising for the second: with patience 3 the first stops after epoch 5 with the
     weights of epoch 2, the second runs all 6 epochs and keeps its last. Patience 0 (Figure 31)
-    runs both for all 6 epochs and keeps the last weights. The report's after_test is the 80% part's
-    accuracy of the kept weights, and test_per_epoch that of every epoch."""
+    runs both for all 6 epochs and keeps the last. The report's after_test is the 80% part's
+    accuracy at the kept epoch, and test_per_epoch that of every epoch."""
     scripted = [[0.5, 0.7, 0.6, 0.6, 0.7, 0.9], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]]
     epoch = {"n": 0}
 
@@ -1096,7 +1111,7 @@ def test_partial_checkpoint_missing_what_a_resume_needs_is_refused_in_one_line(m
     for ckpt in damaged:
         torch.save(ckpt, tmp_path / "models" / "p0.5_run0.partial.pt")
         err = main_error(m, args, capsys)
-        assert "p0.5_run0.partial.pt is unreadable (KeyError" in err and "--overwrite" in err
+        assert "p0.5_run0.partial.pt is unreadable (KeyError)" in err and "--overwrite" in err
         assert not (tmp_path / "config.json").exists()  # refused before anything is written
     old = dict(damaged[2], key={k: v for k, v in complete["key"].items() if k != "labels_sha256"})
     torch.save(old, tmp_path / "models" / "p0.5_run0.partial.pt")  # an earlier version's file
