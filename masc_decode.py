@@ -830,10 +830,10 @@ def memorization_job(p, run, template, data, args):
         tqdm.write(f"{job.name}: resuming from epoch {len(job.history['train_acc'])}")
     return job
 
-def memorize(out, template, data, args):
-    """Train every job of {(p, run): memorization_job(...)} together, to --stop-acc or --epochs.
-    Returns {(p, run): (model, labels, history)}."""
-    jobs = {spec: job for spec, job in out.items() if isinstance(job, Memorizing)}  # rest: reused
+def memorize(prepared, template, data, args):
+    """prepared: {(p, run): memorization_job(...)}, a Job or an already finished model. Trains
+    every Job together, to --stop-acc or --epochs. Returns {(p, run): (model, labels, history)}."""
+    jobs = {spec: job for spec, job in prepared.items() if isinstance(job, Memorizing)}
 
     def after_epoch(job, acc, pred):
         history = job.history
@@ -863,8 +863,8 @@ def memorize(out, template, data, args):
         return finished
 
     train_together(list(jobs.values()), template, data, args, after_epoch, "memorize")
-    return out | {spec: (model_from(template, job.state), job.labels, job.history)
-                  for spec, job in jobs.items()}
+    return prepared | {spec: (model_from(template, job.state), job.labels, job.history)
+                       for spec, job in jobs.items()}
 
 def decode_run(args, data, p, run, model, y_corrupt, history):
     """Decode every layer of a memorized model, the controls, and the relabelling: one entry of
@@ -1049,7 +1049,7 @@ def run(args):
         results["runs"].append(entry)
         retrainings += retrain
         save_atomically(os.path.join(args.out_dir, "results.json"), results)
-    retrain_all(retrainings, template, data, args)
+    retrain_all(retrainings, template, data, args)  # fills each entry's "retrain" reports
     results["seconds"] = round(time.time() - t0, 1)
     save_atomically(os.path.join(args.out_dir, "results.json"), results)
     print(f"{args.model}-{args.dataset}, {args.runs} run(s) per degree, {results['seconds']} s on "
