@@ -802,7 +802,8 @@ def refuse_other_config(saved, config, what):
                   if k not in RESUMABLE_KEYS and saved.get(k) != config.get(k))
     if diff:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in diff[:3])
-        if diff == ["mixup"] and config["augment"] == "none" and saved["mixup"] == MIXUP_PROB:
+        old_default = saved.get("mixup") == MIXUP_PROB and config.get("augment") == "none"
+        if diff == ["mixup"] and old_default:
             shown += (f"; --augment none mixed at {MIXUP_PROB} before 2026-11-30: "
                       f"--mixup {MIXUP_PROB} resumes it")
         raise UserError(f"{what} was made with another config ({shown}); pass --overwrite to "

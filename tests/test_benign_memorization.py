@@ -1042,6 +1042,9 @@ def test_an_augment_none_run_begun_with_the_old_mixup_default_is_told_how_to_res
         bm.refuse_other_config(dict(saved, lr=0.1), config, "ckpt.pt")
     assert "resumes it" not in str(other.value)
     bm.refuse_other_config(saved, dict(config, mixup=0.8), "ckpt.pt")  # as the advice says
+    without = {k: v for k, v in saved.items() if k != "mixup"}  # a hand-edited config.json
+    with pytest.raises(bm.UserError, match="mixup: None -> 0.0"):  # one line, no KeyError
+        bm.refuse_other_config(without, config, "config.json")
 
 
 def test_mixup_defaults_off_without_augmentation_and_for_finite_and_iid_augmentations():
