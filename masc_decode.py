@@ -406,9 +406,11 @@ def predict_and_probe(model, images, batch=1024):
             parts.setdefault(name, []).append(f.float())
     return torch.cat(preds), {name: torch.cat(chunks) for name, chunks in parts.items()}
 
-def decode_layers(model, data, y_corrupt, args, desc):
+def decode_layers(model, data, y_corrupt, args, desc, score_train=True):
     """MASC of every layer with corrupted- and true-label subspaces: report rows, predictions
-    (layer -> kind -> Predictions), and the model's (predictions, features) on train and test."""
+    (layer -> kind -> Predictions), and the model's (predictions, features) on train and test.
+    score_train=False leaves out MASC's predictions on the training set (None there), which the
+    controls and --decode-every do not report: most of a decode's arithmetic at 60,000 images."""
     (train_pred, train_f), (test_pred, test_f) = (predict_and_probe(model, images)
                                                   for images in (data.train_x, data.test_x))
     y_true, y_test, K = data.train_y, data.test_y, args.num_classes
@@ -416,18 +418,18 @@ def decode_layers(model, data, y_corrupt, args, desc):
     for name in tqdm(train_f, desc=desc, leave=False):
         bases = {kind: fit_subspaces(train_f[name], labels, K, args.variance)
                  for kind, labels in (("corrupt", y_corrupt), ("true", y_true))}
-        preds[name] = {kind: Predictions(*(masc_predict(b, f[name]) for f in (train_f, test_f)))
+        preds[name] = {kind: Predictions(masc_predict(b, train_f[name]) if score_train else None,
+                                         masc_predict(b, test_f[name]))
                        for kind, b in bases.items()}
         corrupt, true = preds[name]["corrupt"], preds[name]["true"]
+        fit = lambda pred, **labels: ({key: accuracy(pred.train, y) for key, y in labels.items()}
+                                      if score_train else {})
         rows.append(dict(
             name=name, dim=train_f[name].shape[1],
-            corrupt_subspaces=dict(train_corrupt=accuracy(corrupt.train, y_corrupt),
-                                   train_true=accuracy(corrupt.train, y_true),
-                                   test=accuracy(corrupt.test, y_test),
-                                   dims=[b.shape[1] for b in bases["corrupt"]]),
-            true_subspaces=dict(train_true=accuracy(true.train, y_true),
-                                test=accuracy(true.test, y_test),
-                                dims=[b.shape[1] for b in bases["true"]])))
+            corrupt_subspaces=fit(corrupt, train_corrupt=y_corrupt, train_true=y_true) | dict(
+                test=accuracy(corrupt.test, y_test), dims=[b.shape[1] for b in bases["corrupt"]]),
+            true_subspaces=fit(true, train_true=y_true) | dict(
+                test=accuracy(true.test, y_test), dims=[b.shape[1] for b in bases["true"]])))
     return rows, preds, (train_pred, train_f), (test_pred, test_f)
 
 def best_layers(rows):
@@ -518,12 +520,11 @@ def init_control(data, y_corrupt, args, seed, posthoc):
     """MASC on the same architecture at its random initialisation (the paper's control) and, with
     posthoc, its fit to the post-hoc labels (ours: what a network that learned nothing fits)."""
     model = build_model(args.model, DATASETS[args.dataset].shape, args.num_classes, seed)
-    rows, _, (_, train_f), (_, test_f) = decode_layers(model.to(data.train_x.device), data,
-                                                       y_corrupt, args, "MASC at init")
+    rows, _, (_, train_f), (_, test_f) = decode_layers(
+        model.to(data.train_x.device), data, y_corrupt, args, "MASC at init", score_train=False)
     # dims: whether a random layer's class subspaces collapse, which accuracy alone hides
-    control = [dict(name=r["name"], **{kind: {k: r[kind][k] for k in ("test", "dims")}
-                                       for kind in ("corrupt_subspaces", "true_subspaces")})
-               for r in rows]
+    control = [dict(name=r["name"], corrupt_subspaces=r["corrupt_subspaces"],
+                    true_subspaces=r["true_subspaces"]) for r in rows]  # each: test, dims
     return control, latent_memorization(train_f, test_f, data, args, seed) if posthoc else None
 
 # ----------------------------------------------------------------------------- datasets
@@ -842,7 +843,7 @@ def memorize(prepared, template, data, args):
         epoch = len(history["train_acc"])
         if args.decode_every and epoch % args.decode_every == 0:  # decoding during training
             rows = decode_layers(model_from(template, job.state), data, job.labels, args,
-                                 "MASC during training")[0]
+                                 "MASC during training", score_train=False)[0]
             per_layer = [dict(name=r["name"], masc_test=r["corrupt_subspaces"]["test"],
                               masc_test_true=r["true_subspaces"]["test"]) for r in rows]
             history.setdefault("decode", []).append(dict(

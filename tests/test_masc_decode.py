@@ -783,11 +783,41 @@ def test_init_control_decodes_the_trained_models_own_initial_weights(mnist, tmp_
         for layer, control in zip(r["layers"], r["init_control"]):
             assert layer["name"] == control["name"]
             for kind in ("corrupt_subspaces", "true_subspaces"):
+                assert set(control[kind]) == {"test", "dims"}  # what results.json records
                 assert layer[kind]["test"] == control[kind]["test"]
                 assert layer[kind]["dims"] == control[kind]["dims"]
     controls = [[c["corrupt_subspaces"]["test"] for c in r["init_control"][1:]]
                 for r in res["runs"]]
     assert controls[0] != controls[1]
+
+
+def test_a_test_only_decode_scores_no_training_image_and_gives_the_same_test_numbers(
+        monkeypatch):
+    """The controls and --decode-every report test accuracies only: their decode must not run
+    MASC on the training set, and must give the full decode's test predictions and dims."""
+    gen = torch.Generator().manual_seed(0)
+    images = lambda n: torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=gen)
+    data = m.Data(images(300), torch.arange(300) % 10, images(70), torch.arange(70) % 7)
+    y_corrupt = m.corrupt_labels(data.train_y, 0.5, 10, 0)
+    args = argparse.Namespace(num_classes=10, variance=0.99)
+    model = m.build_model("mlp", (1, 28, 28), 10, seed=0)
+    scored = []
+    predict = m.masc_predict
+    monkeypatch.setattr(m, "masc_predict", lambda bases, feats: scored.append(len(feats))
+                        or predict(bases, feats))
+    full = m.decode_layers(model, data, y_corrupt, args, "full")
+    assert sorted(set(scored)) == [70, 300]
+    scored.clear()
+    test_only = m.decode_layers(model, data, y_corrupt, args, "test only", score_train=False)
+    assert scored == [70] * 10  # 5 layers x 2 kinds of subspaces, test images only
+    for row, row_full in zip(test_only[0], full[0]):
+        assert row["name"] == row_full["name"] and row["dim"] == row_full["dim"]
+        for kind in ("corrupt_subspaces", "true_subspaces"):
+            assert row[kind] == {key: row_full[kind][key] for key in ("test", "dims")}
+        for kind in ("corrupt", "true"):
+            pred, pred_full = test_only[1][row["name"]][kind], full[1][row["name"]][kind]
+            assert pred.train is None and torch.equal(pred.test, pred_full.test)
+            assert (pred.test == data.test_y).double().mean() == row[f"{kind}_subspaces"]["test"]
 
 
 def test_posthoc_init_control_is_the_posthoc_fit_of_an_untrained_model(
