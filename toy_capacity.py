@@ -5,12 +5,15 @@ outnumber what the model can memorize.
 
 n training points with random labels, each seen through B fixed augmentations (or fresh ones at
 every step: online). A linear encoder h(x) = W x feeds an inverse-distance projector whose K
-prototypes limit how many points it can fit. Inputs carry their class in the first d1 coordinates
-and, in the rest, noise that augmentations perturb. What this toy shows (README): with B = 1 the
-K-NN probe of h on the true classes ends below its score at initialisation; with B >= 16 or online
-views it ends well above it, as W shrinks the noise coordinates (at n = 16 it all but ignores
-them). The gain follows B, not n*B alone; the capacity itself is not measured. A sweep trains as
-one batched model; each (n, B, seed) cell has its own generators: it gets the result it gets alone.
+prototypes bound the model's capacity (the paper's argument; the bound is not exactly K points).
+Inputs carry their class in the first d1 coordinates and, in the rest, noise that augmentations
+perturb. What this toy shows (README): with B = 1 the K-NN probe of h on the true classes ends no
+better than at initialisation (at n = 16, where the model fits most random labels, worse); with
+B >= 16 or online views it ends well above it, as W shrinks the noise coordinates (at n = 16 it
+all but ignores them, and still fits most labels: benign memorization; at n >= 64 it fits few,
+and learns features without memorizing). The gain follows B, not n*B alone; the capacity itself
+is not measured. A sweep trains as one batched model; each (n, B, seed) cell has its own
+generators: it gets the result it gets alone.
 
 Usage:
     python toy_capacity.py                                  # default sweep: 14-21 s on 2 cores
@@ -36,8 +39,8 @@ class Config:
     # B fixed views per point, 1 to beyond capacity; None: online (fresh views at every step)
     augs: list = field(default_factory=lambda: [1, 4, 16, 64, None])
     seeds: list = field(default_factory=lambda: [0, 1, 2])  # a mean and a spread per cell
-    # projector prototypes K: Appendix E's capacity bound, exact only in the hard-assignment
-    # limit with W fixed (a trained W fits more than K points here: README)
+    # projector prototypes K: Appendix E bounds the capacity by K (in the hard-assignment limit);
+    # not a count of points: prototypes share labels, and a trained W moves points (README)
     capacity: int = 64
     steps: int = 2000  # SGD steps
     out_dir: str = "runs/toy"
@@ -213,6 +216,19 @@ def evaluate(cells, worlds, W, args, chunk=8):
         invariance.append(normalized_invariance(views[0] @ Wt, views[1] @ Wt, test))
     return torch.cat(knn), torch.cat(invariance), noise_to_signal(W, args.signal_dim)
 
+@torch.no_grad()
+def reference_probes(worlds, args):
+    """Per seed, the K-NN probe with no encoder (W = I) and with one that keeps only the d1 class
+    coordinates (all noise ignored): where INIT and the trained encoders stand between them."""
+    rows = []
+    for seed, w in worlds.items():
+        probe = lambda keep: knn_accuracy(w["probe_x"][None, :, keep], w["probe_z"][None],
+                                          w["test_x"][None, :, keep], w["test_z"][None],
+                                          args.knn_k, args.classes).item()
+        rows.append(dict(seed=seed, knn_input=round(probe(slice(None)), 4),
+                         knn_class_coordinates=round(probe(slice(args.signal_dim)), 4)))
+    return rows
+
 def run_sweep(args):
     worlds = {s: make_world(s, args) for s in args.seeds}
     cells = [Cell(n, b, s, worlds[s]["centres"], args)
@@ -224,9 +240,10 @@ def run_sweep(args):
     knn, invariance, noise_ratio = evaluate(cells, worlds, W, args)
     measured = dict(fit=fit, knn=knn, knn_init=knn_init, invariance=invariance,
                     noise_to_signal=noise_ratio)
-    return [dict(n=c.n, augs=augs_label(c.augs), seed=c.seed,
+    rows = [dict(n=c.n, augs=augs_label(c.augs), seed=c.seed,
                  **{key: round(values[i].item(), 4) for key, values in measured.items()})
             for i, c in enumerate(cells)]
+    return rows, reference_probes(worlds, args)
 
 
 # ----------------------------------------------------------------------------- report
@@ -256,6 +273,14 @@ def same_sweep(config, path):  # False if the config.json at path is another swe
         return all(saved[k] == v for k, v in config.items() if k not in ("out_dir", "overwrite"))
     except (OSError, ValueError, TypeError, KeyError, RuntimeError):
         return False
+
+def another_scripts_run(path):  # a readable config.json without the keys every toy sweep wrote
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and not {"n", "augs", "seeds", "capacity"} <= saved.keys()
 
 def write_json(path, obj):  # via a temporary file and a rename: never half a file
     with open(path + ".tmp", "w") as f:
@@ -304,7 +329,7 @@ def build_parser():
                    help="seeds (comma list)")
     g = p.add_argument_group("model and training")
     g.add_argument("--capacity", type=positive_int, default=d.capacity,
-                   help="projector prototypes K (bounds the capacity)")
+                   help="projector prototypes K (the paper's bound on the capacity)")
     g.add_argument("--steps", type=positive_int, default=d.steps, help="SGD steps")
     g = p.add_argument_group("system")
     g.add_argument("--out-dir", default=d.out_dir, help="where config.json and results.json go")
@@ -328,12 +353,20 @@ def check_args(args):  # checks argparse cannot make, before anything is written
     if not os.path.isdir(existing):
         raise UserError(f"--out-dir {args.out_dir}: {existing} exists and is not a directory")
     saved, results = (os.path.join(args.out_dir, f) for f in ("config.json", "results.json"))
+    where = f"--out-dir {os.path.abspath(args.out_dir)}"
+    if another_scripts_run(saved):  # --overwrite would replace a record this script cannot redo
+        raise UserError(f"{where} holds another script's run (its config.json is not a toy "
+                        "sweep's): use another --out-dir")
     if (os.path.exists(saved) or os.path.exists(results)) and not args.overwrite and \
             not same_sweep(config_of(args), saved):
-        why = ("its config.json is another run's (other flags, another script's, the other of cpu "
-               "and cuda)" if os.path.exists(saved) else "a results.json without config.json")
-        raise UserError(f"--out-dir {os.path.abspath(args.out_dir)} holds {why}: pass "
-                        "--overwrite to replace it, or another --out-dir")
+        why = ("its config.json is another sweep's (other flags, or the other of cpu and cuda)"
+               if os.path.exists(saved) else "a results.json without config.json")
+        raise UserError(f"{where} holds {why}: pass --overwrite to replace it, or another "
+                        "--out-dir")
+
+def out_of_memory(error):  # CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError
+    return (isinstance(error, (MemoryError, torch.OutOfMemoryError))
+            or "can't allocate memory" in str(error))
 
 def main(argv=None):
     args = Config(**vars(build_parser().parse_args(argv)))
@@ -341,20 +374,29 @@ def main(argv=None):
         check_args(args)
         config = config_of(args)
         t0 = time.time()
-        results = run_sweep(args)
+        results, references = run_sweep(args)
         seconds = time.time() - t0
         os.makedirs(args.out_dir or ".", exist_ok=True)  # "": here, as the other two scripts
         write_json(os.path.join(args.out_dir, "config.json"), config)
         write_json(os.path.join(args.out_dir, "results.json"),
                    {"config": config, "script_sha256": script_sha256(),
-                    "seconds": round(seconds, 1), "cells": results})
+                    "seconds": round(seconds, 1), "cells": results,
+                    "reference_probes": references})
     except (UserError, OSError) as e:  # OSError: --out-dir cannot be written (a full disk, say)
         sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not out_of_memory(e):
+            raise
+        sys.stderr.write(f"error: the sweep does not fit in the memory of {args.device}: run "
+                         "fewer cells or smaller ones (--n, --augs, --seeds) at a time\n")
         sys.exit(1)
     print(f"{len(results)} cells, {args.steps} steps, {seconds:.1f} s on {args.device}")
     print("K-NN gain over INIT on unseen test points (mean±std over seeds), "
           "fit = accuracy on the random labels")
     print(phase_table(results, config["n"], config["augs"]))
+    print("K-NN with no encoder (W = I) / with only the class coordinates, per seed: " + ", ".join(
+        f"{r['knn_input']:.3f} / {r['knn_class_coordinates']:.3f}" for r in references))
     print(f"wrote {os.path.join(args.out_dir, 'results.json')}")
     return results
 
