@@ -996,6 +996,14 @@ def build_parser():
     g.add_argument("--overwrite", action="store_true", help="start over, discarding ckpt and logs")
     return p
 
+def another_scripts_run(path):  # a readable config.json without keys every run of ours wrote
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and not {"augment", "projector_width", "knn_k"} <= saved.keys()
+
 def check_args(args):  # checks argparse cannot make; defaults that depend on other flags
     tf32_forced = os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "0") not in ("", "0")
     if tf32_forced and args.precision == "fp32" and args.device.startswith("cuda"):
@@ -1010,6 +1018,9 @@ def check_args(args):  # checks argparse cannot make; defaults that depend on ot
     existing = existing_part(args.out_dir)  # must be a folder
     if not os.path.isdir(existing):
         raise UserError(f"--out-dir {args.out_dir}: {existing} exists and is not a directory")
+    if another_scripts_run(os.path.join(args.out_dir, "config.json")):  # --overwrite included:
+        raise UserError(f"--out-dir {args.out_dir} holds another script's run (its config.json "
+                        "is not this script's): use another --out-dir")  # its files are not ours
     kind, _ = augment_kind(args.augment)
     if args.aug_labels == "random" and kind != "fixed":
         raise UserError("--aug-labels random labels each fixed view: it needs --augment fixed:B")

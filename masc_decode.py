@@ -989,6 +989,14 @@ def build_parser():
     g.add_argument("--overwrite", action="store_true", help="retrain models of other settings")
     return p
 
+def another_scripts_run(path):  # a readable config.json without keys every run of ours wrote
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and not {"corruption", "model", "runs"} <= saved.keys()
+
 def check_args(args):  # checks argparse cannot make; defaults that depend on other flags
     tf32_forced = os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "0") not in ("", "0")
     if tf32_forced and args.device.startswith("cuda"):  # no flag can undo it
@@ -1005,6 +1013,9 @@ def check_args(args):  # checks argparse cannot make; defaults that depend on ot
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):  # models/ too: else found after hours of training
         raise UserError(f"--out-dir {args.out_dir}: {existing} exists and is not a directory")
+    if another_scripts_run(os.path.join(args.out_dir, "config.json")):  # --overwrite included:
+        raise UserError(f"--out-dir {args.out_dir} holds another script's run (its config.json "
+                        "is not this script's): use another --out-dir")  # its files are not ours
     if len({f"{p:g}" for p in args.corruption}) < len(args.corruption):  # one file per degree
         raise UserError(f"--corruption repeats a degree (to 6 digits): {args.corruption}")
     dataset = DATASETS[args.dataset]

@@ -801,6 +801,28 @@ def test_out_dir_below_a_file_gives_one_line_error(cifar, tmp_path, patch_md5, c
     assert "afile" in err and "not a directory" in err
 
 
+def test_another_scripts_run_folder_is_refused_even_with_overwrite(cifar, tmp_path, patch_md5,
+                                                                    capsys):
+    """--overwrite deletes results.json: in a masc or toy folder it would lose their results."""
+    import masc_decode
+    import toy_capacity
+    others = {"masc": vars(masc_decode.build_parser().parse_args([])),
+              "toy": toy_capacity.config_of(toy_capacity.Config(device="cpu"))}
+    for name, config in others.items():
+        out = tmp_path / name
+        out.mkdir()
+        (out / "config.json").write_text(json.dumps(config))
+        (out / "results.json").write_text('{"theirs": 1}')
+        for overwrite in ([], ["--overwrite"]):
+            err = main_error(bm, ARGS + ["--data-dir", cifar, "--out-dir", out] + overwrite,
+                             capsys)
+            assert "another script's run" in err and "--overwrite" not in err
+            assert sorted(f.name for f in out.iterdir()) == ["config.json", "results.json"]
+            assert json.loads((out / "config.json").read_text()) == config
+            assert (out / "results.json").read_text() == '{"theirs": 1}'
+    assert not bm.another_scripts_run(tmp_path / "none.json")  # no config.json: a new run
+
+
 def test_checkpoint_with_other_random_labels_is_refused_before_anything_is_written(
         cifar, tmp_path, patch_md5, monkeypatch, capsys):
     """A run begun by an earlier version (which drew the labels from other bits of the hash) has

@@ -609,6 +609,25 @@ def test_a_refused_command_leaves_config_json_as_it_was(mnist, tmp_path, capsys)
 
 
 
+def test_another_scripts_run_folder_is_refused_even_with_overwrite(mnist, tmp_path, capsys):
+    """A benign or toy folder: masc would replace its config.json and move its results.json."""
+    import benign_memorization
+    import toy_capacity
+    others = {"benign": vars(benign_memorization.build_parser().parse_args([])),
+              "toy": toy_capacity.config_of(toy_capacity.Config(device="cpu"))}
+    for name, config in others.items():
+        out = tmp_path / name
+        out.mkdir()
+        (out / "config.json").write_text(json.dumps(config))
+        (out / "results.json").write_text('{"theirs": 1}')
+        for overwrite in ([], ["--overwrite"]):
+            err = main_error(m, CPU + ["--data-dir", mnist, "--out-dir", out] + overwrite, capsys)
+            assert "another script's run" in err and "--overwrite" not in err
+            assert sorted(f.name for f in out.iterdir()) == ["config.json", "results.json"]
+            assert json.loads((out / "config.json").read_text()) == config
+            assert (out / "results.json").read_text() == '{"theirs": 1}'
+
+
 def test_seed_takes_the_int64_range():  # negative seeds ran before the bound; 2**63 overflows
     for seed in (-2**63, -1, 2**63 - 1):
         assert m.build_parser().parse_args(["--seed", str(seed)]).seed == seed
