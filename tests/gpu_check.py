@@ -17,6 +17,7 @@ import io
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -185,7 +186,8 @@ def benign_main(argv, kill_at_epoch=None):
 
 
 def benign_in_process(argv):
-    """The same, in this process (its output kept out of the check's): the results dict."""
+    """The same, in this process (its output kept out of the check's): the results dict and what
+    the run wrote to stderr (warnings included)."""
     real, saved = torchvision.datasets.cifar.check_integrity, None
     torchvision.datasets.cifar.check_integrity = no_md5
     try:
@@ -193,7 +195,7 @@ def benign_in_process(argv):
         err = io.StringIO()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
             try:
-                return bm.main(argv)
+                return bm.main(argv), err.getvalue()
             except SystemExit as e:  # the script's one-line error (SystemExit is no Exception)
                 last = (err.getvalue().strip().splitlines() or [""])[-1]
                 raise RuntimeError(f"the run exited with {e.code}: {last}") from None
@@ -365,6 +367,11 @@ def strip_timing(rows):
     return [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows]
 
 
+def nondeterministic_ops(text):  # named by torch's warn_only warnings, in order, once each
+    found = re.findall(r"Warning: (.+?) does not have a deterministic implementation", text)
+    return list(dict.fromkeys(found))
+
+
 def check_resume(ctx):
     """SIGKILL after the second evaluation's checkpoint (epoch 1; epoch 0's is written before any
     training), the same command again, against an uninterrupted run: equal final metrics."""
@@ -396,8 +403,10 @@ def check_resume(ctx):
         return [Row("benign killed and resumed", f"the run {ended} before it was killed: "
                     f"{tail[0]}{hint}", "killed after its second evaluation", False)]
     killed_at = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["epoch"]
-    whole = benign_in_process(argv + ["--out-dir", os.path.join(ctx.tmp, "whole")])
-    resumed = benign_in_process(argv + ["--out-dir", out])
+    whole, whole_err = benign_in_process(argv + ["--out-dir", os.path.join(ctx.tmp, "whole")])
+    resumed, resumed_err = benign_in_process(argv + ["--out-dir", out])
+    with open(os.path.join(ctx.tmp, "killed.txt")) as f:  # the killed run's warnings too
+        culprits = nondeterministic_ops(whole_err + f.read() + resumed_err)
     logs = [strip_timing(log_rows(d)) for d in (os.path.join(ctx.tmp, "whole"), out)]
     equal = strip_timing([whole["final"]]) == strip_timing([resumed["final"]]) and \
         logs[0] == logs[1]
@@ -407,6 +416,8 @@ def check_resume(ctx):
     measured = (f"killed at the epoch-{killed_at} checkpoint of 2; final metrics "
                 f"{'equal' if equal else 'differ'}, max |diff| {max(diffs):.2e} "
                 f"(loss {a['loss']:.6f} vs {b['loss']:.6f})")
+    if culprits and not equal:  # the first clue to what to make deterministic
+        measured += f"; ops without a deterministic implementation: {', '.join(culprits)}"
     bound = "equal (CUDA: cuDNN deterministic, no autotuning)" if ctx.cuda else "equal"
     return [Row("benign killed and resumed", measured, bound, equal and killed_at == 1)]
 

@@ -1,5 +1,9 @@
 """tests/gpu_check.py keeps working: its smallest form passes on the CPU, a check that finds a
 fault makes it exit non-zero, and a missing GPU is one line and exit status 2."""
+import contextlib
+import io
+import warnings
+
 import pytest
 import torch
 
@@ -44,3 +48,24 @@ def test_a_refused_in_process_run_fails_its_check_instead_of_ending_the_self_che
     whole self-check without its summary line."""
     with pytest.raises(RuntimeError, match="--epochs"):
         gpu_check.benign_in_process(["--device", "cpu", "--epochs", "0"])
+
+
+def test_the_resume_check_names_the_ops_torch_warned_were_nondeterministic():
+    """A CUDA resume that differs needs a first clue: the ops torch's warn_only mode named (here
+    a CPU op that warns too, put_ without accumulation: duplicate indices race)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.simplefilter("always")
+        # to stderr, as outside pytest (which records warnings instead)
+        warnings.showwarning = lambda message, category, filename, lineno, *rest: err.write(
+            warnings.formatwarning(message, category, filename, lineno))
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            torch.zeros(3).put_(torch.tensor([0, 0]), torch.tensor([1.0, 2.0]))
+        finally:
+            torch.use_deterministic_algorithms(False)
+        warnings.warn("index_put_ with accumulate=False does not have a deterministic "
+                      "implementation, but you set ...")
+        torch.zeros(3).put_(torch.tensor([1, 1]), torch.tensor([1.0, 2.0]))  # mode off: silent
+    assert gpu_check.nondeterministic_ops(err.getvalue() * 2) == [
+        "put_", "index_put_ with accumulate=False"]
