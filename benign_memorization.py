@@ -853,6 +853,43 @@ def load_checkpoint(path, config, overwrite):  # None: start afresh. Refuses a c
                         "raise --epochs, or pass --overwrite to start over")
     return ckpt
 
+def refuse_a_run_that_cannot_finish(args, ckpt, data, train_count, num_classes, resolution):
+    """What only the data can tell, before anything is written: a checkpoint trained on other
+    labels, a batch or a K-NN larger than the data, a disk without room for the checkpoint."""
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    if ckpt and not torch.equal(ckpt["labels"], data.labels.cpu()):  # same config, other streams
+        raise UserError(f"{ckpt_path} was trained on other random labels (another dataset, or "
+                        "an earlier version of this script, which drew them differently: "
+                        "finish it with that version); pass --overwrite to start over")
+    if args.batch_size > data.points_per_epoch:
+        raise UserError(f"--batch-size {args.batch_size} exceeds the {data.points_per_epoch} "
+                        "points of an epoch")
+    if args.knn_k >= min(train_count, args.probe_size or train_count):
+        raise UserError(f"--knn-k {args.knn_k} needs more probed training images")
+    size = checkpoint_bytes(args, num_classes, resolution)
+    free = shutil.disk_usage(existing_part(args.out_dir)).free  # on the disk it will be made on
+    free += os.path.getsize(ckpt_path) if os.path.exists(ckpt_path) else 0  # replaced or removed
+    if free < 2 * size:  # the atomic write holds the old checkpoint and the new one
+        raise UserError(f"a checkpoint of this model takes {size / 1e9:.2f} GB and writing it "
+                        f"needs twice that; the disk of {args.out_dir} has "
+                        f"{free / 1e9:.2f} GB free")
+
+def discard_the_old_run(out_path):  # --overwrite: what a fresh start would otherwise resume
+    for name in ("ckpt.pt", "log.jsonl", "results.json"):
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(out_path(name))
+        except OSError as e:  # no permission
+            raise UserError(f"--overwrite could not remove {out_path(name)} ({first_line(e)})")
+
+def restore_training_state(ckpt, model, opt, gen, device):  # every random state restored
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    gen.set_state(ckpt["rng"]["gen"])
+    if ckpt["rng"]["cuda"] is not None:  # load_checkpoint checked the device type is the same
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+
 def set_cuda_flags(device, fp32):
     """The chosen GPU (compiled kernels too); cuDNN autotuning; fp32: no TF32 (cuDNN's default)."""
     if device.type != "cuda":
@@ -1062,29 +1099,9 @@ def run(args):
     num_classes = len(train[1]) if args.num_classes == "per-sample" else \
         args.num_classes or clean_classes
     data = make_training_set(args, train, num_classes, device)
-    if ckpt and not torch.equal(ckpt["labels"], data.labels.cpu()):  # same config, other streams
-        raise UserError(f"{ckpt_path} was trained on other random labels (another dataset, or "
-                        "an earlier version of this script, which drew them differently: "
-                        "finish it with that version); pass --overwrite to start over")
-    if args.batch_size > data.points_per_epoch:
-        raise UserError(f"--batch-size {args.batch_size} exceeds the {data.points_per_epoch} "
-                        "points of an epoch")
-    if args.knn_k >= min(len(train[0]), args.probe_size or len(train[0])):
-        raise UserError(f"--knn-k {args.knn_k} needs more probed training images")
-    size = checkpoint_bytes(args, num_classes, resolution)
-    free = shutil.disk_usage(existing_part(args.out_dir)).free  # on the disk it will be made on
-    free += os.path.getsize(ckpt_path) if os.path.exists(ckpt_path) else 0  # replaced or removed
-    if free < 2 * size:  # the atomic write holds the old checkpoint and the new one
-        raise UserError(f"a checkpoint of this model takes {size / 1e9:.2f} GB and writing it "
-                        f"needs twice that; the disk of {args.out_dir} has "
-                        f"{free / 1e9:.2f} GB free")
-
-    for name in ("ckpt.pt", "log.jsonl", "results.json") if args.overwrite else ():
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(out_path(name))
-        except OSError as e:  # no permission
-            raise UserError(f"--overwrite could not remove {out_path(name)} ({first_line(e)})")
+    refuse_a_run_that_cannot_finish(args, ckpt, data, len(train[0]), num_classes, resolution)
+    if args.overwrite:
+        discard_the_old_run(out_path)
     save_atomically(out_path("config.json"), json.dumps(config, indent=2))
 
     probe_set = make_probe_set(args, train, test, data, clean_classes, device)
@@ -1098,12 +1115,7 @@ def run(args):
     settings = StepSettings(args.mixup, args.loss, rt.bf16, rt.channels_last)
     history, start = [], 1
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        gen.set_state(ckpt["rng"]["gen"])
-        if ckpt["rng"]["cuda"] is not None:  # load_checkpoint checked the device type is the same
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        restore_training_state(ckpt, model, opt, gen, device)
         history, start = ckpt["history"], ckpt["epoch"] + 1
         print(f"resuming {args.out_dir} from epoch {ckpt['epoch']}")
 
