@@ -96,9 +96,10 @@ def draw_labels(clean, num_classes, noise, seed):  # a fraction `noise` redrawn,
 # RandomGrayscale, but batched: an image's random choices are functions of its own uniforms.
 
 CROP_TRIES = 10  # torchvision's RandomResizedCrop tries 10 boxes before its central fallback
-# an image's uniforms: an area and a ratio per crop try; top, left; flip; jitter on; the four
-# jitter factors; a sort key per jitter operation (their random order); grayscale
-NUM_UNIFORMS = 2 * CROP_TRIES + 2 + 1 + 1 + 4 + 4 + 1
+# an image's uniforms, in this order: an area and a ratio per crop try; top, left; flip; jitter
+# on; the four jitter factors; a sort key per jitter operation (their random order); grayscale
+UNIFORMS_LAYOUT = (CROP_TRIES, CROP_TRIES, 1, 1, 1, 1, 4, 4, 1)
+NUM_UNIFORMS = sum(UNIFORMS_LAYOUT)
 MASK32 = 0xFFFFFFFF  # the fixed augmentations' hash works on 32-bit values held in int64
 
 # per image: the crop box, flip, whether to jitter, the four jitter factors, their order, grayscale
@@ -106,9 +107,10 @@ AugmentParams = collections.namedtuple("AugmentParams", "top left height width f
                                        "brightness contrast saturation hue order gray")
 
 def augment_params(u, height, width, scale=CROP_SCALE, ratio=CROP_RATIO):  # u: (B, NUM_UNIFORMS)
-    t = CROP_TRIES
-    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, :t])
-    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, t:2 * t]
+    area_u, ratio_u, top_u, left_u, flip_u, jitter_u, factor_u, order_u, gray_u = [
+        part.squeeze(1) if part.shape[1] == 1 else part for part in u.split(UNIFORMS_LAYOUT, 1)]
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * area_u)
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * ratio_u
     w = torch.round(torch.sqrt(area * torch.exp(log_r)))
     h = torch.round(torch.sqrt(area / torch.exp(log_r)))
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
@@ -119,14 +121,13 @@ def augment_params(u, height, width, scale=CROP_SCALE, ratio=CROP_RATIO):  # u: 
     fh = height if in_ratio >= ratio[0] else round(width / ratio[0])
     any_ok = ok.any(1)
     w, h = torch.where(any_ok, w, fw), torch.where(any_ok, h, fh)
-    top = torch.where(any_ok, torch.floor(u[:, 2 * t] * (height - h + 1)), (height - h) // 2)
-    left = torch.where(any_ok, torch.floor(u[:, 2 * t + 1] * (width - w + 1)), (width - w) // 2)
-    v = u[:, 2 * t + 2:]
+    top = torch.where(any_ok, torch.floor(top_u * (height - h + 1)), (height - h) // 2)
+    left = torch.where(any_ok, torch.floor(left_u * (width - w + 1)), (width - w) // 2)
     factor = lambda x, s: 1 - s + 2 * s * x  # uniform in [1 - s, 1 + s]
-    return AugmentParams(top, left, h, w, v[:, 0] < FLIP_P, v[:, 1] < JITTER_P,
-                         factor(v[:, 2], BRIGHTNESS), factor(v[:, 3], CONTRAST),
-                         factor(v[:, 4], SATURATION), -HUE + 2 * HUE * v[:, 5],
-                         v[:, 6:10].argsort(1), v[:, 10] < GRAY_P)
+    return AugmentParams(top, left, h, w, flip_u < FLIP_P, jitter_u < JITTER_P,
+                         factor(factor_u[:, 0], BRIGHTNESS), factor(factor_u[:, 1], CONTRAST),
+                         factor(factor_u[:, 2], SATURATION), -HUE + 2 * HUE * factor_u[:, 3],
+                         order_u.argsort(1), gray_u < GRAY_P)
 
 def crop_grid(p, height, width):  # crop box p of a height x width image, resized back to its size
     """Sampled as F.interpolate(align_corners=False) on the crop, clamped to it: torchvision's.
