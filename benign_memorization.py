@@ -1038,7 +1038,7 @@ def another_scripts_run(path):  # a readable config.json without keys every run 
     try:
         with open(path) as f:
             saved = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: absurdly nested JSON
         return False
     return isinstance(saved, dict) and not {"augment", "projector_width", "knn_k"} <= saved.keys()
 

@@ -8,12 +8,11 @@ every step: online). A linear encoder h(x) = W x feeds an inverse-distance proje
 prototypes bound the model's capacity (the paper's argument; the bound is not exactly K points).
 Inputs carry their class in the first d1 coordinates and, in the rest, noise that augmentations
 perturb. What this toy shows (README): with B = 1 the K-NN probe of h on the true classes ends no
-better than at initialisation (at n = 16, where the model fits most random labels, worse); with
-B >= 16 or online views it ends well above it, as W shrinks the noise coordinates (at n = 16 it
-all but ignores them, and still fits most labels: benign memorization; at n >= 64 it fits few,
-and learns features without memorizing). The gain follows B, not n*B alone; the capacity itself
-is not measured. A sweep trains as one batched model; each (n, B, seed) cell has its own
-generators: it gets the result it gets alone.
+better than at initialisation; with B >= 16 or online views it ends well above it, as W shrinks
+the noise coordinates (at n = 16 it all but ignores them and still fits most random labels:
+benign memorization; at n = 64 it fits about half, at n = 256 few, and learns features anyway).
+The gain follows B, not n*B alone; the capacity itself is not measured. A sweep trains as one
+batched model; each (n, B, seed) cell has its own generators: it gets the result it gets alone.
 
 Usage:
     python toy_capacity.py                                  # default sweep: 14-21 s on 2 cores
@@ -278,7 +277,7 @@ def another_scripts_run(path):  # a readable config.json without the keys every 
     try:
         with open(path) as f:
             saved = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: absurdly nested JSON
         return False
     return isinstance(saved, dict) and not {"n", "augs", "seeds", "capacity"} <= saved.keys()
 

@@ -50,9 +50,10 @@ def test_a_refused_in_process_run_fails_its_check_instead_of_ending_the_self_che
         gpu_check.benign_in_process(["--device", "cpu", "--epochs", "0"])
 
 
-def test_the_resume_check_names_the_ops_torch_warned_were_nondeterministic():
-    """A CUDA resume that differs needs a first clue: the ops torch's warn_only mode named (here
-    a CPU op that warns too, put_ without accumulation: duplicate indices race)."""
+def test_nondeterministic_ops_reads_the_ops_torchs_warnings_name():
+    """A CUDA resume that differs needs a first clue, which the resume check adds to its row: the
+    ops torch's warn_only mode named (here a CPU op that warns too, put_ without accumulation:
+    duplicate indices race), and cuBLAS's alert, which names none."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err), warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -69,3 +70,6 @@ def test_the_resume_check_names_the_ops_torch_warned_were_nondeterministic():
         torch.zeros(3).put_(torch.tensor([1, 1]), torch.tensor([1.0, 2.0]))  # mode off: silent
     assert gpu_check.nondeterministic_ops(err.getvalue() * 2) == [
         "put_", "index_put_ with accumulate=False"]
+    cublas = ("UserWarning: Deterministic behavior was enabled with ... but this operation is not "
+              "deterministic because it uses CuBLAS and you have set a CuBLAS config ...")
+    assert gpu_check.nondeterministic_ops(cublas)[0].startswith("cuBLAS (CUBLAS_WORKSPACE")

@@ -346,11 +346,15 @@ def test_another_sweeps_folder_is_refused_and_a_failed_sweep_leaves_it_as_it_was
     toy.main(small + ["--steps", "2"])  # the same sweep again: allowed
     before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
     assert "another sweep's" in main_error(toy, small + ["--steps", "3"], capsys)
-    (tmp_path / "config.json").write_text('{"epochs": 5000, "arch": "resnet18"}')
-    for overwrite in ([], ["--overwrite"]):  # --overwrite would lose a record the toy cannot redo
-        err = main_error(toy, small + ["--steps", "2"] + overwrite, capsys)
-        assert "another script's run" in err and "--overwrite" not in err
-        assert (tmp_path / "config.json").read_text() == '{"epochs": 5000, "arch": "resnet18"}'
+    import benign_memorization
+    import masc_decode
+    for script in (benign_memorization, masc_decode):  # their real configs
+        theirs = json.dumps(vars(script.build_parser().parse_args([])))
+        (tmp_path / "config.json").write_text(theirs)
+        for overwrite in ([], ["--overwrite"]):  # it would lose a record the toy cannot redo
+            err = main_error(toy, small + ["--steps", "2"] + overwrite, capsys)
+            assert "another script's run" in err and "--overwrite" not in err
+            assert (tmp_path / "config.json").read_text() == theirs
     on_cuda = dict(json.loads(before["config.json"]), device="cuda:1")  # other random streams
     (tmp_path / "config.json").write_text(json.dumps(on_cuda))
     assert "another sweep's" in main_error(toy, small + ["--steps", "2"], capsys)
