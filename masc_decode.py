@@ -415,21 +415,24 @@ def decode_layers(model, data, y_corrupt, args, desc, score_train=True):
     (train_pred, train_f), (test_pred, test_f) = (predict_and_probe(model, images)
                                                   for images in (data.train_x, data.test_x))
     y_true, y_test, K = data.train_y, data.test_y, args.num_classes
+    same = torch.equal(y_corrupt, y_true)  # p = 0: both kinds are one computation
     rows, preds = [], {}
     for name in tqdm(train_f, desc=desc, leave=False):
-        bases = {kind: fit_subspaces(train_f[name], labels, K, args.variance)
-                 for kind, labels in (("corrupt", y_corrupt), ("true", y_true))}
-        preds[name] = {kind: Predictions(masc_predict(b, train_f[name]) if score_train else None,
-                                         masc_predict(b, test_f[name]))
-                       for kind, b in bases.items()}
+        fit_to = lambda labels: fit_subspaces(train_f[name], labels, K, args.variance)
+        predict = lambda b: Predictions(masc_predict(b, train_f[name]) if score_train else None,
+                                        masc_predict(b, test_f[name]))
+        bases = {"corrupt": fit_to(y_corrupt)}
+        bases["true"] = bases["corrupt"] if same else fit_to(y_true)
+        preds[name] = {"corrupt": predict(bases["corrupt"])}
+        preds[name]["true"] = preds[name]["corrupt"] if same else predict(bases["true"])
         corrupt, true = preds[name]["corrupt"], preds[name]["true"]
-        fit = lambda pred, **labels: ({key: accuracy(pred.train, y) for key, y in labels.items()}
-                                      if score_train else {})
+        on_train = lambda pred, **labels: (
+            {key: accuracy(pred.train, y) for key, y in labels.items()} if score_train else {})
         rows.append(dict(
             name=name, dim=train_f[name].shape[1],
-            corrupt_subspaces=fit(corrupt, train_corrupt=y_corrupt, train_true=y_true) | dict(
+            corrupt_subspaces=on_train(corrupt, train_corrupt=y_corrupt, train_true=y_true) | dict(
                 test=accuracy(corrupt.test, y_test), dims=[b.shape[1] for b in bases["corrupt"]]),
-            true_subspaces=fit(true, train_true=y_true) | dict(
+            true_subspaces=on_train(true, train_true=y_true) | dict(
                 test=accuracy(true.test, y_test), dims=[b.shape[1] for b in bases["true"]])))
     return rows, preds, (train_pred, train_f), (test_pred, test_f)
 

@@ -839,6 +839,31 @@ def test_a_test_only_decode_scores_no_training_image_and_gives_the_same_test_num
             assert (pred.test == data.test_y).double().mean() == row[f"{kind}_subspaces"]["test"]
 
 
+def test_at_p0_the_true_subspaces_are_the_corrupted_ones_fitted_once(monkeypatch):
+    """p = 0: the two kinds of subspaces are one computation, made once per layer, and equal to
+    the true labels' own fit and predictions; p > 0 fits each kind."""
+    gen = torch.Generator().manual_seed(1)
+    images = lambda n: torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=gen)
+    data = m.Data(images(200), torch.arange(200) % 10, images(50), torch.arange(50) % 10)
+    args = argparse.Namespace(num_classes=10, variance=0.99)
+    model = m.build_model("mlp", (1, 28, 28), 10, seed=0)
+    fits, fit = [], m.fit_subspaces
+    monkeypatch.setattr(m, "fit_subspaces", lambda *a: fits.append(a[0].shape[1]) or fit(*a))
+    rows, preds, (_, train_f), (_, test_f) = m.decode_layers(model, data, data.train_y.clone(),
+                                                             args, "p = 0")
+    assert fits == [784, 128, 512, 2048, 2048]  # once per layer
+    for row in rows:
+        corrupt, true = preds[row["name"]]["corrupt"], preds[row["name"]]["true"]
+        bases = fit(train_f[row["name"]], data.train_y, 10, 0.99)
+        assert torch.equal(true.train, m.masc_predict(bases, train_f[row["name"]]))
+        assert torch.equal(true.test, m.masc_predict(bases, test_f[row["name"]]))
+        assert true is corrupt and row["true_subspaces"]["dims"] == [b.shape[1] for b in bases]
+        assert row["corrupt_subspaces"]["train_true"] == row["true_subspaces"]["train_true"]
+    fits.clear()
+    m.decode_layers(model, data, m.corrupt_labels(data.train_y, 0.5, 10, 0), args, "p = 0.5")
+    assert len(fits) == 10
+
+
 def test_posthoc_init_control_is_the_posthoc_fit_of_an_untrained_model(
         mnist, tmp_path, monkeypatch):
     """With training a no-op, the p=0 model is its initialisation: the post-hoc fit at init must be
