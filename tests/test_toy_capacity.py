@@ -188,6 +188,26 @@ def test_fit_is_the_share_of_fitted_points_the_projector_labels_right(monkeypatc
     assert torch.equal(h[:, :4], base[:, :4]) and (h[:, 4:] != base[:, 4:]).all()
 
 
+def test_initial_encoder_and_prototypes_are_as_documented():
+    """W ~ N(0, 1/d), the same for a seed's cells; each prototype is one training point's initial
+    embedding plus N(0, 0.1^2) noise (0.8 away from it in d = 64, where points lie about 10
+    apart); one-hot labels."""
+    args = small_args()
+    worlds = {s: toy.make_world(s, args) for s in (0, 1)}
+    cells = [toy.Cell(64, b, s, worlds[s]["centres"], args) for s in (0, 1) for b in (1, 16)]
+    W, V, onehots = toy.init_models(cells, args)
+    assert torch.equal(W[0], W[1]) and not torch.equal(W[0], W[2])
+    assert W.std().item() == pytest.approx(1 / math.sqrt(args.dim), rel=0.03)
+    assert W.mean().abs().item() < 0.01
+    for m, cell in enumerate(cells):
+        h = cell.x @ W[m].T
+        nearest = torch.cdist(V[m], h).min(1).values  # to the closest training point's embedding
+        assert nearest.max().item() < 1.2 and nearest.mean().item() == pytest.approx(0.8, rel=0.1)
+        assert torch.cdist(h, h).sum().item() / (64 * 63) > 8
+        assert torch.equal(onehots[m].sum(1), torch.ones(args.capacity))
+        assert set(onehots[m].unique().tolist()) == {0.0, 1.0}
+
+
 def numpy_loss(W, V, labels, x, y):
     """-log g(Wx)_y averaged over the batch, with g as Appendix E writes it."""
     total = 0.0
