@@ -48,7 +48,8 @@ class Config:
     # Constants: Appendix E gives the setting's structure, not these values.
     dim: int = 64  # input dimension d
     # the first d1 coordinates carry the class; the other d - d1 are noise, enough of it that the
-    # K-NN probe at initialisation is weak (0.25-0.31, seeds 0-2), so that learned features show
+    # K-NN probe of the raw points is weak (0.32-0.42, seeds 0-2; 0.25-0.31 through INIT's random
+    # W), so that learned features show
     signal_dim: int = 8
     classes: int = 10  # true classes C, also the random labels' classes
     sigma: float = 1.0  # noise std: the paper's Sigma2 = Sigma3 = 10 Sigma1 = sigma^2 I
