@@ -263,24 +263,27 @@ def phase_table(results, ns, augs):
 def config_of(args):  # as config.json holds it
     return dict(asdict(args), augs=[augs_label(b) for b in args.augs])
 
-def same_sweep(config, path):  # False if the config.json at path is another sweep's, or unreadable
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-        # the device type only: cuda and cuda:0 draw the same numbers, cpu and cuda other ones
-        typed = lambda c: dict(c, device=torch.device(c["device"]).type)
-        saved, config = typed(saved), typed(config)
-        return all(saved[k] == v for k, v in config.items() if k not in ("out_dir", "overwrite"))
-    except (OSError, ValueError, TypeError, KeyError, RuntimeError):
-        return False
-
-def another_scripts_run(path):  # a readable config.json without the keys every toy sweep wrote
+def read_config(path):  # the saved config.json as a dict, or None if missing or unreadable
     try:
         with open(path) as f:
             saved = json.load(f)
     except (OSError, ValueError, RecursionError):  # RecursionError: absurdly nested JSON
+        return None
+    return saved if isinstance(saved, dict) else None
+
+def same_sweep(config, path):  # False if the config.json at path is another sweep's, or unreadable
+    saved = read_config(path)
+    try:
+        # the device type only: cuda and cuda:0 draw the same numbers, cpu and cuda other ones
+        typed = lambda c: dict(c, device=torch.device(c["device"]).type)
+        saved, config = typed(saved), typed(config)
+        return all(saved[k] == v for k, v in config.items() if k not in ("out_dir", "overwrite"))
+    except (TypeError, KeyError, RuntimeError, ValueError):  # None, a key missing, a bad device
         return False
-    return isinstance(saved, dict) and not {"n", "augs", "seeds", "capacity"} <= saved.keys()
+
+def another_scripts_run(path):  # a readable config.json without the keys every toy sweep wrote
+    saved = read_config(path)
+    return saved is not None and not {"n", "augs", "seeds", "capacity"} <= saved.keys()
 
 def write_json(path, obj):  # via a temporary file and a rename: never half a file
     with open(path + ".tmp", "w") as f:
