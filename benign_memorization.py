@@ -33,6 +33,11 @@ import torchvision
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+try:
+    import fcntl  # the run folder's lock
+except ImportError:  # Windows: runs without it
+    fcntl = None
+
 
 # ----------------------------------------------------------------------------- constants
 
@@ -700,6 +705,43 @@ def save_atomically(path, content):  # via path.tmp: a killed run never leaves h
         raise UserError(f"could not write {path} ({first_line(e)}); "
                         "any previous version is intact")
 
+class RunFolderLock:
+    """One process per run folder: two (a command started twice, a requeued job beside the live
+    one) would interleave their checkpoints. The kernel drops the lock when its process ends,
+    however it ends, so a killed run never leaves a stale lock behind."""
+
+    def __init__(self, out_dir):
+        self.out_dir, self.file = out_dir, None
+
+    def take(self, create=False):  # once the folder exists (create: make it); held: nothing
+        if self.file or fcntl is None or not (create or os.path.isdir(self.out_dir)):
+            return
+        path = os.path.join(self.out_dir, "run.lock")
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+            self.file = open(path, "a")
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.release()
+            raise UserError(f"another process is running in {self.out_dir} (it holds {path}): "
+                            "let it finish or stop it, or use another --out-dir")
+        except OSError as e:  # no folder, or a file system without locks (some NFS mounts)
+            if self.file is None:
+                raise UserError(f"could not write {path} ({first_line(e)})")
+            tqdm.write(f"warning: could not lock {path} ({first_line(e)}): make sure no other "
+                       "process uses this folder", file=sys.stderr)  # self.file kept: warned once
+
+    def release(self):  # closing the file drops the lock
+        if self.file:
+            self.file.close()
+        self.file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
 def checkpoint_bytes(args, num_classes, resolution):  # float32 weights and Adam's two moments
     with torch.device("meta"):  # shapes only: Figure 8's per-sample model is 13 GB of weights
         return 12 * sum(p.numel() for p in build_model(args, num_classes, resolution).parameters())
@@ -1082,8 +1124,9 @@ def check_args(args):  # checks argparse cannot make; defaults that depend on ot
         # and is itself an augmentation: "none" is the paper's "without DA"
         args.mixup = 0.0 if kind in ("fixed", "iid", "none") else MIXUP_PROB
 
-def run(args):
+def run(args, folder):  # folder: the out-dir's RunFolderLock, released by the caller
     check_args(args)
+    folder.take()  # before anything in it is read
     device = torch.device(args.device)
     set_cuda_flags(device, fp32=args.precision == "fp32")
     config = dict(vars(args))
@@ -1101,6 +1144,7 @@ def run(args):
         args.num_classes or clean_classes
     data = make_training_set(args, train, num_classes, device)
     refuse_a_run_that_cannot_finish(args, ckpt, data, len(train[0]), num_classes, resolution)
+    folder.take(create=True)  # before the first write
     if args.overwrite:
         discard_the_old_run(out_path)
     save_atomically(out_path("config.json"), json.dumps(config, indent=2))
@@ -1174,7 +1218,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     again = "the same command without --overwrite" if args.overwrite else "the same command"
     try:
-        return run(args)
+        with RunFolderLock(args.out_dir) as folder:
+            return run(args, folder)
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)

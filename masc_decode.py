@@ -41,6 +41,11 @@ import torchvision
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+try:
+    import fcntl  # the run folder's lock
+except ImportError:  # Windows: runs without it
+    fcntl = None
+
 # ----------------------------------------------------------------------------- datasets, settings
 
 class Dataset(NamedTuple):
@@ -550,6 +555,43 @@ def save_atomically(path, obj):  # JSON or torch.save, via path.tmp: a kill leav
         raise UserError(f"could not write {path} ({first_line(e)}); "
                         "any previous version is intact")
 
+class RunFolderLock:
+    """One process per run folder: two (a command started twice, a requeued job beside the live
+    one) would interleave their checkpoints. The kernel drops the lock when its process ends,
+    however it ends, so a killed run never leaves a stale lock behind."""
+
+    def __init__(self, out_dir):
+        self.out_dir, self.file = out_dir, None
+
+    def take(self, create=False):  # once the folder exists (create: make it); held: nothing
+        if self.file or fcntl is None or not (create or os.path.isdir(self.out_dir)):
+            return
+        path = os.path.join(self.out_dir, "run.lock")
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+            self.file = open(path, "a")
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.release()
+            raise UserError(f"another process is running in {self.out_dir} (it holds {path}): "
+                            "let it finish or stop it, or use another --out-dir")
+        except OSError as e:  # no folder, or a file system without locks (some NFS mounts)
+            if self.file is None:
+                raise UserError(f"could not write {path} ({first_line(e)})")
+            tqdm.write(f"warning: could not lock {path} ({first_line(e)}): make sure no other "
+                       "process uses this folder", file=sys.stderr)  # self.file kept: warned once
+
+    def release(self):  # closing the file drops the lock
+        if self.file:
+            self.file.close()
+        self.file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
 def load_torchvision(name, root):  # (train uint8 NCHW, labels), (test ...), downloaded if missing
     files, cifar = "(the four *-ubyte.gz files)", "https://www.cs.toronto.edu/~kriz/cifar.html"
     cls, folder, url = {
@@ -1045,8 +1087,9 @@ def set_cuda_flags(device):  # the chosen GPU; cuDNN's fastest algorithms for re
             torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
 
-def run(args):
+def run(args, folder):  # folder: the out-dir's RunFolderLock, released by the caller
     check_args(args)
+    folder.take()  # before anything in it is read
     set_cuda_flags(torch.device(args.device))
     data = load_data(args)
     t0 = time.time()
@@ -1055,6 +1098,7 @@ def run(args):
     template = build_model(args.model, shape, args.num_classes, args.seed).to(args.device)
     jobs = {spec: memorization_job(*spec, template, data, args) for spec in specs}
     # written once every checkpoint was accepted: a refused command leaves the folder as it was
+    folder.take(create=True)
     keep_other_results(args.out_dir, vars(args))
     save_atomically(os.path.join(args.out_dir, "config.json"), vars(args))
     results = {"config": vars(args), "script_sha256": script_sha256(), "runs": []}
@@ -1081,7 +1125,8 @@ def run(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        with RunFolderLock(args.out_dir) as folder:
+            return run(args, folder)
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)

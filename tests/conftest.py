@@ -6,6 +6,7 @@ torchvision checks the md5 sums of the CIFAR and STL10 files, which fake files c
 patch that check (in-process with monkeypatch, in subprocesses through `run_script(...,
 patch_md5=True)`).
 """
+import contextlib
 import os
 import pickle
 import re
@@ -194,6 +195,21 @@ def run_script(script, *args, patch_md5=False, kill_after=None, timeout=600, cwd
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO,
                           env=env)
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(path):
+    """A live process of its own holding an exclusive flock on path, as a second run would."""
+    code = ("import fcntl, sys, time\nf = open(sys.argv[1], 'a')\n"
+            "fcntl.flock(f, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.fixture(autouse=True)

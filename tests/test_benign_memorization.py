@@ -1,6 +1,7 @@
 """Tests of benign_memorization.py: probes and augmentation against independent computations,
 then end-to-end runs on tiny fake CIFAR files in the real pickle layout."""
 import argparse
+import errno
 import hashlib
 import inspect
 import json
@@ -16,7 +17,8 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import RandomResizedCrop
 
 import benign_memorization as bm
-from conftest import REPO, assert_one_line_error, help_entries, main_error, run_script, write_cifar
+from conftest import (REPO, assert_one_line_error, help_entries, lock_held_by_another_process,
+                      main_error, run_script, write_cifar)
 
 CPU_FP32 = bm.Runtime(torch.device("cpu"), bf16=False)
 
@@ -505,6 +507,56 @@ def test_killed_run_resumes_to_the_same_result(cifar, tmp_path, patch_md5, capsy
     again = run_script(str(tiny), *args, "--out-dir", out, patch_md5=True)
     assert again.returncode == 0 and "resuming" in again.stdout, again.stderr
     assert (out / "results.json").read_text() == saved
+
+
+def test_a_second_process_in_the_same_run_folder_is_refused(cifar, tmp_path, patch_md5, capsys,
+                                                           monkeypatch):
+    """Two processes in one --out-dir (a command started twice, a requeued job beside the live
+    one) would interleave their checkpoints: while one holds the folder's lock the other stops
+    with one line, before it reads or writes anything there, --overwrite included. Once the
+    holder is gone (killed: the kernel drops its lock) the same command resumes."""
+    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
+    args = ARGS + ["--epochs", "1", "--linear-probe", "off", "--data-dir", str(cifar),
+                   "--out-dir", str(tmp_path / "run")]
+    bm.main(args)
+    files = {f: f.read_bytes() for f in (tmp_path / "run").iterdir()}
+    with lock_held_by_another_process(tmp_path / "run" / "run.lock"), monkeypatch.context() as m:
+        m.setattr(bm, "load_checkpoint", None)  # the first read: not reached
+        for extra in ([], ["--overwrite"], ["--epochs", "2"]):
+            err = main_error(bm, args + extra, capsys)
+            assert f"another process is running in {tmp_path / 'run'}" in err
+    assert {f: f.read_bytes() for f in (tmp_path / "run").iterdir()} == files
+    assert bm.main(args + ["--epochs", "2"])["final"]["epoch"] == 2
+
+
+def test_run_folder_lock_is_taken_once_the_folder_exists(tmp_path, monkeypatch, capsys):
+    """A folder that does not exist yet is not made before the first write (bad input leaves no
+    folder behind); take(create=True) makes and locks it, and a second lock on it is refused. A
+    file system without locks only warns; without fcntl (Windows) nothing is locked."""
+    lock = bm.RunFolderLock(str(tmp_path / "new"))
+    lock.take()
+    assert not (tmp_path / "new").exists()
+    lock.take(create=True)
+    with pytest.raises(bm.UserError, match="another process is running in"):
+        bm.RunFolderLock(str(tmp_path / "new")).take()
+    lock.release()
+    with bm.RunFolderLock(str(tmp_path / "new")) as again:  # released: free to take
+        again.take()
+
+    class NoLocks:  # as flock on an NFS mount without a lock daemon
+        LOCK_EX = LOCK_NB = 0
+
+        @staticmethod
+        def flock(f, how):
+            raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(bm, "fcntl", NoLocks)
+    with bm.RunFolderLock(str(tmp_path / "nfs")) as folder:
+        folder.take(create=True)
+        folder.take(create=True)
+    assert capsys.readouterr().err.count("warning: could not lock") == 1
+    monkeypatch.setattr(bm, "fcntl", None)
+    bm.RunFolderLock(str(tmp_path / "windows")).take(create=True)
+    assert not (tmp_path / "windows").exists()
 
 
 def test_run_killed_after_its_last_checkpoint_ends_with_the_whole_log(cifar, tmp_path, patch_md5,
@@ -1777,7 +1829,8 @@ def test_a_failed_checkpoint_write_ends_with_an_error_and_leaves_the_last_one(
     assert "Traceback" not in err
     last = err.splitlines()[-1]  # after the progress bar
     assert last.startswith("error: could not write") and "ckpt.pt" in last and "intact" in last
-    assert sorted(f.name for f in out.iterdir()) == ["ckpt.pt", "config.json", "log.jsonl"]
+    assert sorted(f.name for f in out.iterdir()) == ["ckpt.pt", "config.json", "log.jsonl",
+                                                          "run.lock"]
     assert torch.load(out / "ckpt.pt", weights_only=True)["epoch"] == 0
 
 

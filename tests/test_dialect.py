@@ -176,7 +176,7 @@ def test_tiny_imagenet_on_a_read_only_data_dir_loads_without_a_cache(name, tmp_p
 
 @pytest.mark.parametrize("name", ["benign_memorization.py", "masc_decode.py"])
 def test_ctrl_c_says_how_to_resume_instead_of_a_traceback(name, tmp_path, monkeypatch, capsys):
-    def interrupted(args):
+    def interrupted(*args):
         raise KeyboardInterrupt
     monkeypatch.setattr(SCRIPTS[name], "run", interrupted)
     with pytest.raises(SystemExit) as exit_info:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import masc_decode as m
-from conftest import (assert_one_line_error, help_entries, main_error, run_script, write_cifar,
-                      write_mnist)
+from conftest import (assert_one_line_error, help_entries, lock_held_by_another_process,
+                      main_error, run_script, write_cifar, write_mnist)
 
 # every end-to-end test names its device: the suite is the same with a GPU
 CPU = ["--device", "cpu"]
@@ -368,6 +368,15 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path, capsys):
     assert "--overwrite" in main_error(m, CLI + CPU + ["--lr", "0.5", "--data-dir", mnist,
                                                        "--out-dir", out], capsys)
     assert {f: os.path.getmtime(out / "models" / f) for f in os.listdir(out / "models")} == stamps
+
+    # a second process in the folder (the command started twice) is refused, --overwrite too,
+    # before it reads or writes anything there
+    files = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    with lock_held_by_another_process(out / "run.lock"):
+        for extra in ([], ["--overwrite"]):
+            err = main_error(m, CLI + CPU + extra + ["--data-dir", mnist, "--out-dir", out], capsys)
+            assert f"another process is running in {out}" in err
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == files
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(mnist, tmp_path, monkeypatch, capsys):
