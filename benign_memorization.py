@@ -711,15 +711,19 @@ class RunFolderLock:
     however it ends, so a killed run never leaves a stale lock behind."""
 
     def __init__(self, out_dir):
-        self.out_dir, self.file = out_dir, None
+        self.out_dir, self.file, self.made_here = out_dir, None, False
 
-    def take(self, create=False):  # once the folder exists (create: make it); held: nothing
-        if self.file or fcntl is None or not (create or os.path.isdir(self.out_dir)):
+    def take(self, create=False):  # create: make the folder, else only lock one that exists
+        if self.file or fcntl is None:  # already held; Windows
             return
+        if not os.path.isdir(self.out_dir):
+            self.made_here = True  # by this command, unless another one gets there first
+            if not create:
+                return
         path = os.path.join(self.out_dir, "run.lock")
         try:
             os.makedirs(self.out_dir, exist_ok=True)
-            self.file = open(path, "a")
+            self.file = open(path, "a")  # "a": NFS emulates flock with a write lock
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.release()
@@ -730,9 +734,16 @@ class RunFolderLock:
                 raise UserError(f"could not write {path} ({first_line(e)})")
             tqdm.write(f"warning: could not lock {path} ({first_line(e)}): make sure no other "
                        "process uses this folder", file=sys.stderr)  # self.file kept: warned once
+            return
+        if self.made_here and os.path.exists(os.path.join(self.out_dir, "config.json")):
+            self.release()  # another command started a run there while this one was loading
+            raise UserError(f"another command started a run in {self.out_dir} while this one "
+                            "was loading: run it again (it resumes that run or says why not)")
 
-    def release(self):  # closing the file drops the lock
+    def release(self):
         if self.file:
+            with contextlib.suppress(OSError):  # a forked child would keep it past close()
+                fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()
         self.file = None
 
@@ -1126,7 +1137,7 @@ def check_args(args):  # checks argparse cannot make; defaults that depend on ot
 
 def run(args, folder):  # folder: the out-dir's RunFolderLock, released by the caller
     check_args(args)
-    folder.take()  # before anything in it is read
+    folder.take()  # before anything in it is loaded (check_args only asked whose it is)
     device = torch.device(args.device)
     set_cuda_flags(device, fp32=args.precision == "fp32")
     config = dict(vars(args))

@@ -528,6 +528,24 @@ def test_a_second_process_in_the_same_run_folder_is_refused(cifar, tmp_path, pat
     assert {f: f.read_bytes() for f in (tmp_path / "run").iterdir()} == files
     assert bm.main(args + ["--epochs", "2"])["final"]["epoch"] == 2
 
+    # a fresh folder: the first lock waits for the folder to exist, so a command that started
+    # there while this one was loading its data is found before anything is written
+    race = args[:-1] + [str(tmp_path / "race")]
+    real_refuse = bm.refuse_a_run_that_cannot_finish
+
+    def another_command_first(*a):
+        monkeypatch.setattr(bm, "refuse_a_run_that_cannot_finish", real_refuse)
+        bm.main(race)  # the other command, to the end
+        return real_refuse(*a)
+    monkeypatch.setattr(bm, "refuse_a_run_that_cannot_finish", another_command_first)
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="1"):
+        bm.main(race)
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the other command's bar
+    assert err.startswith(f"error: another command started a run in {tmp_path / 'race'}")
+    results = json.loads((tmp_path / "race" / "results.json").read_text())
+    assert results["final"]["epoch"] == 1  # the other command's, not replaced
+
 
 def test_run_folder_lock_is_taken_once_the_folder_exists(tmp_path, monkeypatch, capsys):
     """A folder that does not exist yet is not made before the first write (bad input leaves no
@@ -544,11 +562,18 @@ def test_run_folder_lock_is_taken_once_the_folder_exists(tmp_path, monkeypatch, 
         again.take()
 
     class NoLocks:  # as flock on an NFS mount without a lock daemon
-        LOCK_EX = LOCK_NB = 0
+        LOCK_EX = LOCK_NB = LOCK_UN = 0
 
         @staticmethod
         def flock(f, how):
             raise OSError(errno.ENOLCK, "No locks available")
+    race = bm.RunFolderLock(str(tmp_path / "race"))  # absent at the first take: made here,
+    race.take()  # unless another command's config.json is found there at the second
+    (tmp_path / "race").mkdir()
+    (tmp_path / "race" / "config.json").write_text("{}")
+    with pytest.raises(bm.UserError, match="another command started a run in"):
+        race.take(create=True)
+    assert race.file is None
     monkeypatch.setattr(bm, "fcntl", NoLocks)
     with bm.RunFolderLock(str(tmp_path / "nfs")) as folder:
         folder.take(create=True)

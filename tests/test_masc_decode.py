@@ -253,7 +253,7 @@ def without_run(entry):
     return {k: v for k, v in entry.items() if k != "run"}
 
 
-def test_cli_end_to_end_writes_every_field(mnist, tmp_path, capsys):
+def test_cli_end_to_end_writes_every_field(mnist, tmp_path, capsys, monkeypatch):
     """As a user types it (a process of its own), then again and with another setting in-process
     (sparing each the import of torch)."""
     out = tmp_path / "run"
@@ -372,9 +372,11 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path, capsys):
     # a second process in the folder (the command started twice) is refused, --overwrite too,
     # before it reads or writes anything there
     files = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
-    with lock_held_by_another_process(out / "run.lock"):
+    with lock_held_by_another_process(out / "run.lock"), monkeypatch.context() as patch:
+        patch.setattr(m, "load_model_checkpoint", None)  # the first read: not reached
         for extra in ([], ["--overwrite"]):
-            err = main_error(m, CLI + CPU + extra + ["--data-dir", mnist, "--out-dir", out], capsys)
+            err = main_error(m, CLI + CPU + extra + ["--data-dir", mnist, "--out-dir", out],
+                             capsys)
             assert f"another process is running in {out}" in err
     assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == files
 
