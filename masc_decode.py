@@ -561,7 +561,7 @@ class RunFolderLock:
     however it ends, so a killed run never leaves a stale lock behind."""
 
     def __init__(self, out_dir):
-        self.out_dir, self.file, self.made_here = out_dir, None, False
+        self.out_dir, self.file, self.made_here = out_dir or ".", None, False  # "": this one
 
     def take(self, create=False):  # create: make the folder, else only lock one that exists
         if self.file or fcntl is None:  # already held; Windows

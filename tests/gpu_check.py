@@ -576,7 +576,7 @@ def check_masc_training(ctx, arch):
     times = Row(f"masc {arch} epoch, stacked vs apart",
                 f"{models} models: stacked {t_stacked * scale:.1f} s, one after another "
                 f"{t_apart * scale:.1f} s per epoch, {t_apart / t_stacked:.1f}x",
-                ("about 15x (estimated, not measured)" if arch == "mlp" else
+                ("up to 18x (estimated, not measured)" if arch == "mlp" else
                  "not estimated (grouped cuDNN convolutions may be slower)") +
                 ("" if ctx.cuda else "; CPU: informational"), True)
     return [equal, times]

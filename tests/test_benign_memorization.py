@@ -574,6 +574,10 @@ def test_run_folder_lock_is_taken_once_the_folder_exists(tmp_path, monkeypatch, 
     with pytest.raises(bm.UserError, match="another command started a run in"):
         race.take(create=True)
     assert race.file is None
+    monkeypatch.chdir(tmp_path)  # --out-dir "": the current folder, as save_atomically has it
+    with bm.RunFolderLock("") as here:
+        here.take(create=True)
+        assert (tmp_path / "run.lock").exists() and here.file is not None
     monkeypatch.setattr(bm, "fcntl", NoLocks)
     with bm.RunFolderLock(str(tmp_path / "nfs")) as folder:
         folder.take(create=True)
