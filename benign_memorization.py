@@ -867,7 +867,7 @@ def read_config(path):
     try:
         with open(path) as f:
             saved = json.load(f)
-    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+    except (OSError, ValueError, RecursionError):  # not JSON, not UTF-8, absurdly nested
         saved = None
     if not isinstance(saved, dict):
         raise UserError(f"{path} is unreadable; move it away or pass --overwrite to start over")
@@ -1089,11 +1089,10 @@ def build_parser():
 
 def another_scripts_run(path):  # a readable config.json without keys every run of ours wrote
     try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError, RecursionError):  # RecursionError: absurdly nested JSON
+        saved = read_config(path)
+    except UserError:  # missing or unreadable: not known to be another script's
         return False
-    return isinstance(saved, dict) and not {"augment", "projector_width", "knn_k"} <= saved.keys()
+    return not {"augment", "projector_width", "knn_k"} <= saved.keys()
 
 def check_args(args):  # checks argparse cannot make; defaults that depend on other flags
     tf32_forced = os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "0") not in ("", "0")

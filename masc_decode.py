@@ -762,7 +762,7 @@ def keep_other_results(out_dir, config):
     try:
         with open(path) as f:
             earlier = json.load(f)["config"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # unreadable: kept too
         earlier = None
     # where and how it ran, not what it computed
     ignored = ("device", "data_dir", "out_dir", "overwrite", "models_at_once", "save_every")

@@ -902,6 +902,11 @@ def test_another_scripts_run_folder_is_refused_even_with_overwrite(cifar, tmp_pa
             assert json.loads((out / "config.json").read_text()) == config
             assert (out / "results.json").read_text() == '{"theirs": 1}'
     assert not bm.another_scripts_run(tmp_path / "none.json")  # no config.json: a new run
+    nested = tmp_path / "nested"  # JSON too deep for the parser: unreadable, not a traceback
+    nested.mkdir()
+    (nested / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    err = main_error(bm, ARGS + ["--data-dir", cifar, "--out-dir", nested], capsys)
+    assert "config.json is unreadable" in err
 
 
 def test_checkpoint_with_other_random_labels_is_refused_before_anything_is_written(

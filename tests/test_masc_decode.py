@@ -1139,6 +1139,9 @@ def test_a_results_json_that_cannot_be_kept_or_a_checkpoint_missing_a_field_is_o
     with pytest.raises(m.UserError, match="could not keep .* as results.1.json"):
         m.keep_other_results(str(tmp_path), {"corruption": [0.8]})
     monkeypatch.undo()
+    (tmp_path / "results.json").write_text("[" * 100_000 + "]" * 100_000)  # too deep to parse
+    m.keep_other_results(str(tmp_path), {"corruption": [0.8]})  # whose, unknown: kept aside
+    assert (tmp_path / "results.1.json").read_text().startswith("[[[")
     path = str(tmp_path / "p0.8_run0.pt")
     template = m.build_model("mlp", (1, 4, 4), 10, 0)
     torch.save({"key": {}, "model": {}, "history": {}}, path)  # no labels: a KeyError traceback
