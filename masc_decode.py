@@ -558,34 +558,38 @@ def save_atomically(path, obj):  # JSON or torch.save, via path.tmp: a kill leav
 class RunFolderLock:
     """One process per run folder: two (a command started twice, a requeued job beside the live
     one) would interleave their checkpoints. The kernel drops the lock when its process ends,
-    however it ends, so a killed run never leaves a stale lock behind."""
+    however it ends, so a killed run leaves no stale lock (on a network disk, a crashed machine's
+    lasts until the server notices)."""
 
     def __init__(self, out_dir):
-        self.out_dir, self.file, self.made_here = out_dir or ".", None, False  # "": this one
+        self.out_dir = out_dir or "."  # "": the current folder
+        self.file, self.taken, self.absent_at_start = None, False, False
 
     def take(self, create=False):  # create: make the folder, else only lock one that exists
-        if self.file or fcntl is None:  # already held; Windows
+        if self.taken:
             return
         if not os.path.isdir(self.out_dir):
-            self.made_here = True  # by this command, unless another one gets there first
+            self.absent_at_start = True  # made by this command, unless another gets there first
             if not create:
                 return
         path = os.path.join(self.out_dir, "run.lock")
         try:
             os.makedirs(self.out_dir, exist_ok=True)
-            self.file = open(path, "a")  # "a": NFS emulates flock with a write lock
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl is not None:
+                self.file = open(path, "a")  # "a": NFS emulates flock with a write lock
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.release()
             raise UserError(f"another process is running in {self.out_dir} (it holds {path}): "
-                            "let it finish or stop it, or use another --out-dir")
+                            "let it finish or stop it, or use another --out-dir; if none runs "
+                            "(a crashed machine's lock on a network disk), delete run.lock")
         except OSError as e:  # no folder, or a file system without locks (some NFS mounts)
             if self.file is None:
                 raise UserError(f"could not write {path} ({first_line(e)})")
             tqdm.write(f"warning: could not lock {path} ({first_line(e)}): make sure no other "
-                       "process uses this folder", file=sys.stderr)  # self.file kept: warned once
-            return
-        if self.made_here and os.path.exists(os.path.join(self.out_dir, "config.json")):
+                       "process uses this folder", file=sys.stderr)
+        self.taken = True
+        if self.absent_at_start and os.path.exists(os.path.join(self.out_dir, "config.json")):
             self.release()  # another command started a run there while this one was loading
             raise UserError(f"another command started a run in {self.out_dir} while this one "
                             "was loading: run it again (it resumes that run or says why not)")
@@ -595,7 +599,7 @@ class RunFolderLock:
             with contextlib.suppress(OSError):  # a forked child would keep it past close()
                 fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()
-        self.file = None
+        self.file, self.taken = None, False
 
     def __enter__(self):
         return self

@@ -1,6 +1,7 @@
 """The three scripts speak one dialect: the same seeded-generator helper, the same bad-input path
 (one line on stderr; exit 2 for a malformed flag, 1 for anything else), and results that name the
 script file that produced them."""
+import errno
 import hashlib
 import inspect
 import json
@@ -199,3 +200,62 @@ def test_a_damaged_tiny_imagenet_annotation_or_cache_gives_one_line(name, tmp_pa
     torch.save({"train_x": torch.zeros(1)}, base / "uint8_cache.pt")
     with pytest.raises(module.UserError, match="unreadable"):
         module.load_tinyimagenet(str(tmp_path))
+
+
+def test_the_run_folder_lock_is_the_same_class_in_both_long_running_scripts():
+    assert inspect.getsource(bm.RunFolderLock) == inspect.getsource(m.RunFolderLock)
+
+
+@pytest.mark.parametrize("name", ["benign_memorization.py", "masc_decode.py"])
+def test_run_folder_lock_is_taken_once_the_folder_exists(name, tmp_path, monkeypatch, capsys):
+    """A folder that does not exist yet is not made before the first write (bad input leaves no
+    folder behind); take(create=True) makes and locks it, and a second lock on it is refused. A
+    folder that was absent at the first take and holds another command's config.json at the
+    second is refused, locks or not. A file system without locks only warns; without fcntl
+    (Windows) nothing is locked."""
+    module = SCRIPTS[name]
+    lock = module.RunFolderLock(str(tmp_path / "new"))
+    lock.take()
+    assert not (tmp_path / "new").exists()
+    lock.take(create=True)
+    with pytest.raises(module.UserError, match="another process is running in"):
+        module.RunFolderLock(str(tmp_path / "new")).take()
+    lock.release()
+    with module.RunFolderLock(str(tmp_path / "new")) as again:  # released: free to take
+        again.take()
+    monkeypatch.chdir(tmp_path)  # --out-dir "": the current folder, as save_atomically has it
+    with module.RunFolderLock("") as here:
+        here.take(create=True)
+        assert (tmp_path / "run.lock").exists() and here.file is not None
+
+    class NoLocks:  # as flock on an NFS mount without a lock daemon
+        LOCK_EX = LOCK_NB = LOCK_UN = 0
+
+        @staticmethod
+        def flock(f, how):
+            raise OSError(errno.ENOLCK, "No locks available")
+    for fcntl, folder in ((module.fcntl, "race"), (NoLocks, "nfs"), (None, "windows")):
+        monkeypatch.setattr(module, "fcntl", fcntl)
+        race = module.RunFolderLock(str(tmp_path / folder))
+        race.take()  # absent: nothing yet
+        (tmp_path / folder).mkdir()  # another command's run appears meanwhile
+        (tmp_path / folder / "config.json").write_text("{}")
+        with pytest.raises(module.UserError, match="another command started a run in"):
+            race.take(create=True)
+        assert race.file is None
+        with module.RunFolderLock(str(tmp_path / folder)) as resumed:  # existed: its run
+            resumed.take()
+            resumed.take(create=True)
+        assert (tmp_path / folder / "run.lock").exists() == (fcntl is not None)
+    assert capsys.readouterr().err.count("warning: could not lock") == 2  # once per lock
+
+
+def test_masc_runs_in_the_current_folder_with_an_empty_out_dir(tmp_path, monkeypatch):
+    write_mnist(str(tmp_path / "data"), "MNIST", n_train=100, n_test=40)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    m.main(["--dataset", "mnist", "--model", "mlp", "--corruption", "0.5", "--epochs", "1",
+            "--no-retrain", "--device", "cpu", "--data-dir", str(tmp_path / "data"),
+            "--out-dir", ""])
+    assert sorted(os.listdir(tmp_path / "here")) == ["config.json", "models", "results.json",
+                                                     "run.lock"]
