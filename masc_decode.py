@@ -41,11 +41,6 @@ import torchvision
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-try:
-    import fcntl  # the run folder's lock
-except ImportError:  # Windows: runs without it
-    fcntl = None
-
 # ----------------------------------------------------------------------------- datasets, settings
 
 class Dataset(NamedTuple):
@@ -557,9 +552,9 @@ def save_atomically(path, obj):  # JSON or torch.save, via path.tmp: a kill leav
 
 class RunFolderLock:
     """One process per run folder: two (a command started twice, a requeued job beside the live
-    one) would interleave their checkpoints. The kernel drops the lock when its process ends,
-    however it ends, so a killed run leaves no stale lock (on a network disk, a crashed machine's
-    lasts until the server notices)."""
+    one) would interleave their checkpoints. A POSIX record lock (os.lockf): the kernel drops it
+    when its process ends, however it ends, so a killed run leaves no stale lock (on a network
+    disk, a crashed machine's lasts until the server notices)."""
 
     def __init__(self, out_dir):
         self.out_dir = out_dir or "."  # "": the current folder
@@ -575,29 +570,28 @@ class RunFolderLock:
         path = os.path.join(self.out_dir, "run.lock")
         try:
             os.makedirs(self.out_dir, exist_ok=True)
-            if fcntl is not None:
-                self.file = open(path, "a")  # "a": NFS emulates flock with a write lock
-                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.release()
-            raise UserError(f"another process is running in {self.out_dir} (it holds {path}): "
-                            "let it finish or stop it, or use another --out-dir; if none runs "
-                            "(a crashed machine's lock on a network disk), delete run.lock")
-        except OSError as e:  # no folder, or a file system without locks (some NFS mounts)
+            if hasattr(os, "lockf"):  # not on Windows
+                self.file = open(path, "a")  # "a": a record lock needs a file open for writing
+                os.lockf(self.file.fileno(), os.F_TLOCK, 0)
+        except OSError as e:
             if self.file is None:
                 raise UserError(f"could not write {path} ({first_line(e)})")
+            if isinstance(e, (BlockingIOError, PermissionError)):  # EAGAIN or EACCES: held
+                self.release()
+                raise UserError(f"another process is running in {self.out_dir} (it holds "
+                                f"{path}): let it finish or stop it, or use another --out-dir; "
+                                "if none runs (a crashed machine's lock on a network disk), "
+                                "delete run.lock")
             tqdm.write(f"warning: could not lock {path} ({first_line(e)}): make sure no other "
-                       "process uses this folder", file=sys.stderr)
+                       "process uses this folder", file=sys.stderr)  # a file system without locks
         self.taken = True
         if self.absent_at_start and os.path.exists(os.path.join(self.out_dir, "config.json")):
             self.release()  # another command started a run there while this one was loading
             raise UserError(f"another command started a run in {self.out_dir} while this one "
                             "was loading: run it again (it resumes that run or says why not)")
 
-    def release(self):
+    def release(self):  # closing the file drops the lock
         if self.file:
-            with contextlib.suppress(OSError):  # a forked child would keep it past close()
-                fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()
         self.file, self.taken = None, False
 

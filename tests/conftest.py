@@ -199,13 +199,13 @@ def run_script(script, *args, patch_md5=False, kill_after=None, timeout=600, cwd
 
 @contextlib.contextmanager
 def lock_held_by_another_process(path):
-    """A live process of its own holding an exclusive flock on path, as a second run would (if
-    this process holds it, the holder fails at once rather than waiting)."""
-    code = ("import fcntl, sys, time\nf = open(sys.argv[1], 'a')\n"
-            "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+    """A live process of its own holding the scripts' lock (os.lockf) on path, as a second run
+    would (if another process holds it, the holder fails at once rather than waiting)."""
+    code = ("import os, sys, time\nf = open(sys.argv[1], 'a')\n"
+            "os.lockf(f.fileno(), os.F_TLOCK, 0)\n"
             "print('held', flush=True)\ntime.sleep(600)\n")
     holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE,
-                              text=True)
+                              stderr=subprocess.DEVNULL, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
         yield holder

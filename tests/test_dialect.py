@@ -14,7 +14,8 @@ import torchvision
 import benign_memorization as bm
 import masc_decode as m
 import toy_capacity as toy
-from conftest import REPO, main_error, run_script, write_cifar, write_mnist, write_tinyimagenet
+from conftest import (REPO, lock_held_by_another_process, main_error, run_script, write_cifar,
+                      write_mnist, write_tinyimagenet)
 
 SCRIPTS = {"benign_memorization.py": bm, "masc_decode.py": m, "toy_capacity.py": toy}
 
@@ -209,33 +210,36 @@ def test_the_run_folder_lock_is_the_same_class_in_both_long_running_scripts():
 @pytest.mark.parametrize("name", ["benign_memorization.py", "masc_decode.py"])
 def test_run_folder_lock_is_taken_once_the_folder_exists(name, tmp_path, monkeypatch, capsys):
     """A folder that does not exist yet is not made before the first write (bad input leaves no
-    folder behind); take(create=True) makes and locks it, and a second lock on it is refused. A
-    folder that was absent at the first take and holds another command's config.json at the
-    second is refused, locks or not. A file system without locks only warns; without fcntl
-    (Windows) nothing is locked."""
+    folder behind); take(create=True) makes and locks it, so another process cannot, and while
+    another process holds it take() is refused. A folder that was absent at the first take and
+    holds another command's config.json at the second is refused, locks or not. A file system
+    without locks only warns; without os.lockf (Windows) nothing is locked."""
     module = SCRIPTS[name]
     lock = module.RunFolderLock(str(tmp_path / "new"))
     lock.take()
     assert not (tmp_path / "new").exists()
     lock.take(create=True)
-    with pytest.raises(module.UserError, match="another process is running in"):
-        module.RunFolderLock(str(tmp_path / "new")).take()
+    with pytest.raises(AssertionError):  # the holder could not take it: this process has it
+        with lock_held_by_another_process(tmp_path / "new" / "run.lock"):
+            pass
     lock.release()
-    with module.RunFolderLock(str(tmp_path / "new")) as again:  # released: free to take
+    with lock_held_by_another_process(tmp_path / "new" / "run.lock"):
+        with pytest.raises(module.UserError, match="another process is running in"):
+            module.RunFolderLock(str(tmp_path / "new")).take()
+    with module.RunFolderLock(str(tmp_path / "new")) as again:  # the holder gone: free to take
         again.take()
     monkeypatch.chdir(tmp_path)  # --out-dir "": the current folder, as save_atomically has it
     with module.RunFolderLock("") as here:
         here.take(create=True)
         assert (tmp_path / "run.lock").exists() and here.file is not None
 
-    class NoLocks:  # as flock on an NFS mount without a lock daemon
-        LOCK_EX = LOCK_NB = LOCK_UN = 0
-
-        @staticmethod
-        def flock(f, how):
-            raise OSError(errno.ENOLCK, "No locks available")
-    for fcntl, folder in ((module.fcntl, "race"), (NoLocks, "nfs"), (None, "windows")):
-        monkeypatch.setattr(module, "fcntl", fcntl)
+    def no_locks(fd, how, size):  # as on an NFS mount without a lock service
+        raise OSError(errno.ENOLCK, "No locks available")
+    for folder in ("race", "nfs", "windows"):
+        if folder == "nfs":
+            monkeypatch.setattr(os, "lockf", no_locks)
+        if folder == "windows":
+            monkeypatch.delattr(os, "lockf")
         race = module.RunFolderLock(str(tmp_path / folder))
         race.take()  # absent: nothing yet
         (tmp_path / folder).mkdir()  # another command's run appears meanwhile
@@ -246,7 +250,7 @@ def test_run_folder_lock_is_taken_once_the_folder_exists(name, tmp_path, monkeyp
         with module.RunFolderLock(str(tmp_path / folder)) as resumed:  # existed: its run
             resumed.take()
             resumed.take(create=True)
-        assert (tmp_path / folder / "run.lock").exists() == (fcntl is not None)
+        assert (tmp_path / folder / "run.lock").exists() == (folder != "windows")
     assert capsys.readouterr().err.count("warning: could not lock") == 2  # once per lock
 
 
