@@ -284,6 +284,9 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path, capsys, monkeypatch)
                     <= set(rt) | set(r["retrain"]))
         assert r["retrain"]["val_size"] == 12 and r["retrain"]["test_size"] == 48
     p0, p5 = res["runs"]
+    # the progress bar shows the slowest model's training accuracy, here after the first epoch
+    first = min(p0["history"]["train_acc"][0], p5["history"]["train_acc"][0])
+    assert f"models=2, train_acc={first:.4f}" in proc.stderr
     assert p0["posthoc"][0]["corruption"] == 0.5 and p5["posthoc"] is None
     assert p0["fraction_changed"] == 0 and p0["retrain"]["corrupt_subspaces"]["fixed"] is None
     # independent recomputation: the saved model's test accuracy and the input layer's MASC
