@@ -54,7 +54,9 @@ class Config:
     classes: int = 10  # true classes C, also the random labels' classes
     sigma: float = 1.0  # noise std: the paper's Sigma2 = Sigma3 = 10 Sigma1 = sigma^2 I
     center_scale: float = 0.5  # class centres mu_k ~ N(0, center_scale^2 I)
-    probe_points: int = 2000  # labelled reference points of the K-NN probe
+    # labelled reference points of the K-NN probe: fresh ones, since the n = 16 training points
+    # are fewer than its k neighbours (README: a deviation)
+    probe_points: int = 2000
     test_points: int = 2000  # unseen query points of the K-NN probe and the invariance
     lr: float = 0.15  # SGD with momentum 0.9
     batch_size: int = 128  # per cell

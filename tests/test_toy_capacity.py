@@ -206,6 +206,10 @@ def test_initial_encoder_and_prototypes_are_as_documented():
         assert torch.cdist(h, h).sum().item() / (64 * 63) > 8
         assert torch.equal(onehots[m].sum(1), torch.ones(args.capacity))
         assert set(onehots[m].unique().tolist()) == {0.0, 1.0}
+    # uniform over the C classes: 5,000 prototypes give each class 500 +- 21 (binomial std)
+    _, _, onehots = toy.init_models(cells[:1], small_args(capacity=5000))
+    counts = onehots[0].sum(0)
+    assert len(counts) == args.classes and (counts - 500).abs().max().item() < 100
 
 
 def numpy_loss(W, V, labels, x, y):
@@ -257,8 +261,9 @@ def test_two_training_steps_match_a_numpy_gradient_and_momentum_per_cell():
         np.testing.assert_allclose(V[m].numpy(), V1 - 0.1 * (0.9 * gV0 + gV1), rtol=1e-6)
 
 
-def test_short_sweep_shows_the_claim(tmp_path):
-    """Fitting random labels without augmentation diversity is malign; with B >= 16, benign."""
+def test_short_sweep_shows_the_claim(tmp_path, capsys):
+    """Fitting random labels without augmentation diversity is malign; with B >= 16, benign. The
+    printed table holds what results.json holds."""
     results = toy.main(["--n", "16", "--augs", "1,16", "--seeds", "0,1", "--device", "cpu",
                         "--out-dir", str(tmp_path)])
     gain = lambda b: np.mean([r["knn"] - r["knn_init"] for r in results if r["augs"] == b])
@@ -270,7 +275,14 @@ def test_short_sweep_shows_the_claim(tmp_path):
     fit1 = np.mean([r["fit"] for r in results if r["augs"] == 1])
     assert fit1 >= 0.8  # 16 points are within capacity: memorized
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["cells"] == results and saved["config"]["n"] == [16]
+    assert saved["config"]["n"] == [16]
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines() if line.split()[0] == "16")
+    for b in (1, 16):  # mean and sample std over the seeds, and the mean fit, from the file
+        cells = [r for r in saved["cells"] if r["augs"] == b]
+        gains = [r["knn"] - r["knn_init"] for r in cells]
+        fit = np.mean([r["fit"] for r in cells])
+        assert f"{np.mean(gains):+.3f}±{np.std(gains, ddof=1):.3f} fit {fit:.2f}" in row
     assert [r["seed"] for r in saved["reference_probes"]] == [0, 1]
     for r in saved["reference_probes"]:  # the noise coordinates hide the classes from K-NN
         assert r["knn_input"] + 0.3 < r["knn_class_coordinates"]
