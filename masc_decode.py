@@ -689,10 +689,26 @@ def balanced_subset(labels, size, seed):
     key = rank * len(counts) + class_order[labels[by_class]]
     return by_class[torch.argsort(key)[:size]].sort().values
 
+def check_data(name, splits):
+    """Files that parse but do not hold the dataset (a header's wrong size, a label out of range,
+    fewer labels than images) would end in a traceback deep in a run, after its folder is written:
+    refused before. The test set's 20% for early stopping needs 5 images at least."""
+    spec = DATASETS[name]
+    for split, (x, y) in zip(("training", "test"), splits):
+        problem = (f"its images are {tuple(x.shape[1:])}, not {spec.shape}"
+                   if tuple(x.shape[1:]) != spec.shape
+                   else f"{len(x)} images but {len(y)} labels" if len(x) != len(y)
+                   else f"only {len(y)} images" if len(y) < 5
+                   else f"labels outside 0-{spec.classes - 1}"
+                   if y.min() < 0 or y.max() >= spec.classes else None)
+        if problem:
+            raise UserError(f"the {name} {split} set does not hold {name}: {problem}")
+
 def load_data(args):
     (train_x, train_y), (test_x, test_y) = (
         load_tinyimagenet(args.data_dir) if args.dataset == "tinyimagenet"
         else load_torchvision(args.dataset, args.data_dir))
+    check_data(args.dataset, [(train_x, train_y), (test_x, test_y)])
     if args.train_size:
         keep = balanced_subset(train_y, args.train_size, args.seed)
         train_x, train_y = train_x[keep], train_y[keep]
@@ -871,6 +887,8 @@ def memorization_job(p, run, template, data, args):
     done = load_model_checkpoint(path, key, args.overwrite, dev, template)
     if done:
         tqdm.write(f"p={p:g} run {run}: reusing {path}")
+        # a command stopped between saving it and removing its in-progress file left that file
+        pathlib.Path(in_progress_path(path)).unlink(missing_ok=True)
         return model_from(template, done["model"]), done["labels"], done["history"]
     initial = build_model(args.model, shape, K, seed).to(dev).state_dict()
     job = Memorizing(f"p={p:g} run {run}", initial, labels, named_generator(dev, "order", seed),
@@ -990,7 +1008,7 @@ def bounded(kind, low, high=math.inf, open_low=False):  # in [low, high], or (lo
             wanted = f"{'>' if open_low else '>='} {low}" if high == math.inf else \
                 f"in {'(' if open_low else '['}{low}, {high}]"
             raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
-        return value
+        return value + 0  # -0.0 is 0.0: "--corruption 0,-0" repeats a degree
     return parse
 
 def number_list(text):
@@ -1010,7 +1028,8 @@ def build_parser():
     g.add_argument("--model", choices=["mlp", "cnn", "alexnet"], default="mlp", help="network")
     g.add_argument("--corruption", type=number_list, default=[0.8],
                    help="corruption degree p, or a comma list of them")
-    g.add_argument("--runs", type=positive_int, default=1, help="runs per degree (seed + run)")
+    g.add_argument("--runs", type=bounded(int, 1, 1000), default=1,
+                   help="runs per degree (seed + run)")
     g.add_argument("--train-size", type=positive_int, default=None,
                    help="train on N class-balanced training images, drawn from --seed "
                    "(default: all)")
@@ -1133,6 +1152,10 @@ def run(args, folder):  # folder: the out-dir's RunFolderLock, released by the c
     print(f"wrote {os.path.join(args.out_dir, 'results.json')}")
     return results
 
+def out_of_memory(error):  # CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError
+    return (isinstance(error, (MemoryError, torch.OutOfMemoryError))
+            or "can't allocate memory" in str(error))
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
@@ -1141,10 +1164,13 @@ def main(argv=None):
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
-    except torch.cuda.OutOfMemoryError as e:  # on CUDA the default stacks every model at once
-        sys.stderr.write(f"error: {first_line(e)}; stack fewer models (--models-at-once) or free "
-                         "GPU memory, and run the command again: it reuses the finished models "
-                         "and resumes the others\n")
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not out_of_memory(e):
+            raise
+        # on CUDA the default stacks every model at once
+        sys.stderr.write(f"error: {first_line(e)}; stack fewer models (--models-at-once), run "
+                         "fewer degrees or runs at a time, or free memory, and run the command "
+                         "again: it reuses the finished models and resumes the others\n")
         sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C: no traceback, and how to go on
         sys.stderr.write("\ninterrupted: the same command reuses the finished models and resumes "

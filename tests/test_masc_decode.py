@@ -4,6 +4,7 @@ import argparse
 import hashlib
 import json
 import os
+import pathlib
 import sys
 
 import numpy as np
@@ -404,19 +405,33 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(mnist, tmp_path, monkeypat
     assert not (tmp_path / "models" / "p0.5_run0.pt").exists()
 
 
-def test_out_of_gpu_memory_is_one_line_that_says_to_stack_fewer_models(mnist, tmp_path,
-                                                                        monkeypatch, capsys):
-    """CUDA's out-of-memory error, raised here on the CPU where training would raise it."""
-    def out_of_memory(*args):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
-    monkeypatch.setattr(m, "train_epoch", out_of_memory)
-    with pytest.raises(SystemExit) as exit_info:
-        cpu_main(["--corruption", "0.5", "--epochs", "2", "--no-retrain", "--data-dir", mnist,
-                  "--out-dir", tmp_path])
-    err = capsys.readouterr().err
-    last = err.strip().splitlines()[-1]  # after the progress bar
-    assert exit_info.value.code == 1 and "Traceback" not in err and last.startswith("error: ")
-    assert "CUDA out of memory. Tried to allocate 2.00 GiB;" in last and "--models-at-once" in last
+def test_out_of_memory_is_one_line_that_says_to_stack_fewer_models(mnist, tmp_path, monkeypatch,
+                                                                    capsys):
+    """CUDA's out-of-memory error and the CPU's two kinds, raised here where training would raise
+    them; any other RuntimeError is a bug and keeps its traceback."""
+    errors = {"CUDA out of memory. Tried to allocate 2.00 GiB;":
+              torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"),
+              "error: MemoryError; stack": MemoryError(),
+              "DefaultCPUAllocator: can't allocate memory: you tried;": RuntimeError(
+                  "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate "
+                  "memory: you tried"),
+              None: RuntimeError("a bug")}
+    for n, (expected, error) in enumerate(errors.items()):
+        def failing_epoch(*args):
+            raise error
+        monkeypatch.setattr(m, "train_epoch", failing_epoch)
+        args = ["--corruption", "0.5", "--epochs", "2", "--no-retrain", "--data-dir", mnist,
+                "--out-dir", tmp_path / str(n)]
+        if expected is None:
+            with pytest.raises(RuntimeError, match="a bug"):
+                cpu_main(args)
+            continue
+        with pytest.raises(SystemExit) as exit_info:
+            cpu_main(args)
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # after the progress bar
+        assert exit_info.value.code == 1 and "Traceback" not in err and last.startswith("error: ")
+        assert expected in last and "--models-at-once" in last
 
 
 def test_weights_ruined_by_an_epochs_last_step_are_caught_before_the_model_is_saved(
@@ -577,6 +592,8 @@ def test_incomplete_tinyimagenet_gives_one_line_error(tmp_path, capsys):
     (["--seed", str(2**63)], "--seed"),  # torch.manual_seed overflowed with a traceback
     (["--device", "meta"], "cpu or cuda"),  # torch.empty works on meta, training does not
     (["--corruption", "0.4,0.4"], "repeats"),  # one model file per degree: decoded twice before
+    (["--corruption", "0,-0"], "repeats"),  # one model, reported twice as "0" and "-0" before
+    (["--runs", "1001"], "--runs"),  # a trillion: a MemoryError's traceback before
     (["--train-size", "5"], "below the 10 classes"),  # trained, with 5 classes never seen
     (["--decode-every", "600"], "--decode-every"),  # never decoded: an empty dynamics table
 ])
@@ -621,6 +638,63 @@ def test_a_refused_command_leaves_config_json_as_it_was(mnist, tmp_path, capsys)
     assert "other settings" in err
     assert (tmp_path / "config.json").read_bytes() == before  # still the settings that ran
 
+
+
+def folder_bytes(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_data_files_that_parse_but_are_wrong_are_refused_before_the_folder_changes(
+        mnist, tmp_path, capsys):
+    """idx files with a label out of range, fewer labels than images, another image size or too
+    small a test set: one line before anything is written (a traceback in training before, with
+    the folder's results.json moved and its config.json replaced)."""
+    import shutil
+    import struct
+    args = ["--corruption", "0.5", "--epochs", "1", "--no-retrain", "--out-dir", tmp_path / "run"]
+    cpu_main(args + ["--data-dir", mnist])
+    before = folder_bytes(tmp_path / "run")
+    raw = pathlib.Path("MNIST", "raw")
+
+    def label_200(root):
+        path = root / raw / "train-labels-idx1-ubyte"
+        data = bytearray(path.read_bytes())
+        data[8 + 17] = 200
+        path.write_bytes(data)
+
+    def fewer_labels(root):
+        path = root / raw / "train-labels-idx1-ubyte"
+        path.write_bytes(struct.pack(">II", 0x801, 100) + path.read_bytes()[8:108])
+
+    def small_images(root):
+        path = root / raw / "t10k-images-idx3-ubyte"
+        path.write_bytes(struct.pack(">IIII", 0x803, 60, 14, 14) + bytes(60 * 14 * 14))
+
+    def four_test_images(root):
+        for name, header in (("images-idx3", 16), ("labels-idx1", 8)):
+            path = root / raw / f"t10k-{name}-ubyte"
+            data = path.read_bytes()
+            size = (len(data) - header) // 60
+            path.write_bytes(data[:4] + struct.pack(">I", 4) + data[8:header]
+                             + data[header:header + 4 * size])
+
+    damages = {label_200: "training set does not hold mnist: labels outside 0-9",
+               fewer_labels: "training set does not hold mnist: 200 images but 100 labels",
+               small_images: "test set does not hold mnist: its images are (1, 14, 14)",
+               four_test_images: "test set does not hold mnist: only 4 images"}
+    for damage, fragment in damages.items():
+        data = tmp_path / damage.__name__
+        shutil.copytree(mnist, data)
+        damage(data)
+        err = main_error(m, CPU + args + ["--data-dir", data], capsys)
+        assert fragment in err
+        assert folder_bytes(tmp_path / "run") == before
+    # a command stopped between saving a finished model and removing its in-progress file: the
+    # next one reuses the model and removes the stale file
+    shutil.copy(tmp_path / "run" / "models" / "p0.5_run0.pt",
+                tmp_path / "run" / "models" / "p0.5_run0.partial.pt")
+    cpu_main(args + ["--data-dir", mnist])
+    assert sorted(os.listdir(tmp_path / "run" / "models")) == ["p0.5_run0.pt"]
 
 
 def test_another_scripts_run_folder_is_refused_even_with_overwrite(mnist, tmp_path, capsys):
