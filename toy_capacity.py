@@ -15,7 +15,7 @@ The gain follows B, not n*B alone; the capacity itself is not measured. A sweep 
 batched model; each (n, B, seed) cell has its own generators: it gets the result it gets alone.
 
 Usage:
-    python toy_capacity.py                                  # default sweep: 14-21 s on 2 cores
+    python toy_capacity.py                                  # default sweep: 14-25 s on 2 cores
     python toy_capacity.py --n 64 --augs 1,16,online --seeds 0
     python toy_capacity.py --capacity 16 --steps 4000 --out-dir runs/toy_k16
 """
