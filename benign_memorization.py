@@ -784,6 +784,12 @@ def load_torchvision(name, root):  # CIFAR-10/100, STL10: (train, test), each (u
         splits.append((data.contiguous(), labels))
     return tuple(splits)
 
+def refuse_stray_folders(train, classes):  # a class is a WordNet id: n01443537
+    stray = [c for c in classes if not (c[:1] == "n" and c[1:].isdigit())]
+    if stray:  # .ipynb_checkpoints, say, would be class 0 and shift every class after it
+        raise UserError(f"{train} holds folders that are not Tiny ImageNet classes "
+                        f"({', '.join(stray[:3])}): move them out")
+
 def load_tinyimagenet(root):
     """tiny-imagenet-200 (train/<wnid>/images, val/val_annotations.txt), decoded once into a
     uint8 cache. The classes are the sorted wnids, the training images sorted by file name."""
@@ -816,6 +822,7 @@ def load_tinyimagenet(root):
 
     try:  # ImageFolder walks train/<wnid>/ down into its images/ folder, in sorted order
         folder = torchvision.datasets.ImageFolder(os.path.join(base, "train"))
+        refuse_stray_folders(os.path.join(base, "train"), folder.classes)
         with open(os.path.join(base, "val", "val_annotations.txt")) as f:
             val = [(os.path.join(base, "val", "images", parts[0]), folder.class_to_idx[parts[1]])
                    for parts in (line.split("\t") for line in f if line.strip())]
@@ -829,8 +836,24 @@ def load_tinyimagenet(root):
         tqdm.write(f"warning: {e}; the images are decoded again next time", file=sys.stderr)
     return (tx, ty), (vx, vy)
 
+def check_data(name, splits):
+    """Files that load but do not hold the dataset (a label out of range, fewer labels than
+    images, an empty test set) would end in a traceback deep in a run, after its folder is
+    written: refused before."""
+    classes, size = {**DATASETS, "stl10": (10, 96)}[name]
+    for split, (x, y) in zip(("training", "test"), splits):
+        problem = (f"its images are {tuple(x.shape[1:])}, not {(3, size, size)}"
+                   if tuple(x.shape[1:]) != (3, size, size)
+                   else f"{len(x)} images but {len(y)} labels" if len(x) != len(y)
+                   else "no images" if len(y) == 0
+                   else f"labels outside 0-{classes - 1}"
+                   if y.min() < 0 or y.max() >= classes else None)
+        if problem:
+            raise UserError(f"the {name} {split} set does not hold {name}: {problem}")
+
 def load_dataset(name, root, resolution=None):  # as load_torchvision's, resized if asked
     splits = load_tinyimagenet(root) if name == "tinyimagenet" else load_torchvision(name, root)
+    check_data(name, splits)
     if resolution is None or splits[0][0].shape[-1] == resolution:
         return splits
     resize = lambda x: torch.cat([v2.functional.resize(c, [resolution, resolution], antialias=True)
@@ -1141,10 +1164,12 @@ def run(args, folder):  # folder: the out-dir's RunFolderLock, released by the c
     out_path = lambda name: os.path.join(args.out_dir, name)
     ckpt_path = out_path("ckpt.pt")
     ckpt = load_checkpoint(ckpt_path, config, args.overwrite)
-    if not ckpt and not args.overwrite and os.path.exists(out_path("config.json")):
+    if not ckpt and not args.overwrite:
         # killed before its first checkpoint, or the checkpoint deleted: config.json still guards
-        refuse_other_config(read_config(out_path("config.json")), config, out_path("config.json"))
-        refuse_to_replace_a_record(out_path)
+        if os.path.exists(out_path("config.json")):
+            refuse_other_config(read_config(out_path("config.json")), config,
+                                out_path("config.json"))
+        refuse_to_replace_a_record(out_path)  # config.json deleted too: the record still guards
     clean_classes, resolution = DATASETS[args.dataset]
     train, test = load_dataset(args.dataset, args.data_dir)
     transfer_sets = load_transfer(args, resolution, device)  # fail now, not after days of training
@@ -1222,6 +1247,10 @@ def run(args, folder):  # folder: the out-dir's RunFolderLock, released by the c
     print(f"wrote {out_path('results.json')}")
     return results
 
+def out_of_memory(error):  # CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError
+    return (isinstance(error, (MemoryError, torch.OutOfMemoryError))
+            or "can't allocate memory" in str(error))
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     again = "the same command without --overwrite" if args.overwrite else "the same command"
@@ -1235,8 +1264,10 @@ def main(argv=None):
         reason = first_line(getattr(e, "inner_exception", e))  # e's first line: the backend
         sys.stderr.write(f"error: --compile failed ({reason}); run the same command without it\n")
         sys.exit(1)
-    except torch.cuda.OutOfMemoryError as e:  # no traceback, and how to go on
-        sys.stderr.write(f"error: {first_line(e)}; with more free GPU memory, {again} resumes "
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not out_of_memory(e):
+            raise
+        sys.stderr.write(f"error: {first_line(e)}; with more free memory, {again} resumes "
                          "from the last evaluation's checkpoint\n")
         sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C: no traceback, and how to go on

@@ -627,6 +627,12 @@ def load_torchvision(name, root):  # (train uint8 NCHW, labels), (test ...), dow
         out.append((x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long)))
     return out
 
+def refuse_stray_folders(train, classes):  # a class is a WordNet id: n01443537
+    stray = [c for c in classes if not (c[:1] == "n" and c[1:].isdigit())]
+    if stray:  # .ipynb_checkpoints, say, would be class 0 and shift every class after it
+        raise UserError(f"{train} holds folders that are not Tiny ImageNet classes "
+                        f"({', '.join(stray[:3])}): move them out")
+
 def load_tinyimagenet(root):
     """tiny-imagenet-200 (train/<wnid>/images, val/val_annotations.txt), decoded once into a
     uint8 cache. The classes are the sorted wnids, the training images sorted by file name."""
@@ -659,6 +665,7 @@ def load_tinyimagenet(root):
 
     try:  # ImageFolder walks train/<wnid>/ down into its images/ folder, in sorted order
         train = torchvision.datasets.ImageFolder(os.path.join(base, "train"))
+        refuse_stray_folders(os.path.join(base, "train"), train.classes)
         with open(os.path.join(base, "val", "val_annotations.txt")) as f:
             val = [(os.path.join(base, "val", "images", parts[0]), train.class_to_idx[parts[1]])
                    for parts in (line.split("\t") for line in f if line.strip())]

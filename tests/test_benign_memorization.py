@@ -6,6 +6,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 
@@ -595,17 +596,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cifar, tmp_path, patch_md
     assert torch.load(out / "ckpt.pt", weights_only=True)["epoch"] == 2
 
 
-def test_out_of_gpu_memory_is_one_line_that_says_how_to_resume(cifar, tmp_path, patch_md5,
-                                                                monkeypatch, capsys):
-    """CUDA's out-of-memory error, raised here on the CPU where the second epoch would raise it."""
+def test_out_of_memory_is_one_line_that_says_how_to_resume(cifar, tmp_path, patch_md5,
+                                                            monkeypatch, capsys):
+    """CUDA's out-of-memory error, raised here on the CPU where the second epoch would raise it;
+    then the CPU's two kinds; any other RuntimeError is a bug and keeps its traceback."""
     monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
     real, calls = bm.train_epoch, {"n": 0}
+    error = [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")]
 
     def train_epoch(*args):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"
-                                              "\nmore")
+            raise error[0]
         return real(*args)
     monkeypatch.setattr(bm, "train_epoch", train_epoch)
     args = ARGS + ["--data-dir", str(cifar), "--out-dir", str(tmp_path / "run")]
@@ -622,6 +624,16 @@ def test_out_of_gpu_memory_is_one_line_that_says_how_to_resume(cifar, tmp_path, 
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["epoch"] == 1
     calls["n"] = 0
     assert "the same command without --overwrite" in last_error_line(args + ["--overwrite"])
+    cpu = {"error: MemoryError; with more free memory": MemoryError(),
+           "DefaultCPUAllocator: can't allocate memory: you tried;": RuntimeError(
+               "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
+               "you tried")}
+    for expected, error[0] in cpu.items():
+        calls["n"] = 0
+        assert expected in last_error_line(args + ["--overwrite"])
+    calls["n"], error[0] = 0, RuntimeError("a bug")
+    with pytest.raises(RuntimeError, match="a bug"):
+        bm.main(args + ["--overwrite"])
 
 
 def diverge_at_epoch(monkeypatch, epoch, value):
@@ -898,6 +910,55 @@ def test_checkpoint_from_another_device_type_is_refused_with_one_line(cifar, tmp
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
+def test_data_that_loads_but_is_wrong_is_refused_before_the_folder_changes(
+        cifar, tmp_path, patch_md5, monkeypatch, capsys):
+    """CIFAR batches with a label out of range, fewer labels than images or no test images: one
+    line before anything is written, --overwrite included (a traceback before, after the old run
+    was discarded). A finished run whose ckpt.pt and config.json are both gone still refuses to
+    be replaced by a fresh start."""
+    import pickle
+    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
+    args = ARGS[:2] + ["--epochs", "1"] + ARGS[4:] + ["--out-dir", str(tmp_path / "run")]
+    bm.main(args + ["--data-dir", str(cifar)])
+    run = tmp_path / "run"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+
+    def edit(root, batch, change):
+        path = root / "cifar-10-batches-py" / batch
+        with open(path, "rb") as f:
+            obj = pickle.load(f, encoding="latin1")
+        change(obj)
+        with open(path, "wb") as f:
+            pickle.dump(obj, f, protocol=2)
+
+    def label_10(d):
+        d["labels"][3] = 10
+
+    def fewer_labels(d):
+        d["labels"] = d["labels"][:-3]
+
+    def no_images(d):
+        d["data"], d["labels"] = d["data"][:0], []
+
+    damages = {("test_batch", label_10): "test set does not hold cifar10: labels outside 0-9",
+               ("data_batch_2", fewer_labels): "training set does not hold cifar10: 64 images "
+                                               "but 61 labels",
+               ("test_batch", no_images): "test set does not hold cifar10: no images"}
+    for (batch, change), fragment in damages.items():
+        data = tmp_path / change.__name__
+        shutil.copytree(cifar, data)
+        edit(data, batch, change)
+        for overwrite in ([], ["--overwrite"]):
+            err = main_error(bm, args + ["--data-dir", str(data)] + overwrite, capsys)
+            assert fragment in err
+            assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    os.remove(run / "ckpt.pt")
+    os.remove(run / "config.json")
+    err = main_error(bm, args + ["--data-dir", str(cifar)], capsys)
+    assert "log.jsonl records 1 evaluations after INIT but ckpt.pt is gone" in err
+    assert (run / "results.json").read_bytes() == before["results.json"]
+
+
 def test_tinyimagenet_folder_layout_is_decoded_and_cached(tmp_path):
     from conftest import write_tinyimagenet
     from torchvision.io import encode_png
@@ -938,6 +999,11 @@ def test_tinyimagenet_folder_layout_is_decoded_and_cached(tmp_path):
     os.remove(base / "uint8_cache.pt")
     os.remove(base / "val" / "images" / "val_0.JPEG")  # listed in val_annotations.txt, missing
     with pytest.raises(bm.UserError, match="incomplete"):
+        bm.load_dataset("tinyimagenet", str(tmp_path))
+    # a stray folder with an image (a notebook's checkpoints) would be class 0 and shift the rest
+    stray = base / "train" / ".ipynb_checkpoints"
+    shutil.copytree(base / "train" / "n00000001", stray)
+    with pytest.raises(bm.UserError, match="not Tiny ImageNet classes \\(.ipynb_checkpoints\\)"):
         bm.load_dataset("tinyimagenet", str(tmp_path))
 
 # -------------------------------------------------------------------- the paper's other experiments

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import sys
 
 import numpy as np
@@ -571,6 +572,11 @@ def test_incomplete_tinyimagenet_gives_one_line_error(tmp_path, capsys):
     (tmp_path / "tiny-imagenet-200" / "uint8_cache.pt").write_bytes(b"half a file")
     with pytest.raises(m.UserError, match="uint8_cache.pt is unreadable"):
         m.load_tinyimagenet(str(tmp_path))
+    os.remove(tmp_path / "tiny-imagenet-200" / "uint8_cache.pt")
+    train = tmp_path / "tiny-imagenet-200" / "train"  # a stray folder would be class 0
+    shutil.copytree(train / "n00000001", train / ".ipynb_checkpoints")
+    with pytest.raises(m.UserError, match="not Tiny ImageNet classes \\(.ipynb_checkpoints\\)"):
+        m.load_tinyimagenet(str(tmp_path))
 
 # ----------------------------------------------------------------------------- bad input
 
@@ -649,7 +655,6 @@ def test_data_files_that_parse_but_are_wrong_are_refused_before_the_folder_chang
     """idx files with a label out of range, fewer labels than images, another image size or too
     small a test set: one line before anything is written (a traceback in training before, with
     the folder's results.json moved and its config.json replaced)."""
-    import shutil
     import struct
     args = ["--corruption", "0.5", "--epochs", "1", "--no-retrain", "--out-dir", tmp_path / "run"]
     cpu_main(args + ["--data-dir", mnist])
