@@ -4,8 +4,9 @@ train a ResNet18 (or VGG16) encoder + MLP projector on random labels under heavy
 mixup; probe every layer with K-NN against the clean and the random labels. With augmentation the
 projector memorizes the labels while the encoder's K-NN probe beats its value at initialisation
 (benign); without, it falls below (malign). Flags cover the paper's other experiments (README).
-Images stay on the device as uint8, augmented in batches with per-image parameters; bf16 and
-channels_last on CUDA. Each evaluation checkpoints atomically; the same command resumes exactly.
+Images stay on the device as uint8, augmented in batches with per-image parameters (RandAugment:
+per group of 8 images); bf16 and channels_last on CUDA. Each evaluation checkpoints atomically;
+the same command resumes exactly.
 
 Usage:
     python benign_memorization.py --dataset cifar10 --epochs 5000            # the paper's setting
@@ -837,9 +838,9 @@ def load_tinyimagenet(root):
     return (tx, ty), (vx, vy)
 
 def check_data(name, splits):
-    """Files that load but do not hold the dataset (a label out of range, fewer labels than
-    images, an empty test set) would end in a traceback deep in a run, after its folder is
-    written: refused before."""
+    """Files that load but do not hold the dataset (another image size, a label out of range,
+    labels not one per image, no images) would end in a traceback deep in a run, after its folder
+    is written: refused before."""
     classes, size = {**DATASETS, "stl10": (10, 96)}[name]
     for split, (x, y) in zip(("training", "test"), splits):
         problem = (f"its images are {tuple(x.shape[1:])}, not {(3, size, size)}"
@@ -966,7 +967,8 @@ def restore_training_state(ckpt, model, opt, gen, device):  # every random state
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
 
 def set_cuda_flags(device, fp32):
-    """The chosen GPU (compiled kernels too); cuDNN autotuning; fp32: no TF32 (cuDNN's default)."""
+    """The chosen GPU (compiled kernels too); cuDNN autotuning; fp32: TF32 off in convolutions
+    (cuDNN's default is on) and matrix products."""
     if device.type != "cuda":
         return
     if device.index is not None:

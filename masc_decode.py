@@ -698,8 +698,8 @@ def balanced_subset(labels, size, seed):
 
 def check_data(name, splits):
     """Files that parse but do not hold the dataset (a header's wrong size, a label out of range,
-    fewer labels than images) would end in a traceback deep in a run, after its folder is written:
-    refused before. The test set's 20% for early stopping needs 5 images at least."""
+    labels not one per image) would end in a traceback deep in a run, after its folder is written:
+    refused before. Each set needs 5 images at least (the test set's 20% for early stopping)."""
     spec = DATASETS[name]
     for split, (x, y) in zip(("training", "test"), splits):
         problem = (f"its images are {tuple(x.shape[1:])}, not {spec.shape}"
@@ -884,18 +884,19 @@ class Memorizing(Job):  # a model trained on corrupted labels, checkpointed as i
     path: str  # its finished checkpoint (see in_progress_path)
     key: dict  # the settings its checkpoint must match
 
+def model_path(out_dir, p, run):  # a finished model: models/p0.4_run1.pt
+    return os.path.join(out_dir, "models", f"p{p:g}_run{run}.pt")
+
 def memorization_job(p, run, template, data, args):
     """(model, labels, history) of a finished (p, run) model, else its Job, fresh or resumed."""
     dev, shape, K = data.train_x.device, DATASETS[args.dataset].shape, args.num_classes
     seed = args.seed + run
-    path = os.path.join(args.out_dir, "models", f"p{p:g}_run{run}.pt")
+    path = model_path(args.out_dir, p, run)
     labels = corrupt_labels(data.train_y, p, K, seed)
     key = checkpoint_key(args, p, run, labels, data.test_y)
     done = load_model_checkpoint(path, key, args.overwrite, dev, template)
     if done:
         tqdm.write(f"p={p:g} run {run}: reusing {path}")
-        # a command stopped between saving it and removing its in-progress file left that file
-        pathlib.Path(in_progress_path(path)).unlink(missing_ok=True)
         return model_from(template, done["model"]), done["labels"], done["history"]
     initial = build_model(args.model, shape, K, seed).to(dev).state_dict()
     job = Memorizing(f"p={p:g} run {run}", initial, labels, named_generator(dev, "order", seed),
@@ -917,6 +918,9 @@ def memorize(prepared, template, data, args):
     """prepared: {(p, run): memorization_job(...)}, a Job or an already finished model. Trains
     every Job together, to --stop-acc or --epochs. Returns {(p, run): (model, labels, history)}."""
     jobs = {spec: job for spec, job in prepared.items() if isinstance(job, Memorizing)}
+    for p, run in prepared.keys() - jobs.keys():  # finished, and its in-progress file is left
+        # by a command stopped between the two writes: removed now the folder may change
+        pathlib.Path(in_progress_path(model_path(args.out_dir, p, run))).unlink(missing_ok=True)
 
     def after_epoch(job, acc, pred):
         history = job.history
