@@ -218,6 +218,19 @@ def test_probed_layers_and_widths(model, shape, expected):
     assert {k: v.shape[1] for k, v in taps.items()} == expected
     if model == "cnn":
         assert net.out.bias is None
+    # each hidden layer is probed after its ReLU (the paper's layer outputs), recomputed here
+    # from the previous tap with the layer's own weights
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))
+    taps = {}
+    with torch.no_grad():
+        net(x, taps)
+        linears = [mod for mod in net.modules() if isinstance(mod, torch.nn.Linear)][:-1]
+        hidden = [n for n in taps if n.startswith("fc")]
+        previous = ["flatten" if "flatten" in taps else "input"] + hidden[:-1]
+        for name, before, layer in zip(hidden, previous, linears, strict=True):
+            torch.testing.assert_close(taps[name], torch.relu(layer(taps[before])))
+        if "input" in taps:
+            assert torch.equal(taps["input"], x.flatten(1))
 
 # ----------------------------------------------------------------------------- end to end
 
@@ -278,7 +291,10 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path, capsys, monkeypatch)
         best = max(layer["corrupt_subspaces"]["test"] for layer in r["layers"])
         assert r["improvement_pct"] == pytest.approx(
             100 * (best - r["model_acc"]["test"]) / r["model_acc"]["test"])
-        assert r["early_stop_test_acc"] == max(r["history"]["test_acc"])
+        test_acc = r["history"]["test_acc"]
+        assert r["early_stop_test_acc"] == max(test_acc)
+        first_best = [e for e, a in enumerate(test_acc, 1) if a == max(test_acc)][0]
+        assert r["early_stop_epoch"] == first_best and len(test_acc) == r["epochs_trained"]
         assert [c["name"] for c in r["init_control"]] == ["input", "fc1", "fc2", "fc3", "fc4"]
         for kind in ("corrupt_subspaces", "true_subspaces"):
             rt = r["retrain"][kind]
@@ -299,8 +315,10 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path, capsys, monkeypatch)
     net.load_state_dict(ckpt["model"])
     scaled = lambda u8: u8.float() / 127.5 - 1  # ToTensor + Normalize(0.5, 0.5), written out
     with torch.no_grad():
-        assert p5["model_acc"]["test"] == pytest.approx(
-            (net(scaled(qx)).argmax(1) == qy).double().mean().item())
+        final = (net(scaled(qx)).argmax(1) == qy).double().mean().item()
+        # the model saved and the last epoch of the history are the same model
+        assert p5["model_acc"]["test"] == pytest.approx(final)
+        assert p5["history"]["test_acc"][-1] == pytest.approx(final)
     X, Q = scaled(tx).flatten(1).double().numpy(), scaled(qx).flatten(1).double().numpy()
     assert X.min() == -1 and X.max() == 1
     ref = reference_predict(reference_fit(X, ckpt["labels"].numpy(), 10, 0.99), Q)
@@ -316,9 +334,14 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path, capsys, monkeypatch)
         (on_train == ckpt["labels"].numpy()).mean())
     assert p5["layers"][0]["corrupt_subspaces"]["train_true"] == pytest.approx(
         (on_train == ty.numpy()).mean())
-    true_ref = reference_predict(reference_fit(X, ty.numpy(), 10, 0.99), Q)
+    true_fit = reference_fit(X, ty.numpy(), 10, 0.99)
+    true_ref = reference_predict(true_fit, Q)
     assert p5["layers"][0]["true_subspaces"]["test"] == pytest.approx(
         (true_ref == qy.numpy()).mean())
+    # each kind's subspaces come from its own labels: their sizes are the reference's
+    assert p5["layers"][0]["true_subspaces"]["dims"] == [b.shape[1] for b in true_fit]
+    assert p5["layers"][0]["corrupt_subspaces"]["dims"] == [
+        b.shape[1] for b in reference_fit(X, ckpt["labels"].numpy(), 10, 0.99)]
     # Supplement 6: the p = 0 model's input layer decoded from labels corrupted after training
     y_q = m.corrupt_labels(ty, 0.5, 10, ("posthoc", 0, 0.5))
     post = p0["posthoc"][0]
@@ -362,8 +385,33 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path, capsys, monkeypatch)
     # the same command again reuses both checkpoints instead of retraining
     stamps = {f: os.path.getmtime(out / "models" / f) for f in os.listdir(out / "models")}
     capsys.readouterr()
-    cpu_main(CLI + ["--data-dir", mnist, "--out-dir", out])
+    real_retrain_all, started = m.retrain_all, []
+
+    def retrain_all(jobs, *rest):  # each retraining as it starts
+        started.extend((job, {k: v.clone() for k, v in job.state.items()}, dict(job.opt))
+                       for job in jobs)
+        return real_retrain_all(jobs, *rest)
+    with monkeypatch.context() as patch:
+        patch.setattr(m, "retrain_all", retrain_all)
+        cpu_main(CLI + ["--data-dir", mnist, "--out-dir", out])
     assert capsys.readouterr().out.count("reusing") == 2
+    # Section 3.3: each retraining starts from its memorized weights with a fresh optimizer, on
+    # the relabelling its report describes, and is reported on the 80% part of the test set
+    assert len(started) == 4  # two degrees, two kinds of subspaces
+    for job, state, opt in started:
+        p = "0.5" if job.name.startswith("retrain p=0.5 ") else "0"
+        memorized = torch.load(out / "models" / f"p{p}_run0.pt", weights_only=True)["model"]
+        assert opt == {} and state.keys() == memorized.keys()
+        assert all(torch.equal(state[k], memorized[k]) for k in state)
+        assert job.report["relabel_correct"] == pytest.approx(
+            (job.labels == ty).double().mean().item())
+        assert len(job.val_idx) == 12 and len(job.eval_idx) == 48
+        assert sorted(torch.cat([job.val_idx, job.eval_idx]).tolist()) == list(range(60))
+        net.load_state_dict(memorized)
+        with torch.no_grad():
+            before = (net(scaled(qx)).argmax(1) == qy)[job.eval_idx].double().mean().item()
+        entry = next(r for r in res["runs"] if f"{r['corruption']:g}" == p)
+        assert entry["retrain"]["before_test"] == pytest.approx(before)
     assert {f: os.path.getmtime(out / "models" / f) for f in os.listdir(out / "models")} == stamps
     res2 = json.loads((out / "results.json").read_text())
     assert [r["model_acc"] for r in res2["runs"]] == [r["model_acc"] for r in res["runs"]]
@@ -823,17 +871,16 @@ def test_relabel_counts_fixed_broken_and_keeps_unplaceable_rows():
 @pytest.mark.parametrize("patience,kept,epochs", [(3, (2, 6), (5, 6)), (0, (6, 6), (6, 6))])
 def test_retraining_patience_and_kept_epoch(monkeypatch, patience, kept, epochs):
     """Two models retrained together, validation accuracies 0.5, 0.7, 0.6, 0.6, 0.7, 0.9 for the
-    first and rising for the second: with patience 3 the first stops after epoch 5 with the
-    weights of epoch 2, the second runs all 6 epochs and keeps its last. Patience 0 (Figure 31)
-    runs both for all 6 epochs and keeps the last. The report's after_test is the 80% part's
-    accuracy at the kept epoch, and test_per_epoch that of every epoch."""
+    first and rising for the second: with patience 3 the first stops after epoch 5 and keeps
+    epoch 2, the second runs all 6 epochs and keeps its last. Patience 0 (Figure 31) runs both
+    for all 6 epochs and keeps the last. The report's after_test is the 80% part's accuracy at
+    the kept epoch (no weights are kept: the paper reports accuracies), and test_per_epoch that
+    of every epoch."""
     scripted = [[0.5, 0.7, 0.6, 0.6, 0.7, 0.9], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]]
     epoch = {"n": 0}
 
     def fake_epoch(stack, images, labels, batch_size, gens):
         epoch["n"] += 1
-        with torch.no_grad():
-            stack.params["out.bias"].fill_(epoch["n"])  # the weights say which epoch made them
         return [0.0] * labels.shape[0], [True] * labels.shape[0]  # accuracies, finite
 
     def fake_predictions(stack, images):
@@ -1272,7 +1319,9 @@ def test_partial_checkpoint_missing_what_a_resume_needs_is_refused_in_one_line(m
     damaged = [{k: v for k, v in complete.items() if k != field}
                for field in ("optimizer", "gen", "device")]
     damaged += [dict(complete, optimizer={"step": 1}), dict(complete, optimizer={}),
-                dict(complete, optimizer={"step": 1, "buffers": {}})]
+                dict(complete, optimizer={"step": 1, "buffers": {}}),
+                # moments without their step count: Adam's bias correction would restart at 0
+                dict(complete, optimizer={"buffers": complete["optimizer"]["buffers"]})]
     # the same key, but another version of the model: its weights or moments of other shapes
     wider = m.build_model("mlp", (1, 28, 28), 10, 0)
     wider.out = torch.nn.Linear(2048, 12)  # an output layer of another size
@@ -1363,15 +1412,20 @@ def test_masc_products_are_ieee_float32_whatever_the_program_asked_and_flags_com
     monkeypatch.setattr(torch.linalg, "eigh", eigh)
     real_matmul = torch.Tensor.__matmul__
 
-    def matmul_spy(a, b):  # every product of masc_predict
+    def matmul_spy(a, b):  # every product of class_basis and masc_predict
         seen.append((matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision))
         return real_matmul(a, b)
+    monkeypatch.setattr(torch.Tensor, "__matmul__", matmul_spy)
+    # 40 x 8: X^T X; 10 x 30 (5 points per class, fewer than dimensions): the Gram matrix X X^T
+    # and the basis X^T u / s. Each class: its products and eigh, all in IEEE float32
+    for n, d, calls in ((40, 8, 2), (10, 30, 3)):
+        seen.clear()
+        m.fit_subspaces(torch.randn(n, d), torch.arange(n) % 2, 2)
+        assert seen == [("ieee", "ieee")] * calls * 2
+    assert matmul.fp32_precision == "tf32" == torch.backends.mkldnn.matmul.fp32_precision
     feats = torch.randn(40, 8)
     bases = m.fit_subspaces(feats, torch.arange(40) % 2, 2)
-    assert seen == [("ieee", "ieee")] * 2
-    assert matmul.fp32_precision == "tf32" == torch.backends.mkldnn.matmul.fp32_precision
     seen.clear()
-    monkeypatch.setattr(torch.Tensor, "__matmul__", matmul_spy)
     assert m.masc_predict(bases, feats).shape == (40,)
     assert seen and set(seen) == {("ieee", "ieee")}
     assert matmul.fp32_precision == "tf32"
