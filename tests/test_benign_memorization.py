@@ -302,9 +302,8 @@ def cifar(tmp_path_factory):
 
 def test_end_to_end_results_hold_every_layer(cifar, tmp_path, patch_md5):
     out = tmp_path / "run"
-    results = bm.main(ARGS + ["--data-dir", str(cifar), "--out-dir", str(out)])
+    bm.main(ARGS + ["--data-dir", str(cifar), "--out-dir", str(out)])
     saved = json.loads((out / "results.json").read_text())
-    assert saved == json.loads(json.dumps(results))
     assert saved["config"]["dataset"] == "cifar10" and saved["config"]["projector_width"] == 64
     assert saved["init"]["epoch"] == 0 and saved["final"]["epoch"] == 3
     for row in (saved["init"], saved["final"]):
@@ -319,6 +318,7 @@ def test_end_to_end_results_hold_every_layer(cifar, tmp_path, patch_md5):
             and saved["final"]["img_per_s"] > 0)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1, 2, 3]
+    assert saved["init"] == log[0] and saved["final"] == log[-1]  # the right rows of the log
     assert json.loads((out / "config.json").read_text())["seed"] == 0
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["epoch"] == 3
@@ -414,6 +414,16 @@ def test_training_step_gets_augmented_images_and_targets_mixed_with_one_lambda(
         assert dist.max() < 1e-3 and len(j.unique()) == 32  # a permutation of the batch
         torch.testing.assert_close(ym, lam * y + (1 - lam) * y[j])  # the same lambda and partners
     assert mixed >= 1
+    # online augmentation (the paper's): a point's view is drawn afresh at each of its 3 visits
+    views = {}
+    for (x, *_), idx in zip(seen["mix"], seen["idx"]):
+        for image, i in zip(x, idx.tolist()):
+            views.setdefault(i, []).append(image.flatten())
+    assert sorted(views) == list(range(64))
+    apart = ~torch.eye(3, dtype=torch.bool)
+    for i, seen_views in views.items():
+        stacked = torch.stack(seen_views)
+        assert torch.cdist(stacked, stacked, **exact)[apart].min() > 1e-3
 
 
 @pytest.mark.parametrize("flags,noise", [(["--label-noise", "0.5"], 0.5),
@@ -1198,6 +1208,9 @@ def test_resnet_stem_is_kaiming_normal_fan_out():
     assert w.shape == (64, 3, 3, 3)
     assert w.mean().abs().item() < 0.005
     assert w.std().item() == pytest.approx(math.sqrt(2 / 576), rel=0.06)
+    # normal, not uniform of the same std (which stays within sqrt(3) std): 1,728 normal draws
+    # pass 2.5 std almost surely (all stay within with probability e^-21)
+    assert w.abs().max().item() > 2.5 * math.sqrt(2 / 576)
 
 
 def brute_knn_groups(ref, ref_y, k, groups):
@@ -1389,6 +1402,10 @@ def test_vgg_with_transfer_probes_every_block(cifar, tmp_path, patch_md5):
     model.load_state_dict(torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["model"])
     model.eval()
     for name, ((tx, ty), (qx, qy)) in bm.load_transfer(args, 32, torch.device("cpu")).items():
+        # the probe size covers these small sets: the whole train and test splits, at 32 x 32
+        (rx, ry), (sx, sy) = bm.load_dataset(name, str(tmp_path), 32)
+        assert tx.shape[-2:] == (32, 32) and len(tx) > len(qx)  # train is the larger split here
+        assert all(torch.equal(a, b) for a, b in ((tx, rx), (ty, ry), (qx, sx), (qy, sy)))
         with torch.no_grad():
             ft, fq = ({} for _ in range(2))
             model(tx.float() / 255, ft)
@@ -1396,7 +1413,8 @@ def test_vgg_with_transfer_probes_every_block(cifar, tmp_path, patch_md5):
         ft, fq = ft["embedding"].double().numpy(), fq["embedding"].double().numpy()
         knn = (brute_knn(ft, ty.numpy(), fq, 5) == qy.numpy()).mean()
         got = res["final"]["transfer"][name]
-        assert got["knn"] == pytest.approx(knn, abs=near_ties(ft, fq, 5) + 1e-6), name
+        ties = near_ties(ft, fq, 5)  # 4 of STL10's 20 queries: not all, which would accept any
+        assert ties <= 0.25 and got["knn"] == pytest.approx(knn, abs=ties + 1e-6), name
         unit = lambda f: torch.nn.functional.normalize(torch.tensor(f).float(), dim=1)  # as probed
         assert got["linear"] == pytest.approx(bm.linear_probe(unit(ft), ty, unit(fq), qy)), name
 
@@ -1463,6 +1481,9 @@ def test_noisy_probe_leaves_out_every_view_of_the_query_image(cifar, patch_md5, 
         assert got["knn_noisy"][name] == pytest.approx((loo == y).mean(), abs=1e-6)
         own = brute_knn(f, y, f, 5)
         assert got["knn_noisy_self"][name] == pytest.approx((own == y).mean(), abs=1e-6)
+    # memorization is measured on the points the network must fit (the views), not the images
+    fit = (taps["output"].argmax(1).numpy() == y).mean()
+    assert got["train_acc"] == pytest.approx(fit, abs=1e-6)
 
 
 def test_iid_per_sample_and_aug_strength_runs(cifar, tmp_path, patch_md5, monkeypatch):
@@ -1857,14 +1878,25 @@ def test_a_disk_too_small_for_two_checkpoints_is_refused_before_anything_is_writ
         cifar, tmp_path, patch_md5, monkeypatch, capsys):
     """Figure 8's per-sample model: its 65,536 x 50,000 output layer with Adam's two moments is a
     39 GB checkpoint, and the atomic write holds two. Here: a fake free space, computed sizes."""
-    real_usage = bm.shutil.disk_usage
-    free = lambda path: real_usage(path)._replace(free=100_000)
+    real_usage, room = bm.shutil.disk_usage, {}
+    free = lambda path: real_usage(path)._replace(free=room["free"])
     monkeypatch.setattr(bm.shutil, "disk_usage", free)
     model = bm.build_model(argparse.Namespace(seed=0, arch="resnet18", projector_width=32), 10, 32)
     size = 12 * sum(p.numel() for p in model.parameters())
-    err = main_error(bm, SMALL + ["--data-dir", cifar, "--out-dir", tmp_path / "run"], capsys)
-    assert f"{size / 1e9:.2f} GB" in err and "twice" in err
-    assert not (tmp_path / "run").exists()
+    for room["free"] in (100_000, int(1.9 * size)):  # the new checkpoint fits, not two
+        err = main_error(bm, SMALL + ["--data-dir", cifar, "--out-dir", tmp_path / "run"], capsys)
+        assert f"{size / 1e9:.2f} GB" in err and "twice" in err
+        assert not (tmp_path / "run").exists()
+
+    class Accepted(Exception):
+        pass
+
+    def accepted(*args):
+        raise Accepted
+    monkeypatch.setattr(bm, "make_probe_set", accepted)  # the first step after the check
+    room["free"] = int(2.1 * size)
+    with pytest.raises(Accepted):
+        bm.main(SMALL + ["--data-dir", str(cifar), "--out-dir", str(tmp_path / "run")])
     per_sample = bm.checkpoint_bytes(argparse.Namespace(seed=0, arch="resnet18",
                                                         projector_width=65536), 50000, 32)
     assert 39e9 < per_sample < 40e9  # 12 bytes x (65,536 x 50,000 + 65,536 x 512 + ResNet18)
