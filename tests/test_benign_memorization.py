@@ -1030,6 +1030,11 @@ def test_named_seed_is_the_high_60_bits_as_in_the_other_scripts():
     assert bm.named_seed(*keys) == int(hashlib.sha256(repr(keys).encode()).hexdigest()[:15], 16)
     assert torch.equal(torch.rand(3, generator=bm.named_generator("cpu", *keys)),
                        torch.rand(3, generator=torch.Generator().manual_seed(bm.named_seed(*keys))))
+    import masc_decode
+    import toy_capacity
+    for other in (masc_decode, toy_capacity):  # the same name gives the same stream in each script
+        assert torch.equal(torch.rand(3, generator=other.named_generator("cpu", *keys)),
+                           torch.rand(3, generator=bm.named_generator("cpu", *keys)))
 
 
 def test_hash_uniforms_are_a_pure_function_of_the_keys():

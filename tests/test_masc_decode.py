@@ -1198,8 +1198,16 @@ def test_decode_every_records_masc_during_training(mnist, tmp_path, capsys):
     assert [layer["masc_test"] for layer in decoded[-1]["layers"]] == [
         layer["corrupt_subspaces"]["test"] for layer in r["layers"]]
     out = capsys.readouterr().out
-    best = max(decoded, key=lambda d: d["masc_test"])
-    assert f"{best['masc_test']:.3f} at epoch {best['epoch']}" in out and "MASC peak" in out
+    # the dynamics row: each peak (the first epoch reaching it) and the model's own
+    first_peak = lambda key: [d for d in decoded if d[key] == max(e[key] for e in decoded)][0]
+    c, t = first_peak("masc_test"), first_peak("masc_test_true")
+    test_acc = r["history"]["test_acc"]
+    model_epoch = test_acc.index(max(test_acc)) + 1
+    row = next(line for line in out.splitlines() if line.split()[:2] == ["0.5", "0"]
+               and line.count("at epoch") == 3)
+    assert row.split()[2:] == [f"{c['masc_test']:.3f}", "at", "epoch", str(c["epoch"]),
+                               f"{t['masc_test_true']:.3f}", "at", "epoch", str(t["epoch"]),
+                               f"{max(test_acc):.3f}", "at", "epoch", str(model_epoch)]
 
 
 def test_train_size_draws_a_class_balanced_subset(mnist, tmp_path, capsys):
