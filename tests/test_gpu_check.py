@@ -73,3 +73,32 @@ def test_nondeterministic_ops_reads_the_ops_torchs_warnings_name():
     cublas = ("UserWarning: Deterministic behavior was enabled with ... but this operation is not "
               "deterministic because it uses CuBLAS and you have set a CuBLAS config ...")
     assert gpu_check.nondeterministic_ops(cublas)[0].startswith("cuBLAS (CUBLAS_WORKSPACE")
+
+
+def test_forced_tf32_on_cuda_is_a_failed_row(monkeypatch):
+    """The variable masc_decode.py refuses on CUDA: the self-check says so before its checks (on
+    CUDA only; the CPU has no cuBLAS)."""
+    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1")
+    rows = gpu_check.environment_rows(torch.device("cuda"))
+    assert [r.ok for r in rows] == [False]
+    assert "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE" in rows[0].measured
+    assert gpu_check.environment_rows(torch.device("cpu")) == []
+    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "0")
+    assert gpu_check.environment_rows(torch.device("cuda")) == []
+
+
+def test_a_compiler_failure_reports_its_cause(capsys, monkeypatch):
+    """torch's BackendCompilerFailed says only "backend='inductor' raised:" on its first line; the
+    row gives the exception it wraps."""
+    class BackendCompilerFailed(RuntimeError):
+        def __init__(self):
+            super().__init__("backend='inductor' raised:\nRuntimeError: no C++ compiler")
+            self.inner_exception = RuntimeError("C++ compiler not found: cc exited 1")
+
+    def failing(ctx):
+        raise BackendCompilerFailed
+    monkeypatch.setitem(gpu_check.CHECKS, "knn-fp16", failing)
+    with contextlib.redirect_stderr(io.StringIO()):  # the traceback, printed for the owner
+        status = gpu_check.main(["--device", "cpu", "--smallest", "--only", "knn-fp16"])
+    out = capsys.readouterr().out
+    assert status == 1 and "raised RuntimeError: C++ compiler not found: cc exited 1" in out, out
