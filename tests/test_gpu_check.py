@@ -102,3 +102,18 @@ def test_a_compiler_failure_reports_its_cause(capsys, monkeypatch):
         status = gpu_check.main(["--device", "cpu", "--smallest", "--only", "knn-fp16"])
     out = capsys.readouterr().out
     assert status == 1 and "raised RuntimeError: C++ compiler not found: cc exited 1" in out, out
+
+
+def test_a_graph_break_in_the_probe_fails_compiled_once(capsys, monkeypatch):
+    """A probe forward split by a graph break compiles more graphs (its pieces, their recompiles)
+    than the top-level function's cache entries show: the check counts graphs too."""
+    real = bm.layer_outputs
+
+    def broken(model, x, bf16, channels_last):
+        x = x + 0  # a graph before the break, and one after it
+        torch._dynamo.graph_break()
+        return real(model, x, bf16, channels_last)
+    monkeypatch.setattr(bm, "layer_outputs", broken)
+    status = gpu_check.main(["--device", "cpu", "--smallest", "--only", "compiled-once"])
+    out = capsys.readouterr().out
+    assert status == 1 and "FAIL" in out and "graphs made here" in out, out
