@@ -552,6 +552,7 @@ def check_masc_training(ctx, arch):
         train(jobs(), 2 * batch)
         train(jobs()[:1], 2 * batch)
     stacked, apart = jobs(), jobs()
+    sync(dev)  # their clones, queued on a GPU, are not the stack's time
     t0 = time.perf_counter()
     train(stacked)
     t_stacked = time.perf_counter() - t0
