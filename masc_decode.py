@@ -307,7 +307,8 @@ def train_together(jobs, template, data, args, after_epoch, desc):
         while active:
             finished = train_pass(active, template, data, args, after_epoch)
             bar.update()
-            # the slowest model's running accuracy on its labels: how far from --stop-acc it is
+            # the slowest model's running accuracy on its labels (memorizing: how far from
+            # --stop-acc; retraining stops on --patience or --retrain-epochs instead)
             bar.set_postfix(models=len(active),
                             train_acc=f"{min(j.history['train_acc'][-1] for j in active):.4f}")
             active = [j for j in active if j not in finished]
