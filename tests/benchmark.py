@@ -185,7 +185,8 @@ def cost_model(args, compile_step):
           f"{extern} convolutions and matmuls)")
     print("operators per step, compiled: " + (f"{compiled} (inductor kernels + convolutions and "
           "matmuls + one fused Adam)" if compiled else "run with --compile"))
-    print(f"evaluation peak memory: {peak / 1e9:.1f} GB ({len(groups)} layer groups within half of "
+    print(f"evaluation peak memory: {peak / 1e9:.1f} GB "
+          f"({len(groups)} layer groups within half of "
           f"the free memory of an 80 GB GPU; model and optimizer {state / 1e9:.2f} GB)")
     print(f"memory traffic per step outside convolutions and matmuls (unfused, bf16 activations): "
           f"model {model_bytes / 1e9:.1f} GB, augmentation {aug_bytes / 1e9:.2f} GB, Adam "
@@ -236,7 +237,8 @@ def main():
                    help="probe reference images")
     p.add_argument("--probe-test", type=int, default=10000 if cuda else 200,
                    help="probe query images")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers for (c)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(),
+                   help="DataLoader workers for (c)")
     p.add_argument("--compile", action="store_true")
     a = p.parse_args()
     device = torch.device(a.device)

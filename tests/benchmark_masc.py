@@ -31,7 +31,8 @@ def relu_features(rng, classes, per_class, dim, latent=256):
     power-law scales and a class mean, mapped by a shared-plus-class-specific matrix, then ReLU."""
     shared = rng.normal(size=(latent, dim)) / np.sqrt(latent)
     scale = np.arange(1, latent + 1) ** -1.0
-    maps = [shared + 0.5 * rng.normal(size=(latent, dim)) / np.sqrt(latent) for _ in range(classes)]
+    maps = [shared + 0.5 * rng.normal(size=(latent, dim)) / np.sqrt(latent)
+            for _ in range(classes)]
     means = [rng.normal(size=latent) * scale for _ in range(classes)]
 
     def sample(count):
@@ -43,7 +44,8 @@ def relu_features(rng, classes, per_class, dim, latent=256):
 
 def authors_masc(train, y, queries, classes, variance=0.99):
     """The authors' approach, vectorised over points: float64 covariance of [X; -X] + eigh per
-    class, then the angle between each point and its projection onto each subspace (Algorithm 1)."""
+    class, then the angle between each point and its projection onto each subspace
+    (Algorithm 1)."""
     t0 = time.perf_counter()
     norms = np.linalg.norm(queries, axis=1)
     angles = []
@@ -122,7 +124,7 @@ def training_row(arch, models, steps, device):
         ops.append(counts[0] - counts[1])
     scale = n_epoch / (steps * batch)
     print(f"training, {models} {arch.upper()}-MNIST models, batch {batch}, "
-          f"per epoch of {n_epoch // batch:,} steps "
+          f"per epoch of {-(-n_epoch // batch):,} steps "
           f"(timed over {steps}): stacked {stacked * scale:.1f} s, "
           f"one after another {apart * scale:.1f} s, "
           f"ratio {apart / stacked:.2f}; operators per step: stacked {ops[0]} for all {models}, "

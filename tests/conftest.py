@@ -1,7 +1,7 @@
 """Shared fixtures: tiny fake datasets written in the real on-disk formats, and a script runner.
 
 The fake datasets are read by the scripts' real loading code (torchvision's dataset classes and the
-Tiny ImageNet folder reader). Images are class templates plus noise, so that a model can learn them.
+Tiny ImageNet folder reader). Images are class templates plus noise, so a model can learn them.
 torchvision checks the md5 sums of the CIFAR and STL10 files, which fake files cannot match: tests
 patch that check (in-process with monkeypatch, in subprocesses through `run_script(...,
 patch_md5=True)`).
@@ -38,7 +38,8 @@ def class_images(n, classes, shape, seed, noise=40, template_seed=1234):
 
 
 def write_cifar(root, name="cifar10", n_train=100, n_test=50, seed=0):
-    """CIFAR-10 (cifar-10-batches-py, five data batches) or CIFAR-100 (cifar-100-python) pickles."""
+    """CIFAR-10 (cifar-10-batches-py, five data batches) or
+    CIFAR-100 (cifar-100-python) pickles."""
     classes = 10 if name == "cifar10" else 100
     x_tr, y_tr = class_images(n_train, classes, (3, 32, 32), seed)
     x_te, y_te = class_images(n_test, classes, (3, 32, 32), seed + 1)
@@ -121,7 +122,8 @@ def write_tinyimagenet(root, classes=4, per_class=6, val_per_class=3, seed=0):
 
 
 def write_stl10(root, n_train=40, n_test=40, seed=0):
-    """stl10_binary: column-major 3x96x96 uint8 images, labels 1..10 (torchvision subtracts one)."""
+    """stl10_binary: column-major 3x96x96 uint8 images, labels 1..10
+    (torchvision subtracts one)."""
     folder = os.path.join(root, "stl10_binary")
     os.makedirs(folder, exist_ok=True)
     for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1)):

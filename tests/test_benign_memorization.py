@@ -89,7 +89,8 @@ def reference_augment(x, p):
                   lambda im, i: TF.adjust_hue(im, p.hue[i].item())]
     out = []
     for i in range(len(x)):
-        im = TF.resized_crop(x[i], int(p.top[i]), int(p.left[i]), int(p.height[i]), int(p.width[i]),
+        im = TF.resized_crop(x[i],
+                             int(p.top[i]), int(p.left[i]), int(p.height[i]), int(p.width[i]),
                              list(x.shape[-2:]), antialias=True)
         if p.flip[i]:
             im = TF.hflip(im)
@@ -125,7 +126,8 @@ def test_augment_batch_shape_range_and_independence():
     # same image, 64 different augmentations
     assert torch.cdist(flat, flat).add(torch.eye(64)).min() > 0
     # an image's augmentation depends only on its own draw, not on the other images in the batch
-    a = augment_batch(torch.stack([x[0], torch.zeros(3, 32, 32)]), torch.Generator().manual_seed(2))
+    a = augment_batch(torch.stack([x[0], torch.zeros(3, 32, 32)]),
+                      torch.Generator().manual_seed(2))
     b = augment_batch(torch.stack([x[0], torch.ones(3, 32, 32)]), torch.Generator().manual_seed(2))
     assert torch.equal(a[0], b[0])
 
@@ -257,7 +259,8 @@ def independent_probe(model, ps, k):
         out["knn_clean"][name] = (brute_knn(f, ytr, q, k) == yte).mean()
         out["knn_noisy"][name] = (brute_knn(f, ymem, f, k, exclude_self=True) == ymem).mean()
         out["knn_noisy_self"][name] = (brute_knn(f, ymem, f, k) == ymem).mean()
-        out["ties"][name] = {"knn_clean": near_ties(f, q, k), "knn_noisy": near_ties(f, f, k, True),
+        out["ties"][name] = {"knn_clean": near_ties(f, q, k),
+                             "knn_noisy": near_ties(f, f, k, True),
                              "knn_noisy_self": near_ties(f, f, k)}
         if views:
             a1, a2, h = (v[name].double().numpy() for v in (views[0], views[1], clean_inv))
@@ -395,11 +398,11 @@ def test_training_step_gets_augmented_images_and_targets_mixed_with_one_lambda(
         assert sorted(torch.cat(seen["idx"][2 * e:2 * e + 2]).tolist()) == list(range(64))
     labels = torch.load(tmp_path / "ckpt.pt", weights_only=True)["labels"]
     clean_images = bm.load_dataset("cifar10", str(cifar))[0][0].float().flatten(1) / 255
-    exact = dict(compute_mode="donot_use_mm_for_euclid_dist")  # no |a|^2 + |b|^2 - 2ab cancellation
+    exact = dict(compute_mode="donot_use_mm_for_euclid_dist")  # no |a|^2+|b|^2-2ab cancellation
     mixed = 0
     for (x, y, xm, ym), fed, target, idx in zip(seen["mix"], seen["forward"], seen["loss"],
                                                 seen["idx"]):
-        assert torch.equal(fed, xm) and torch.equal(target, ym)  # the step trains on mixup's output
+        assert torch.equal(fed, xm) and torch.equal(target, ym)  # trains on mixup's output
         # the images were augmented: none is a training image as stored
         assert torch.cdist(x.flatten(1), clean_images, **exact).min() > 1e-3
         assert torch.equal(y.sum(1), torch.ones(32)) and torch.equal(y.argmax(1), labels[idx])
@@ -1016,7 +1019,7 @@ def test_tinyimagenet_folder_layout_is_decoded_and_cached(tmp_path):
     with pytest.raises(bm.UserError, match="not Tiny ImageNet classes \\(.ipynb_checkpoints\\)"):
         bm.load_dataset("tinyimagenet", str(tmp_path))
 
-# -------------------------------------------------------------------- the paper's other experiments
+# ------------------------------------------------------------------- the paper's other experiments
 
 
 def parsed(*flags):  # on the CPU unless flags name another device
@@ -1029,7 +1032,8 @@ def test_named_seed_is_the_high_60_bits_as_in_the_other_scripts():
     keys = ("labels", 0)
     assert bm.named_seed(*keys) == int(hashlib.sha256(repr(keys).encode()).hexdigest()[:15], 16)
     assert torch.equal(torch.rand(3, generator=bm.named_generator("cpu", *keys)),
-                       torch.rand(3, generator=torch.Generator().manual_seed(bm.named_seed(*keys))))
+                       torch.rand(3,
+                                  generator=torch.Generator().manual_seed(bm.named_seed(*keys))))
     import masc_decode
     import toy_capacity
     for other in (masc_decode, toy_capacity):  # the same name gives the same stream in each script
@@ -1202,7 +1206,7 @@ def test_mixup_defaults_off_without_augmentation_and_for_finite_and_iid_augmenta
     assert parsed("--augment", "none").mixup == 0.0  # the paper's "without DA": mixup is DA
     assert parsed("--augment", "fixed:4").mixup == 0.0
     assert parsed("--augment", "iid").mixup == 0.0
-    assert parsed("--augment", "fixed:4", "--mixup", "0.5").mixup == 0.5  # an explicit --mixup wins
+    assert parsed("--augment", "fixed:4", "--mixup", "0.5").mixup == 0.5  # explicit --mixup wins
     assert parsed("--augment", "iid", "--mixup", "0.8").mixup == 0.8
 
 
@@ -1524,7 +1528,8 @@ def test_resumed_run_equals_uninterrupted_in_every_augmentation_mode(mode, cifar
     A small encoder: what is restored does not depend on it (gpu_check's resume check, run by
     test_gpu_check.py, kills and resumes ResNet18)."""
     monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
-    common = SMALL + mode + ["--eval-every", "1", "--linear-probe", "off", "--data-dir", str(cifar)]
+    common = SMALL + mode + ["--eval-every", "1", "--linear-probe", "off",
+                             "--data-dir", str(cifar)]
     whole = bm.main(common + ["--epochs", "2", "--out-dir", str(tmp_path / "whole")])
     bm.main(common + ["--epochs", "1", "--out-dir", str(tmp_path / "parts")])
     torch.manual_seed(12345)  # whatever happens between the two processes
@@ -1579,7 +1584,7 @@ def test_benchmark_runs_at_tiny_size(monkeypatch, capsys):
                  "operators per step, eager", "evaluation peak memory", "estimated, not measured"):
         assert part in out, out
 
-# ------------------------------------------------------------------------ GPU paths, run on the CPU
+# ----------------------------------------------------------------------- GPU paths, run on the CPU
 
 
 def near_tied_features(seed, n, queries, dim=256):
@@ -1798,7 +1803,7 @@ def test_channels_last_path_of_cuda_gives_the_same_step_and_features_on_the_cpu(
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
 
-# --------------------------------------------------------------------------- CUDA paths, on the CPU
+# -------------------------------------------------------------------------- CUDA paths, on the CPU
 
 
 def test_cuda_settings_choose_the_gpu_cudnn_benchmark_and_ieee_float32_for_fp32(monkeypatch):

@@ -81,7 +81,7 @@ def test_masc_matches_float64_reference(dim, per_class):
     ours = m.fit_subspaces(torch.tensor(train, dtype=torch.float32), torch.tensor(y), 4, 0.99)
     for a, b in zip(ref, ours):
         assert b.shape == a.shape  # the same rank
-        np.testing.assert_allclose(b.numpy() @ b.numpy().T, a @ a.T, atol=2e-3)  # the same subspace
+        np.testing.assert_allclose(b.numpy() @ b.numpy().T, a @ a.T, atol=2e-3)  # same subspace
         # orthonormal
         np.testing.assert_allclose(b.numpy().T @ b.numpy(), np.eye(b.shape[1]), atol=1e-4)
     pred = m.masc_predict(ours, torch.tensor(test, dtype=torch.float32)).numpy()
@@ -185,7 +185,8 @@ def test_corruption_rate_is_p_minus_p_over_k():
         changed = (m.corrupt_labels(targets, p, 10, seed=0) != targets).float().mean().item()
         assert changed == pytest.approx(p - p / 10, abs=0.005)
     assert torch.equal(m.corrupt_labels(targets, 0.0, 10, 0), targets)
-    assert torch.equal(m.corrupt_labels(targets, 0.5, 10, 1), m.corrupt_labels(targets, 0.5, 10, 1))
+    assert torch.equal(m.corrupt_labels(targets, 0.5, 10, 1),
+                       m.corrupt_labels(targets, 0.5, 10, 1))
     assert not torch.equal(m.corrupt_labels(targets, 0.5, 10, 1),
                            m.corrupt_labels(targets, 0.5, 10, 2))
     replaced = m.corrupt_labels(targets, 1.0, 10, 3)
@@ -322,7 +323,8 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path, capsys, monkeypatch)
     X, Q = scaled(tx).flatten(1).double().numpy(), scaled(qx).flatten(1).double().numpy()
     assert X.min() == -1 and X.max() == 1
     ref = reference_predict(reference_fit(X, ckpt["labels"].numpy(), 10, 0.99), Q)
-    assert p5["layers"][0]["corrupt_subspaces"]["test"] == pytest.approx((ref == qy.numpy()).mean())
+    assert (p5["layers"][0]["corrupt_subspaces"]["test"]
+            == pytest.approx((ref == qy.numpy()).mean()))
     assert p5["fraction_changed"] == pytest.approx((ckpt["labels"] != ty).float().mean().item())
     with torch.no_grad():  # memorization, and of the truth
         train_pred = net(scaled(tx)).argmax(1)
@@ -369,7 +371,8 @@ def test_cli_end_to_end_writes_every_field(mnist, tmp_path, capsys, monkeypatch)
     # the corrupted labels, their dimensions and test accuracy
     test_taps = {}
     init_net(scaled(qx), test_taps)
-    fc1_ctl = reference_fit(taps["fc1"].double().detach().numpy(), ckpt["labels"].numpy(), 10, 0.99)
+    fc1_ctl = reference_fit(taps["fc1"].double().detach().numpy(), ckpt["labels"].numpy(),
+                            10, 0.99)
     control = p5["init_control"][1]["corrupt_subspaces"]
     assert set(control) == {"test", "dims"} and control["dims"] == [b.shape[1] for b in fc1_ctl]
     fc1_test = reference_predict(fc1_ctl, test_taps["fc1"].double().detach().numpy())
@@ -585,7 +588,7 @@ def test_tinyimagenet_folder_layout_is_decoded_cached_and_trains_alexnet(tmp_pat
     (x_tr, y_tr), (x_va, y_va) = write_tinyimagenet(str(tmp_path), classes=3, per_class=4,
                                                     val_per_class=2)
     base = tmp_path / "tiny-imagenet-200"
-    odd = sorted((base / "train" / "n00000001" / "images").iterdir())[0]  # a 56x56 image is resized
+    odd = sorted((base / "train" / "n00000001" / "images").iterdir())[0]  # a 56x56 one is resized
     odd.write_bytes(encode_jpeg(torch.full((3, 56, 56), 200, dtype=torch.uint8)).numpy().tobytes())
     (tx, ty), (vx, vy) = m.load_tinyimagenet(str(tmp_path))
     assert tx.shape == (12, 3, 64, 64) and tx.dtype == torch.uint8 and vx.shape == (6, 3, 64, 64)
@@ -802,7 +805,7 @@ def test_benchmark_runs_quick(monkeypatch, capsys):
     assert (lines[-1].startswith("training, 2 CNN-MNIST models")
             and "operators per step" in lines[-1])
 
-# ------------------------------------------------------------------- wiring: stop, relabel, retrain
+# ------------------------------------------------------------------ wiring: stop, relabel, retrain
 
 
 def test_training_stops_at_the_threshold_and_says_so(mnist, tmp_path, capsys):
@@ -862,7 +865,8 @@ def test_relabel_counts_fixed_broken_and_keeps_unplaceable_rows():
     assert labels["corrupt"].tolist() == [0, 1, 3, 3, 4, 1, 1, 2, 3, 4]
     assert c["fixed"] == 0.75  # rows 0, 1, 3 of the corrupted 0-3
     assert c["broken"] == pytest.approx(1 / 6)  # row 5 of the clean 4-9
-    assert c["relabel_correct"] == pytest.approx(0.8) and c["corrupt_correct"] == pytest.approx(0.6)
+    assert (c["relabel_correct"] == pytest.approx(0.8)
+            and c["corrupt_correct"] == pytest.approx(0.6))
     assert labels["true"].tolist() == [2] * 10 and t["relabel_correct"] == pytest.approx(0.2)
     assert t["fixed"] == 0.25 and t["broken"] == pytest.approx(5 / 6)
     assert out["val_size"] == 2 and out["test_size"] == 8
@@ -905,7 +909,8 @@ def test_retraining_patience_and_kept_epoch(monkeypatch, patience, kept, epochs)
     jobs = [m.Retraining(f"{i}", {n: t.clone() for n, t in model.state_dict().items()},
                          data.train_y, torch.Generator(),
                          history={"train_acc": [], "val_acc": [], "test_acc": []},
-                         val_idx=torch.arange(10), eval_idx=torch.arange(10, 20), report=reports[i])
+                         val_idx=torch.arange(10), eval_idx=torch.arange(10, 20),
+                         report=reports[i])
             for i in range(2)]
     m.retrain_all(jobs, model, data, config)
     for job, report, k, e in zip(jobs, reports, kept, epochs):
@@ -927,7 +932,7 @@ def test_figure31_command_records_every_retraining_epoch(mnist, tmp_path):
         # of 48 images
         assert all(round(a * 48) == pytest.approx(a * 48) for a in report["test_per_epoch"])
 
-# ----------------------------------------------------------------------------- controls and options
+# ---------------------------------------------------------------------------- controls and options
 
 
 def test_init_control_decodes_the_trained_models_own_initial_weights(mnist, tmp_path, monkeypatch):
@@ -1070,7 +1075,7 @@ def test_authors_aggregation_is_the_best_layer_of_the_mean_curve():
                  early_stop_test_acc=0.5, retrain=None)
     table = m.summary_table(runs, [0.4])
     assert "0.850 [0.800,0.900]" in table and "0.650/0.300" in table
-    # Table 1's improvement is of the run-averaged accuracies (83.4 / 32.1 - 1 = 159.8% at MLP-MNIST
+    # Table 1's improvement is of run-averaged accuracies (83.4 / 32.1 - 1 = 159.8% at MLP-MNIST
     # p = 0.8), not the mean of each run's: model accuracies 0.25 and 0.75 average to 0.5
     runs[0]["model_acc"]["test"], runs[1]["model_acc"] = 0.25, {"test": 0.75}
     assert "0.650/0.300, 30.0" in m.summary_table(runs, [0.4])  # 0.65 / 0.5 - 1
@@ -1105,7 +1110,8 @@ def test_cnn_and_alexnet_batch_like_one_at_a_time(arch, dataset, mnist, tmp_path
               "--data-dir", str(root)]
     together = cpu_main(common + ["--models-at-once", "2", "--out-dir", str(tmp_path / "all")])
     real = m.convolutions_for  # a model alone trains with the kernels that a CPU stack uses
-    monkeypatch.setattr(m, "convolutions_for", lambda device, stacking: real(device, stacking=True))
+    monkeypatch.setattr(m, "convolutions_for",
+                        lambda device, stacking: real(device, stacking=True))
     apart = cpu_main(common + ["--models-at-once", "1", "--out-dir", str(tmp_path / "apart")])
     assert together["config"]["models_at_once"] == 2 and apart["config"]["models_at_once"] == 1
     for a, b in zip(together["runs"], apart["runs"]):
@@ -1116,7 +1122,8 @@ def test_stacked_optimizers_follow_torch_optim():
     """SGD with momentum and Adam on stacked parameters, against torch.optim on one model."""
     for kind, lr in (("sgd", 1e-2), ("adam", 1e-3)):
         model = m.build_model("mlp", (1, 4, 4), 3, 0)
-        reference = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9) if kind == "sgd" else \
+        reference = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9) \
+            if kind == "sgd" else \
             torch.optim.Adam(model.parameters(), lr=lr)
         job = m.Job("x", {n: p.detach().clone() for n, p in model.named_parameters()}, None, None)
         stack = m.Stack(model, [job], kind, lr)
@@ -1164,7 +1171,7 @@ def test_interrupted_batch_resumes_every_model_exactly(mnist, tmp_path, monkeypa
 
 
 def test_models_resumed_at_another_epoch_train_as_if_alone(mnist, tmp_path, monkeypatch):
-    """Adam's bias correction depends on the step count: a CNN resumed at epoch 2 beside a fresh one
+    """Adam's bias correction depends on the step count: a CNN resumed at epoch 2 beside a new one
     trains apart from it, and both end as in an uninterrupted command."""
     args = ["--model", "cnn", "--epochs", "4", "--save-every", "2", "--no-retrain",
             "--models-at-once", "2", "--data-dir", str(mnist)]
@@ -1298,7 +1305,8 @@ def test_a_results_json_that_cannot_be_kept_or_a_checkpoint_missing_a_field_is_o
 
 def zero_moments(model, optimizer):
     """An in-progress checkpoint's optimizer field for model: step 1, zero moments."""
-    return {"step": 1, "buffers": {n: {s: torch.zeros_like(t) for s in m.OPTIMIZER_SLOTS[optimizer]}
+    return {"step": 1, "buffers": {n: {s: torch.zeros_like(t)
+                                       for s in m.OPTIMIZER_SLOTS[optimizer]}
                                    for n, t in model.named_parameters()}}
 
 
@@ -1382,7 +1390,7 @@ def test_training_accuracy_is_the_exact_fraction_of_correct_images():
     assert accs == [(pred == y).double().mean().item() for y in labels] and accs[0] != accs[1]
 
 
-# --------------------------------------------------------------------------- CUDA paths, on the CPU
+# -------------------------------------------------------------------------- CUDA paths, on the CPU
 
 
 def index_add_predict(bases, feats):
@@ -1407,7 +1415,8 @@ def test_one_hot_sum_of_masc_predict_gives_the_index_add_predictions():
                        m.masc_predict(bases, queries))
 
 
-def test_masc_products_are_ieee_float32_whatever_the_program_asked_and_flags_come_back(monkeypatch):
+def test_masc_products_are_ieee_float32_whatever_the_program_asked_and_flags_come_back(
+        monkeypatch):
     matmul = torch.backends.cuda.matmul
     for backend in (matmul, torch.backends.mkldnn.matmul):
         monkeypatch.setattr(backend, "fp32_precision", "tf32")  # as a program asking for TF32
