@@ -97,6 +97,20 @@ class ByteCounter(TorchDispatchMode):
         return out
 
 
+def generated_kernels(fn, *args):
+    """Kernels inductor generates for fn(*args) and its backward. Compiled afresh: a compile
+    found in dynamo's or the on-disk caches (an earlier --compile run) generates none."""
+    import torch._functorch.config
+    import torch._inductor.config
+    import torch._inductor.metrics as metrics
+    torch._dynamo.reset()
+    metrics.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        torch.compile(fn, fullgraph=True)(*args).backward()
+    return metrics.generated_kernel_count
+
+
 def cost_model(args, compile_step):
     """FLOPs, operators and memory of the full-size run, and the time they imply on one H100."""
     bs, width = 256, args.projector_width
@@ -139,11 +153,8 @@ def cost_model(args, compile_step):
     compiled = None
     # inductor's fused kernels for the whole step, plus the convolutions and matmuls
     if compile_step:
-        import torch._inductor.metrics as metrics
-        metrics.reset()
-        step = torch.compile(bm.step_loss, fullgraph=True)
-        step(small, images, targets, aug_u, mix_u, settings).backward()
-        compiled = metrics.generated_kernel_count + extern + 1  # + the fused Adam kernel
+        kernels = generated_kernels(bm.step_loss, small, images, targets, aug_u, mix_u, settings)
+        compiled = kernels + extern + 1  # + the fused Adam kernel
 
     # the evaluation's peak memory at full size, from the script's own grouping and chunking (bf16)
     params = sum(p.numel() for p in model.parameters())

@@ -1584,6 +1584,19 @@ def test_benchmark_runs_at_tiny_size(monkeypatch, capsys):
                  "operators per step, eager", "evaluation peak memory", "estimated, not measured"):
         assert part in out, out
 
+
+def test_benchmark_counts_the_kernels_of_a_function_compiled_before():
+    """The README's compiled operator count: a compile found in dynamo's or the on-disk caches
+    generates no kernels, and the count read 47 (the convolutions and Adam alone) instead of
+    312 once an earlier --compile run had filled the cache. It compiles afresh now."""
+    import benchmark
+
+    def f(x):
+        return ((x.sin() + 1).relu() * x).sum()
+    x = torch.randn(64, device="cpu", requires_grad=True)
+    first = benchmark.generated_kernels(f, x)
+    assert first > 0 and benchmark.generated_kernels(f, x) == first
+
 # ----------------------------------------------------------------------- GPU paths, run on the CPU
 
 
