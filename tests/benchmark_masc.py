@@ -14,6 +14,7 @@ and the operators each issues per step, counted with a dispatch mode.
 
 Not collected by pytest (no test_ prefix).
 """
+import argparse
 import os
 import sys
 import time
@@ -132,11 +133,14 @@ def training_row(arch, models, steps, device):
 
 
 def main():
-    quick = "--quick" in sys.argv  # one tiny setting: checks that the benchmark runs
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if "--device" in sys.argv:  # e.g. --device cpu
-        device = sys.argv[sys.argv.index("--device") + 1]
-    if "--training" in sys.argv:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true",
+                   help="one tiny setting: checks that the benchmark runs")
+    p.add_argument("--training", action="store_true", help="only the training row")
+    a = p.parse_args()
+    quick, device = a.quick, a.device
+    if a.training:
         training_row("mlp", 18, 20, device)
         training_row("cnn", 18, 10, device)
         return

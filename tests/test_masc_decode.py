@@ -805,6 +805,20 @@ def test_benchmark_runs_quick(monkeypatch, capsys):
     assert (lines[-1].startswith("training, 2 CNN-MNIST models")
             and "operators per step" in lines[-1])
 
+
+def test_benchmark_help_and_a_mistyped_flag_run_nothing(monkeypatch, capsys):
+    """benchmark_masc.py read sys.argv by hand: --help started the full benchmark (minutes of
+    float64 eigensolvers) and --devcie cpu was ignored, timing on the GPU where one is visible."""
+    import benchmark_masc
+    monkeypatch.setattr(benchmark_masc, "training_row", lambda *a: pytest.fail("it ran"))
+    monkeypatch.setattr(benchmark_masc, "relu_features", lambda *a: pytest.fail("it ran"))
+    for argv, code in ((["--help"], 0), (["--devcie", "cpu"], 2), (["--quick", "cpu"], 2)):
+        monkeypatch.setattr(sys, "argv", ["benchmark_masc.py"] + argv)
+        with pytest.raises(SystemExit) as exit_:
+            benchmark_masc.main()
+        assert exit_.value.code == code, argv
+    assert "--training" in capsys.readouterr().out  # the help lists the flags
+
 # ------------------------------------------------------------------ wiring: stop, relabel, retrain
 
 
