@@ -84,7 +84,7 @@ def test_every_flag_is_in_the_readme_and_every_readme_flag_exists():
     # the tools only: test files also quote flags that exist nowhere (to see them refused)
     tools = "".join(p.read_text() for p in (ROOT / "tests").glob("*.py")
                     if not p.name.startswith(("test_", "conftest")))
-    tool_flags = set(re.findall(r"\"(--[a-z0-9-]+)\"", tools))  # argparse's or sys.argv's
+    tool_flags = set(re.findall(r"\"(--[a-z0-9-]+)\"", tools))  # their argparse flags
     slurm = {"--array", "--gres", "--requeue", "--time"}
     named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", (ROOT / "README.md").read_text()))
     assert script_flags - named == set()
