@@ -421,8 +421,11 @@ def train_epoch(model, opt, data, gen, batch_size, step, settings):  # no host s
 
 # ----------------------------------------------------------------------------- probes
 
-def mm_out_float32(device):  # torch.mm(fp16, fp16, out_dtype=torch.float32): CUDA kernels only
-    return device.type == "cuda"
+def mm_out_float32(device):
+    """Whether torch.mm(fp16, fp16, out_dtype=torch.float32) runs: CUDA kernels only, and ROCm
+    and TunableOp (PYTORCH_TUNABLEOP_ENABLED=1) refuse fp16 in, float32 out."""
+    return (device.type == "cuda" and torch.version.hip is None
+            and not torch.cuda.tunable.is_enabled())
 
 def similarity_blocks(ref, queries, chunk=None, ref_chunk=None):
     """(start, block): float32 cosine similarities of each chunk of queries to every reference row:

@@ -1902,6 +1902,21 @@ def test_half_features_multiplied_into_float32_directly_give_the_same_neighbours
     assert torch.equal(direct, cast)
 
 
+def test_half_features_take_the_cast_path_where_cuda_refuses_float32_output(monkeypatch):
+    """ROCm and TunableOp raise on fp16 in, float32 out ('Tunable GEMM is not supported for float
+    output with reduced float input'): the first evaluation would end the run. There the K-NN
+    takes the cast path. CUDA is stood in for by the device's type; nothing runs on it."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda.tunable, "is_enabled", lambda: False)
+    assert bm.mm_out_float32(cuda) and not bm.mm_out_float32(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda.tunable, "is_enabled", lambda: True)
+    assert not bm.mm_out_float32(cuda)
+    monkeypatch.setattr(torch.cuda.tunable, "is_enabled", lambda: False)
+    monkeypatch.setattr(torch.version, "hip", "6.4.0")
+    assert not bm.mm_out_float32(cuda)
+
+
 def test_throughput_leaves_out_the_first_compiled_epoch(cifar, tmp_path, patch_md5, monkeypatch):
     """Its time is mostly compilation (minutes on a GPU): a window of only that epoch reports none.
     torch.compile is stubbed: only the bookkeeping is tested here."""
