@@ -18,6 +18,10 @@ def test_smallest_form_passes_every_check(capsys):
     passed, _, total = last.split()[:3]
     assert status == 0 and passed == total == str(11), out
     assert last.endswith("checks passed") and "FAIL" not in out, out
+    # the checks that compile come last: a time limit on a first, compiling run cuts only them
+    names = [line.split(" | ")[0] for line in out.splitlines() if " | " in line][1:]
+    compiling = [i for i, name in enumerate(names) if "compiled" in name]
+    assert len(names) == 11 and compiling == [9, 10], names
 
 
 def test_a_failing_check_exits_non_zero(capsys, monkeypatch):
