@@ -703,6 +703,8 @@ def test_weights_ruined_by_an_epochs_last_step_never_reach_a_checkpoint(
     # a class per image, not anchor
     (["--num-classes", "per-sample", "--subset", "16"], "per-sample"),
     (["--num-classes", "per-sample", "--augment", "iid:2"], "per-sample"),
+    (["--num-classes", "per-sample", "--aug-labels", "random"], "--aug-labels random"),
+    (["--batch-size", "32", "--probe-size", "20", "--knn-k", "20"], "--knn-k 20 needs more"),
 ])
 def test_bad_input_gives_one_line_error(args, fragment, cifar, tmp_path, patch_md5, capsys):
     err = main_error(bm, ["--device", "cpu", "--data-dir", cifar, "--out-dir", tmp_path / "out",
@@ -1791,6 +1793,52 @@ def test_compiled_run_matches_eager_and_resumes_as_an_uninterrupted_one(
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-6)
     for a, b in zip(grad_c, grad_e):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_channels_last_run_as_on_cuda_resumes_exactly(cifar, tmp_path, patch_md5, monkeypatch):
+    """run() turns the model to channels_last where Runtime asks, which is CUDA only: here Runtime
+    asks on the CPU. The whole run (steps, probes, checkpoints, resume) then holds NHWC weights;
+    its losses are the default layout's to rounding (oneDNN sums NHWC in another order), and
+    killed after the epoch-1 checkpoint and run again it ends as the uninterrupted NHWC run."""
+    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
+    common = ["--device", "cpu", "--epochs", "2", "--eval-every", "1", "--batch-size", "32",
+              "--projector-width", "16", "--knn-k", "5", "--invariance-size", "8",
+              "--linear-probe", "off", "--data-dir", str(cifar)]
+    bm.main(common + ["--out-dir", str(tmp_path / "nchw")])
+
+    class ChannelsLast(bm.Runtime):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.channels_last = True
+    monkeypatch.setattr(bm, "Runtime", ChannelsLast)
+    real_save, layouts = bm.save_atomically, []
+
+    def save(path, content):
+        if path.endswith("ckpt.pt"):
+            layouts.extend(w.is_contiguous(memory_format=torch.channels_last)
+                           and not w.is_contiguous() for w in content["model"].values()
+                           if w.dim() == 4 and w.shape[1] > 1 and w.shape[2] > 1)
+        real_save(path, content)
+    monkeypatch.setattr(bm, "save_atomically", save)
+    whole = bm.main(common + ["--out-dir", str(tmp_path / "whole")])
+    assert layouts and all(layouts)  # every convolution's weight, in every checkpoint, is NHWC
+
+    def save_then_die(path, content):
+        save(path, content)
+        if path.endswith("ckpt.pt") and content["epoch"] == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(bm, "save_atomically", save_then_die)
+    with pytest.raises(SystemExit, match="130"):
+        bm.main(common + ["--out-dir", str(tmp_path / "cut")])
+    monkeypatch.setattr(bm, "save_atomically", save)
+    torch.manual_seed(12345)  # whatever happened in between
+    resumed = bm.main(common + ["--out-dir", str(tmp_path / "cut")])
+    read = lambda d: [json.loads(r) for r in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+    assert strip_timing(read("whole")) == strip_timing(read("cut")) and len(read("cut")) == 3
+    assert strip_timing([whole["final"]]) == strip_timing([resumed["final"]])
+    for nhwc, nchw in zip(read("whole"), read("nchw")):
+        assert nhwc["loss"] == pytest.approx(nchw["loss"], rel=1e-4)  # None at epoch 0
+        assert nhwc["invariance"] == pytest.approx(nchw["invariance"], rel=1e-3)
 
 
 def test_channels_last_path_of_cuda_gives_the_same_step_and_features_on_the_cpu():

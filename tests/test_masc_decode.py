@@ -653,6 +653,9 @@ def test_incomplete_tinyimagenet_gives_one_line_error(tmp_path, capsys):
     (["--runs", "1001"], "--runs"),  # a trillion: a MemoryError's traceback before
     (["--train-size", "5"], "below the 10 classes"),  # trained, with 5 classes never seen
     (["--decode-every", "600"], "--decode-every"),  # never decoded: an empty dynamics table
+    (["--epochs", "ten"], "expected int, got 'ten'"),
+    (["--corruption", "0.2,x"], "expected float, got 'x'"),
+    (["--corruption", ","], "expected comma-separated numbers"),
 ])
 def test_bad_input_gives_one_line_error(args, fragment, mnist, tmp_path, capsys):
     err = main_error(m, CPU + ["--data-dir", mnist, "--out-dir", tmp_path / "out", *args], capsys)
