@@ -703,7 +703,8 @@ def test_weights_ruined_by_an_epochs_last_step_never_reach_a_checkpoint(
     # a class per image, not anchor
     (["--num-classes", "per-sample", "--subset", "16"], "per-sample"),
     (["--num-classes", "per-sample", "--augment", "iid:2"], "per-sample"),
-    (["--num-classes", "per-sample", "--aug-labels", "random"], "--aug-labels random"),
+    (["--num-classes", "per-sample", "--augment", "fixed:2", "--aug-labels", "random"],
+     "--aug-labels random is undefined with --num-classes per-sample"),
     (["--batch-size", "32", "--probe-size", "20", "--knn-k", "20"], "--knn-k 20 needs more"),
 ])
 def test_bad_input_gives_one_line_error(args, fragment, cifar, tmp_path, patch_md5, capsys):
