@@ -1586,6 +1586,24 @@ def test_benchmark_runs_at_tiny_size(monkeypatch, capsys):
     for part in ("(a)", "(b)", "(c)", "(d)", "augmentation alone", "FLOPs per training image",
                  "operators per step, eager", "evaluation peak memory", "estimated, not measured"):
         assert part in out, out
+    # the cost model is the full-size run's, whatever width the timings used
+    assert f"projector {bm.PROJECTOR_WIDTH}, batch 256)" in out, out
+    # and counts a step after the first, which also creates Adam's state (987 against 801)
+    args = bm.build_parser().parse_args(["--device", "cpu"])
+    model = bm.build_model(args, 10, 32)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-4, fused=True)
+    g = torch.Generator().manual_seed(1)
+    settings = bm.StepSettings(0.8, "mse", bf16=False, channels_last=False)
+    for step in range(3):
+        images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=g)
+        targets = torch.nn.functional.one_hot(torch.arange(4), 10).float()
+        aug_u, mix_u = bm.step_uniforms(4, True, True, g, torch.device("cpu"))
+        with benchmark.OpCounter() as ops:
+            loss = bm.step_loss(model, images, targets, aug_u, mix_u, settings)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    assert f"operators per step, eager: {len(ops.ops)} (" in out, (len(ops.ops), out)
 
 
 def test_benchmark_counts_the_kernels_of_a_function_compiled_before():
