@@ -809,6 +809,20 @@ def test_benchmark_runs_quick(monkeypatch, capsys):
             and "operators per step" in lines[-1])
 
 
+def test_benchmark_epoch_time_counts_an_epochs_setup_once(monkeypatch):
+    """Timed over 20 steps and scaled by 93.75 to an epoch, the stack's construction (a fixed
+    cost of every epoch) was counted 93.75 times. A clock that advances 3 s per epoch plus
+    0.5 s per step of 32 images: an epoch of 60,000 images takes 3 + 0.5 * 1875 s."""
+    import benchmark_masc
+    clock = [0.0]
+    monkeypatch.setattr(benchmark_masc.time, "perf_counter", lambda: clock[0])
+
+    def run_epoch(images):
+        clock[0] += 3.0 + 0.5 * images / 32
+    got = benchmark_masc.epoch_seconds(run_epoch, 20, 32, 60000)
+    assert got == pytest.approx(3.0 + 0.5 * 1875)
+
+
 def test_benchmark_help_and_a_mistyped_flag_run_nothing(monkeypatch, capsys):
     """benchmark_masc.py read sys.argv by hand: --help started the full benchmark (minutes of
     float64 eigensolvers) and --devcie cpu was ignored, timing on the GPU where one is visible."""
