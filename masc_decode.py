@@ -1164,9 +1164,13 @@ def run(args, folder):  # folder: the out-dir's RunFolderLock, released by the c
     print(f"wrote {os.path.join(args.out_dir, 'results.json')}")
     return results
 
-def out_of_memory(error):  # CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError
+def out_of_memory(error):
+    """CUDA's OutOfMemoryError; the RuntimeErrors of a failed allocation in a CUDA kernel launch
+    ("CUDA error: out of memory") or a library's handle (cuBLAS, cuSOLVER, cuDNN: ALLOC_FAILED),
+    or of the CPU allocator."""
     return (isinstance(error, (MemoryError, torch.OutOfMemoryError))
-            or "can't allocate memory" in str(error))
+            or any(text in str(error) for text in ("can't allocate memory", "out of memory",
+                                                   "ALLOC_FAILED")))
 
 def main(argv=None):
     args = build_parser().parse_args(argv)

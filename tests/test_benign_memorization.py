@@ -640,7 +640,11 @@ def test_out_of_memory_is_one_line_that_says_how_to_resume(cifar, tmp_path, patc
     cpu = {"error: MemoryError; with more free memory": MemoryError(),
            "DefaultCPUAllocator: can't allocate memory: you tried;": RuntimeError(
                "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
-               "you tried")}
+               "you tried"),  # and CUDA's that are RuntimeErrors: a kernel launch's, cuBLAS's
+           "CUDA error: out of memory;": RuntimeError("CUDA error: out of memory\nCUDA kernel "
+                                                      "errors might be asynchronously reported"),
+           "CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`;": RuntimeError(
+               "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")}
     for expected, error[0] in cpu.items():
         calls["n"] = 0
         assert expected in last_error_line(args + ["--overwrite"])

@@ -467,6 +467,12 @@ def test_out_of_memory_is_one_line_that_says_to_stack_fewer_models(mnist, tmp_pa
               "DefaultCPUAllocator: can't allocate memory: you tried;": RuntimeError(
                   "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate "
                   "memory: you tried"),
+              # a kernel launch's, and a library handle's (cuSOLVER's first eigh after training)
+              "CUDA error: out of memory;": RuntimeError(
+                  "CUDA error: out of memory\nCUDA kernel errors might be reported later"),
+              "CUSOLVER_STATUS_ALLOC_FAILED, when calling `cusolverDnCreate(handle)`;":
+                  RuntimeError("cusolver error: CUSOLVER_STATUS_ALLOC_FAILED, when calling "
+                               "`cusolverDnCreate(handle)`"),
               None: RuntimeError("a bug")}
     for n, (expected, error) in enumerate(errors.items()):
         def failing_epoch(*args):
