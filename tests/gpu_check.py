@@ -70,6 +70,7 @@ class Size:
     masc_models: int
     masc_steps: dict  # per architecture
     masc_fit: tuple  # classes, samples per class, queries per class (width 2048)
+    masc_main: tuple  # fake MNIST's training and test images, epochs of the whole command
     backend: str  # of torch.compile: "inductor" as the script, or dynamo's "eager" alone
 
 
@@ -77,15 +78,15 @@ SIZES = {
     "cuda": Size(256, 65536, 20, 5,
                  dict(train=5120, test=1000, batch=256, width=65536, k=20, invariance=1000),
                  (50000, 10000, 512, 0.45), (50000, 10000, 1000), None, 18, {"mlp": 50, "cnn": 20},
-                 (10, 6000, 1000), "inductor"),
+                 (10, 6000, 1000), (2000, 1000, 3), "inductor"),
     "cpu": Size(32, 1024, 3, 1,
                 dict(train=128, test=64, batch=32, width=256, k=5, invariance=16),
                 (5000, 1000, 512, 0.35), (500, 100, 100), None, 3, {"mlp": 10, "cnn": 3},
-                (10, 200, 50), "inductor"),
+                (10, 200, 50), (400, 200, 3), "inductor"),
     "smallest": Size(4, 64, 1, 0,
                      dict(train=8, test=8, batch=4, width=32, k=3, invariance=4),
                      (1000, 200, 128, 0.25), (16, 8, 4), 8, 2, {"mlp": 2, "cnn": 1},
-                     (10, 30, 10), "eager"),
+                     (10, 30, 10), (100, 50, 2), "eager"),
 }
 
 
@@ -619,6 +620,77 @@ def check_masc_fit(ctx):
                 f">= {KNN_AGREEMENT:.1%} agree (time: no GPU estimate)", agree >= KNN_AGREEMENT)]
 
 
+def write_mnist(root, n_train, n_test, seed=0):
+    """MNIST's idx files as torchvision leaves them (<root>/MNIST/raw): class templates plus
+    noise, as write_cifar10."""
+    folder = os.path.join(root, "MNIST", "raw")
+    os.makedirs(folder, exist_ok=True)
+    templates = np.random.default_rng(1234).integers(0, 256, size=(10, 28, 28))
+    for prefix, n, s in (("train", n_train, seed), ("t10k", n_test, seed + 1)):
+        rng = np.random.default_rng(s)
+        labels = np.arange(n) % 10
+        rng.shuffle(labels)
+        x = np.clip(templates[labels] + rng.normal(0, 40, size=(n, 28, 28)), 0, 255)
+        with open(os.path.join(folder, f"{prefix}-images-idx3-ubyte"), "wb") as f:
+            f.write(np.array([0x803, n, 28, 28], ">u4").tobytes() + x.astype(np.uint8).tobytes())
+        with open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte"), "wb") as f:
+            f.write(np.array([0x801, n], ">u4").tobytes() + labels.astype(np.uint8).tobytes())
+
+
+def masc_in_process(argv):
+    """masc_decode.main(argv), its output kept out of the check's: the results, or the exit
+    status of a command that stopped (Ctrl-C: 130), and what it printed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            return md.main(argv), out.getvalue()
+        except SystemExit as e:
+            return e.code, out.getvalue()
+
+
+def check_masc_main(ctx):
+    """The whole masc command on the device, on fake MNIST: two MLPs (p = 0 and 0.5) trained
+    stacked, decoded, relabelled and retrained; stopped by Ctrl-C once both have written their
+    first checkpoint and run again, against an uninterrupted run: equal results. What the other
+    masc checks leave out runs here: the stack's predictions, a device generator restored from a
+    checkpoint, relabelling. An MLP has no convolution, and cuBLAS is deterministic in the
+    workspace main() sets, so equality holds on CUDA too."""
+    n_train, n_test, epochs = ctx.size.masc_main
+    data = os.path.join(ctx.tmp, "mnist")
+    write_mnist(data, n_train, n_test)
+    argv = ["--device", str(ctx.device), "--model", "mlp", "--corruption", "0,0.5", "--epochs",
+            str(epochs), "--save-every", "1", "--retrain-epochs", "2", "--data-dir", data]
+    t0 = time.perf_counter()
+    whole, _ = masc_in_process(argv + ["--out-dir", os.path.join(ctx.tmp, "masc_whole")])
+    seconds = time.perf_counter() - t0
+    real, saves = md.save_atomically, []
+
+    def save_then_stop(path, content):
+        real(path, content)
+        if path.endswith(".partial.pt"):
+            saves.append(path)
+            if len(saves) == 2:  # both models at epoch 1: the resumed stack is the same stack
+                raise KeyboardInterrupt
+    md.save_atomically = save_then_stop
+    try:
+        stopped, _ = masc_in_process(argv + ["--out-dir", os.path.join(ctx.tmp, "masc_cut")])
+    finally:
+        md.save_atomically = real
+    resumed, printed = masc_in_process(argv + ["--out-dir", os.path.join(ctx.tmp, "masc_cut")])
+    if not isinstance(whole, dict) or not isinstance(resumed, dict) or stopped != 130:
+        return [Row("masc command stopped and resumed", f"exit statuses: whole {whole}, stopped "
+                    f"{stopped}, resumed {resumed}", "runs; 130 when stopped", False)]
+    equal = whole["runs"] == resumed["runs"]
+    resumed_both = printed.count("resuming from epoch 1") == 2  # else it trained them afresh
+    best = ", ".join(f"p={r['corruption']:g} {r['best_layer']} {r['best_masc_test']:.3f}"
+                     for r in whole["runs"])
+    measured = (f"{n_train} images, {epochs} epochs, {seconds:.1f} s; stopped at epoch 1 and "
+                f"{'resumed' if resumed_both else 'NOT resumed'}: results "
+                f"{'equal' if equal else 'differ'} (MASC {best})")
+    return [Row("masc command stopped and resumed", measured, "resumed, equal",
+                equal and resumed_both)]
+
+
 # ----------------------------------------------------------------------------- main
 
 # those that compile last: on a machine that has never compiled them (a lent GPU, a fresh
@@ -631,6 +703,7 @@ CHECKS = {
     "masc-mlp": lambda ctx: check_masc_training(ctx, "mlp"),
     "masc-cnn": lambda ctx: check_masc_training(ctx, "cnn"),
     "masc-fit": check_masc_fit,
+    "masc-main": check_masc_main,
     "step-compiled": lambda ctx: check_step(ctx, compiled=True),
     "compiled-once": check_compiled_once,
 }

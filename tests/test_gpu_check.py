@@ -16,12 +16,12 @@ def test_smallest_form_passes_every_check(capsys):
     out = capsys.readouterr().out
     last = out.strip().splitlines()[-1]
     passed, _, total = last.split()[:3]
-    assert status == 0 and passed == total == str(11), out
+    assert status == 0 and passed == total == str(12), out
     assert last.endswith("checks passed") and "FAIL" not in out, out
     # the checks that compile come last: a time limit on a first, compiling run cuts only them
     names = [line.split(" | ")[0] for line in out.splitlines() if " | " in line][1:]
     compiling = [i for i, name in enumerate(names) if "compiled" in name]
-    assert len(names) == 11 and compiling == [9, 10], names
+    assert len(names) == 12 and compiling == [10, 11], names
 
 
 def test_a_failing_check_exits_non_zero(capsys, monkeypatch):
@@ -32,6 +32,22 @@ def test_a_failing_check_exits_non_zero(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert status == 1, out
     assert "FAIL" in out and out.strip().splitlines()[-1] == "0 of 1 checks passed", out
+
+
+def test_the_masc_command_check_catches_a_resume_that_loses_the_random_state(capsys,
+                                                                             monkeypatch):
+    """A resumed model whose batch order restarts from another state: the results differ."""
+    real = gpu_check.md.load_model_checkpoint
+
+    def forgetful(*args, **kwargs):
+        ckpt = real(*args, **kwargs)
+        if ckpt and "gen" in ckpt:
+            ckpt["gen"] = torch.Generator().manual_seed(99).get_state()
+        return ckpt
+    monkeypatch.setattr(gpu_check.md, "load_model_checkpoint", forgetful)
+    status = gpu_check.main(["--device", "cpu", "--smallest", "--only", "masc-main"])
+    out = capsys.readouterr().out
+    assert status == 1 and "resumed: results differ" in out, out
 
 
 def test_without_cuda_the_default_device_is_one_line_and_status_2(capsys, monkeypatch):
