@@ -1257,8 +1257,8 @@ def out_of_memory(error):
     ("CUDA error: out of memory") or a library's handle (cuBLAS, cuSOLVER, cuDNN: ALLOC_FAILED),
     or of the CPU allocator."""
     return (isinstance(error, (MemoryError, torch.OutOfMemoryError))
-            or any(text in str(error) for text in ("can't allocate memory", "out of memory",
-                                                   "ALLOC_FAILED")))
+            or any(text in first_line(error)  # not a wrapped error's later lines
+                   for text in ("can't allocate memory", "out of memory", "ALLOC_FAILED")))
 
 def main(argv=None):
     args = build_parser().parse_args(argv)

@@ -85,8 +85,8 @@ class OpCounter(TorchDispatchMode):
 def epoch_seconds(run_epoch, steps, batch, images):
     """An epoch's seconds from two short ones (run_epoch(n) trains on n images): the time per
     step, from epochs of `steps` steps and of one, scaled to `images`, plus once what an epoch
-    costs before its first step (building the stack: scaled up with the steps, it added a third
-    to a half to the MLP's epoch)."""
+    costs before its first step (building the stack: scaled up with the steps, it added 22%
+    to the 18 stacked MLPs' epoch and 17% to theirs one after another, measured on a CPU)."""
     times = []
     for n in (steps, 1):
         t0 = time.perf_counter()

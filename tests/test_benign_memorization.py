@@ -1592,6 +1592,7 @@ def test_benchmark_runs_at_tiny_size(monkeypatch, capsys):
         assert part in out, out
     # the cost model is the full-size run's, whatever width the timings used
     assert f"projector {bm.PROJECTOR_WIDTH}, batch 256)" in out, out
+    assert "model and optimizer 0.73 GB" in out, out  # 45.4 million parameters, 16 bytes each
     # and counts a step after the first, which also creates Adam's state (987 against 801)
     args = bm.build_parser().parse_args(["--device", "cpu"])
     model = bm.build_model(args, 10, 32)
