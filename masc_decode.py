@@ -1145,6 +1145,9 @@ def run(args, folder):  # folder: the out-dir's RunFolderLock, released by the c
     save_atomically(os.path.join(args.out_dir, "config.json"), vars(args))
     results = {"config": vars(args), "script_sha256": script_sha256(), "runs": []}
     memorized = memorize(jobs, template, data, args)
+    del jobs  # their weights and optimizer moments: decoding needs only `memorized`
+    if torch.device(args.device).type == "cuda":  # cuSOLVER's handle, made by the first eigh,
+        torch.cuda.empty_cache()  # is allocated outside PyTorch's cache, which training filled
     retrainings = []
     for p, r in specs:
         entry, retrain = decode_run(args, data, p, r, *memorized[p, r])
