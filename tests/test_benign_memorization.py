@@ -484,6 +484,24 @@ def strip_timing(rows):
     return [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows]
 
 
+def interrupted_run(monkeypatch, argv, epoch):
+    """bm.main(argv) stopped by Ctrl-C right after the epoch-`epoch` checkpoint, written through
+    whatever save_atomically is in place; the epochs checkpointed, in order."""
+    save, saves = bm.save_atomically, []
+
+    def save_then_stop(path, content):
+        save(path, content)
+        if path.endswith("ckpt.pt"):
+            saves.append(content["epoch"])
+            if content["epoch"] == epoch:
+                raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(bm, "save_atomically", save_then_stop)
+        with pytest.raises(SystemExit, match="130"):  # main's exit on Ctrl-C
+            bm.main(argv)
+    return saves
+
+
 def test_killed_run_resumes_to_the_same_result(cifar, tmp_path, patch_md5, capsys, monkeypatch):
     """SIGKILL right after the epoch-1 checkpoint (the second evaluation's: epoch 0's comes before
     any training), run the same command again: the same metrics as an uninterrupted run, exactly.
@@ -570,16 +588,7 @@ def test_run_killed_after_its_last_checkpoint_ends_with_the_whole_log(cifar, tmp
     monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)
     args = ARGS + ["--epochs", "2", "--linear-probe", "off", "--data-dir", str(cifar)]
     whole = bm.main(args + ["--out-dir", str(tmp_path / "whole")])
-    real_save = bm.save_atomically
-
-    def save_then_die(path, content):
-        real_save(path, content)
-        if path.endswith("ckpt.pt") and content["epoch"] == 2:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(bm, "save_atomically", save_then_die)
-    with pytest.raises(SystemExit, match="130"):
-        bm.main(args + ["--out-dir", str(tmp_path / "cut")])
-    monkeypatch.setattr(bm, "save_atomically", real_save)
+    interrupted_run(monkeypatch, args + ["--out-dir", str(tmp_path / "cut")], epoch=2)
     assert not (tmp_path / "cut" / "results.json").exists()
     resumed = bm.main(args + ["--out-dir", str(tmp_path / "cut")])
     read = lambda d: [json.loads(r) for r in (tmp_path / d / "log.jsonl").read_text().splitlines()]
@@ -1780,18 +1789,7 @@ def test_compiled_run_matches_eager_and_resumes_as_an_uninterrupted_one(
     for c, e in zip(read("whole"), read("eager")):  # K-NN votes may flip on near-ties: not those
         assert c["loss"] == pytest.approx(e["loss"], rel=1e-4)  # None at epoch 0
         assert c["invariance"] == pytest.approx(e["invariance"], rel=1e-3)  # the probes' forward
-    real_save, saves = bm.save_atomically, []
-
-    def save_then_die(path, content):  # the process dies right after the epoch-1 checkpoint
-        real_save(path, content)
-        if path.endswith("ckpt.pt"):
-            saves.append(content["epoch"])
-            if content["epoch"] == 1:
-                raise KeyboardInterrupt
-    monkeypatch.setattr(bm, "save_atomically", save_then_die)
-    with pytest.raises(SystemExit, match="130"):  # main's exit on Ctrl-C
-        bm.main(common + ["--out-dir", str(tmp_path / "cut")])
-    monkeypatch.setattr(bm, "save_atomically", real_save)
+    saves = interrupted_run(monkeypatch, common + ["--out-dir", str(tmp_path / "cut")], epoch=1)
     assert saves == [0, 1]
     torch.manual_seed(12345)  # whatever happened in between
     resumed = bm.main(common + ["--out-dir", str(tmp_path / "cut")])
@@ -1846,15 +1844,8 @@ def test_a_channels_last_run_as_on_cuda_resumes_exactly(cifar, tmp_path, patch_m
     monkeypatch.setattr(bm, "save_atomically", save)
     whole = bm.main(common + ["--out-dir", str(tmp_path / "whole")])
     assert layouts and all(layouts)  # every convolution's weight, in every checkpoint, is NHWC
-
-    def save_then_die(path, content):
-        save(path, content)
-        if path.endswith("ckpt.pt") and content["epoch"] == 1:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(bm, "save_atomically", save_then_die)
-    with pytest.raises(SystemExit, match="130"):
-        bm.main(common + ["--out-dir", str(tmp_path / "cut")])
-    monkeypatch.setattr(bm, "save_atomically", save)
+    assert interrupted_run(monkeypatch, common + ["--out-dir", str(tmp_path / "cut")],
+                           epoch=1) == [0, 1]
     torch.manual_seed(12345)  # whatever happened in between
     resumed = bm.main(common + ["--out-dir", str(tmp_path / "cut")])
     read = lambda d: [json.loads(r) for r in (tmp_path / d / "log.jsonl").read_text().splitlines()]
