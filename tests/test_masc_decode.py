@@ -809,6 +809,8 @@ def test_benchmark_runs_quick(monkeypatch, capsys):
     benchmark_masc.main()
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-3].endswith("1.0000")  # the same predictions as the authors' approach
+    speedup = lines[-3].split()[-2]  # printed "0x" when the quick setting's ratio was below 0.5
+    assert speedup.endswith("x") and float(speedup[:-1]) > 0, lines[-3]
     assert (lines[-2].startswith("training, 2 MLP-MNIST models")
             and "operators per step" in lines[-2])
     assert (lines[-1].startswith("training, 2 CNN-MNIST models")
