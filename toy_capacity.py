@@ -16,7 +16,7 @@ batched model; each (n, B, seed) cell has its own generators: it gets the result
 
 Usage:
     python toy_capacity.py                                  # default sweep: 14-25 s on 2 cores
-    python toy_capacity.py --n 64 --augs 1,16,online --seeds 0
+    python toy_capacity.py --n 64 --augs 1,16,online --seeds 0 --out-dir runs/toy_n64
     python toy_capacity.py --capacity 16 --steps 4000 --out-dir runs/toy_k16
 """
 import argparse
@@ -306,22 +306,28 @@ class OneLineParser(argparse.ArgumentParser):
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
 
-def int_list(text, minimum=1, words=()):  # words: {word: the value it stands for}
+LARGEST = 10**7  # of n, B and K: far past any toy, and below sizes whose products overflow torch
+
+def int_list(text, minimum=1, words=(), maximum=LARGEST):  # words: {word: the value it stands for}
     try:
         values = [words[v] if v in words else int(v) for v in map(str.strip, text.split(",")) if v]
     except ValueError:
         values = []
-    if not values or any(isinstance(v, int) and v < minimum for v in values):
-        wanted = " or ".join([f"integers >= {minimum}", *map(repr, words)])
+    numbers = [v for v in values if isinstance(v, int)]
+    if not values or any(v < minimum or maximum is not None and v > maximum for v in numbers):
+        wanted = f"integers >= {minimum}" + (f" and <= {maximum:,}" if maximum else "")
+        wanted = " or ".join([wanted, *map(repr, words)])
         raise argparse.ArgumentTypeError(f"expected a comma list of {wanted}, got {text!r}")
     if len(set(values)) < len(values):  # a repeated cell is no second sample
         raise argparse.ArgumentTypeError(f"{text!r} repeats a value")
     return values
 
-def positive_int(text):
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return int(text)
+def positive_int(text, maximum=None):
+    value = int(text) if text.strip().isdigit() else 0
+    if value < 1 or maximum is not None and value > maximum:
+        at_most = f" and <= {maximum:,}" if maximum else ""
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1{at_most}, got {text!r}")
+    return value
 
 def build_parser():
     d = Config()
@@ -330,10 +336,10 @@ def build_parser():
     g.add_argument("--n", type=int_list, default=d.n, help="training-set sizes n (comma list)")
     g.add_argument("--augs", type=lambda t: int_list(t, words={"online": None}), default=d.augs,
                    help="fixed augmentations per point B, or 'online' (comma list)")
-    g.add_argument("--seeds", type=lambda t: int_list(t, minimum=0), default=d.seeds,
+    g.add_argument("--seeds", type=lambda t: int_list(t, minimum=0, maximum=None), default=d.seeds,
                    help="seeds (comma list)")
     g = p.add_argument_group("model and training")
-    g.add_argument("--capacity", type=positive_int, default=d.capacity,
+    g.add_argument("--capacity", type=lambda t: positive_int(t, LARGEST), default=d.capacity,
                    help="projector prototypes K (the paper's bound on the capacity)")
     g.add_argument("--steps", type=positive_int, default=d.steps, help="SGD steps")
     g = p.add_argument_group("system")
@@ -364,7 +370,7 @@ def check_args(args):  # checks argparse cannot make, before anything is written
                         "sweep's): use another --out-dir")
     if (os.path.exists(saved) or os.path.exists(results)) and not args.overwrite and \
             not same_sweep(config_of(args), saved):
-        why = ("its config.json is another sweep's (other flags, or the other of cpu and cuda)"
+        why = ("a config.json of another sweep (other flags, or the other of cpu and cuda)"
                if os.path.exists(saved) else "a results.json without config.json")
         raise UserError(f"{where} holds {why}: pass --overwrite to replace it, or another "
                         "--out-dir")

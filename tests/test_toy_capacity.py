@@ -335,11 +335,25 @@ def test_cells_do_not_depend_on_the_rest_of_the_grid(tmp_path):
     (["--device", "meta"], "cpu or cuda"),  # torch.empty works on meta, training does not
     (["--seeds", "0,0"], "repeats"),  # two identical cells: a spread of 0 "over seeds"
     (["--augs", "online,online"], "repeats"),
+    # past 2**63 torch raised a TypeError with C++ frames ("Overflow when unpacking long long")
+    (["--n", "100000000000000000000"], "<= 10,000,000"),
+    (["--capacity", "100000000000000000000"], "<= 10,000,000"),
+    (["--n", "16", "--augs", "1152921504606846976"], "<= 10,000,000"),
 ])
 def test_bad_input_gives_one_line_error(args, fragment, tmp_path, capsys):
     err = main_error(toy, ["--device", "cpu", *args, "--out-dir", tmp_path / "out"], capsys)
     assert fragment in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_docstrings_commands_write_to_different_folders():
+    """Its second command once had no --out-dir: run after the first, it was refused (another
+    sweep's config.json in runs/toy)."""
+    commands = [line.split("#")[0].split() for line in toy.__doc__.splitlines()
+                if line.strip().startswith("python toy_capacity.py")]
+    folders = [c[c.index("--out-dir") + 1] if "--out-dir" in c else toy.Config().out_dir
+               for c in commands]
+    assert len(commands) == 3 and len(set(folders)) == len(folders), folders
 
 
 def test_out_dir_below_a_file_gives_one_line_error(tmp_path, capsys):
@@ -377,7 +391,7 @@ def test_another_sweeps_folder_is_refused_and_a_failed_sweep_leaves_it_as_it_was
     toy.main(small + ["--steps", "2"])
     toy.main(small + ["--steps", "2"])  # the same sweep again: allowed
     before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
-    assert "another sweep's" in main_error(toy, small + ["--steps", "3"], capsys)
+    assert "of another sweep" in main_error(toy, small + ["--steps", "3"], capsys)
     import benign_memorization
     import masc_decode
     for script in (benign_memorization, masc_decode):  # their real configs
@@ -389,7 +403,7 @@ def test_another_sweeps_folder_is_refused_and_a_failed_sweep_leaves_it_as_it_was
             assert (tmp_path / "config.json").read_text() == theirs
     on_cuda = dict(json.loads(before["config.json"]), device="cuda:1")  # other random streams
     (tmp_path / "config.json").write_text(json.dumps(on_cuda))
-    assert "another sweep's" in main_error(toy, small + ["--steps", "2"], capsys)
+    assert "of another sweep" in main_error(toy, small + ["--steps", "2"], capsys)
     on_cpu0 = dict(json.loads(before["config.json"]), device="cpu:0")  # the same streams
     (tmp_path / "config.json").write_text(json.dumps(on_cpu0))
     toy.main(small + ["--steps", "2"])  # accepted
