@@ -6,7 +6,7 @@ projector memorizes the labels while the encoder's K-NN probe beats its value at
 (benign); without, it falls below (malign). Flags cover the paper's other experiments (README).
 Images stay on the device as uint8, augmented in batches with per-image parameters (RandAugment:
 per group of 8 images); bf16 and channels_last on CUDA. Each evaluation checkpoints atomically;
-the same command resumes exactly.
+the same command resumes (exactly on the CPU; on CUDA to the same random streams).
 
 Usage:
     python benign_memorization.py --dataset cifar10 --epochs 5000            # the paper's setting
@@ -687,20 +687,26 @@ def make_probe_set(args, train, test, data, clean_classes, device):
 
 # ----------------------------------------------------------------------------- data, checkpoints
 
-def save_atomically(path, content):  # via path.tmp: a killed run never leaves half a file
+def save_atomically(path, content, shared=False):  # via a temporary file and a rename
+    """A killed run never leaves half a file. shared: a file that other runs may write at the same
+    time (the dataset cache) gets a temporary file of this process's own; a run folder's files,
+    which its lock guards, use path.tmp, so a killed write's leftover is overwritten next time."""
+    tmp = f"{path}.{os.getpid()}.tmp" if shared else path + ".tmp"
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path + ".tmp", "wb") as f:
+        with open(tmp, "wb") as f:
             if isinstance(content, str):
                 f.write(content.encode())
             else:
                 torch.save(content, f)
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename: a crash never leaves an empty file
-        os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as e:  # a full disk (torch.save's is a RuntimeError)
+        os.replace(tmp, path)
+    except BaseException as e:  # Ctrl-C too: no temporary file left behind
         with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
+            os.remove(tmp)
+        if not isinstance(e, (OSError, RuntimeError)):  # a full disk: torch.save's RuntimeError
+            raise
         raise UserError(f"could not write {path} ({first_line(e)}); "
                         "any previous version is intact")
 
@@ -835,7 +841,8 @@ def load_tinyimagenet(root):
         raise UserError(f"Tiny ImageNet in {base} is incomplete ({first_line(e)}); expected the "
                         "tiny-imagenet-200 archive layout")
     try:
-        save_atomically(cache, {"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy})
+        save_atomically(cache, {"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy},
+                        shared=True)  # a job array's first runs all decode and write it
     except UserError as e:  # a read-only dataset folder (shared storage): not fatal
         tqdm.write(f"warning: {e}; the images are decoded again next time", file=sys.stderr)
     return (tx, ty), (vx, vy)
@@ -947,7 +954,8 @@ def refuse_a_run_that_cannot_finish(args, ckpt, data, train_count, num_classes, 
         raise UserError(f"--knn-k {args.knn_k} needs more probed training images")
     size = checkpoint_bytes(args, num_classes, resolution)
     free = shutil.disk_usage(existing_part(args.out_dir)).free  # on the disk it will be made on
-    free += os.path.getsize(ckpt_path) if os.path.exists(ckpt_path) else 0  # replaced or removed
+    for replaced in (ckpt_path, ckpt_path + ".tmp"):  # the old one, and a killed write's leftover
+        free += os.path.getsize(replaced) if os.path.exists(replaced) else 0
     if free < 2 * size:  # the atomic write holds the old checkpoint and the new one
         raise UserError(f"a checkpoint of this model takes {size / 1e9:.2f} GB and writing it "
                         f"needs twice that; the disk of {args.out_dir} has "
@@ -1036,13 +1044,15 @@ def dataset_list(text):
             f"expected a comma list of {', '.join(TRANSFER)}, got {text!r}")
     return names
 
+SIZE_LIMIT = 2**24  # of W, C and B: far past the paper's, and a product of two fits an int64
+
 def augmentation(text):  # --augment, normalised
     kind, _, value = text.partition(":")
     try:
         if kind in ("online", "none") and not value:
             return kind
         if kind in ("fixed", "iid") and (value or kind == "iid"):
-            return f"{kind}:{bounded(int, 1)(value or str(IID_PARTNERS))}"
+            return f"{kind}:{bounded(int, 1, SIZE_LIMIT)(value or str(IID_PARTNERS))}"
         if kind == "randaugment" and value:
             return f"{kind}:{bounded(float, 0, 1)(value):g}"
     except argparse.ArgumentTypeError as e:
@@ -1055,7 +1065,7 @@ def build_parser():
                       formatter_class=ShowDefaults)
     largest = 2**63 - 1  # an int64: counts become tensor sizes
     count, rate, probability = bounded(int, 1, largest), bounded(float, 0), bounded(float, 0, 1)
-    class_count = lambda text: text if text == "per-sample" else bounded(int, 2, largest)(text)
+    class_count = lambda text: text if text == "per-sample" else bounded(int, 2, SIZE_LIMIT)(text)
     image_count = lambda text: 0 if text == "0" else bounded(int, 2, largest)(text)
     g = p.add_argument_group("data and labels")
     g.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10", help="training set")
@@ -1067,7 +1077,7 @@ def build_parser():
                    "'per-sample' (Figure 8)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=["resnet18", "vgg16"], default="resnet18", help="encoder")
-    g.add_argument("--projector-width", type=count, default=PROJECTOR_WIDTH,
+    g.add_argument("--projector-width", type=bounded(int, 1, SIZE_LIMIT), default=PROJECTOR_WIDTH,
                    help="hidden width W of the projector (Figure 7)")
     g.add_argument("--loss", choices=["mse", "ce"], default="mse", help="MSE to one-hot, or CE")
     g = p.add_argument_group("training points")

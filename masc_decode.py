@@ -331,8 +331,8 @@ def ieee_float32():
     finally:
         if legacy:
             torch.set_float32_matmul_precision(legacy)
-        else:
-            for b, value in zip(backends, before):
+        for b, value in zip(backends, before):  # the legacy call turns a fresh "none" into "ieee"
+            if b.fp32_precision != value:
                 b.fp32_precision = value
 
 def class_basis(X, variance):
@@ -465,7 +465,7 @@ def relabel(test_pred, data, y_corrupt, preds, seed):
         chosen = preds[best][kind]
         labels = torch.where(chosen.train >= 0, chosen.train, y_corrupt)  # -1 rows keep theirs
         fixed = accuracy(labels[wrong], y_true[wrong]) if wrong.any() else None
-        broken = (labels != y_true)[~wrong].float().mean().item() if not wrong.all() else None
+        broken = (labels != y_true)[~wrong].double().mean().item() if not wrong.all() else None
         out[f"{kind}_subspaces"] = dict(
             layer=best, masc_test=accuracy(chosen.test[eval_idx], y_test[eval_idx]),
             relabel_correct=accuracy(labels, y_true), corrupt_correct=accuracy(y_corrupt, y_true),
@@ -536,20 +536,26 @@ def init_control(data, y_corrupt, args, seed, posthoc):
 
 # ----------------------------------------------------------------------------- datasets
 
-def save_atomically(path, obj):  # JSON or torch.save, via path.tmp: a kill leaves no half file
+def save_atomically(path, obj, shared=False):  # JSON or torch.save, via a temporary file
+    """A killed run never leaves half a file. shared: a file that other runs may write at the same
+    time (the dataset cache) gets a temporary file of this process's own; a run folder's files,
+    which its lock guards, use path.tmp, so a killed write's leftover is overwritten next time."""
+    tmp = f"{path}.{os.getpid()}.tmp" if shared else path + ".tmp"
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path + ".tmp", "wb") as f:
+        with open(tmp, "wb") as f:
             if path.endswith(".json"):
                 f.write(json.dumps(obj, indent=2).encode())
             else:
                 torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename: a crash never leaves an empty file
-        os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as e:  # a full disk (torch.save's is a RuntimeError)
+        os.replace(tmp, path)
+    except BaseException as e:  # Ctrl-C too: no temporary file left behind
         with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
+            os.remove(tmp)
+        if not isinstance(e, (OSError, RuntimeError)):  # a full disk: torch.save's RuntimeError
+            raise
         raise UserError(f"could not write {path} ({first_line(e)}); "
                         "any previous version is intact")
 
@@ -675,7 +681,8 @@ def load_tinyimagenet(root):
         raise UserError(f"Tiny ImageNet in {base} is incomplete ({first_line(e)}); expected the "
                         "tiny-imagenet-200 archive layout")
     try:
-        save_atomically(cache, {"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy})
+        save_atomically(cache, {"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy},
+                        shared=True)  # a job array's first runs all decode and write it
     except UserError as e:  # a read-only dataset folder (shared storage): not fatal
         tqdm.write(f"warning: {e}; the images are decoded again next time", file=sys.stderr)
     return (tx, ty), (vx, vy)

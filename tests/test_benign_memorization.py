@@ -3,6 +3,7 @@ then end-to-end runs on tiny fake CIFAR files in the real pickle layout."""
 import argparse
 import hashlib
 import inspect
+import io
 import json
 import math
 import os
@@ -711,6 +712,10 @@ def test_weights_ruined_by_an_epochs_last_step_never_reach_a_checkpoint(
     (["--seed", "1" + "0" * 400], "--seed"),  # too large for a float: isfinite overflowed
     (["--projector-width", str(2**63)], "--projector-width"),  # so did torch.empty
     (["--num-classes", str(2**63)], "--num-classes"),
+    # below 2**63, products overflowed (checkpoint_bytes' W x C; n x B): "overflowed" tracebacks
+    (["--projector-width", str(2**60)], "in [1, 16777216]"),
+    (["--num-classes", str(2**50)], "in [2, 16777216]"),
+    (["--augment", f"fixed:{2**62}"], "in [1, 16777216]"),
     (["--device", "meta"], "cpu or cuda"),  # torch.empty works on meta, training does not
     (["--augment", "fixed:2", "--aug-labels", "random", "--label-noise", "0.5"], "--label-noise"),
     # a class per image, not anchor
@@ -2016,6 +2021,13 @@ def test_a_disk_too_small_for_two_checkpoints_is_refused_before_anything_is_writ
     room["free"] = int(2.1 * size)
     with pytest.raises(Accepted):
         bm.main(SMALL + ["--data-dir", str(cifar), "--out-dir", str(tmp_path / "run")])
+    # a first checkpoint's write, killed, left ckpt.pt.tmp: the next write overwrites it
+    (tmp_path / "killed").mkdir()
+    with open(tmp_path / "killed" / "ckpt.pt.tmp", "wb") as f:
+        f.truncate(int(0.5 * size))
+    room["free"] = int(1.6 * size)
+    with pytest.raises(Accepted):
+        bm.main(SMALL + ["--data-dir", str(cifar), "--out-dir", str(tmp_path / "killed")])
     per_sample = bm.checkpoint_bytes(argparse.Namespace(seed=0, arch="resnet18",
                                                         projector_width=65536), 50000, 32)
     assert 39e9 < per_sample < 40e9  # 12 bytes x (65,536 x 50,000 + 65,536 x 512 + ResNet18)
@@ -2078,3 +2090,49 @@ def test_a_write_is_on_disk_whole_before_its_rename(name, tmp_path, monkeypatch)
     with pytest.raises(bm.UserError, match="could not write .*Input/output error.*intact"):
         bm.save_atomically(path, {"w": torch.arange(6)} if is_ckpt else "{}")
     assert open(path, "rb").read() == replaced and not os.path.exists(path + ".tmp")
+
+
+def test_runs_writing_the_dataset_cache_at_once_leave_it_whole(tmp_path, monkeypatch):
+    """A job array's first runs all decode Tiny ImageNet and write its cache. With one temporary
+    file for all, a second run's open truncated the first's half-written file, and a second run
+    killed then left the first to rename a file with a hole of zeros: a corrupt cache."""
+    from conftest import write_tinyimagenet
+    write_tinyimagenet(str(tmp_path), classes=2, per_class=2, val_per_class=1)
+    real_save, pid = torch.save, os.getpid()
+
+    def killed_after_a_few_bytes(obj, f):  # the second run, stopped mid-write
+        f.write(b"a few bytes")
+        raise KeyboardInterrupt
+
+    def save_with_a_second_run_between(obj, f):  # the first run, half-way when the second starts
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+        with monkeypatch.context() as second:
+            second.setattr(os, "getpid", lambda: pid + 1)
+            second.setattr(torch, "save", killed_after_a_few_bytes)
+            with pytest.raises(KeyboardInterrupt):
+                bm.load_dataset("tinyimagenet", str(tmp_path))
+        f.write(buffer.getvalue()[len(buffer.getvalue()) // 2:])
+    monkeypatch.setattr(torch, "save", save_with_a_second_run_between)
+    (tx, ty), (vx, vy) = bm.load_dataset("tinyimagenet", str(tmp_path))
+    monkeypatch.undo()
+    base = tmp_path / "tiny-imagenet-200"
+    cache = torch.load(base / "uint8_cache.pt")
+    assert torch.equal(cache["train_x"], tx) and torch.equal(cache["val_y"], vy)
+    assert not [f for f in os.listdir(base) if f.endswith(".tmp")]  # the stopped run's removed
+
+
+def test_a_write_stopped_by_ctrl_c_leaves_no_temporary_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    bm.save_atomically(path, {"epoch": 1})
+
+    def stopped(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        bm.save_atomically(path, {"epoch": 2})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and torch.load(path) == {"epoch": 1}
+
