@@ -276,6 +276,55 @@ def main_error(module, args, capsys):
     return err
 
 
+def check_runs_writing_the_dataset_cache_at_once(load_tinyimagenet, tmp_path, monkeypatch):
+    """A job array's first runs all decode Tiny ImageNet and write its cache. With one temporary
+    file for all, a second run's open truncated the first's half-written file, and a second run
+    killed then left the first to rename a file with a hole of zeros: a corrupt cache. Here the
+    first run (this one) is half-way through its write when a second (another pid) starts and is
+    stopped after a few bytes; the cache must be whole and no temporary file left."""
+    import io
+    write_tinyimagenet(str(tmp_path), classes=2, per_class=2, val_per_class=1)
+    real_save, pid = torch.save, os.getpid()
+
+    def killed_after_a_few_bytes(obj, f):
+        f.write(b"a few bytes")
+        raise KeyboardInterrupt
+
+    def save_with_a_second_run_between(obj, f):
+        whole = io.BytesIO()
+        real_save(obj, whole)
+        half = len(whole.getvalue()) // 2
+        f.write(whole.getvalue()[:half])
+        with monkeypatch.context() as second:
+            second.setattr(os, "getpid", lambda: pid + 1)
+            second.setattr(torch, "save", killed_after_a_few_bytes)
+            with pytest.raises(KeyboardInterrupt):
+                load_tinyimagenet(str(tmp_path))
+        f.write(whole.getvalue()[half:])
+    with monkeypatch.context() as first:
+        first.setattr(torch, "save", save_with_a_second_run_between)
+        (tx, _), (_, vy) = load_tinyimagenet(str(tmp_path))
+    base = tmp_path / "tiny-imagenet-200"
+    cache = torch.load(base / "uint8_cache.pt")
+    assert torch.equal(cache["train_x"], tx) and torch.equal(cache["val_y"], vy)
+    assert not [f for f in os.listdir(base) if f.endswith(".tmp")]
+
+
+def check_a_write_stopped_by_ctrl_c_leaves_no_temporary_file(save_atomically, tmp_path,
+                                                             monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    save_atomically(path, {"epoch": 1})
+
+    def stopped(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            save_atomically(path, {"epoch": 2})
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and torch.load(path) == {"epoch": 1}
+
+
 @pytest.fixture
 def patch_md5(monkeypatch):
     import torchvision.datasets.cifar

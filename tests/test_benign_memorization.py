@@ -3,7 +3,6 @@ then end-to-end runs on tiny fake CIFAR files in the real pickle layout."""
 import argparse
 import hashlib
 import inspect
-import io
 import json
 import math
 import os
@@ -18,8 +17,10 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import RandomResizedCrop
 
 import benign_memorization as bm
-from conftest import (REPO, assert_one_line_error, help_entries, lock_held_by_another_process,
-                      main_error, run_script, write_cifar)
+from conftest import (REPO, assert_one_line_error,
+                      check_a_write_stopped_by_ctrl_c_leaves_no_temporary_file,
+                      check_runs_writing_the_dataset_cache_at_once, help_entries,
+                      lock_held_by_another_process, main_error, run_script, write_cifar)
 
 CPU_FP32 = bm.Runtime(torch.device("cpu"), bf16=False)
 
@@ -2093,46 +2094,9 @@ def test_a_write_is_on_disk_whole_before_its_rename(name, tmp_path, monkeypatch)
 
 
 def test_runs_writing_the_dataset_cache_at_once_leave_it_whole(tmp_path, monkeypatch):
-    """A job array's first runs all decode Tiny ImageNet and write its cache. With one temporary
-    file for all, a second run's open truncated the first's half-written file, and a second run
-    killed then left the first to rename a file with a hole of zeros: a corrupt cache."""
-    from conftest import write_tinyimagenet
-    write_tinyimagenet(str(tmp_path), classes=2, per_class=2, val_per_class=1)
-    real_save, pid = torch.save, os.getpid()
-
-    def killed_after_a_few_bytes(obj, f):  # the second run, stopped mid-write
-        f.write(b"a few bytes")
-        raise KeyboardInterrupt
-
-    def save_with_a_second_run_between(obj, f):  # the first run, half-way when the second starts
-        buffer = io.BytesIO()
-        real_save(obj, buffer)
-        f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
-        with monkeypatch.context() as second:
-            second.setattr(os, "getpid", lambda: pid + 1)
-            second.setattr(torch, "save", killed_after_a_few_bytes)
-            with pytest.raises(KeyboardInterrupt):
-                bm.load_dataset("tinyimagenet", str(tmp_path))
-        f.write(buffer.getvalue()[len(buffer.getvalue()) // 2:])
-    monkeypatch.setattr(torch, "save", save_with_a_second_run_between)
-    (tx, ty), (vx, vy) = bm.load_dataset("tinyimagenet", str(tmp_path))
-    monkeypatch.undo()
-    base = tmp_path / "tiny-imagenet-200"
-    cache = torch.load(base / "uint8_cache.pt")
-    assert torch.equal(cache["train_x"], tx) and torch.equal(cache["val_y"], vy)
-    assert not [f for f in os.listdir(base) if f.endswith(".tmp")]  # the stopped run's removed
+    check_runs_writing_the_dataset_cache_at_once(bm.load_tinyimagenet, tmp_path, monkeypatch)
 
 
 def test_a_write_stopped_by_ctrl_c_leaves_no_temporary_file(tmp_path, monkeypatch):
-    path = str(tmp_path / "ckpt.pt")
-    bm.save_atomically(path, {"epoch": 1})
-
-    def stopped(obj, f):
-        f.write(b"half a checkpoint")
-        raise KeyboardInterrupt
-    monkeypatch.setattr(torch, "save", stopped)
-    with pytest.raises(KeyboardInterrupt):
-        bm.save_atomically(path, {"epoch": 2})
-    monkeypatch.undo()
-    assert os.listdir(tmp_path) == ["ckpt.pt"] and torch.load(path) == {"epoch": 1}
-
+    check_a_write_stopped_by_ctrl_c_leaves_no_temporary_file(bm.save_atomically, tmp_path,
+                                                             monkeypatch)

@@ -2,7 +2,6 @@
 Algorithms 1-3, label corruption statistics, and end-to-end runs on fake MNIST/CIFAR files."""
 import argparse
 import hashlib
-import io
 import json
 import os
 import pathlib
@@ -14,8 +13,11 @@ import pytest
 import torch
 
 import masc_decode as m
-from conftest import (assert_one_line_error, help_entries, lock_held_by_another_process,
-                      main_error, run_script, write_cifar, write_mnist)
+from conftest import (assert_one_line_error,
+                      check_a_write_stopped_by_ctrl_c_leaves_no_temporary_file,
+                      check_runs_writing_the_dataset_cache_at_once, help_entries,
+                      lock_held_by_another_process, main_error, run_script, write_cifar,
+                      write_mnist)
 
 # every end-to-end test names its device: the suite is the same with a GPU
 CPU = ["--device", "cpu"]
@@ -1530,46 +1532,9 @@ def test_a_forced_tf32_environment_is_refused_on_cuda_in_one_line(tmp_path, monk
 
 
 def test_runs_writing_the_dataset_cache_at_once_leave_it_whole(tmp_path, monkeypatch):
-    """A job array's first runs all decode Tiny ImageNet and write its cache. With one temporary
-    file for all, a second run's open truncated the first's half-written file, and a second run
-    killed then left the first to rename a file with a hole of zeros: a corrupt cache."""
-    from conftest import write_tinyimagenet
-    write_tinyimagenet(str(tmp_path), classes=2, per_class=2, val_per_class=1)
-    real_save, pid = torch.save, os.getpid()
-
-    def killed_after_a_few_bytes(obj, f):  # the second run, stopped mid-write
-        f.write(b"a few bytes")
-        raise KeyboardInterrupt
-
-    def save_with_a_second_run_between(obj, f):  # the first run, half-way when the second starts
-        buffer = io.BytesIO()
-        real_save(obj, buffer)
-        f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
-        with monkeypatch.context() as second:
-            second.setattr(os, "getpid", lambda: pid + 1)
-            second.setattr(torch, "save", killed_after_a_few_bytes)
-            with pytest.raises(KeyboardInterrupt):
-                m.load_tinyimagenet(str(tmp_path))
-        f.write(buffer.getvalue()[len(buffer.getvalue()) // 2:])
-    monkeypatch.setattr(torch, "save", save_with_a_second_run_between)
-    (tx, ty), (vx, vy) = m.load_tinyimagenet(str(tmp_path))
-    monkeypatch.undo()
-    base = tmp_path / "tiny-imagenet-200"
-    cache = torch.load(base / "uint8_cache.pt")
-    assert torch.equal(cache["train_x"], tx) and torch.equal(cache["val_y"], vy)
-    assert not [f for f in os.listdir(base) if f.endswith(".tmp")]  # the stopped run's removed
+    check_runs_writing_the_dataset_cache_at_once(m.load_tinyimagenet, tmp_path, monkeypatch)
 
 
 def test_a_write_stopped_by_ctrl_c_leaves_no_temporary_file(tmp_path, monkeypatch):
-    path = str(tmp_path / "ckpt.pt")
-    m.save_atomically(path, {"epoch": 1})
-
-    def stopped(obj, f):
-        f.write(b"half a checkpoint")
-        raise KeyboardInterrupt
-    monkeypatch.setattr(torch, "save", stopped)
-    with pytest.raises(KeyboardInterrupt):
-        m.save_atomically(path, {"epoch": 2})
-    monkeypatch.undo()
-    assert os.listdir(tmp_path) == ["ckpt.pt"] and torch.load(path) == {"epoch": 1}
-
+    check_a_write_stopped_by_ctrl_c_leaves_no_temporary_file(m.save_atomically, tmp_path,
+                                                             monkeypatch)
