@@ -9,9 +9,11 @@ per group of 8 images); bf16 and channels_last on CUDA. Each evaluation checkpoi
 the same command resumes (exactly on the CPU; on CUDA to the same random streams).
 
 Usage:
-    python benign_memorization.py --dataset cifar10 --epochs 5000            # the paper's setting
-    python benign_memorization.py --dataset cifar10 --augment none --mixup 0 # malign control
-    python benign_memorization.py --augment fixed:16 --aug-labels random     # Figure 5
+    python benign_memorization.py --dataset cifar10 --epochs 5000   # the paper's setting
+    python benign_memorization.py --dataset cifar10 --augment none --mixup 0 \\
+        --out-dir runs/no_da                                         # malign control
+    python benign_memorization.py --augment fixed:16 --aug-labels random \\
+        --out-dir runs/fixed16                                       # Figure 5
 """
 import argparse
 import collections
@@ -24,6 +26,7 @@ import pathlib
 import shutil
 import sys
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 
@@ -689,9 +692,9 @@ def make_probe_set(args, train, test, data, clean_classes, device):
 
 def save_atomically(path, content, shared=False):  # via a temporary file and a rename
     """A killed run never leaves half a file. shared: a file that other runs may write at the same
-    time (the dataset cache) gets a temporary file of this process's own; a run folder's files,
-    which its lock guards, use path.tmp, so a killed write's leftover is overwritten next time."""
-    tmp = f"{path}.{os.getpid()}.tmp" if shared else path + ".tmp"
+    time (the dataset cache, from several hosts) gets a temporary file of its own; a run folder's
+    files, which its lock guards, use path.tmp, so a killed write's leftover is overwritten."""
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp" if shared else path + ".tmp"  # unique across hosts
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(tmp, "wb") as f:

@@ -16,9 +16,9 @@ gives trained alone. On a CPU they train one at a time (--models-at-once).
 Usage:
     python masc_decode.py --dataset mnist --model mlp --corruption 0.8
     python masc_decode.py --dataset fashionmnist --model cnn --corruption 0,0.2,0.4,0.6,0.8,1 \\
-        --runs 3
+        --runs 3 --out-dir runs/fashion_cnn
     python masc_decode.py --dataset cifar100 --model alexnet --corruption 0,0.4 \\
-        --posthoc-corruption 0.2,0.4,0.6,0.8
+        --posthoc-corruption 0.2,0.4,0.6,0.8 --out-dir runs/cifar100_alexnet
 """
 import argparse
 import contextlib
@@ -30,6 +30,7 @@ import os
 import pathlib
 import sys
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -538,9 +539,9 @@ def init_control(data, y_corrupt, args, seed, posthoc):
 
 def save_atomically(path, obj, shared=False):  # JSON or torch.save, via a temporary file
     """A killed run never leaves half a file. shared: a file that other runs may write at the same
-    time (the dataset cache) gets a temporary file of this process's own; a run folder's files,
-    which its lock guards, use path.tmp, so a killed write's leftover is overwritten next time."""
-    tmp = f"{path}.{os.getpid()}.tmp" if shared else path + ".tmp"
+    time (the dataset cache, from several hosts) gets a temporary file of its own; a run folder's
+    files, which its lock guards, use path.tmp, so a killed write's leftover is overwritten."""
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp" if shared else path + ".tmp"  # unique across hosts
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(tmp, "wb") as f:

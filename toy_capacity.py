@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -167,7 +168,7 @@ def knn_accuracy(ref, ref_labels, queries, query_labels, k, classes):
     neighbour_labels = ref_labels.unsqueeze(1).expand(-1, nn_idx.shape[1], -1).gather(-1, nn_idx)
     votes = torch.zeros(*nn_idx.shape[:2], classes, device=ref.device)
     votes.scatter_add_(-1, neighbour_labels, torch.ones_like(nn_idx, dtype=votes.dtype))
-    return (votes.argmax(-1) == query_labels).float().mean(-1)
+    return (votes.argmax(-1) == query_labels).double().mean(-1)  # float32 moves 4th decimals
 
 def normalized_invariance(h_aug1, h_aug2, h_clean):
     """Eq. 2 averaged over points: ||q(T1 x) - q(T2 x)||^2 / mean_{x' != x} ||q(x) - q(x')||^2,
@@ -196,7 +197,7 @@ def fit_accuracy(cells, W, V, onehots, args):
             gen = named_generator(args.device, "fit", c.seed, c.n)
             x = x + augmentation_noise(x.shape[0], args, gen)
         pred = projector(x @ W[m].T, V[m], onehots[m]).argmax(-1)
-        accs.append((pred == y).float().mean())
+        accs.append((pred == y).double().mean())
     return torch.stack(accs)
 
 @torch.no_grad()
@@ -251,7 +252,7 @@ def run_sweep(args):
 # ----------------------------------------------------------------------------- report
 def phase_table(results, ns, augs):
     def cell_text(rows):
-        gains = torch.tensor([r["knn"] - r["knn_init"] for r in rows])
+        gains = torch.tensor([r["knn"] - r["knn_init"] for r in rows], dtype=torch.float64)
         spread = gains.std().item() if len(rows) > 1 else 0.0
         fit = sum(r["fit"] for r in rows) / len(rows)
         return f"{gains.mean().item():+.3f}±{spread:.3f} fit {fit:.2f}"
@@ -288,9 +289,15 @@ def another_scripts_run(path):  # a readable config.json without the keys every 
     return saved is not None and not {"n", "augs", "seeds", "capacity"} <= saved.keys()
 
 def write_json(path, obj):  # via a temporary file and a rename: never half a file
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # its own: two identical sweeps may share a folder
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C too: no temporary file left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 def script_sha256():  # which version of this file made a result, once copied elsewhere
     with open(os.path.abspath(__file__), "rb") as f:

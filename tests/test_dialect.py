@@ -31,6 +31,20 @@ def test_named_generators_are_named_streams(name):
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_the_docstrings_commands_write_to_different_folders(name):
+    """Run one after another, each usage command must start its own run: one that shared the
+    default --out-dir with an earlier one of other settings was refused (the toy's second, the
+    second and third of benign and of masc, whose models share names in models/)."""
+    module = SCRIPTS[name]
+    usage = module.__doc__.split("Usage:")[1].replace("\\\n", " ")
+    commands = [line.split("#")[0].split() for line in usage.splitlines()
+                if line.strip().startswith(f"python {name}")]
+    default = module.build_parser().parse_args([]).out_dir
+    folders = [c[c.index("--out-dir") + 1] if "--out-dir" in c else default for c in commands]
+    assert len(commands) == 3 and len(set(folders)) == 3, folders
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_bad_flag_exits_2_and_bad_input_exits_1(name, tmp_path, capsys):
     module = SCRIPTS[name]
     with pytest.raises(SystemExit) as malformed:

@@ -2,6 +2,7 @@
 import argparse
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -124,6 +125,17 @@ def test_knn_matches_brute_force():
     got = toy.knn_accuracy(torch.tensor(ref)[None], torch.tensor(ref_y)[None],
                            torch.tensor(q)[None], torch.tensor(q_y)[None], 5, 3)
     assert got.item() == pytest.approx(brute_force_knn(ref, ref_y, q, q_y, 5, 3))
+
+
+def test_knn_share_is_exact_in_float64():
+    """1 hit in 800 is stored rounded to 4 decimals: float32's 0.00124999997 gave 0.0012."""
+    ref = torch.eye(2, dtype=torch.float64).repeat(10, 1)  # 10 points on each axis
+    queries = torch.tensor([[1.0, 0.0]]).repeat(800, 1).double()  # all nearest to axis 0
+    query_labels = torch.ones(800, dtype=torch.long)
+    query_labels[0] = 0  # one right answer
+    got = toy.knn_accuracy(ref[None], torch.arange(20)[None] % 2, queries[None],
+                           query_labels[None], 5, 2)
+    assert got.item() == 1 / 800 and round(got.item(), 4) == 0.0013
 
 
 def test_evaluate_gives_each_cell_its_own_measures_whatever_the_chunk():
@@ -346,14 +358,20 @@ def test_bad_input_gives_one_line_error(args, fragment, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_the_docstrings_commands_write_to_different_folders():
-    """Its second command once had no --out-dir: run after the first, it was refused (another
-    sweep's config.json in runs/toy)."""
-    commands = [line.split("#")[0].split() for line in toy.__doc__.splitlines()
-                if line.strip().startswith("python toy_capacity.py")]
-    folders = [c[c.index("--out-dir") + 1] if "--out-dir" in c else toy.Config().out_dir
-               for c in commands]
-    assert len(commands) == 3 and len(set(folders)) == len(folders), folders
+def test_a_json_write_stopped_by_ctrl_c_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    """It wrote path.tmp, which a second identical sweep into the folder would share, and left
+    it behind on Ctrl-C."""
+    path = str(tmp_path / "results.json")
+    toy.write_json(path, {"cells": 1})
+
+    def stopped(obj, f, **kwargs):
+        f.write('{"cells": ')
+        raise KeyboardInterrupt
+    monkeypatch.setattr(toy.json, "dump", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        toy.write_json(path, {"cells": 2})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["results.json"] and json.load(open(path)) == {"cells": 1}
 
 
 def test_out_dir_below_a_file_gives_one_line_error(tmp_path, capsys):
