@@ -354,6 +354,8 @@ def test_probe_at_init_matches_features_extracted_independently(probe_size, cifa
     # point i is image i: the memorization probe looks at the probed training images themselves
     assert (torch.equal(train[0][ps.mem_idx], ps.train_x)
             and torch.equal(ps.mem_labels, data.labels[ps.mem_idx]))
+    # the clean K-NN and test accuracy are scored on the test split (all 32 of its images)
+    assert torch.equal(ps.test_x, test[0]) and torch.equal(ps.test_clean, test[1])
     model = bm.build_model(args, 10, 32)
     got = bm.probe(model, ps, args, CPU_FP32, linear=False)
     assert_probe_matches(got, independent_probe(model, ps, 3))
@@ -1406,6 +1408,25 @@ SMALL = ["--device", "cpu", "--epochs", "1", "--batch-size", "32", "--projector-
          "--knn-k", "5", "--invariance-size", "8"]
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "vgg16"])
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_every_probed_layer_has_the_architectures_width(arch, resolution):
+    """The K-NN sees each stage's whole feature map: channels x side^2, by hand. CIFAR's stem keeps
+    32x32 (stride 1, no max-pool); 64x64 Tiny ImageNet takes stride 2, so the same sides follow.
+    ResNet18: stem and layer1 at 32, then halved by each layer; VGG16: halved by each block's
+    max-pool."""
+    if arch == "resnet18":
+        stages = dict(stem=(64, 32), layer1=(64, 32), layer2=(128, 16), layer3=(256, 8),
+                      layer4=(512, 4))
+    else:
+        stages = {f"block{i + 1}": (c, 16 >> i) for i, c in enumerate([64, 128, 256, 512, 512])}
+    expected = {"input": 3 * resolution ** 2, **{name: c * side ** 2
+                                                 for name, (c, side) in stages.items()},
+                "embedding": 512, "projector": 16, "output": 10}
+    args = parsed("--arch", arch, "--projector-width", "16")
+    assert bm.layer_dims(bm.build_model(args, 10, resolution), resolution) == expected
+
+
 def test_vgg_with_transfer_probes_every_block(cifar, tmp_path, patch_md5):
     from conftest import write_stl10
     write_cifar(str(tmp_path), "cifar100", n_train=40, n_test=20)
@@ -1472,7 +1493,7 @@ def test_finite_augmentations_run_and_memorization_uses_the_augmented_points(
     res = bm.main(SMALL + ["--augment", "fixed:4", "--aug-labels", "random",
                            "--linear-probe", "off",
                            "--data-dir", str(cifar), "--out-dir", str(tmp_path)])
-    assert "linear_probe" not in res["final"] and 0 <= res["final"]["train_acc"] <= 1
+    assert "linear_probe" not in res["final"]
     args = parsed(*SMALL, "--augment", "fixed:4", "--aug-labels", "random",
                   "--data-dir", str(cifar))
     train, test = bm.load_dataset("cifar10", str(cifar))
@@ -1481,6 +1502,18 @@ def test_finite_augmentations_run_and_memorization_uses_the_augmented_points(
     assert len(ps.mem_idx) == 64 and ps.mem_idx.max() < 256  # 64 of the n*B = 256 points
     assert not ps.mem_is_train  # the points are views, probed through their own features
     assert torch.equal(ps.mem_labels, data.labels[ps.mem_idx])
+    # the run's memorization: the trained network's fit of those views' own labels, recomputed
+    model = bm.build_model(args, 10, 32)
+    model.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"])
+    with torch.no_grad():
+        taps = {}
+        model.eval()(data.view(ps.mem_idx), taps)
+    fit = (taps["output"].argmax(1) == ps.mem_labels).double().mean().item()
+    assert res["final"]["train_acc"] == pytest.approx(fit, abs=1e-6)
+    stored = {}
+    with torch.no_grad():
+        model(train[0][data.source[ps.mem_idx]].float() / 255, stored)
+    assert not torch.equal(stored["output"], taps["output"])  # views, not the stored images
 
 
 def test_noisy_probe_leaves_out_every_view_of_the_query_image(cifar, patch_md5, monkeypatch):
@@ -1539,6 +1572,39 @@ def test_iid_per_sample_and_aug_strength_runs(cifar, tmp_path, patch_md5, monkey
                            "--out-dir", str(tmp_path / "anchors")])
     assert res["config"]["subset"] == 16 and res["config"]["mixup"] == 0.8  # mixed anchors
     assert 0 <= res["final"]["train_acc"] <= 1
+
+
+def test_randaugment_at_its_strength_feeds_every_training_step(cifar, tmp_path, patch_md5,
+                                                               monkeypatch):
+    """--augment randaugment:0.5 (Table 3): every step's batch goes through RandAugment at that
+    strength, and the network is fed its output, not the stored images."""
+    monkeypatch.setattr(bm, "resnet18_stages", tiny_stages)  # the fed images are checked
+    calls, fed = [], []
+    real_rand_augment, real_forward = bm.rand_augment, bm.Network.forward
+
+    def rand_augment(images, strength, group=8):
+        out = real_rand_augment(images, strength, group)
+        calls.append((images, strength, out))
+        return out
+
+    def forward(self, x, taps=None):
+        if taps is None:  # the training step (probes pass a dict)
+            fed.append(x)
+        return real_forward(self, x, taps)
+    monkeypatch.setattr(bm, "rand_augment", rand_augment)
+    monkeypatch.setattr(bm.Network, "forward", forward)
+    bm.main(SMALL + ["--epochs", "2", "--augment", "randaugment:0.5", "--mixup", "0",
+                     "--linear-probe", "off", "--data-dir", str(cifar),
+                     "--out-dir", str(tmp_path)])
+    assert len(calls) == len(fed) == 4  # 2 epochs x 2 steps of 32
+    stored = bm.load_dataset("cifar10", str(cifar))[0][0]
+    for (images, strength, out), x in zip(calls, fed):
+        assert strength == 0.5 and out.dtype == torch.uint8 and out.shape == images.shape
+        # the batch is drawn from the stored images, and the step trains on RandAugment's output
+        assert (images[:, None] == stored[None]).flatten(2).all(2).any(1).all()
+        assert torch.equal(x, out.float() / 255)
+    changed = torch.cat([(out != images).flatten(1).any(1) for images, _, out in calls])
+    assert changed.float().mean() > 0.5  # 2 ops at magnitude 50 change most images
 
 
 @pytest.mark.parametrize("mode", [["--augment", "randaugment:0.7"],

@@ -22,6 +22,12 @@ def test_smallest_form_passes_every_check(capsys):
     names = [line.split(" | ")[0] for line in out.splitlines() if " | " in line][1:]
     compiling = [i for i, name in enumerate(names) if "compiled" in name]
     assert len(names) == 12 and compiling == [10, 11], names
+    # the timing rows hold the README's GPU targets: a CPU row says that it passes if it ran
+    bounds = {line.split(" | ")[0].strip(): line.split(" | ")[2]
+              for line in out.splitlines() if " | " in line}
+    free = sorted(name for name, bound in bounds.items() if "CPU: informational" in bound)
+    assert len(free) == 5 and all(any(word in name for word in ("step", "evaluation", "stacked"))
+                                  for name in free), free
 
 
 def test_a_failing_check_exits_non_zero(capsys, monkeypatch):
