@@ -1704,6 +1704,21 @@ def test_benchmark_counts_the_kernels_of_a_function_compiled_before():
     first = benchmark.generated_kernels(f, x)
     assert first > 0 and benchmark.generated_kernels(f, x) == first
 
+
+def test_benchmark_without_a_host_compiler_still_prints_its_cost_model(monkeypatch, capsys):
+    """--compile counts kernels by compiling on the CPU: on a GPU machine without a C++
+    compiler that fails after the timings are printed; the cost model says so and goes on."""
+    import benchmark
+
+    def no_compiler(*args):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore lines")
+    monkeypatch.setattr(benchmark, "generated_kernels", no_compiler)
+    benchmark.cost_model(bm.build_parser().parse_args(["--device", "cpu"]), True)
+    out = capsys.readouterr().out
+    assert ("operators per step, compiled: not counted (the CPU compile failed: InvalidCxxCompiler"
+            ": No working C++ compiler found)\n") in out, out
+    assert "estimated, not measured, epoch on one H100" in out, out
+
 # ----------------------------------------------------------------------- GPU paths, run on the CPU
 
 
