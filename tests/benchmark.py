@@ -161,7 +161,9 @@ def cost_model(args, compile_step):
                                         settings)
             compiled = kernels + extern + 1  # + the fused Adam kernel
         except Exception as e:  # the timings above are printed already: keep the rest
-            compiled = f"not counted (the CPU compile failed: {str(e).splitlines()[0][:120]})"
+            e = getattr(e, "inner_exception", e)  # dynamo wraps it after a line "...raised:"
+            first = (str(e).strip().splitlines() or [""])[0][:120]
+            compiled = f"not counted (the CPU compile failed: {type(e).__name__}: {first})"
 
     # the evaluation's peak memory at full size, from the script's own grouping and chunking (bf16)
     params = sum(p.numel() for p in model.parameters())

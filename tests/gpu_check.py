@@ -567,9 +567,10 @@ def check_masc_training(ctx, arch):
         per_step = max(full - short, 0.0) / (steps - 1)  # two noisy timings: never below 0
         return short - per_step + per_step * -(-60000 // batch)  # the last partial batch too
 
-    if ctx.size.warmup:  # kernels, cuDNN's autotuning of the shapes timed below: all models
-        train(jobs(), 2 * batch)
-        train(jobs()[:1], 2 * batch)
+    # kernels, cuDNN's autotuning of the shapes timed below, all models: even at the smallest
+    # size, else the first (one-step) pass of each way pays them, and its epoch is that pass's
+    train(jobs(), 2 * batch)
+    train(jobs()[:1], 2 * batch)
     stacked, apart = jobs(), jobs()
     t_stacked = epoch_seconds([stacked], [jobs()])
     t_apart = epoch_seconds([[job] for job in apart], [[job] for job in jobs()])

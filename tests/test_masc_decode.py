@@ -1150,11 +1150,16 @@ def test_cnn_and_alexnet_batch_like_one_at_a_time(arch, dataset, mnist, tmp_path
     common = ["--dataset", dataset, "--model", arch, "--corruption", "0,0.5", "--epochs", "1",
               "--batch-size", "64" if arch == "alexnet" else "128", "--no-retrain",
               "--data-dir", str(root)]
-    together = cpu_main(common + ["--models-at-once", "2", "--out-dir", str(tmp_path / "all")])
-    real = m.convolutions_for  # a model alone trains with the kernels that a CPU stack uses
-    monkeypatch.setattr(m, "convolutions_for",
-                        lambda device, stacking: real(device, stacking=True))
-    apart = cpu_main(common + ["--models-at-once", "1", "--out-dir", str(tmp_path / "apart")])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one summation order for a product of 2 models and of 1, any CPU
+    try:
+        together = cpu_main(common + ["--models-at-once", "2", "--out-dir", str(tmp_path / "all")])
+        real = m.convolutions_for  # a model alone trains with the kernels that a CPU stack uses
+        monkeypatch.setattr(m, "convolutions_for",
+                            lambda device, stacking: real(device, stacking=True))
+        apart = cpu_main(common + ["--models-at-once", "1", "--out-dir", str(tmp_path / "apart")])
+    finally:
+        torch.set_num_threads(threads)
     assert together["config"]["models_at_once"] == 2 and apart["config"]["models_at_once"] == 1
     for a, b in zip(together["runs"], apart["runs"]):
         assert_same_numbers(a, b)
