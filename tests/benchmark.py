@@ -251,9 +251,20 @@ class PerImage(Dataset):
         return self.transform(self.images[i]), self.labels[i]
 
 
+def device_arg(text):  # a wrong or absent device: argparse's one line, not a traceback
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("CUDA is not available here: use --device cpu")
+    return text
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg,
+                   default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--projector-width", type=int, default=bm.PROJECTOR_WIDTH)
     p.add_argument("--steps", type=int, help="timed steps per measurement (default: 50 on a GPU, "

@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import masc_decode as m  # noqa: E402
+from benchmark import device_arg  # noqa: E402  (tests/: the folder of this file)
 
 
 def relu_features(rng, classes, per_class, dim, latent=256):
@@ -148,7 +149,8 @@ def training_row(arch, models, steps, device):
 def main():
     p = argparse.ArgumentParser(description="Speed of masc_decode.py's MASC against the "
                                 "authors' approach, and of its training, stacked or not.")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg,
+                   default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true",
                    help="one tiny setting: checks that the benchmark runs")
     p.add_argument("--training", action="store_true", help="only the training row")

@@ -1692,6 +1692,16 @@ def test_benchmark_runs_at_tiny_size(monkeypatch, capsys):
     assert f"operators per step, eager: {len(ops.ops)} (" in out, (len(ops.ops), out)
 
 
+def test_benchmark_refuses_a_device_that_is_no_device_in_one_line(monkeypatch, capsys):
+    import benchmark
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--device", "gpu"])
+    monkeypatch.setattr(benchmark, "cost_model", lambda *a: pytest.fail("it ran"))
+    with pytest.raises(SystemExit) as exit_:
+        benchmark.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and "'gpu' is not a device" in err[-1], err
+
+
 def test_benchmark_counts_the_kernels_of_a_function_compiled_before():
     """The README's compiled operator count: a function dynamo compiled before in the process
     generates no kernels when compiled again, and the count read 47 (the convolutions and Adam

@@ -846,6 +846,14 @@ def test_benchmark_help_and_a_mistyped_flag_run_nothing(monkeypatch, capsys):
             benchmark_masc.main()
         assert exit_.value.code == code, argv
     assert "--training" in capsys.readouterr().out  # the help lists the flags
+    # a device that is no device, or absent: argparse's one-line error, not a traceback
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this project's CPUs
+    for device, says in (("gpu", "'gpu' is not a device"), ("cuda:0", "CUDA is not available")):
+        monkeypatch.setattr(sys, "argv", ["benchmark_masc.py", "--quick", "--device", device])
+        with pytest.raises(SystemExit) as exit_:
+            benchmark_masc.main()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and says in err[-1], err
 
 # ------------------------------------------------------------------ wiring: stop, relabel, retrain
 
