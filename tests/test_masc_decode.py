@@ -804,6 +804,34 @@ def test_a_damaged_dataset_file_is_named_as_damaged_with_its_reason(tmp_path, ca
     assert "missing or damaged" in err and "(RuntimeError: " in err, err  # and torch's reason
     assert not (tmp_path / "out").exists()
 
+
+def test_mnist_as_the_four_gz_files_is_extracted_and_read(tmp_path, monkeypatch, capsys):
+    """The missing-data message tells a user to download the four *-ubyte.gz files: with only
+    those in raw/, the loader extracts them (torchvision checks their md5 sums first, which fake
+    files cannot match, so this test patches that check) and reads the same images."""
+    import gzip
+
+    import torchvision.datasets.utils
+    (x, y), (qx, qy) = write_mnist(str(tmp_path), "MNIST", n_train=40, n_test=20)
+    raw = tmp_path / "MNIST" / "raw"
+    for f in list(raw.iterdir()):
+        (raw / (f.name + ".gz")).write_bytes(gzip.compress(f.read_bytes()))
+        f.unlink()
+    # unpatched, the fake .gz files are refused as damaged (offline: conftest), nothing written
+    err = main_error(m, CPU + ["--data-dir", tmp_path, "--out-dir", tmp_path / "out"], capsys)
+    assert "missing or damaged" in err and os.path.join(str(tmp_path), "MNIST") in err, err
+    assert sorted(f.name for f in raw.iterdir()) == sorted(
+        f"{p}-{k}-idx{d}-ubyte.gz" for p in ("train", "t10k") for k, d in (("images", 3),
+                                                                           ("labels", 1)))
+    monkeypatch.setattr(torchvision.datasets.utils, "check_integrity",
+                        lambda fpath, md5=None: os.path.isfile(fpath))
+    (tx, ty), (ex, ey) = m.load_torchvision("mnist", str(tmp_path))
+    assert torch.equal(tx, torch.from_numpy(x).reshape(40, 1, 28, 28))
+    assert torch.equal(ty, torch.from_numpy(y).long())
+    assert torch.equal(ex, torch.from_numpy(qx).reshape(20, 1, 28, 28))
+    assert torch.equal(ey, torch.from_numpy(qy).long())
+    assert (raw / "train-images-idx3-ubyte").is_file()  # extracted beside the archives
+
 def test_benchmark_runs_quick(monkeypatch, capsys):
     """tests/benchmark_masc.py is not collected; this keeps it in step with the script's API
     (in-process: the import of torch costs a process more than the benchmark does)."""
